@@ -1,0 +1,225 @@
+"""Compile every Triton kernel for sm_80 and sm_90 without a GPU and report its resources.
+
+For each :class:`~llmkit.kernels._compile.CompileSpec` that a kernel module lists
+in ``compile_specs()``, this compiles the kernel with ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)`` and reads the cubin with the ``cuobjdump`` and
+``nvdisasm`` that ship in the Triton wheel: registers, stack, local memory (any
+local memory or stack in a Triton kernel is register spilling), shared memory, and
+for matrix kernels which tensor-core instructions appear in the SASS (HMMA / IMMA
+on sm_80; HGMMA / IGMMA, i.e. wgmma, on sm_90).
+
+Run it as ``python -m llmkit.compile_report [--json FILE] [--arch 80 90]`` or
+through ``llmkit check --compile``. It must run without ``TRITON_INTERPRET`` (the
+interpreter replaces kernels by Python functions); :func:`run_report` starts a
+subprocess with the variable removed when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+MATRIX_SASS = ("HGMMA", "IGMMA", "HMMA", "IMMA")
+
+
+@dataclasses.dataclass
+class KernelReport:
+    """Resources of one kernel configuration on one architecture."""
+
+    module: str
+    name: str
+    arch: int
+    ok: bool
+    error: str = ""
+    registers: int = 0
+    stack: int = 0
+    local: int = 0
+    shared_static: int = 0
+    shared_dynamic: int = 0
+    num_warps: int = 0
+    num_stages: int = 0
+    matrix: bool = False
+    sass_matrix: list[str] = dataclasses.field(default_factory=list)
+    ptx_matrix: list[str] = dataclasses.field(default_factory=list)
+    compile_s: float = 0.0
+
+    @property
+    def spills(self) -> bool:
+        """Local memory or stack in use: register spilling."""
+        return self.local > 0 or self.stack > 0
+
+
+def _tools_dir() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+_RES_RE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
+
+
+def parse_res_usage(text: str) -> dict[str, int]:
+    """Parse ``cuobjdump -res-usage`` output (first function) into REG/STACK/SHARED/LOCAL."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if "REG:" in line:
+            for key, val in _RES_RE.findall(line):
+                out[key] = max(out.get(key, 0), int(val))
+    return out
+
+
+def kernel_modules() -> list[str]:
+    """Every module of ``llmkit.kernels`` (imported by name, so new ops are found)."""
+    import llmkit.kernels as pkg
+
+    return sorted(
+        f"llmkit.kernels.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")
+    )
+
+
+def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
+    """Compile one spec for one architecture and read its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs, num_warps, num_stages = spec.for_arch(arch)
+    rep = KernelReport(module, spec.name, arch, ok=False, num_warps=num_warps, num_stages=num_stages,
+                       matrix=spec.matrix)
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=constexprs)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+        )
+    except Exception as exc:  # report, do not stop the whole run
+        rep.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        rep.compile_s = time.perf_counter() - t0
+        return rep
+    rep.compile_s = time.perf_counter() - t0
+    rep.shared_dynamic = int(getattr(compiled.metadata, "shared", 0) or 0)
+    ptx = compiled.asm.get("ptx", "")
+    rep.ptx_matrix = [w for w in ("wgmma.mma_async", "mma.sync") if w in ptx]
+    tools = _tools_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path],
+                             capture_output=True, text=True)
+        usage = parse_res_usage(res.stdout)
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), path], capture_output=True, text=True)
+    if not usage:
+        rep.error = f"cuobjdump gave no resource usage: {res.stderr.strip()[:200]}"
+        return rep
+    rep.registers = usage.get("REG", 0)
+    rep.stack = usage.get("STACK", 0)
+    rep.local = usage.get("LOCAL", 0)
+    rep.shared_static = usage.get("SHARED", 0)
+    words = set(re.findall(r"\b([A-Z]+MMA)\b", sass.stdout))
+    rep.sass_matrix = sorted(w for w in words if w in MATRIX_SASS)
+    rep.ok = True
+    return rep
+
+
+def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None) -> list[KernelReport]:
+    """Compile every spec of every kernel module (or of ``modules``) for ``archs``."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the compile report cannot run with TRITON_INTERPRET set; use run_report()")
+    reports: list[KernelReport] = []
+    for name in modules or kernel_modules():
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:
+            reports.append(KernelReport(name, "<import>", 0, ok=False, error=repr(exc)))
+            continue
+        specs_fn = getattr(mod, "compile_specs", None)
+        if specs_fn is None:
+            continue
+        for spec in specs_fn():
+            for arch in archs:
+                if arch in spec.archs:
+                    reports.append(compile_spec(name, spec, arch))
+    return reports
+
+
+def problems(reports: list[KernelReport]) -> list[str]:
+    """What the CI rule rejects: failed compiles, spills, matrix kernels without tensor cores."""
+    out = []
+    for r in reports:
+        tag = f"{r.module}:{r.name} sm_{r.arch}"
+        if not r.ok:
+            out.append(f"{tag}: compile failed: {r.error}")
+            continue
+        if r.spills:
+            out.append(f"{tag}: spills (local {r.local} B, stack {r.stack} B, {r.registers} registers)")
+        if r.matrix and not r.sass_matrix:
+            out.append(f"{tag}: matrix kernel without tensor-core instructions in its SASS")
+    return out
+
+
+def format_table(reports: list[KernelReport]) -> str:
+    """A plain-text table of the reports."""
+    head = f"{'kernel':44} {'arch':>5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>6} {'smem KB':>8} {'matrix':>14} {'s':>5}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        if not r.ok:
+            lines.append(f"{(r.module.split('.')[-1] + ':' + r.name)[:44]:44} {r.arch:>5}  FAILED: {r.error[:80]}")
+            continue
+        smem = (r.shared_static + r.shared_dynamic) / 1024
+        mat = ",".join(r.sass_matrix) if r.sass_matrix else ("none" if r.matrix else "-")
+        spill = f"{r.local + r.stack}B" if r.spills else "0"
+        lines.append(
+            f"{(r.module.split('.')[-1] + ':' + r.name)[:44]:44} {r.arch:>5} {r.num_warps:>5} {r.num_stages:>6} "
+            f"{r.registers:>5} {spill:>6} {smem:>8.1f} {mat:>14} {r.compile_s:>5.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800) -> list[KernelReport]:
+    """Run the report in a fresh interpreter without TRITON_INTERPRET and return it."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "report.json")
+        cmd = [sys.executable, "-m", "llmkit.compile_report", "--json", path, "--quiet",
+               "--arch", *[str(a) for a in archs]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if not os.path.exists(path):
+            raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        with open(path) as f:
+            data = json.load(f)
+    return [KernelReport(**{k: v for k, v in d.items() if k in KernelReport.__dataclass_fields__}) for d in data["kernels"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmkit.compile_report", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
+    p.add_argument("--json", help="write the report as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    args = p.parse_args(argv)
+    reports = collect(tuple(args.arch))
+    bad = problems(reports)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"kernels": [dataclasses.asdict(r) | {"spills": r.spills} for r in reports],
+                       "problems": bad}, f, indent=1)
+    if not args.quiet:
+        print(format_table(reports))
+        for b in bad:
+            print("PROBLEM:", b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Backend registry and per-call dispatch.
+
+Every llmkit op has one or more *dispatch points* (``layer_norm.forward``,
+``layer_norm.backward``, ...). Each backend (``triton``, ``cuda_ext``,
+``reference``) registers an implementation of a dispatch point together with what it
+supports: the devices and dtypes it takes and a ``why_not(*args)`` function that
+returns readable reasons when it cannot take a particular call.
+
+Selection, per call, in order of precedence:
+
+1. ``llmkit.use_backend(..., op=...)`` per-op overrides of the innermost context,
+2. ``llmkit.use_backend(name)`` for all ops,
+3. the environment variable ``LLMKIT_BACKEND`` (``triton``, ``triton,reference``,
+   or per op: ``layer_norm=reference;attention=triton``),
+4. the default order for the device of the inputs: on CUDA ``triton -> cuda_ext ->
+   reference``; on the CPU the extension's CPU kernels where they are built and
+   registered as preferred, then ``reference``.
+
+A single backend asked for by name never falls back: if it cannot take the call,
+:class:`~llmkit.errors.BackendError` is raised with its reasons. A list of names
+(``use_backend(["triton", "reference"])``) is an explicit order in which fallback is
+allowed. When the default order falls back, the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .errors import BackendError, UnknownBackendError
+
+logger = logging.getLogger("llmkit")
+
+BACKEND_NAMES: tuple[str, ...] = ("triton", "cuda_ext", "reference")
+"""Every backend llmkit knows, in the default order on CUDA."""
+
+
+# --------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------
+
+
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@dataclasses.dataclass
+class Backend:
+    """A backend: a name and a way to tell whether it can run on a device type."""
+
+    name: str
+    description: str
+    probe: Callable[[str], str | None]
+    """``probe(device_type)`` returns None when usable on that device type, else why not."""
+    details: Callable[[], dict[str, str]] = dataclasses.field(default=lambda: {})
+
+    def unavailable_reason(self, device_type: str) -> str | None:
+        """None when this backend can run on ``device_type`` ('cpu', 'cuda', ...), else why not."""
+        return self.probe(device_type)
+
+
+_lock = threading.Lock()
+_triton_probe_cache: dict[str, str | None] = {}
+
+
+def _triton_import_error() -> str | None:
+    if "import" not in _triton_probe_cache:
+        if importlib.util.find_spec("triton") is None:
+            _triton_probe_cache["import"] = "Triton is not installed (pip install triton)"
+        else:
+            try:
+                import triton  # noqa: F401
+            except Exception as exc:  # pragma: no cover - depends on the wheel
+                _triton_probe_cache["import"] = f"Triton failed to import: {exc!r}"
+            else:
+                _triton_probe_cache["import"] = None
+    return _triton_probe_cache["import"]
+
+
+def _probe_triton(device_type: str) -> str | None:
+    err = _triton_import_error()
+    if err:
+        return err
+    if device_type == "cpu":
+        if triton_interpreting():
+            return None
+        return (
+            "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 "
+            "before llmkit imports its kernels"
+        )
+    if device_type == "cuda":
+        if triton_interpreting():
+            return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        if torch.version.hip is not None:
+            return "llmkit's Triton kernels are tuned for NVIDIA GPUs; ROCm is not supported"
+        major, _minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return f"llmkit's Triton kernels need compute capability >= 8.0 (got {major}.{_minor})"
+        return None
+    return f"Triton backend does not run on device type {device_type!r}"
+
+
+def _triton_details() -> dict[str, str]:
+    if _triton_import_error():
+        return {}
+    import triton
+
+    out = {"version": triton.__version__}
+    if triton_interpreting():
+        out["mode"] = "interpreter (TRITON_INTERPRET=1)"
+    return out
+
+
+def _probe_reference(device_type: str) -> str | None:
+    return None
+
+
+def _probe_cuda_ext(device_type: str) -> str | None:
+    # The extension module (llmkit/_ext.py) owns building and loading; it answers for
+    # itself. Until it is importable the backend is simply not built.
+    try:
+        from . import _ext
+    except ImportError:
+        return "the C++/CUDA extension is not part of this installation"
+    return _ext.unavailable_reason(device_type)
+
+
+def _cuda_ext_details() -> dict[str, str]:
+    try:
+        from . import _ext
+    except ImportError:
+        return {}
+    return _ext.details()
+
+
+BACKENDS: dict[str, Backend] = {
+    "triton": Backend(
+        "triton", "Triton kernels (kernels/*.py)", _probe_triton, _triton_details
+    ),
+    "cuda_ext": Backend(
+        "cuda_ext", "C++/CUDA extension (csrc/)", _probe_cuda_ext, _cuda_ext_details
+    ),
+    "reference": Backend(
+        "reference", "pure PyTorch reference paths (llmkit/ops/*.py)", _probe_reference
+    ),
+}
+
+
+def check_backend_name(name: str) -> str:
+    """Return ``name`` if it is a known backend, else raise :class:`UnknownBackendError`."""
+    if name not in BACKENDS:
+        raise UnknownBackendError(
+            f"unknown backend {name!r}: llmkit knows {', '.join(BACKEND_NAMES)}"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------
+# Selection state: use_backend / LLMKIT_BACKEND
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Backends asked for: an order, and whether falling back past it is allowed."""
+
+    order: tuple[str, ...]
+    """Backends to try, in order; nothing outside this list runs."""
+    source: str
+    """Where the request came from, for error messages."""
+
+
+def _as_request(value: str | Sequence[str], source: str) -> Request:
+    if isinstance(value, str):
+        names = tuple(v.strip() for v in value.split(",") if v.strip())
+    else:
+        names = tuple(value)
+    if not names:
+        raise UnknownBackendError(f"{source}: empty backend list")
+    for n in names:
+        if not isinstance(n, str):
+            raise UnknownBackendError(f"{source}: backend names must be strings, got {n!r}")
+        check_backend_name(n)
+    return Request(names, source)
+
+
+# The selection is a mapping: "*" for every op, else op name -> Request.
+_selection: contextvars.ContextVar[dict[str, Request]] = contextvars.ContextVar(
+    "llmkit_backend_selection", default={}
+)
+
+_env_cache: dict[str, dict[str, Request]] = {}
+
+
+def _env_selection() -> dict[str, Request]:
+    raw = os.environ.get("LLMKIT_BACKEND", "").strip()
+    if not raw:
+        return {}
+    cached = _env_cache.get(raw)
+    if cached is not None:
+        return cached
+    sel: dict[str, Request] = {}
+    for part in raw.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            op, _, names = part.partition("=")
+            op = op.strip()
+            if op not in OPS:
+                raise UnknownBackendError(
+                    f"LLMKIT_BACKEND={raw!r}: unknown op {op!r}; ops are {', '.join(sorted(OPS))}"
+                )
+            sel[op] = _as_request(names, f"LLMKIT_BACKEND ({op})")
+        else:
+            sel["*"] = _as_request(part, "LLMKIT_BACKEND")
+    _env_cache[raw] = sel
+    return sel
+
+
+@contextlib.contextmanager
+def use_backend(
+    backend: str | Sequence[str] | None = None, /, **per_op: str | Sequence[str]
+) -> Iterator[None]:
+    """Select backends for the calls made inside the ``with`` block.
+
+    Args:
+        backend: a backend name (``"triton"``, ``"cuda_ext"``, ``"reference"``), a
+            comma-separated string or a list of names giving an order. Applies to
+            every op. A single name is strict: a call that backend cannot take raises
+            :class:`~llmkit.errors.BackendError` instead of falling back.
+        **per_op: overrides for single ops, e.g. ``attention="reference"``; op names
+            are those of ``llmkit.dispatch.OPS``.
+
+    The selection lives in a :class:`contextvars.ContextVar`, so it is local to the
+    thread or asyncio task that entered the block. Blocks nest; the inner one wins.
+    """
+    current = dict(_selection.get())
+    if backend is not None:
+        current["*"] = _as_request(backend, "use_backend")
+        # A new global choice replaces outer per-op choices only where the caller
+        # also names the op again; outer per-op overrides stay in force.
+    for op, names in per_op.items():
+        if op not in OPS:
+            raise UnknownBackendError(
+                f"use_backend: unknown op {op!r}; ops are {', '.join(sorted(OPS))}"
+            )
+        current[op] = _as_request(names, f"use_backend({op}=...)")
+    token = _selection.set(current)
+    try:
+        yield
+    finally:
+        _selection.reset(token)
+
+
+def requested(op: str) -> Request | None:
+    """The explicit backend request in force for ``op`` (None means default order)."""
+    sel = _selection.get()
+    req = sel.get(op) or sel.get("*")
+    if req is not None:
+        return req
+    env = _env_selection()
+    return env.get(op) or env.get("*")
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch points
+# --------------------------------------------------------------------------------------
+
+
+WhyNot = Callable[..., Iterable[str]]
+
+
+@dataclasses.dataclass
+class Impl:
+    """One backend's implementation of a dispatch point, with what it supports."""
+
+    backend: str
+    fn: Callable[..., Any]
+    devices: tuple[str, ...] | None = None
+    """Device types the implementation takes; None: whatever the backend runs on."""
+    dtypes: tuple[torch.dtype, ...] | None = None
+    """Dtypes of the first tensor argument it takes; None: any."""
+    why_not: WhyNot | None = None
+    """Called with the call's arguments; yields reasons it cannot take them."""
+    cpu_default: bool = False
+    """On CPU tensors, take precedence over the reference path (measured faster)."""
+
+    def reasons(self, device_type: str, first: torch.Tensor | None, args, kwargs) -> list[str]:
+        out: list[str] = []
+        if self.devices is not None and device_type not in self.devices:
+            out.append(
+                f"takes {'/'.join(self.devices)} tensors, got {device_type} tensors"
+            )
+        if self.dtypes is not None and first is not None and first.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"takes {names}, got {str(first.dtype).replace('torch.', '')}")
+        if not out and self.why_not is not None:
+            out.extend(self.why_not(*args, **kwargs))
+        return out
+
+
+def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+_logged: set[tuple[Any, ...]] = set()
+
+
+def _log_once(key: tuple[Any, ...], msg: str) -> None:
+    with _lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    logger.warning(msg)
+
+
+class DispatchPoint:
+    """A function with one implementation per backend, chosen per call.
+
+    ``op`` is the user-facing op name used by ``use_backend(op=...)`` and
+    ``LLMKIT_BACKEND``; ``stage`` tells forward from backward etc.
+    """
+
+    def __init__(self, op: str, stage: str, doc: str = ""):
+        self.op = op
+        self.stage = stage
+        self.doc = doc
+        self.impls: dict[str, Impl] = {}
+        OPS.setdefault(op, {})[stage] = self
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.op}.{self.stage}"
+
+    def register(
+        self,
+        backend: str,
+        *,
+        devices: Sequence[str] | None = None,
+        dtypes: Sequence[torch.dtype] | None = None,
+        why_not: WhyNot | None = None,
+        cpu_default: bool = False,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering ``fn`` as ``backend``'s implementation of this point."""
+        check_backend_name(backend)
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.impls[backend] = Impl(
+                backend,
+                fn,
+                tuple(devices) if devices is not None else None,
+                tuple(dtypes) if dtypes is not None else None,
+                why_not,
+                cpu_default,
+            )
+            return fn
+
+        return deco
+
+    # -- selection -------------------------------------------------------------------
+
+    def _default_order(self, device_type: str) -> tuple[str, ...]:
+        if device_type == "cuda":
+            return BACKEND_NAMES
+        preferred = tuple(
+            name
+            for name, impl in self.impls.items()
+            if impl.cpu_default and name != "reference"
+        )
+        return preferred + ("reference",)
+
+    def why_not(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
+        """Reasons ``backend`` cannot take this call (empty when it can)."""
+        check_backend_name(backend)
+        first = _first_tensor(args, kwargs)
+        device_type = first.device.type if first is not None else "cpu"
+        unavailable = BACKENDS[backend].unavailable_reason(device_type)
+        if unavailable:
+            return [unavailable]
+        impl = self.impls.get(backend)
+        if impl is None:
+            return [f"{backend} has no implementation of {self.qualname}"]
+        return impl.reasons(device_type, first, args, kwargs)
+
+    def select(self, *args: Any, **kwargs: Any) -> Impl:
+        """The implementation that takes this call; raises BackendError if none does."""
+        first = _first_tensor(args, kwargs)
+        device_type = first.device.type if first is not None else "cpu"
+        req = requested(self.op)
+        if req is not None:
+            order = req.order
+        else:
+            order = self._default_order(device_type)
+        reasons: dict[str, list[str]] = {}
+        for name in order:
+            unavailable = BACKENDS[name].unavailable_reason(device_type)
+            if unavailable:
+                reasons[name] = [unavailable]
+                continue
+            impl = self.impls.get(name)
+            if impl is None:
+                reasons[name] = [f"no {name} implementation of {self.qualname}"]
+                continue
+            r = impl.reasons(device_type, first, args, kwargs)
+            if r:
+                reasons[name] = r
+                continue
+            if reasons and req is None and device_type == "cuda":
+                detail = "; ".join(f"{b}: {', '.join(rs)}" for b, rs in reasons.items())
+                _log_once(
+                    (self.qualname, name, detail),
+                    f"llmkit {self.qualname}: using the {name} backend ({detail})",
+                )
+            return impl
+        detail = "\n".join(f"  {b}: {'; '.join(rs)}" for b, rs in reasons.items())
+        if req is not None:
+            head = (
+                f"llmkit {self.qualname}: the backend{'s' if len(order) > 1 else ''} "
+                f"asked for ({', '.join(order)}, from {req.source}) cannot take this call"
+            )
+        else:
+            head = f"llmkit {self.qualname}: no backend can take this call"
+        raise BackendError(f"{head}:\n{detail}", reasons)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.select(*args, **kwargs).fn(*args, **kwargs)
+
+    def call_backend(self, backend: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one named backend's implementation, raising its reasons if it cannot."""
+        r = self.why_not(backend, *args, **kwargs)
+        if r:
+            raise BackendError(
+                f"llmkit {self.qualname}: backend {backend} cannot take this call: "
+                + "; ".join(r),
+                {backend: r},
+            )
+        return self.impls[backend].fn(*args, **kwargs)
+
+
+OPS: dict[str, dict[str, DispatchPoint]] = {}
+"""Every op name -> its dispatch points by stage. Filled as ``llmkit.ops`` imports."""
+
+
+# --------------------------------------------------------------------------------------
+# Introspection
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BackendInfo:
+    """What ``llmkit.backend_info()`` reports for one backend."""
+
+    name: str
+    description: str
+    available: dict[str, str | None]
+    """device type -> None when usable there, else the reason it is not."""
+    details: dict[str, str]
+    ops: dict[str, list[str]]
+    """op name -> the stages this backend implements."""
+
+
+def backend_info() -> list[BackendInfo]:
+    """Which backends can run on this machine, on which devices, and why not."""
+    from . import ops as _ops  # noqa: F401  (fills OPS)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out = []
+    for name in BACKEND_NAMES:
+        b = BACKENDS[name]
+        avail = {d: b.unavailable_reason(d) for d in devices}
+        if "cuda" not in devices:
+            avail["cuda"] = "no CUDA GPU is available"
+        covered: dict[str, list[str]] = {}
+        for op, stages in sorted(OPS.items()):
+            have = [s for s, p in stages.items() if name in p.impls]
+            if have:
+                covered[op] = have
+        try:
+            det = b.details()
+        except Exception as exc:  # details are informative only
+            det = {"error": repr(exc)}
+        out.append(BackendInfo(name, b.description, avail, det, covered))
+    return out

@@ -1,0 +1,620 @@
+"""Scaled dot-product attention and KV-cache decode attention.
+
+Ops:
+
+* ``llmkit::scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+  is_causal, scale, enable_gqa, seed, offset) -> (out, lse)`` with autograd, and
+  ``llmkit::scaled_dot_product_attention_backward`` -> ``(dq, dk, dv, dmask)``.
+* ``llmkit::decode_attention(query, key_cache, value_cache, cache_seqlens, scale,
+  is_causal) -> out`` (inference only).
+
+Shapes: ``query (B, Hq, Sq, D)``, ``key (B, Hkv, Sk, D)``, ``value (B, Hkv, Sk, Dv)``,
+any strides (a ``(B, S, H, D)`` tensor viewed as ``(B, H, S, D)`` is taken as it is);
+``Hq == Hkv``, or with ``enable_gqa`` a multiple of it (query head ``h`` reads
+key/value head ``h // (Hq // Hkv)``). ``out`` is ``(B, Hq, Sq, Dv)`` in the input
+dtype; ``lse`` is the natural-log log-sum-exp of each row's scaled, masked scores,
+``(B, Hq, Sq)`` float32 (float64 for float64 inputs).
+
+Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
+``is_causal`` is aligned top-left (query ``i`` sees keys ``j <= i``); a boolean
+``attn_mask`` marks keys to attend (True) and a float one is added to the scores;
+either broadcasts to ``(B, Hq, Sq, Sk)``; ``is_causal`` and ``attn_mask`` may be given
+together (both apply). One deliberate difference: a query row whose keys are all
+masked gives an output of zeros and zero gradients, where SDPA gives NaN; its
+``lse`` is ``+inf``.
+
+Dropout is a pure function of ``(seed, offset)``: see :mod:`llmkit.ops._philox`.
+The functional wrapper draws ``seed`` from torch's default generator, so results
+are reproducible under ``torch.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..dispatch import DispatchPoint
+from . import _validate as V
+from ._philox import dropout_keep_mask
+
+__all__ = ["scaled_dot_product_attention", "decode_attention"]
+
+sdpa_forward = DispatchPoint("attention", "forward")
+sdpa_backward = DispatchPoint("attention", "backward")
+decode_forward = DispatchPoint("decode_attention", "forward")
+
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+
+
+def check_qkv(op: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
+    """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv): same dtype and device."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        V.check_tensor(op, name, t)
+        V.check_floating(op, name, t)
+        V.check_ndim(op, name, t, (4,))
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(
+                f"{op}: {name} has dtype {V.dtype_name(t.dtype)} but query has "
+                f"{V.dtype_name(query.dtype)}; they must match"
+            )
+    V.check_same_device(op, query=query, key=key, value=value)
+    b = query.shape[0]
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ValueError(
+            f"{op}: batch sizes disagree: query {b}, key {key.shape[0]}, value {value.shape[0]}"
+        )
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(
+            f"{op}: key has {key.shape[1]} heads but value has {value.shape[1]}; they must match"
+        )
+    hq, hkv = query.shape[1], key.shape[1]
+    if enable_gqa:
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(
+                f"{op}: with enable_gqa the number of query heads ({hq}) must be a multiple "
+                f"of the number of key/value heads ({hkv})"
+            )
+    elif hq != hkv:
+        raise ValueError(
+            f"{op}: query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for "
+            "grouped-query attention"
+        )
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(
+            f"{op}: key has sequence length {key.shape[2]} but value has {value.shape[2]}; "
+            "they must match"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"{op}: head dims disagree: query has {query.shape[-1]}, key has {key.shape[-1]}"
+        )
+
+
+def check_mask(op: str, attn_mask: Tensor | None, query: Tensor, key: Tensor) -> None:
+    """A boolean or float mask broadcastable to (B, Hq, Sq, Sk)."""
+    if attn_mask is None:
+        return
+    V.check_tensor(op, "attn_mask", attn_mask)
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+        allowed = sorted({"bool", V.dtype_name(query.dtype), "float32"})
+        raise TypeError(
+            f"{op}: attn_mask has dtype {V.dtype_name(attn_mask.dtype)}; it must be "
+            f"{' or '.join(allowed)} (bool: True = attend; float: added to the scores)"
+        )
+    target = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    ok = attn_mask.dim() <= 4 and all(
+        m == 1 or m == t for m, t in zip(reversed(attn_mask.shape), reversed(target))
+    )
+    if not ok:
+        raise ValueError(
+            f"{op}: attn_mask has shape {list(attn_mask.shape)}, which does not broadcast to "
+            f"(B, Hq, Sq, Sk) = {list(target)}"
+        )
+    V.check_same_device(op, query=query, attn_mask=attn_mask)
+
+
+def check_sdpa_args(
+    op: str,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    enable_gqa: bool,
+) -> None:
+    """Every check of scaled_dot_product_attention's inputs."""
+    check_qkv(op, query, key, value, enable_gqa)
+    check_mask(op, attn_mask, query, key)
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+
+
+# --------------------------------------------------------------------------------------
+# reference backend
+# --------------------------------------------------------------------------------------
+
+
+def _expand_kv(t: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return t
+    b, h, s, d = t.shape
+    return t[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
+def allowed_keys(
+    attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device
+) -> Tensor | None:
+    """Boolean (..., Sq, Sk) of keys a query may see (mask and causal), None if all."""
+    allowed = None
+    if attn_mask is not None:
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+    if is_causal:
+        tri = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
+def _dead_rows(
+    attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device
+) -> Tensor | None:
+    """Boolean broadcastable to (B, Hq, Sq): rows with no key to attend; None if none can be.
+
+    A top-left causal mask alone never empties a row (key 0 is always visible).
+    """
+    if k_len == 0:
+        return torch.ones(q_len, dtype=torch.bool, device=device)
+    if attn_mask is None:
+        return None
+    allowed = allowed_keys(attn_mask, is_causal, q_len, k_len, device)
+    return ~allowed.any(-1)
+
+
+def _additive_mask(attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, dtype, device) -> Tensor | None:
+    if attn_mask is None and not is_causal:
+        return None
+    if attn_mask is None:
+        m = torch.zeros(q_len, k_len, dtype=dtype, device=device)
+    elif attn_mask.dtype == torch.bool:
+        m = torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill_(~attn_mask, float("-inf"))
+    else:
+        m = attn_mask.to(dtype)
+    if is_causal:
+        tri = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+        m = m.masked_fill(~tri, float("-inf"))
+    return m
+
+
+def _scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float) -> Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    m = _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], s.dtype, s.device)
+    if m is not None:
+        s = s + m
+    return s
+
+
+def _use_cpu_flash(query: Tensor, value: Tensor, dropout_p: float) -> bool:
+    return (
+        query.device.type == "cpu"
+        and dropout_p == 0.0
+        and query.shape[-1] == value.shape[-1]
+        and query.shape[-1] > 0
+        and query.shape[-2] > 0
+        and value.shape[-2] > 0
+    )
+
+
+def _cpu_flash_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=torch.float32).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
+
+
+@sdpa_forward.register("reference")
+def sdpa_forward_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Attention in float32 (float64 for float64); ATen's fused CPU kernel where it applies."""
+    b, hq, sq, _ = query.shape
+    sk = key.shape[2]
+    groups = hq // key.shape[1] if key.shape[1] else 1
+    cdt = _cdt(query.dtype)
+    dead = _dead_rows(attn_mask, is_causal, sq, sk, query.device)
+    if _use_cpu_flash(query, value, dropout_p):
+        k = _expand_kv(key, groups)
+        v = _expand_kv(value, groups)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, k, v, 0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale
+        )
+        out = out.contiguous()
+        lse = lse.to(cdt)
+    else:
+        q = query.to(cdt)
+        k = _expand_kv(key.to(cdt), groups)
+        v = _expand_kv(value.to(cdt), groups)
+        s = _scores(q, k, attn_mask, is_causal, scale)
+        lse = torch.logsumexp(s, dim=-1)
+        lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse)
+        p = torch.exp(s - lse_safe[..., None])
+        if dropout_p > 0.0:
+            keep = dropout_keep_mask(seed, offset, b, hq, sq, sk, dropout_p, query.device)
+            p = p * keep.to(cdt) * (1.0 / (1.0 - dropout_p))
+        out = torch.matmul(p, v).to(query.dtype)
+    if dead is not None:
+        dead_full = dead.expand(b, hq, sq)
+        out = out.masked_fill(dead_full[..., None], 0.0)
+        lse = lse.masked_fill(dead_full, float("inf"))
+    return out.contiguous(), lse.contiguous()
+
+
+def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` over the dims that were broadcast from ``shape``."""
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
+    if dims:
+        t = t.sum(dim=dims, keepdim=True)
+    return t
+
+
+@sdpa_backward.register("reference")
+def sdpa_backward_reference(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (and d mask for a float mask) recomputing the probabilities from lse."""
+    b, hq, sq, _ = query.shape
+    hkv, sk = key.shape[1], key.shape[2]
+    groups = hq // hkv if hkv else 1
+    cdt = _cdt(query.dtype)
+    if _use_cpu_flash(query, value, dropout_p) and not mask_grad and sk > 0:
+        k = _expand_kv(key, groups)
+        v = _expand_kv(value, groups)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), query, k, v, out, lse.to(torch.float32) if cdt == torch.float32 else lse,
+            0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale,
+        )
+        dmask = query.new_empty((0,))
+    else:
+        q = query.to(cdt)
+        k = _expand_kv(key.to(cdt), groups)
+        v = _expand_kv(value.to(cdt), groups)
+        do = grad_out.to(cdt)
+        s = _scores(q, k, attn_mask, is_causal, scale)
+        p = torch.exp(s - lse.to(cdt)[..., None])  # lse = +inf on dead rows gives p = 0
+        if dropout_p > 0.0:
+            keep = dropout_keep_mask(seed, offset, b, hq, sq, sk, dropout_p, query.device)
+            z = keep.to(cdt) * (1.0 / (1.0 - dropout_p))
+            pd = p * z
+        else:
+            z = None
+            pd = p
+        dv = torch.matmul(pd.transpose(-1, -2), do)
+        dp = torch.matmul(do, v.transpose(-1, -2))
+        if z is not None:
+            dp = dp * z
+        delta = (do * out.to(cdt)).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq = torch.matmul(ds, k) * scale
+        dk = torch.matmul(ds.transpose(-1, -2), q) * scale
+        if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
+            dmask = _reduce_to_shape(ds, attn_mask.shape).to(attn_mask.dtype)
+        else:
+            dmask = query.new_empty((0,))
+    if groups > 1:
+        dk = dk.reshape(b, hkv, groups, sk, -1).sum(2)
+        dv = dv.reshape(b, hkv, groups, sk, -1).sum(2)
+    return (
+        dq.to(query.dtype).contiguous(),
+        dk.to(key.dtype).contiguous(),
+        dv.to(value.dtype).contiguous(),
+        dmask.contiguous(),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmkit::scaled_dot_product_attention", mutates_args=())
+def _sdpa_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    check_sdpa_args("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    return sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset)
+
+
+@_sdpa_op.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset):
+    check_sdpa_args("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    b, hq, sq, _ = query.shape
+    return (
+        query.new_empty((b, hq, sq, value.shape[-1])),
+        query.new_empty((b, hq, sq), dtype=_cdt(query.dtype)),
+    )
+
+
+@torch.library.custom_op("llmkit::scaled_dot_product_attention_backward", mutates_args=())
+def _sdpa_backward_op(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return sdpa_backward(
+        grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+        enable_gqa, seed, offset, mask_grad,
+    )
+
+
+@_sdpa_backward_op.register_fake
+def _(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset, mask_grad):
+    if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
+        dmask = attn_mask.new_empty(attn_mask.shape)
+    else:
+        dmask = query.new_empty((0,))
+    return (
+        query.new_empty(query.shape),
+        key.new_empty(key.shape),
+        value.new_empty(value.shape),
+        dmask,
+    )
+
+
+def _sdpa_setup(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset = inputs
+    out, lse = output
+    ctx.args = (dropout_p, is_causal, scale, enable_gqa, seed, offset)
+    ctx.has_mask = attn_mask is not None
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+    ctx.mark_non_differentiable(lse)
+
+
+def _sdpa_bwd(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, attn_mask = ctx.saved_tensors
+    dropout_p, is_causal, scale, enable_gqa, seed, offset = ctx.args
+    need = ctx.needs_input_grad
+    mask_grad = bool(
+        need[3] and attn_mask is not None and attn_mask.dtype != torch.bool
+    )
+    dq, dk, dv, dmask = torch.ops.llmkit.scaled_dot_product_attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+        enable_gqa, seed, offset, mask_grad,
+    )
+    return (
+        dq if need[0] else None,
+        dk if need[1] else None,
+        dv if need[2] else None,
+        dmask if mask_grad else None,
+        None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "llmkit::scaled_dot_product_attention", _sdpa_bwd, setup_context=_sdpa_setup
+)
+
+
+# -- decode --------------------------------------------------------------------------
+
+
+def check_decode_args(
+    op: str, query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor, scale: float
+) -> None:
+    """query (B, Hq, T, D) with T new tokens; caches (B, Hkv, S_max, D[v]); lengths (B,)."""
+    check_qkv(op, query, key_cache, value_cache, enable_gqa=True)
+    V.check_tensor(op, "cache_seqlens", cache_seqlens)
+    V.check_dtype(op, "cache_seqlens", cache_seqlens, (torch.int32, torch.int64))
+    if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"{op}: cache_seqlens has shape {list(cache_seqlens.shape)}; it must be "
+            f"[{query.shape[0]}], one length per sequence"
+        )
+    V.check_same_device(op, query=query, cache_seqlens=cache_seqlens)
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > key_cache.shape[2]:
+            raise ValueError(
+                f"{op}: cache_seqlens must lie in [0, {key_cache.shape[2]}] (the cache length), "
+                f"got values from {lo} to {hi}"
+            )
+
+
+def decode_mask(cache_seqlens: Tensor, q_len: int, s_max: int, is_causal: bool) -> Tensor:
+    """Boolean (B, 1, T, S_max): key j is visible to new token t of sequence b.
+
+    The last ``T`` valid positions of sequence ``b`` hold the new tokens; with
+    ``is_causal`` token ``t`` sees keys ``j < L_b - T + t + 1`` (bottom-right alignment
+    against the cache), otherwise all ``j < L_b``.
+    """
+    lens = cache_seqlens.to(torch.int64).clamp(0, s_max)[:, None, None, None]
+    j = torch.arange(s_max, device=cache_seqlens.device)[None, None, None, :]
+    visible = j < lens
+    if is_causal:
+        t = torch.arange(q_len, device=cache_seqlens.device)[None, None, :, None]
+        visible = visible & (j < lens - q_len + t + 1)
+    return visible
+
+
+@decode_forward.register("reference")
+def decode_forward_reference(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """Decode attention as masked attention over the whole cache."""
+    mask = decode_mask(cache_seqlens, query.shape[2], key_cache.shape[2], is_causal)
+    out, _ = sdpa_forward_reference(
+        query, key_cache, value_cache, mask, 0.0, False, scale, True, 0, 0
+    )
+    return out
+
+
+@torch.library.custom_op("llmkit::decode_attention", mutates_args=())
+def _decode_op(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    check_decode_args("decode_attention", query, key_cache, value_cache, cache_seqlens, scale)
+    return decode_forward(query, key_cache, value_cache, cache_seqlens, scale, is_causal)
+
+
+@_decode_op.register_fake
+def _(query, key_cache, value_cache, cache_seqlens, scale, is_causal):
+    check_qkv("decode_attention", query, key_cache, value_cache, enable_gqa=True)
+    b, hq, t, _ = query.shape
+    return query.new_empty((b, hq, t, value_cache.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------
+# functional API
+# --------------------------------------------------------------------------------------
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Fused attention with the signature of ``F.scaled_dot_product_attention``.
+
+    Args:
+        query: ``(B, Hq, Sq, D)`` or ``(Hq, Sq, D)``; float16 / bfloat16 / float32 / float64.
+        key: ``(B, Hkv, Sk, D)``; value: ``(B, Hkv, Sk, Dv)``; same dtype as query.
+        attn_mask: bool (True = attend) or float (added), broadcastable to
+            ``(B, Hq, Sq, Sk)``; a ``(B, 1, 1, Sk)`` key-padding mask is read as a vector.
+        dropout_p: dropout on the attention probabilities (Philox, seeded from torch's
+            default generator).
+        is_causal: top-left aligned causal mask, combinable with ``attn_mask``.
+        scale: defaults to ``1 / sqrt(D)``.
+        enable_gqa: allow ``Hq`` to be a multiple of ``Hkv``.
+
+    Returns:
+        ``(B, Hq, Sq, Dv)`` in the query's dtype. Rows with no visible key are zeros
+        (SDPA gives NaN there). Softmax statistics are kept in float32.
+    """
+    op = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        V.check_tensor(op, name, t)
+    unbatched = query.dim() == 3
+    if unbatched:
+        if key.dim() != 3 or value.dim() != 3:
+            raise ValueError(
+                f"{op}: an unbatched (3-D) query needs 3-D key and value, got shapes "
+                f"{list(key.shape)} and {list(value.shape)}"
+            )
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    seed = _draw_seed() if dropout_p > 0.0 else 0
+    out, _ = torch.ops.llmkit.scaled_dot_product_attention(
+        query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
+        bool(enable_gqa), seed, 0,
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+def decode_attention(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float | None = None,
+    is_causal: bool = True,
+) -> Tensor:
+    """Attention of 1..16 new tokens per sequence against a KV cache of ragged lengths.
+
+    Args:
+        query: ``(B, Hq, T, D)``: the ``T`` newest tokens of each sequence.
+        key_cache, value_cache: ``(B, Hkv, S_max, D)`` / ``(B, Hkv, S_max, Dv)``; the new
+            tokens' keys and values are already written at positions ``L_b - T .. L_b - 1``.
+            ``Hq`` must be a multiple of ``Hkv`` (GQA / MQA).
+        cache_seqlens: int32 or int64 ``(B,)``: valid length ``L_b`` of each sequence,
+            the new tokens included.
+        scale: defaults to ``1 / sqrt(D)``.
+        is_causal: new token ``t`` sees keys ``j < L_b - T + t + 1``; False: all ``j < L_b``.
+
+    Returns:
+        ``(B, Hq, T, Dv)`` in the query's dtype; rows with no visible key are zeros.
+        Inference only (no autograd).
+    """
+    if scale is None:
+        V.check_tensor("decode_attention", "query", query)
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.dim() and query.shape[-1] > 0 else 1.0
+    return torch.ops.llmkit.decode_attention(
+        query, key_cache, value_cache, cache_seqlens, float(scale), bool(is_causal)
+    )

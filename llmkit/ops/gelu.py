@@ -1,0 +1,207 @@
+"""GELU and fused bias + GELU.
+
+Ops (``torch.library`` custom ops with fake implementations and autograd):
+
+* ``llmkit::gelu(input, approximate) -> out``: ``approximate`` is ``"none"`` (exact,
+  erf) or ``"tanh"``, as in ``torch.nn.functional.gelu``.
+* ``llmkit::bias_gelu(input, bias, approximate) -> out``: ``gelu(input + bias)`` with
+  ``bias`` of shape ``(N,)`` broadcast over the last dimension of ``input (*, N)``;
+  the add happens in float32, so the sum is never rounded before the GELU.
+* ``llmkit::gelu_backward``, ``llmkit::bias_gelu_backward`` (the latter returns
+  ``(d input, d bias)``; ``d bias`` is ``d input`` summed over the leading dims).
+
+float16 / bfloat16 inputs are computed in float32 and rounded once. Dispatch
+points ``gelu.forward/backward`` and ``bias_gelu.forward/backward``; this module
+registers the ``reference`` backend, ``kernels/gelu.py`` holds the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..dispatch import DispatchPoint
+from . import _validate as V
+
+__all__ = ["gelu", "bias_gelu"]
+
+gelu_forward = DispatchPoint("gelu", "forward")
+gelu_backward = DispatchPoint("gelu", "backward")
+bias_gelu_forward = DispatchPoint("bias_gelu", "forward")
+bias_gelu_backward = DispatchPoint("bias_gelu", "backward")
+
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_gelu(op: str, input: Tensor, approximate: str) -> None:
+    V.check_tensor(op, "input", input)
+    V.check_floating(op, "input", input)
+    V.check_approximate(op, approximate)
+
+
+def _check_bias(op: str, input: Tensor, bias: Tensor) -> None:
+    V.check_tensor(op, "bias", bias)
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input must have at least 1 dimension, got a 0-d tensor")
+    if bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
+        raise ValueError(
+            f"{op}: bias has shape {list(bias.shape)}; it must be [{input.shape[-1]}], the size "
+            f"of input's last dimension (input shape {list(input.shape)})"
+        )
+    allowed = (input.dtype, torch.float32) if input.dtype in V.HALF_DTYPES else (input.dtype,)
+    if bias.dtype not in allowed:
+        raise TypeError(
+            f"{op}: bias has dtype {V.dtype_name(bias.dtype)}; with a {V.dtype_name(input.dtype)} "
+            f"input it must be {' or '.join(V.dtype_name(d) for d in allowed)}"
+        )
+    V.check_same_device(op, input=input, bias=bias)
+
+
+# --------------------------------------------------------------------------------------
+# reference backend
+# --------------------------------------------------------------------------------------
+
+
+@gelu_forward.register("reference")
+def gelu_forward_reference(input: Tensor, approximate: str) -> Tensor:
+    """GELU through ATen, computed in float32 for half inputs."""
+    cdt = _cdt(input.dtype)
+    return F.gelu(input.to(cdt), approximate=approximate).to(input.dtype).contiguous()
+
+
+@gelu_backward.register("reference")
+def gelu_backward_reference(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
+    """d GELU / d input times grad_out, in float32 for half inputs."""
+    cdt = _cdt(input.dtype)
+    dx = torch.ops.aten.gelu_backward(grad_out.to(cdt), input.to(cdt), approximate=approximate)
+    return dx.to(input.dtype).contiguous()
+
+
+@bias_gelu_forward.register("reference")
+def bias_gelu_forward_reference(input: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    """gelu(input + bias) with the add in float32 (float64 for float64)."""
+    cdt = _cdt(input.dtype)
+    pre = torch.add(input.to(cdt), bias.to(cdt))
+    return F.gelu(pre, approximate=approximate).to(input.dtype).contiguous()
+
+
+@bias_gelu_backward.register("reference")
+def bias_gelu_backward_reference(
+    grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str
+) -> tuple[Tensor, Tensor]:
+    """(d input, d bias) of gelu(input + bias); d bias sums d input over leading dims."""
+    cdt = _cdt(input.dtype)
+    pre = torch.add(input.to(cdt), bias.to(cdt))
+    dpre = torch.ops.aten.gelu_backward(grad_out.to(cdt), pre, approximate=approximate)
+    dbias = dpre.reshape(-1, input.shape[-1]).sum(0)
+    return dpre.to(input.dtype).contiguous(), dbias.to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmkit::gelu", mutates_args=())
+def _gelu_op(input: Tensor, approximate: str) -> Tensor:
+    _check_gelu("gelu", input, approximate)
+    return gelu_forward(input, approximate)
+
+
+@_gelu_op.register_fake
+def _(input, approximate):
+    _check_gelu("gelu", input, approximate)
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("llmkit::gelu_backward", mutates_args=())
+def _gelu_backward_op(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
+    return gelu_backward(grad_out, input, approximate)
+
+
+@_gelu_backward_op.register_fake
+def _(grad_out, input, approximate):
+    return input.new_empty(input.shape)
+
+
+def _gelu_setup(ctx, inputs, output):
+    input, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(input)
+
+
+def _gelu_bwd(ctx, grad_out):
+    (input,) = ctx.saved_tensors
+    return torch.ops.llmkit.gelu_backward(grad_out, input, ctx.approximate), None
+
+
+torch.library.register_autograd("llmkit::gelu", _gelu_bwd, setup_context=_gelu_setup)
+
+
+@torch.library.custom_op("llmkit::bias_gelu", mutates_args=())
+def _bias_gelu_op(input: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    _check_gelu("bias_gelu", input, approximate)
+    _check_bias("bias_gelu", input, bias)
+    return bias_gelu_forward(input, bias, approximate)
+
+
+@_bias_gelu_op.register_fake
+def _(input, bias, approximate):
+    _check_gelu("bias_gelu", input, approximate)
+    _check_bias("bias_gelu", input, bias)
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("llmkit::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(
+    grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str
+) -> tuple[Tensor, Tensor]:
+    return bias_gelu_backward(grad_out, input, bias, approximate)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_out, input, bias, approximate):
+    return input.new_empty(input.shape), bias.new_empty(bias.shape)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    input, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(input, bias)
+
+
+def _bias_gelu_bwd(ctx, grad_out):
+    input, bias = ctx.saved_tensors
+    dx, dbias = torch.ops.llmkit.bias_gelu_backward(grad_out, input, bias, ctx.approximate)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None), (dbias if need[1] else None), None
+
+
+torch.library.register_autograd("llmkit::bias_gelu", _bias_gelu_bwd, setup_context=_bias_gelu_setup)
+
+
+# --------------------------------------------------------------------------------------
+# functional API
+# --------------------------------------------------------------------------------------
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, like ``F.gelu``: exact (``approximate="none"``, erf) or ``"tanh"``.
+
+    ``input``: any shape and strides, float16 / bfloat16 / float32 / float64. Output
+    has the input's shape and dtype. Differentiable.
+    """
+    return torch.ops.llmkit.gelu(input, approximate)
+
+
+def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """Fused ``gelu(input + bias)``.
+
+    ``input``: ``(*, N)``; ``bias``: ``(N,)`` in the input's dtype (or float32 with a half
+    input). The add is done in float32 and the sum is never written to memory.
+    Differentiable in both; ``d bias`` is reduced over the leading dims.
+    """
+    return torch.ops.llmkit.bias_gelu(input, bias, approximate)

@@ -1,0 +1,396 @@
+"""Int8 quantization and int8 matrix multiplication.
+
+Ops (inference only: no autograd):
+
+* ``llmkit::quantize_int8(x, dim) -> (q, scale)``: symmetric per-row absmax
+  quantization along ``dim``. ``scale = absmax / 127`` (float32, ``x``'s shape with
+  ``dim`` removed); ``q = clamp(round_half_even(x * (127 / absmax)), -127, 127)`` as
+  int8, computed in float32. A row of zeros gives scale 0 and zeros; a row holding
+  NaN or inf gives scale NaN / inf and zeros, so the bad value stays in its row.
+* ``llmkit::int8_matmul(a, b, a_scale, b_scale, bias, out_dtype) -> out``:
+  ``a (*, K)`` int8 times ``b (K, N)`` int8 with exact int32 accumulation. Without
+  scales the int32 product is returned. With scales the epilogue computes
+  ``acc * a_scale[..., None] * b_scale[None, :] + bias`` in float32 and writes
+  ``out_dtype`` (default float32).
+* ``llmkit::int8_linear(input, weight, weight_scale, bias, mode, activation) -> out``:
+  ``input (*, K)`` float16 / bfloat16 / float32 times the int8 weight ``(N, K)`` with
+  per-output-channel float32 ``weight_scale (N,)``, ``+ bias``, then the optional
+  ``activation`` ("none", "gelu", "gelu_tanh"), in the input dtype.
+  ``mode="w8a8"`` quantizes the activations per token on the fly and multiplies in
+  int8; ``mode="w8a16"`` dequantizes the weight and multiplies in the input dtype.
+
+The reference backend uses ``torch._int_mm`` (int8 GEMM with int32 accumulation)
+where it applies and an exact float64 product otherwise (exact: every partial sum
+is an integer below 2**53 for K < 2**39).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..dispatch import DispatchPoint
+from . import _validate as V
+
+__all__ = ["quantize_int8", "int8_matmul", "int8_linear", "dequantize_int8"]
+
+quantize_forward = DispatchPoint("quantize_int8", "forward")
+int8_matmul_forward = DispatchPoint("int8_matmul", "forward")
+int8_linear_forward = DispatchPoint("int8_linear", "forward")
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+MODES = ("w8a8", "w8a16")
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+
+
+def _norm_dim(op: str, x: Tensor, dim: int) -> int:
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least 1 dimension, got a 0-d tensor")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{op}: dim {dim} is out of range for x of shape {list(x.shape)}")
+    return dim % x.dim()
+
+
+def check_quantize_args(op: str, x: Tensor, dim: int) -> int:
+    """x floating of any shape; returns dim made non-negative."""
+    V.check_tensor(op, "x", x)
+    V.check_floating(op, "x", x)
+    return _norm_dim(op, x, dim)
+
+
+def check_int8(op: str, name: str, t: Tensor) -> None:
+    """``t`` must be an int8 tensor."""
+    V.check_tensor(op, name, t)
+    if t.dtype != torch.int8:
+        raise TypeError(
+            f"{op}: {name} has dtype {V.dtype_name(t.dtype)}; it must be int8 "
+            "(quantize float data with llmkit.ops.quantize_int8 first)"
+        )
+
+
+def check_int8_matmul_args(
+    op: str,
+    a: Tensor,
+    b: Tensor,
+    a_scale: Tensor | None,
+    b_scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> None:
+    """a (*, K) int8, b (K, N) int8, optional scales/bias; see module docstring."""
+    check_int8(op, "a", a)
+    check_int8(op, "b", b)
+    if a.dim() < 1:
+        raise ValueError(f"{op}: a must have at least 1 dimension, got a 0-d tensor")
+    if b.dim() != 2:
+        raise ValueError(f"{op}: b must be 2-D (K, N), got shape {list(b.shape)}")
+    if a.shape[-1] != b.shape[0]:
+        raise ValueError(
+            f"{op}: K mismatch: a has {a.shape[-1]} columns (shape {list(a.shape)}) but b has "
+            f"{b.shape[0]} rows (shape {list(b.shape)})"
+        )
+    if (a_scale is None) != (b_scale is None):
+        raise ValueError(f"{op}: give both a_scale and b_scale, or neither (int32 output)")
+    if a_scale is None:
+        if bias is not None:
+            raise ValueError(f"{op}: bias needs a_scale and b_scale (the int32 output has no epilogue)")
+        if out_dtype not in (None, torch.int32):
+            raise ValueError(
+                f"{op}: without scales the output is int32, got out_dtype={V.dtype_name(out_dtype)}"
+            )
+    else:
+        V.check_tensor(op, "a_scale", a_scale)
+        V.check_tensor(op, "b_scale", b_scale)
+        V.check_dtype(op, "a_scale", a_scale, (torch.float32,))
+        V.check_dtype(op, "b_scale", b_scale, (torch.float32,))
+        rows = list(a.shape[:-1])
+        if list(a_scale.shape) not in (rows, [], [1]):
+            raise ValueError(
+                f"{op}: a_scale has shape {list(a_scale.shape)}; it must be {rows} (one scale per "
+                "row of a) or a single value"
+            )
+        n = b.shape[1]
+        if list(b_scale.shape) not in ([n], [], [1]):
+            raise ValueError(
+                f"{op}: b_scale has shape {list(b_scale.shape)}; it must be [{n}] (one scale per "
+                "column of b) or a single value"
+            )
+        if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+            raise TypeError(
+                f"{op}: out_dtype {V.dtype_name(out_dtype)} is not supported; use float16, "
+                "bfloat16 or float32"
+            )
+    if bias is not None:
+        V.check_tensor(op, "bias", bias)
+        V.check_dtype(op, "bias", bias, _OUT_DTYPES)
+        if list(bias.shape) != [b.shape[1]]:
+            raise ValueError(f"{op}: bias has shape {list(bias.shape)}; it must be [{b.shape[1]}]")
+    V.check_same_device(op, a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias)
+
+
+def check_int8_linear_args(
+    op: str,
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    mode: str,
+    activation: str,
+) -> None:
+    """input (*, K) float16/bfloat16/float32; weight (N, K) int8; weight_scale (N,) float32."""
+    V.check_tensor(op, "input", input)
+    V.check_dtype(op, "input", input, _OUT_DTYPES)
+    check_int8(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (N, K), got shape {list(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: K mismatch: input has {input.shape[-1] if input.dim() else 0} features "
+            f"(shape {list(input.shape)}) but weight expects {weight.shape[1]} (shape {list(weight.shape)})"
+        )
+    V.check_tensor(op, "weight_scale", weight_scale)
+    V.check_dtype(op, "weight_scale", weight_scale, (torch.float32,))
+    if list(weight_scale.shape) != [weight.shape[0]]:
+        raise ValueError(
+            f"{op}: weight_scale has shape {list(weight_scale.shape)}; it must be [{weight.shape[0]}], "
+            "one scale per output channel"
+        )
+    if bias is not None:
+        V.check_tensor(op, "bias", bias)
+        V.check_dtype(op, "bias", bias, (input.dtype, torch.float32))
+        if list(bias.shape) != [weight.shape[0]]:
+            raise ValueError(f"{op}: bias has shape {list(bias.shape)}; it must be [{weight.shape[0]}]")
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    V.check_same_device(op, input=input, weight=weight, weight_scale=weight_scale, bias=bias)
+
+
+# --------------------------------------------------------------------------------------
+# reference backend
+# --------------------------------------------------------------------------------------
+
+
+@quantize_forward.register("reference")
+def quantize_int8_reference(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 quantization along ``dim`` (float32 arithmetic)."""
+    xf = x.to(torch.float32)
+    absmax = xf.abs().amax(dim=dim, keepdim=True) if x.shape[dim] > 0 else xf.sum(dim, keepdim=True)
+    scale = absmax / 127.0
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    inv = torch.where(torch.isfinite(absmax), inv, torch.zeros_like(absmax))
+    q = torch.round(xf * inv).clamp_(-127.0, 127.0)
+    q = torch.nan_to_num_(q, nan=0.0).to(torch.int8)
+    return q.contiguous(), scale.squeeze(dim).contiguous()
+
+
+def _int_mm_applies(a2: Tensor, b: Tensor) -> bool:
+    if a2.device.type == "cpu":
+        return True
+    m, k = a2.shape
+    n = b.shape[1]
+    return a2.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0 and k >= 16
+
+
+def int8_mm_exact(a2: Tensor, b: Tensor) -> Tensor:
+    """Exact int32 product of int8 ``a2 (M, K)`` and ``b (K, N)``."""
+    m, n = a2.shape[0], b.shape[1]
+    if m == 0 or n == 0 or a2.shape[1] == 0:
+        return torch.zeros((m, n), dtype=torch.int32, device=a2.device)
+    if _int_mm_applies(a2, b):
+        return torch._int_mm(a2, b)
+    return torch.matmul(a2.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+
+
+def _epilogue(
+    acc: Tensor, a_scale: Tensor, b_scale: Tensor, bias: Tensor | None, activation: str, out_dtype: torch.dtype
+) -> Tensor:
+    out = acc.to(torch.float32)
+    out = out * (a_scale.reshape(-1, 1) if a_scale.numel() != 1 else a_scale.reshape(()))
+    out = out * b_scale.reshape(1, -1) if b_scale.numel() != 1 else out * b_scale.reshape(())
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    if activation == "gelu":
+        out = F.gelu(out)
+    elif activation == "gelu_tanh":
+        out = F.gelu(out, approximate="tanh")
+    return out.to(out_dtype)
+
+
+@int8_matmul_forward.register("reference")
+def int8_matmul_reference(
+    a: Tensor,
+    b: Tensor,
+    a_scale: Tensor | None,
+    b_scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    """int8 GEMM with exact int32 accumulation and a float32 epilogue."""
+    lead = list(a.shape[:-1])
+    acc = int8_mm_exact(a.reshape(-1, a.shape[-1]), b)
+    if a_scale is None:
+        return acc.reshape(lead + [b.shape[1]])
+    out = _epilogue(acc, a_scale, b_scale, bias, "none", out_dtype or torch.float32)
+    return out.reshape(lead + [b.shape[1]])
+
+
+@int8_linear_forward.register("reference")
+def int8_linear_reference(
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    mode: str,
+    activation: str,
+) -> Tensor:
+    """W8A8 (dynamic per-token activation quantization) or W8A16 (dequantized weight)."""
+    k = input.shape[-1]
+    n = weight.shape[0]
+    lead = list(input.shape[:-1])
+    x2 = input.reshape(-1, k)
+    if mode == "w8a8":
+        q, s = quantize_int8_reference(x2, -1)
+        acc = int8_mm_exact(q, weight.t())
+        out = _epilogue(acc, s, weight_scale, bias, activation, input.dtype)
+    else:
+        w = (weight.to(torch.float32) * weight_scale[:, None]).to(input.dtype)
+        out = F.linear(x2, w, None if bias is None else bias.to(input.dtype))
+        if activation == "gelu":
+            out = F.gelu(out)
+        elif activation == "gelu_tanh":
+            out = F.gelu(out, approximate="tanh")
+    return out.reshape(lead + [n]).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmkit::quantize_int8", mutates_args=())
+def _quantize_op(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    d = check_quantize_args("quantize_int8", x, dim)
+    return quantize_forward(x, d)
+
+
+@_quantize_op.register_fake
+def _(x, dim):
+    d = check_quantize_args("quantize_int8", x, dim)
+    shape = list(x.shape)
+    del shape[d]
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("llmkit::int8_matmul", mutates_args=())
+def _int8_matmul_op(
+    a: Tensor,
+    b: Tensor,
+    a_scale: Tensor | None,
+    b_scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    check_int8_matmul_args("int8_matmul", a, b, a_scale, b_scale, bias, out_dtype)
+    return int8_matmul_forward(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+@_int8_matmul_op.register_fake
+def _(a, b, a_scale, b_scale, bias, out_dtype):
+    check_int8_matmul_args("int8_matmul", a, b, a_scale, b_scale, bias, out_dtype)
+    dt = torch.int32 if a_scale is None else (out_dtype or torch.float32)
+    return a.new_empty(list(a.shape[:-1]) + [b.shape[1]], dtype=dt)
+
+
+@torch.library.custom_op("llmkit::int8_linear", mutates_args=())
+def _int8_linear_op(
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    mode: str,
+    activation: str,
+) -> Tensor:
+    check_int8_linear_args("int8_linear", input, weight, weight_scale, bias, mode, activation)
+    return int8_linear_forward(input, weight, weight_scale, bias, mode, activation)
+
+
+@_int8_linear_op.register_fake
+def _(input, weight, weight_scale, bias, mode, activation):
+    check_int8_linear_args("int8_linear", input, weight, weight_scale, bias, mode, activation)
+    return input.new_empty(list(input.shape[:-1]) + [weight.shape[0]])
+
+
+# --------------------------------------------------------------------------------------
+# functional API
+# --------------------------------------------------------------------------------------
+
+
+def quantize_int8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row absmax int8 quantization along ``dim``.
+
+    Args:
+        x: float16 / bfloat16 / float32 / float64, any shape.
+        dim: the dimension reduced by the absmax (each slice along it is one "row").
+
+    Returns:
+        ``(q, scale)``: ``q`` int8 with ``x``'s shape, ``scale`` float32 with ``x``'s
+        shape minus ``dim``, such that ``x ~= q * scale.unsqueeze(dim)``.
+    """
+    return torch.ops.llmkit.quantize_int8(x, int(dim))
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dim: int = -1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`quantize_int8`: ``q * scale.unsqueeze(dim)`` in ``dtype``."""
+    check_int8("dequantize_int8", "q", q)
+    d = _norm_dim("dequantize_int8", q, dim)
+    return (q.to(torch.float32) * scale.to(torch.float32).unsqueeze(d)).to(dtype)
+
+
+def int8_matmul(
+    a: Tensor,
+    b: Tensor,
+    a_scale: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """int8 ``a (*, K)`` @ int8 ``b (K, N)`` with int32 accumulation.
+
+    Without scales returns the exact int32 product. With ``a_scale`` (per row of ``a``
+    or one value) and ``b_scale`` (per column of ``b`` or one value), float32, returns
+    ``acc * a_scale * b_scale + bias`` in ``out_dtype`` (float16 / bfloat16 / float32,
+    default float32), the scaling fused into the GEMM's epilogue.
+    """
+    return torch.ops.llmkit.int8_matmul(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+def int8_linear(
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None = None,
+    mode: str = "w8a8",
+    activation: str = "none",
+) -> Tensor:
+    """``F.linear`` with an int8 weight.
+
+    Args:
+        input: ``(*, K)`` float16 / bfloat16 / float32.
+        weight: int8 ``(N, K)`` (the ``nn.Linear`` layout); weight_scale: float32 ``(N,)``.
+        bias: ``(N,)`` in the input dtype or float32, optional.
+        mode: ``"w8a8"``: activations quantized per token on the fly, int8 x int8 GEMM;
+            ``"w8a16"``: weight dequantized inside the GEMM, activations unchanged.
+        activation: ``"none"``, ``"gelu"`` or ``"gelu_tanh"``, fused in the epilogue.
+
+    Returns:
+        ``(*, N)`` in the input dtype.
+    """
+    return torch.ops.llmkit.int8_linear(input, weight, weight_scale, bias, mode, activation)

@@ -1,0 +1,554 @@
+"""LayerNorm, RMSNorm and fused residual-add + LayerNorm.
+
+Ops (``torch.library`` custom ops, each with a fake implementation and autograd):
+
+* ``llmkit::layer_norm(input, normalized_shape, weight, bias, eps) -> (out, mean, rstd)``
+* ``llmkit::rms_norm(input, normalized_shape, weight, eps) -> (out, rstd)``
+* ``llmkit::add_layer_norm(input, residual, normalized_shape, weight, bias, eps)
+  -> (out, residual_out, mean, rstd)``
+
+and their ``*_backward`` ops. Shapes: ``input`` is ``(*, *normalized_shape)``; the
+statistics ``mean`` and ``rstd`` have the leading shape ``(*)`` and are float32 for
+float16 / bfloat16 / float32 inputs (float64 for float64 inputs). ``weight`` and
+``bias`` have ``normalized_shape`` and the input's dtype (or float32 with half
+inputs). Outputs have the input's dtype and a contiguous layout.
+
+``add_layer_norm`` computes ``residual_out = input + residual`` (added in float32,
+rounded to the input dtype) and ``out = layer_norm(residual_out)``: one read of
+each input, two writes, for pre-norm residual streams. Its backward returns one
+gradient that is both ``d input`` and ``d residual``.
+
+Dispatch points: ``layer_norm.forward/backward``, ``rms_norm.forward/backward``,
+``add_layer_norm.forward/backward``; this module registers the ``reference``
+backend. The Triton kernels live in ``kernels/layer_norm.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..dispatch import DispatchPoint
+from . import _validate as V
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm"]
+
+layer_norm_forward = DispatchPoint("layer_norm", "forward")
+layer_norm_backward = DispatchPoint("layer_norm", "backward")
+rms_norm_forward = DispatchPoint("rms_norm", "forward")
+rms_norm_backward = DispatchPoint("rms_norm", "backward")
+add_layer_norm_forward = DispatchPoint("add_layer_norm", "forward")
+add_layer_norm_backward = DispatchPoint("add_layer_norm", "backward")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the saved statistics for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _lead(x: Tensor, ns: Sequence[int]) -> list[int]:
+    return list(x.shape[: x.dim() - len(ns)])
+
+
+def _empty_param_grad(p: Tensor | None, like: Tensor) -> Tensor:
+    # custom ops cannot return None; an empty tensor stands for "no gradient".
+    return like.new_empty((0,)) if p is None else torch.empty_like(p)
+
+
+# --------------------------------------------------------------------------------------
+# validation (shared by every backend: it runs before dispatch)
+# --------------------------------------------------------------------------------------
+
+
+def _check_norm(
+    op: str,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> list[int]:
+    V.check_tensor(op, "input", input)
+    V.check_floating(op, "input", input)
+    ns, _, _ = V.normalized_rows(op, input, normalized_shape)
+    V.check_affine(op, "weight", weight, ns, input)
+    V.check_affine(op, "bias", bias, ns, input)
+    V.check_same_device(op, input=input, weight=weight, bias=bias)
+    V.check_eps(op, eps)
+    return ns
+
+
+def _check_residual(op: str, input: Tensor, residual: Tensor) -> None:
+    V.check_tensor(op, "residual", residual)
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"{op}: residual has shape {list(residual.shape)}; it must equal input's shape "
+            f"{list(input.shape)}"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(
+            f"{op}: residual has dtype {V.dtype_name(residual.dtype)}; it must equal input's "
+            f"dtype {V.dtype_name(input.dtype)}"
+        )
+    V.check_same_device(op, input=input, residual=residual)
+
+
+# --------------------------------------------------------------------------------------
+# reference backend
+# --------------------------------------------------------------------------------------
+
+
+@layer_norm_forward.register("reference")
+def layer_norm_forward_reference(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm forward in float32 (float64 for float64 input) through ATen."""
+    cdt = _compute_dtype(input.dtype)
+    lead = _lead(input, normalized_shape)
+    out, mean, rstd = torch.native_layer_norm(
+        input.to(cdt), list(normalized_shape), _as(weight, cdt), _as(bias, cdt), eps
+    )
+    sdt = stats_dtype(input.dtype)
+    return (
+        out.to(input.dtype).contiguous(),
+        mean.reshape(lead).to(sdt).contiguous(),
+        rstd.reshape(lead).to(sdt).contiguous(),
+    )
+
+
+@layer_norm_backward.register("reference")
+def layer_norm_backward_reference(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm backward from the saved statistics, in float32 (float64 for float64)."""
+    cdt = _compute_dtype(input.dtype)
+    k = len(normalized_shape)
+    stat_shape = list(mean.shape) + [1] * k
+    mask = [bool(output_mask[0]), bool(output_mask[1]) and weight is not None,
+            bool(output_mask[2]) and bias is not None]
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad_out.to(cdt),
+        input.to(cdt),
+        list(normalized_shape),
+        mean.to(cdt).reshape(stat_shape),
+        rstd.to(cdt).reshape(stat_shape),
+        _as(weight, cdt),
+        _as(bias, cdt),
+        mask,
+    )
+    dx = dx.to(input.dtype).contiguous() if mask[0] else torch.zeros_like(input, memory_format=torch.contiguous_format)
+    dw = dw.to(weight.dtype) if mask[1] else _empty_param_grad(weight, input)
+    db = db.to(bias.dtype) if mask[2] else _empty_param_grad(bias, input)
+    return dx, dw, db
+
+
+@rms_norm_forward.register("reference")
+def rms_norm_forward_reference(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm forward in float32 (float64 for float64 input) through ATen's fused op."""
+    cdt = _compute_dtype(input.dtype)
+    lead = _lead(input, normalized_shape)
+    out, rstd = torch.ops.aten._fused_rms_norm(
+        input.to(cdt), list(normalized_shape), _as(weight, cdt), eps
+    )
+    return out.to(input.dtype).contiguous(), rstd.reshape(lead).to(stats_dtype(input.dtype)).contiguous()
+
+
+@rms_norm_backward.register("reference")
+def rms_norm_backward_reference(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm backward from the saved rstd, in float32 (float64 for float64).
+
+    With x_hat = x * rstd and g = grad_out * weight:
+    dx = rstd * (g - x_hat * mean(g * x_hat)), dweight = sum over rows of grad_out * x_hat.
+    """
+    cdt = _compute_dtype(input.dtype)
+    k = len(normalized_shape)
+    dims = tuple(range(input.dim() - k, input.dim()))
+    x = input.to(cdt)
+    r = rstd.to(cdt).reshape(list(rstd.shape) + [1] * k)
+    x_hat = x * r
+    dy = grad_out.to(cdt)
+    g = dy * weight.to(cdt) if weight is not None else dy
+    if output_mask[0]:
+        dx = (r * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))).to(input.dtype).contiguous()
+    else:
+        dx = torch.zeros_like(input, memory_format=torch.contiguous_format)
+    if output_mask[1] and weight is not None:
+        lead = tuple(range(input.dim() - k))
+        dw = (dy * x_hat).sum(lead).to(weight.dtype) if lead else (dy * x_hat).to(weight.dtype)
+    else:
+        dw = _empty_param_grad(weight, input)
+    return dx, dw
+
+
+@add_layer_norm_forward.register("reference")
+def add_layer_norm_forward_reference(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """residual_out = input + residual (float32 add, rounded); out = LayerNorm(residual_out)."""
+    cdt = _compute_dtype(input.dtype)
+    if input.dtype == cdt:
+        residual_out = torch.add(input, residual)
+    else:
+        residual_out = torch.add(input.to(cdt), residual.to(cdt)).to(input.dtype)
+    out, mean, rstd = layer_norm_forward_reference(residual_out, normalized_shape, weight, bias, eps)
+    return out, residual_out.contiguous(), mean, rstd
+
+
+@add_layer_norm_backward.register("reference")
+def add_layer_norm_backward_reference(
+    grad_out: Tensor,
+    grad_residual_out: Tensor,
+    residual_out: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient of (out, residual_out) w.r.t. input (= w.r.t. residual), weight, bias."""
+    dx, dw, db = layer_norm_backward_reference(
+        grad_out, residual_out, normalized_shape, weight, bias, mean, rstd,
+        [True, output_mask[1], output_mask[2]],
+    )
+    cdt = _compute_dtype(residual_out.dtype)
+    if residual_out.dtype == cdt:
+        dsum = dx + grad_residual_out
+    else:
+        dsum = (dx.to(cdt) + grad_residual_out.to(cdt)).to(residual_out.dtype)
+    return dsum.contiguous(), dw, db
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmkit::layer_norm", mutates_args=())
+def _layer_norm_op(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ns = _check_norm("layer_norm", input, normalized_shape, weight, bias, eps)
+    return layer_norm_forward(input, ns, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(input, normalized_shape, weight, bias, eps):
+    ns = _check_norm("layer_norm", input, normalized_shape, weight, bias, eps)
+    lead = _lead(input, ns)
+    sdt = stats_dtype(input.dtype)
+    return (
+        input.new_empty(input.shape),
+        input.new_empty(lead, dtype=sdt),
+        input.new_empty(lead, dtype=sdt),
+    )
+
+
+@torch.library.custom_op("llmkit::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return layer_norm_backward(grad_out, input, list(normalized_shape), weight, bias, mean, rstd, list(output_mask))
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask):
+    return (
+        input.new_empty(input.shape),
+        _empty_param_grad(weight, input),
+        _empty_param_grad(bias, input),
+    )
+
+
+def _ln_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db = torch.ops.llmkit.layer_norm_backward(
+        grad_out, input, ctx.normalized_shape, weight, bias, mean, rstd,
+        [need[0], need[2], need[3]],
+    )
+    return (
+        dx if need[0] else None,
+        None,
+        dw if need[2] and weight is not None else None,
+        db if need[3] and bias is not None else None,
+        None,
+    )
+
+
+torch.library.register_autograd("llmkit::layer_norm", _ln_backward, setup_context=_ln_setup_context)
+
+
+@torch.library.custom_op("llmkit::rms_norm", mutates_args=())
+def _rms_norm_op(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    ns = _check_norm("rms_norm", input, normalized_shape, weight, None, eps)
+    return rms_norm_forward(input, ns, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(input, normalized_shape, weight, eps):
+    ns = _check_norm("rms_norm", input, normalized_shape, weight, None, eps)
+    return input.new_empty(input.shape), input.new_empty(_lead(input, ns), dtype=stats_dtype(input.dtype))
+
+
+@torch.library.custom_op("llmkit::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    return rms_norm_backward(grad_out, input, list(normalized_shape), weight, rstd, list(output_mask))
+
+
+@_rms_norm_backward_op.register_fake
+def _(grad_out, input, normalized_shape, weight, rstd, output_mask):
+    return input.new_empty(input.shape), _empty_param_grad(weight, input)
+
+
+def _rms_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, eps = inputs
+    _, rstd = output
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.save_for_backward(input, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _rms_backward(ctx, grad_out, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw = torch.ops.llmkit.rms_norm_backward(
+        grad_out, input, ctx.normalized_shape, weight, rstd, [need[0], need[2]]
+    )
+    return dx if need[0] else None, None, dw if need[2] and weight is not None else None, None
+
+
+torch.library.register_autograd("llmkit::rms_norm", _rms_backward, setup_context=_rms_setup_context)
+
+
+@torch.library.custom_op("llmkit::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ns = _check_norm("add_layer_norm", input, normalized_shape, weight, bias, eps)
+    _check_residual("add_layer_norm", input, residual)
+    return add_layer_norm_forward(input, residual, ns, weight, bias, eps)
+
+
+@_add_layer_norm_op.register_fake
+def _(input, residual, normalized_shape, weight, bias, eps):
+    ns = _check_norm("add_layer_norm", input, normalized_shape, weight, bias, eps)
+    _check_residual("add_layer_norm", input, residual)
+    lead = _lead(input, ns)
+    sdt = stats_dtype(input.dtype)
+    return (
+        input.new_empty(input.shape),
+        input.new_empty(input.shape),
+        input.new_empty(lead, dtype=sdt),
+        input.new_empty(lead, dtype=sdt),
+    )
+
+
+@torch.library.custom_op("llmkit::add_layer_norm_backward", mutates_args=())
+def _add_layer_norm_backward_op(
+    grad_out: Tensor,
+    grad_residual_out: Tensor,
+    residual_out: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return add_layer_norm_backward(
+        grad_out, grad_residual_out, residual_out, list(normalized_shape), weight, bias,
+        mean, rstd, list(output_mask),
+    )
+
+
+@_add_layer_norm_backward_op.register_fake
+def _(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd, output_mask):
+    return (
+        residual_out.new_empty(residual_out.shape),
+        _empty_param_grad(weight, residual_out),
+        _empty_param_grad(bias, residual_out),
+    )
+
+
+def _aln_setup_context(ctx, inputs, output):
+    input, residual, normalized_shape, weight, bias, eps = inputs
+    _, residual_out, mean, rstd = output
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.save_for_backward(residual_out, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _aln_backward(ctx, grad_out, grad_residual_out, _gm, _gr):
+    residual_out, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_residual_out is None:
+        grad_residual_out = torch.zeros_like(residual_out)
+    if grad_out is None:
+        grad_out = torch.zeros_like(residual_out)
+    dsum, dw, db = torch.ops.llmkit.add_layer_norm_backward(
+        grad_out, grad_residual_out, residual_out, ctx.normalized_shape, weight, bias,
+        mean, rstd, [need[0] or need[1], need[3], need[4]],
+    )
+    return (
+        dsum if need[0] else None,
+        dsum if need[1] else None,
+        None,
+        dw if need[3] and weight is not None else None,
+        db if need[4] and bias is not None else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "llmkit::add_layer_norm", _aln_backward, setup_context=_aln_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------
+# functional API (mirrors torch.nn.functional)
+# --------------------------------------------------------------------------------------
+
+
+def _shape_list(normalized_shape: int | Sequence[int]) -> list[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    if isinstance(normalized_shape, torch.Size):
+        return list(normalized_shape)
+    return list(normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims, like ``F.layer_norm``.
+
+    Args:
+        input: ``(*, *normalized_shape)``, float16 / bfloat16 / float32 / float64; any
+            strides.
+        normalized_shape: trailing dimensions to normalize over.
+        weight, bias: optional, shape ``normalized_shape``, the input's dtype or float32.
+        eps: added to the variance.
+
+    Returns:
+        ``(*, *normalized_shape)`` in the input's dtype. Statistics are computed in
+        float32 (float64 for float64 input). Differentiable in input, weight, bias.
+    """
+    out, _, _ = torch.ops.llmkit.layer_norm(input, _shape_list(normalized_shape), weight, bias, eps)
+    return out
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Root-mean-square normalization, like ``F.rms_norm``.
+
+    ``out = input * rsqrt(mean(input**2) + eps) * weight`` over the trailing
+    ``normalized_shape`` dims; ``eps=None`` means ``torch.finfo(input.dtype).eps``.
+    Shapes and dtypes as :func:`layer_norm`.
+    """
+    if eps is None:
+        V.check_tensor("rms_norm", "input", input)
+        eps = torch.finfo(input.dtype).eps if input.dtype.is_floating_point else 0.0
+    out, _ = torch.ops.llmkit.rms_norm(input, _shape_list(normalized_shape), weight, float(eps))
+    return out
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + LayerNorm for pre-norm residual streams.
+
+    Args:
+        input, residual: same shape ``(*, *normalized_shape)`` and dtype.
+        normalized_shape, weight, bias, eps: as :func:`layer_norm`.
+
+    Returns:
+        ``(out, residual_out)`` where ``residual_out = input + residual`` (added in
+        float32 and rounded to the input dtype) and ``out = layer_norm(residual_out)``.
+        One read of each input and one write of each output when fused.
+    """
+    out, residual_out, _, _ = torch.ops.llmkit.add_layer_norm(
+        input, residual, _shape_list(normalized_shape), weight, bias, eps
+    )
+    return out, residual_out

@@ -1,0 +1,173 @@
+"""Independent float64 formulas for every op: the yardstick of tests and ``llmkit check``.
+
+These are written from the mathematical definitions with elementary torch ops in
+float64 and share no code with the backends in :mod:`llmkit.ops` (which call ATen's
+fused kernels). Gradients come from ``torch.autograd`` through these formulas, so
+they are independent of every backward implementation too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+def _d(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(F64)
+
+
+def layer_norm(
+    x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dims (two-pass)."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    n = math.prod(normalized_shape)
+    mean = x.sum(dims, keepdim=True) / n
+    xc = x - mean
+    var = (xc * xc).sum(dims, keepdim=True) / n
+    y = xc / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    n = math.prod(normalized_shape)
+    ms = (x * x).sum(dims, keepdim=True) / n
+    y = x / torch.sqrt(ms + eps)
+    return y if weight is None else y * weight
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    round_to: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(layer_norm(s), s) with s = x + residual, rounded to ``round_to`` as the op specifies."""
+    s = x + residual
+    if round_to is not None and round_to != F64:
+        s = s + (s.detach().to(round_to).to(F64) - s.detach())  # rounding, straight-through
+    return layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """0.5 x (1 + erf(x / sqrt 2)), or the tanh form."""
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(x + bias)."""
+    return gelu(x + bias, approximate)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v, rows with no visible key -> 0.
+
+    ``keep``: optional boolean dropout keep-mask (B, Hq, Sq, Sk) applied to the
+    probabilities with 1 / (1 - dropout_p) scaling.
+    """
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq != hkv:
+        g = hq // hkv
+        k = k.repeat_interleave(g, dim=-3)
+        v = v.repeat_interleave(g, dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.einsum("...id,...jd->...ij", q, k) * scale
+    sq, sk = s.shape[-2], s.shape[-1]
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        visible = visible & (j <= i)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            s = s + attn_mask.to(F64)
+            visible = visible & (attn_mask != float("-inf"))
+    visible = visible.expand(s.shape)
+    s = s.masked_fill(~visible, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max.detach())
+    denom = e.sum(-1, keepdim=True)
+    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
+    if keep is not None:
+        p = p * keep.to(F64) / (1.0 - dropout_p)
+    return torch.einsum("...ij,...jd->...id", p, v)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float | None, is_causal: bool
+) -> Tensor:
+    """Each sequence b attends to its first L_b cached keys; new token t to j < L_b - T + t + 1."""
+    b, hq, t, _ = q.shape
+    outs = []
+    for i in range(b):
+        length = int(cache_seqlens[i])
+        kk = k_cache[i : i + 1, :, :length]
+        vv = v_cache[i : i + 1, :, :length]
+        mask = None
+        if is_causal:
+            tt = torch.arange(t, device=q.device)[:, None]
+            jj = torch.arange(length, device=q.device)[None, :]
+            mask = jj < length - t + tt + 1
+        outs.append(attention(q[i : i + 1], kk, vv, mask, False, scale))
+    return torch.cat(outs, 0)
+
+
+def quantize_int8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """Per-row absmax: scale = absmax/127, q = round_half_even(x * 127/absmax) (float32 math)."""
+    x32 = x.to(torch.float32)
+    absmax = x32.abs().amax(dim, keepdim=True)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    q = torch.round(x32 * (torch.tensor(127.0) / safe))
+    q = torch.where(absmax > 0, q, torch.zeros_like(q)).clamp(-127, 127).to(torch.int8)
+    return q, (absmax / 127.0).squeeze(dim)
+
+
+def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Exact integer product of int8 a (*, K) and b (K, N), in int64."""
+    return torch.einsum("...k,kn->...n", a.to(torch.int64), b.to(torch.int64))
+
+
+def int8_linear(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, mode: str, activation: str
+) -> Tensor:
+    """The float64 result an int8 linear approximates: x @ (weight * scale)^T + bias, activation."""
+    w = weight.to(F64) * weight_scale.to(F64)[:, None]
+    y = x.to(F64) @ w.t()
+    if bias is not None:
+        y = y + bias.to(F64)
+    if activation == "gelu":
+        y = gelu(y)
+    elif activation == "gelu_tanh":
+        y = gelu(y, "tanh")
+    return y

@@ -1,0 +1,43 @@
+"""Test setup: Triton kernels run through the interpreter on this CPU-only machine.
+
+TRITON_INTERPRET must be set before Triton decorates any kernel, so it is set here,
+before llmkit (which imports kernels lazily) is imported by any test module. On a
+machine with a GPU, set LLMKIT_TEST_GPU=1 to run the kernels for real instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("LLMKIT_TEST_GPU", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Fresh data on every run; LLMKIT_TEST_SEED=<n> replays a run (the header prints n).
+SESSION_SEED = int(os.environ.get("LLMKIT_TEST_SEED", random.randrange(2**31)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Seed torch from the session seed and the test's id: fresh per run, replayable."""
+    torch.manual_seed((SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**63))
+    yield
+
+
+def pytest_report_header(config):
+    import llmkit
+
+    lines = [
+        f"llmkit {llmkit.__version__}, torch {torch.__version__}, "
+        f"LLMKIT_TEST_SEED={SESSION_SEED}"
+    ]
+    for info in llmkit.backend_info():
+        avail = ", ".join(f"{d}: {'yes' if r is None else 'no'}" for d, r in info.available.items())
+        lines.append(f"backend {info.name}: {avail}")
+    return lines
