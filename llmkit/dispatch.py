@@ -411,7 +411,9 @@ class DispatchPoint:
         for name in order:
             unavailable = BACKENDS[name].unavailable_reason(device_type)
             if unavailable:
-                reasons[name] = [unavailable]
+                # On the CPU an unbuilt extension is the normal case, not news worth a log.
+                if req is not None or device_type == "cuda":
+                    reasons[name] = [unavailable]
                 continue
             impl = self.impls.get(name)
             if impl is None:
@@ -421,7 +423,7 @@ class DispatchPoint:
             if r:
                 reasons[name] = r
                 continue
-            if reasons and req is None and device_type == "cuda":
+            if reasons and req is None:
                 detail = "; ".join(f"{b}: {', '.join(rs)}" for b, rs in reasons.items())
                 _log_once(
                     (self.qualname, name, detail),

@@ -249,6 +249,12 @@ def sdpa_forward_reference(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, k, v, 0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale
         )
+        # ATen's CPU kernel turns a query row holding NaN into zeros (its running max
+        # skips NaN); the math gives NaN there, so put it back: NaN stays in its row.
+        nan_rows = torch.isnan(query).any(-1)
+        if bool(nan_rows.any()):
+            out = out.masked_fill(nan_rows[..., None], float("nan"))
+            lse = lse.masked_fill(nan_rows, float("nan"))
         out = out.contiguous()
         lse = lse.to(cdt)
     else:

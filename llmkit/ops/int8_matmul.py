@@ -184,7 +184,8 @@ def quantize_int8_reference(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=dim, keepdim=True) if x.shape[dim] > 0 else xf.sum(dim, keepdim=True)
     scale = absmax / 127.0
-    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    # a true float32 division (python's ``127.0 / tensor`` is reciprocal-then-multiply in torch)
+    inv = torch.where(absmax > 0, absmax.new_tensor(127.0) / absmax, torch.zeros_like(absmax))
     inv = torch.where(torch.isfinite(absmax), inv, torch.zeros_like(absmax))
     q = torch.round(xf * inv).clamp_(-127.0, 127.0)
     q = torch.nan_to_num_(q, nan=0.0).to(torch.int8)

@@ -1,0 +1,81 @@
+"""The ``llmkit`` command line.
+
+Subcommands: ``info`` (versions, devices, backends and why they are unavailable),
+``check`` (every op against an independent float64 reference on this machine).
+Each subcommand lives in its own module; this file only wires argument parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_info
+
+    print(format_info())
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check_cli
+
+    return run_check_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``llmkit``."""
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="llmkit", description="Fused GPU kernels for PyTorch Transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, devices, and which backends can run here")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "check",
+        help="check every op on every available backend against a float64 reference",
+        description=(
+            "Runs every op on a sweep of shapes and dtypes with fresh random inputs, "
+            "forward and backward, on every backend available here (Triton through its "
+            "interpreter on a machine without a GPU), compares with an independent "
+            "float64 computation and prints a table. Exits 1 if anything fails."
+        ),
+    )
+    from .check import add_check_arguments
+
+    add_check_arguments(p)
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llmkit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"] and not _has_gpu_quick():
+        # Triton kernels must be decorated in interpreter mode to run on CPU tensors;
+        # set it before anything imports Triton. An explicit setting is respected.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+def _has_gpu_quick() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

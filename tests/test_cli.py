@@ -1,0 +1,75 @@
+"""The llmkit command line: info and check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmkit import cli
+from llmkit.dispatch import OPS
+
+
+def test_info_lists_versions_devices_and_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    for name in ("triton", "cuda_ext", "reference"):
+        assert f"  {name} - " in out
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is available" in out
+    assert "layer_norm(forward+backward)" in out
+
+
+def test_check_passes_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "check.json"
+    code = cli.main(["check", "--quick", "--op", "gelu", "--op", "quantize_int8", "--backend", "reference",
+                     "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS" in out and "FAIL" not in out.replace("0 failed", "")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"gelu", "quantize_int8"}
+    assert all(r["status"] == "PASS" for r in rows)
+    assert {r["dtype"] for r in rows} >= {"float32", "float16", "bfloat16"}
+    assert any(r["output"] == "grad_input" for r in rows), "backward must be checked too"
+
+
+def test_check_fails_when_a_backend_is_wrong(monkeypatch, capsys):
+    impl = OPS["gelu"]["forward"].impls["reference"]
+    good = impl.fn
+    monkeypatch.setattr(impl, "fn", lambda x, approximate: good(x, approximate) * 1.01)
+    code = cli.main(["check", "--quick", "--op", "gelu", "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out
+
+
+def test_check_fails_when_an_exact_op_is_off_by_one(monkeypatch, capsys):
+    impl = OPS["int8_matmul"]["forward"].impls["reference"]
+    good = impl.fn
+    monkeypatch.setattr(impl, "fn", lambda *a: good(*a) + 1)
+    assert cli.main(["check", "--op", "int8_matmul", "--backend", "reference"]) == 1
+    assert "must be bit-exact" in capsys.readouterr().out
+
+
+def test_check_rejects_unknown_op(capsys):
+    assert cli.main(["check", "--op", "layernorm"]) == 2
+    assert "unknown op 'layernorm'" in capsys.readouterr().err
+
+
+def test_console_script_runs_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("llmkit ")
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "info" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["check", "--backend", "cuda"], ["nosuch"]])
+def test_bad_arguments_exit_nonzero(argv):
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "cuda" in proc.stderr or "invalid choice" in proc.stderr

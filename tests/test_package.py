@@ -1,0 +1,44 @@
+"""Packaging: one version, kernels installed as llmkit.kernels, cheap import."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import llmkit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_has_one_source():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in text
+    assert 'version = { attr = "llmkit._version.__version__" }' in text
+    assert re.fullmatch(r"\d+\.\d+\.\d+", llmkit.__version__)
+
+
+def test_kernels_are_the_llmkit_kernels_subpackage():
+    import llmkit.kernels
+
+    assert Path(llmkit.kernels.__file__).resolve().parent == (ROOT / "kernels").resolve()
+
+
+def test_import_is_cheap_and_does_not_load_triton_or_transformers():
+    code = (
+        "import sys, time; t = time.perf_counter(); import llmkit; "
+        "print(round(time.perf_counter() - t, 3)); "
+        "print(sorted(m for m in ('triton', 'transformers', 'llmkit.kernels.layer_norm') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    _, loaded = proc.stdout.strip().splitlines()
+    assert loaded == "[]", f"import llmkit loaded {loaded}"
+
+
+def test_public_api_names():
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu",
+                 "scaled_dot_product_attention", "decode_attention", "quantize_int8",
+                 "int8_matmul", "int8_linear"):
+        assert callable(getattr(llmkit.ops, name)), name
+    assert callable(llmkit.use_backend) and callable(llmkit.backend_info)

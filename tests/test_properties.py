@@ -1,0 +1,94 @@
+"""Hypothesis property tests over shapes: reference ops against the float64 formulas.
+
+Shapes are drawn freely (size-1 dims, odd lengths, several leading dims); every
+result must meet the DESIGN.md rule against llmkit.reference64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmkit import ops
+from llmkit import reference64 as R
+from llmkit.testing import assert_close_to_reference
+
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+LEAD = st.lists(st.integers(1, 6), min_size=0, max_size=3)
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=False)
+
+
+def _x(shape, dtype, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) + shift).to(dtype)
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31), shift=st.sampled_from([0.0, 100.0]))
+def test_layer_norm_any_shape(lead, n, dtype, seed, shift):
+    x = _x(lead + [n], dtype, seed, shift)
+    w = _x([n], dtype, seed + 1)
+    b = _x([n], dtype, seed + 2)
+    out = ops.layer_norm(x, [n], w, b)
+    ref = R.layer_norm(x.double(), [n], w.double(), b.double(), 1e-5)
+    assert_close_to_reference(out, ref, F.layer_norm(x, [n], w, b))
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31))
+def test_rms_norm_any_shape(lead, n, dtype, seed):
+    x = _x(lead + [n], dtype, seed)
+    w = _x([n], dtype, seed + 1)
+    out = ops.rms_norm(x, [n], w, 1e-6)
+    ref = R.rms_norm(x.double(), [n], w.double(), 1e-6)
+    assert_close_to_reference(out, ref, F.rms_norm(x, [n], w, 1e-6))
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
+       approx=st.sampled_from(["none", "tanh"]))
+def test_bias_gelu_any_shape(lead, n, dtype, seed, approx):
+    x = _x(lead + [n], dtype, seed) * 3
+    b = _x([n], dtype, seed + 1)
+    out = ops.bias_gelu(x, b, approx)
+    ref = R.bias_gelu(x.double(), b.double(), approx)
+    assert_close_to_reference(out, ref, F.gelu(x + b, approximate=approx))
+
+
+@SETTINGS
+@given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 3), sq=st.integers(1, 40),
+       sk=st.integers(1, 40), d=st.sampled_from([1, 8, 24]), causal=st.booleans(), dtype=DTYPES,
+       seed=st.integers(0, 2**31))
+def test_attention_any_shape(b, hkv, groups, sq, sk, d, causal, dtype, seed):
+    hq = hkv * groups
+    q = _x([b, hq, sq, d], dtype, seed)
+    k = _x([b, hkv, sk, d], dtype, seed + 1)
+    v = _x([b, hkv, sk, d], dtype, seed + 2)
+    out = ops.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=groups > 1)
+    ref = R.attention(q.double(), k.double(), v.double(), is_causal=causal)
+    base = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=groups > 1)
+    assert_close_to_reference(out, ref, base)
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
+       scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_quantize_int8_matches_the_formula_bit_for_bit(lead, n, dtype, seed, scale):
+    x = _x(lead + [n], torch.float32, seed).mul(scale).to(dtype)
+    q, s = ops.quantize_int8(x)
+    q_ref, s_ref = R.quantize_int8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    # round trip within half a step per element
+    err = (q.float() * s.unsqueeze(-1) - x.float()).abs()
+    assert bool((err <= s.unsqueeze(-1) * 0.5 + 1e-6 * x.float().abs()).all())
+
+
+@SETTINGS
+@given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_int8_matmul_is_exact(m, k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+    assert torch.equal(ops.int8_matmul(a, b), R.int8_matmul(a, b).to(torch.int32))
