@@ -1,0 +1,123 @@
+"""Helpers that run a block's pieces through llmkit's fused ops.
+
+The Transformer layers, the models and the HuggingFace swaps all build on three
+patterns: ``norm(x)``, ``norm(x + residual)`` that also returns the sum (the residual
+stream of a pre-norm block), and ``activation(linear(x))`` with the bias added inside
+the activation. Each helper takes the *modules* that hold the parameters and falls
+back to calling them as they are when the fusion does not apply (an unknown norm or
+activation, a subclass with its own ``forward``, forward hooks attached, mismatched
+dtypes), so the result always equals the unfused computation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .activation import GELU
+from .normalization import LayerNorm, RMSNorm
+
+__all__ = ["norm", "add_norm", "linear_act", "gelu_approximate"]
+
+_LAYER_NORMS = (nn.LayerNorm, LayerNorm)
+_RMS_NORMS = (nn.RMSNorm, RMSNorm)
+_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fusable_layer_norm(module: object) -> bool:
+    return type(module) in _LAYER_NORMS and not _hooked(module)  # type: ignore[arg-type]
+
+
+def norm(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
+    """``module(x)``; a ``LayerNorm`` / ``RMSNorm`` runs as the llmkit op."""
+    if _fusable_layer_norm(module):
+        return ops.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if type(module) in _RMS_NORMS and not _hooked(module):
+        return ops.rms_norm(x, module.normalized_shape, module.weight, module.eps)
+    return module(x)
+
+
+def add_norm(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``(module(x + residual), x + residual)``, one fused kernel for a ``LayerNorm``.
+
+    ``x`` and ``residual`` have the same shape ``(*, d)``; the sum is taken in float32
+    and rounded to their dtype (as ``x + residual`` is for float32 tensors).
+    """
+    if (
+        _fusable_layer_norm(module)
+        and x.dtype == residual.dtype
+        and x.shape == residual.shape
+        and x.dtype.is_floating_point
+    ):
+        return ops.add_layer_norm(
+            x, residual, module.normalized_shape, module.weight, module.bias, module.eps
+        )
+    total = x + residual
+    return norm(total, module), total
+
+
+def gelu_approximate(activation: object) -> str | None:
+    """``"none"`` / ``"tanh"`` when ``activation`` is a GELU llmkit can fuse, else None."""
+    if activation is F.gelu:
+        return "none"
+    if type(activation) in (nn.GELU, GELU) and not _hooked(activation):  # type: ignore[arg-type]
+        return activation.approximate  # type: ignore[union-attr]
+    if isinstance(activation, functools.partial) and activation.func is F.gelu and not activation.args:
+        approx = activation.keywords.get("approximate", "none")
+        if set(activation.keywords) <= {"approximate"} and approx in ("none", "tanh"):
+            return approx
+    return None
+
+
+def linear_act(x: Tensor, linear: nn.Module, activation: Callable[[Tensor], Tensor]) -> Tensor:
+    """``activation(linear(x))``; for a GELU the bias add is fused into the activation.
+
+    ``x``: ``(*, in_features)``; returns ``(*, out_features)``. With a GELU and a
+    biased ``nn.Linear`` this is ``bias_gelu(x @ W^T, b)``: the pre-activation is
+    never rounded or written to memory before the GELU.
+    """
+    approx = gelu_approximate(activation)
+    if approx is None or type(linear) not in _LINEARS or _hooked(linear):
+        return activation(linear(x))
+    h = F.linear(x, linear.weight)
+    if linear.bias is None:
+        return ops.gelu(h, approx)
+    return ops.bias_gelu(h, linear.bias, approx)
+
+
+def relu_or_act(activation: Callable[[Tensor], Tensor], h: Tensor) -> Tensor:
+    """``activation(h)`` with a GELU through the llmkit op (for inputs with no linear)."""
+    approx = gelu_approximate(activation)
+    if approx is not None:
+        return ops.gelu(h, approx)
+    return activation(h)
+
+
+def is_causal_hint_mask(mask: Tensor | None, is_causal: bool | None, size: int | None) -> bool:
+    """``torch.nn.Transformer``'s rule: the hint if given, else whether ``mask`` is causal.
+
+    With ``is_causal=None`` and a mask, compares the mask with the square causal mask
+    of ``size`` (float ``-inf`` above the diagonal or boolean True above it), as
+    ``torch.nn.modules.transformer._detect_is_causal_mask`` does.
+    """
+    if is_causal is not None:
+        return bool(is_causal)
+    if mask is None:
+        return False
+    sz = size if size is not None else mask.size(-2)
+    if mask.dim() != 2 or tuple(mask.shape) != (sz, sz):
+        return False
+    upper = torch.ones(sz, sz, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, upper))
+    causal = torch.zeros(sz, sz, dtype=mask.dtype, device=mask.device).masked_fill(upper, float("-inf"))
+    return bool(torch.equal(mask, causal))
