@@ -12,7 +12,12 @@ Shapes: ``query (B, Hq, Sq, D)``, ``key (B, Hkv, Sk, D)``, ``value (B, Hkv, Sk, 
 any strides (a ``(B, S, H, D)`` tensor viewed as ``(B, H, S, D)`` is taken as it is);
 ``Hq == Hkv``, or with ``enable_gqa`` a multiple of it (query head ``h`` reads
 key/value head ``h // (Hq // Hkv)``). ``out`` is ``(B, Hq, Sq, Dv)`` in the input
-dtype; ``lse`` is the natural-log log-sum-exp of each row's scaled, masked scores,
+dtype, laid out in memory like ``query`` (see :func:`out_layout`): a ``(B, S, H, D)``
+query viewed as ``(B, H, S, D)`` gives an output whose ``transpose(1, 2).reshape(B, S,
+H * Dv)`` costs no copy, as with ATen's fused kernels. Backends may return any layout;
+the op copies into this one only when needed (:func:`as_query_layout`), so kernels
+should write it directly.
+``lse`` is the natural-log log-sum-exp of each row's scaled, masked scores,
 ``(B, Hq, Sq)`` float32 (float64 for float64 inputs).
 
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
@@ -249,13 +254,13 @@ def sdpa_forward_reference(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, k, v, 0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale
         )
-        # ATen's CPU kernel turns a query row holding NaN into zeros (its running max
-        # skips NaN); the math gives NaN there, so put it back: NaN stays in its row.
-        nan_rows = torch.isnan(query).any(-1)
-        if bool(nan_rows.any()):
-            out = out.masked_fill(nan_rows[..., None], float("nan"))
-            lse = lse.masked_fill(nan_rows, float("nan"))
-        out = out.contiguous()
+        # ATen's CPU kernel turns a query row holding NaN or inf into zeros (its running
+        # max skips NaN); the math gives NaN there, so put it back: NaN stays in its row.
+        # One float32 sum of the whole query tells whether any exists (a cheap read).
+        if not bool(torch.isfinite(query.sum(dtype=torch.float32))):
+            bad_rows = ~torch.isfinite(query).all(-1)
+            out = out.masked_fill(bad_rows[..., None], float("nan"))
+            lse = lse.masked_fill(bad_rows, float("nan"))
         lse = lse.to(cdt)
     else:
         q = query.to(cdt)
@@ -269,11 +274,11 @@ def sdpa_forward_reference(
             keep = dropout_keep_mask(seed, offset, b, hq, sq, sk, dropout_p, query.device)
             p = p * keep.to(cdt) * (1.0 / (1.0 - dropout_p))
         out = torch.matmul(p, v).to(query.dtype)
-    if dead is not None:
+    if dead is not None and bool(dead.any()):
         dead_full = dead.expand(b, hq, sq)
         out = out.masked_fill(dead_full[..., None], 0.0)
         lse = lse.masked_fill(dead_full, float("inf"))
-    return out.contiguous(), lse.contiguous()
+    return out, lse.contiguous()
 
 
 def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
@@ -355,6 +360,94 @@ def sdpa_backward_reference(
 
 
 # --------------------------------------------------------------------------------------
+# triton backend (kernels/attention.py, kernels/decode_attention.py)
+# --------------------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""16-bit inputs run on tensor cores; float32 inputs with exact fp32 products (no TF32)."""
+TRITON_MAX_HEAD_DIM = 256
+_GRID_LIMIT = 65535  # CUDA grid y / z extent: heads and batch are grid axes
+
+
+def _triton_shape_reasons(query: Tensor, key: Tensor, value: Tensor) -> list[str]:
+    out = []
+    for name, dim in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
+        if dim > TRITON_MAX_HEAD_DIM:
+            out.append(
+                f"{name} head dim {dim} exceeds {TRITON_MAX_HEAD_DIM}, the largest the Triton "
+                "kernels tile"
+            )
+        elif dim == 0:
+            out.append(f"{name} head dim is 0")
+    if query.shape[0] > _GRID_LIMIT:
+        out.append(f"batch size {query.shape[0]} exceeds the grid limit {_GRID_LIMIT}")
+    if max(query.shape[1], key.shape[1]) > _GRID_LIMIT:
+        out.append(f"{query.shape[1]} heads exceed the grid limit {_GRID_LIMIT}")
+    return out
+
+
+def _sdpa_forward_triton_why_not(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 seed, offset):
+    return _triton_shape_reasons(query, key, value)
+
+
+def _sdpa_backward_triton_why_not(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal,
+                                  scale, enable_gqa, seed, offset, mask_grad):
+    reasons = _triton_shape_reasons(query, key, value)
+    if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
+        reasons.append(
+            "the gradient of a float attn_mask is not computed by the Triton backward (it would "
+            "need the (Sq, Sk) score gradient); the reference backend computes it"
+        )
+    return reasons
+
+
+@sdpa_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_sdpa_forward_triton_why_not)
+def sdpa_forward_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Fused tiled forward (online softmax), see ``llmkit.kernels.attention``."""
+    from ..kernels import attention as kernels
+
+    return kernels.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
+
+
+@sdpa_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_sdpa_backward_triton_why_not)
+def sdpa_backward_triton(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dQ pass then dK/dV pass, probabilities recomputed from ``lse``; deterministic."""
+    from ..kernels import attention as kernels
+
+    dq, dk, dv = kernels.attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed, offset
+    )
+    return dq, dk, dv, query.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------
 
@@ -373,7 +466,32 @@ def _sdpa_op(
     offset: int,
 ) -> tuple[Tensor, Tensor]:
     check_sdpa_args("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p, scale, enable_gqa)
-    return sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset)
+    out, lse = sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset)
+    return as_query_layout(out, query), lse
+
+
+def out_layout(query: Tensor) -> list[int]:
+    """The dimension order (outermost first) of the output's memory: the query's.
+
+    Dims are sorted by the query's strides, larger first, ties (size-1 dims) broken by
+    dimension index, so a contiguous query gives (B, H, S, D) and a (B, S, H, D) tensor
+    viewed as (B, H, S, D) gives (B, S, H, D).
+    """
+    strides = query.stride()
+    return sorted(range(4), key=lambda d: (-strides[d], d))
+
+
+def empty_like_query(b: int, h: int, s: int, d: int, query: Tensor) -> Tensor:
+    """An uninitialized (B, H, S, D) output laid out in memory like ``query``."""
+    return torch.empty_permuted((b, h, s, d), out_layout(query), dtype=query.dtype, device=query.device)
+
+
+def as_query_layout(out: Tensor, query: Tensor) -> Tensor:
+    """``out`` laid out like ``query`` (exact strides, as the fake op says), copied only if needed."""
+    want = empty_like_query(*out.shape, query=query)
+    if want.stride() == out.stride():
+        return out
+    return want.copy_(out)
 
 
 @_sdpa_op.register_fake
@@ -381,7 +499,7 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, see
     check_sdpa_args("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     b, hq, sq, _ = query.shape
     return (
-        query.new_empty((b, hq, sq, value.shape[-1])),
+        empty_like_query(b, hq, sq, value.shape[-1], query),
         query.new_empty((b, hq, sq), dtype=_cdt(query.dtype)),
     )
 
@@ -515,6 +633,25 @@ def decode_forward_reference(
         query, key_cache, value_cache, mask, 0.0, False, scale, True, 0, 0
     )
     return out
+
+
+def _decode_triton_why_not(query, key_cache, value_cache, cache_seqlens, scale, is_causal):
+    return _triton_shape_reasons(query, key_cache, value_cache)
+
+
+@decode_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_decode_triton_why_not)
+def decode_forward_triton(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """Flash-decoding (cache split across programs, GQA heads packed), see ``llmkit.kernels.decode_attention``."""
+    from ..kernels import decode_attention as kernels
+
+    return kernels.decode_attention(query, key_cache, value_cache, cache_seqlens, scale, is_causal)
 
 
 @torch.library.custom_op("llmkit::decode_attention", mutates_args=())
