@@ -27,3 +27,5 @@ __all__ = [
     "int8_matmul",
     "int8_linear",
 ]
+
+from . import _cuda_ext_impls  # noqa: F401

@@ -1,0 +1,236 @@
+// LayerNorm / RMSNorm with optional fused residual add, forward and backward, on the CPU.
+// One pass over each row computes (and rounds) the input and its sum, a second the sum
+// of squared deviations (two-pass variance), a third writes the output; the row stays
+// in a float32 scratch buffer in between.
+#include "cpu_kernels.h"
+#include "vec_io.h"
+
+#include <cmath>
+#include <vector>
+
+namespace llmkit_ext::cpu {
+
+namespace {
+
+// Writes the float32 values of row r (x + residual, rounded to T, also stored in
+// residual_out) into buf and returns their sum.
+template <typename T>
+float load_row(const T* xr, const T* rr, T* rout, float* buf, int64_t cols) {
+  FVec acc0(0.f), acc1(0.f);
+  int64_t c = 0;
+  for (; c + kStep <= cols; c += kStep) {
+    FVec a, b;
+    load2(xr + c, a, b);
+    if (rr != nullptr) {
+      FVec ra, rb;
+      load2(rr + c, ra, rb);
+      a = a + ra;
+      b = b + rb;
+      store2(rout + c, a, b);
+      if constexpr (!std::is_same_v<T, float>) load2(rout + c, a, b);  // the rounded sum
+    }
+    a.store(buf + c);
+    b.store(buf + c + FVec::size());
+    acc0 = acc0 + a;
+    acc1 = acc1 + b;
+  }
+  float tail = 0.f;
+  for (; c < cols; ++c) {
+    float v = static_cast<float>(xr[c]);
+    if (rr != nullptr) {
+      const T s = static_cast<T>(v + static_cast<float>(rr[c]));
+      rout[c] = s;
+      v = static_cast<float>(s);
+    }
+    buf[c] = v;
+    tail += v;
+  }
+  return at::vec::vec_reduce_all<float>(
+             [](const FVec& u, const FVec& v) { return u + v; }, acc0 + acc1) +
+         tail;
+}
+
+float sum_sq_dev(const float* buf, float center, int64_t cols) {
+  FVec acc0(0.f), acc1(0.f);
+  const FVec m(center);
+  int64_t c = 0;
+  for (; c + kStep <= cols; c += kStep) {
+    FVec a, b;
+    load2f(buf + c, a, b);
+    a = a - m;
+    b = b - m;
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(b, b, acc1);
+  }
+  float tail = 0.f;
+  for (; c < cols; ++c) {
+    const float d = buf[c] - center;
+    tail += d * d;
+  }
+  return at::vec::vec_reduce_all<float>(
+             [](const FVec& u, const FVec& v) { return u + v; }, acc0 + acc1) +
+         tail;
+}
+
+}  // namespace
+
+template <typename T>
+void norm_forward(const T* x, const T* residual, const float* weight, const float* bias,
+                  T* out, T* residual_out, float* mean, float* rstd, int64_t rows,
+                  int64_t cols, float eps, bool rms) {
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(static_cast<size_t>(cols));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r * cols;
+      const float sum = load_row<T>(x + off, residual ? residual + off : nullptr,
+                                    residual_out ? residual_out + off : nullptr, buf.data(),
+                                    cols);
+      const float mu = (rms || cols == 0) ? 0.f : sum / static_cast<float>(cols);
+      const float ssd = sum_sq_dev(buf.data(), mu, cols);
+      const float var = ssd / static_cast<float>(cols);  // NaN for empty rows, as ATen
+      const float rs = 1.f / std::sqrt(var + eps);
+      if (mean != nullptr && !rms) mean[r] = mu;
+      rstd[r] = rs;
+      T* outr = out + off;
+      const FVec vm(mu), vr(rs);
+      int64_t c = 0;
+      for (; c + kStep <= cols; c += kStep) {
+        FVec a, b;
+        load2f(buf.data() + c, a, b);
+        a = (a - vm) * vr;
+        b = (b - vm) * vr;
+        if (weight != nullptr) {
+          FVec wa, wb;
+          load2f(weight + c, wa, wb);
+          a = a * wa;
+          b = b * wb;
+        }
+        if (bias != nullptr) {
+          FVec ba, bb;
+          load2f(bias + c, ba, bb);
+          a = a + ba;
+          b = b + bb;
+        }
+        store2(outr + c, a, b);
+      }
+      for (; c < cols; ++c) {
+        float v = (buf[c] - mu) * rs;
+        if (weight != nullptr) v *= weight[c];
+        if (bias != nullptr) v += bias[c];
+        outr[c] = static_cast<T>(v);
+      }
+    }
+  });
+}
+
+template <typename T>
+void norm_backward(const T* dy, const T* x, const float* weight, const float* mean,
+                   const float* rstd, const T* dresidual, T* dx, float* dweight,
+                   float* dbias, int64_t rows, int64_t cols, bool rms) {
+  const int64_t chunks = row_chunks(rows, cols);
+  const bool need_params = dweight != nullptr || dbias != nullptr;
+  std::vector<float> pw(need_params ? static_cast<size_t>(chunks * cols) : 0, 0.f);
+  std::vector<float> pb(need_params ? static_cast<size_t>(chunks * cols) : 0, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> xhat(static_cast<size_t>(cols)), g(static_cast<size_t>(cols));
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t rb = rows * k / chunks, re = rows * (k + 1) / chunks;
+      float* pwk = need_params ? pw.data() + k * cols : nullptr;
+      float* pbk = need_params ? pb.data() + k * cols : nullptr;
+      for (int64_t r = rb; r < re; ++r) {
+        const int64_t off = r * cols;
+        const float mu = rms ? 0.f : mean[r];
+        const float rs = rstd[r];
+        const FVec vm(mu), vr(rs);
+        // pass 1: x_hat, g = dy * w, their sums, the parameter gradients
+        FVec sg0(0.f), sg1(0.f), sgx0(0.f), sgx1(0.f);
+        float sg_t = 0.f, sgx_t = 0.f;
+        int64_t c = 0;
+        for (; c + kStep <= cols; c += kStep) {
+          FVec xa, xb, da, db;
+          load2(x + off + c, xa, xb);
+          load2(dy + off + c, da, db);
+          xa = (xa - vm) * vr;
+          xb = (xb - vm) * vr;
+          if (pwk != nullptr) {
+            FVec a, b;
+            load2f(pwk + c, a, b);
+            at::vec::fmadd(da, xa, a).store(pwk + c);
+            at::vec::fmadd(db, xb, b).store(pwk + c + FVec::size());
+            load2f(pbk + c, a, b);
+            (a + da).store(pbk + c);
+            (b + db).store(pbk + c + FVec::size());
+          }
+          if (weight != nullptr) {
+            FVec wa, wb;
+            load2f(weight + c, wa, wb);
+            da = da * wa;
+            db = db * wb;
+          }
+          xa.store(xhat.data() + c);
+          xb.store(xhat.data() + c + FVec::size());
+          da.store(g.data() + c);
+          db.store(g.data() + c + FVec::size());
+          sg0 = sg0 + da;
+          sg1 = sg1 + db;
+          sgx0 = at::vec::fmadd(da, xa, sgx0);
+          sgx1 = at::vec::fmadd(db, xb, sgx1);
+        }
+        for (; c < cols; ++c) {
+          const float xh = (static_cast<float>(x[off + c]) - mu) * rs;
+          const float d = static_cast<float>(dy[off + c]);
+          if (pwk != nullptr) {
+            pwk[c] += d * xh;
+            pbk[c] += d;
+          }
+          const float gv = weight != nullptr ? d * weight[c] : d;
+          xhat[c] = xh;
+          g[c] = gv;
+          sg_t += gv;
+          sgx_t += gv * xh;
+        }
+        auto add = [](const FVec& u, const FVec& v) { return u + v; };
+        const float n = static_cast<float>(cols);
+        const float c_gx = (at::vec::vec_reduce_all<float>(add, sgx0 + sgx1) + sgx_t) / n;
+        const float c_g = rms ? 0.f : (at::vec::vec_reduce_all<float>(add, sg0 + sg1) + sg_t) / n;
+        // pass 2: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) [+ dresidual]
+        const FVec vgx(c_gx), vg(c_g);
+        c = 0;
+        for (; c + kStep <= cols; c += kStep) {
+          FVec ga, gb, xa, xb;
+          load2f(g.data() + c, ga, gb);
+          load2f(xhat.data() + c, xa, xb);
+          FVec a = (ga - vg - xa * vgx) * vr;
+          FVec b = (gb - vg - xb * vgx) * vr;
+          if (dresidual != nullptr) {
+            FVec ra, rb2;
+            load2(dresidual + off + c, ra, rb2);
+            a = a + ra;
+            b = b + rb2;
+          }
+          store2(dx + off + c, a, b);
+        }
+        for (; c < cols; ++c) {
+          float v = (g[c] - c_g - xhat[c] * c_gx) * rs;
+          if (dresidual != nullptr) v += static_cast<float>(dresidual[off + c]);
+          dx[off + c] = static_cast<T>(v);
+        }
+      }
+    }
+  });
+  if (dweight != nullptr) sum_partials(pw, chunks, cols, dweight);
+  if (dbias != nullptr) sum_partials(pb, chunks, cols, dbias);
+}
+
+#define LLMKIT_INSTANTIATE_NORM(T)                                                          \
+  template void norm_forward<T>(const T*, const T*, const float*, const float*, T*, T*,   \
+                                float*, float*, int64_t, int64_t, float, bool);          \
+  template void norm_backward<T>(const T*, const T*, const float*, const float*,          \
+                                 const float*, const T*, T*, float*, float*, int64_t,     \
+                                 int64_t, bool);
+LLMKIT_INSTANTIATE_NORM(float)
+LLMKIT_INSTANTIATE_NORM(c10::Half)
+LLMKIT_INSTANTIATE_NORM(c10::BFloat16)
+#undef LLMKIT_INSTANTIATE_NORM
+
+}  // namespace llmkit_ext::cpu

@@ -1,0 +1,402 @@
+"""The ``cuda_ext`` backend: llmkit's ops on the C++/CUDA extension (``csrc/``).
+
+Registers implementations of the dispatch points of :mod:`llmkit.ops` that call the
+extension's ops (``torch.ops.llmkit_ext.*``, a namespace apart from the user-facing
+``llmkit::`` ops). The library is loaded by the backend's availability probe
+(:mod:`llmkit._ext`) before any of these functions runs.
+
+What the extension takes:
+
+* CPU and CUDA, float32 / float16 / bfloat16: ``layer_norm``, ``rms_norm``,
+  ``add_layer_norm``, ``gelu``, ``bias_gelu`` (forward and backward),
+  ``quantize_int8``. The CPU kernels are vectorized (ATen ``Vectorized``) and
+  parallel (``at::parallel_for``); the CPU dispatcher prefers them where
+  ``bench/`` measured them faster than the reference (``cpu_default`` below).
+* CUDA only: ``int8_matmul`` (tensor-core int8 GEMM, scale/bias epilogue fused),
+  ``int8_linear`` (``mode="w8a8"``: per-token quantization + that GEMM with the
+  activation fused), ``scaled_dot_product_attention`` forward and backward and
+  ``decode_attention`` for float16 / bfloat16 with head dims up to 128 (causal,
+  bool / float masks, GQA, Philox dropout matching :mod:`llmkit.ops._philox`).
+
+Conventions are those of the op modules: float32 statistics with the input's
+leading shape, the fused residual add rounded before it is normalized, an empty
+``(0,)`` tensor for the gradient of an absent weight or bias, natural-log ``lse``
+with ``+inf`` and zero output on fully masked rows, top-left causal masks.
+Validation has already happened in the op; ``why_not`` only names what these
+kernels do not take.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+# The op modules by name: llmkit.ops re-exports functions under the same names.
+_attn = importlib.import_module(f"{__package__}.attention")
+_gelu = importlib.import_module(f"{__package__}.gelu")
+_int8 = importlib.import_module(f"{__package__}.int8_matmul")
+_ln = importlib.import_module(f"{__package__}.layer_norm")
+
+BACKEND = "cuda_ext"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+_ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+
+# The CPU kernels measured faster than the reference path (bench/, see
+# tests/test_cuda_ext.py's module docstring for the command and figures).
+CPU_DEFAULT = {
+    "layer_norm": False,
+    "rms_norm": False,
+    "add_layer_norm": False,
+    "gelu": False,
+    "bias_gelu": False,
+    "quantize_int8": False,
+}
+
+
+def _ops():
+    return torch.ops.llmkit_ext
+
+
+def _rows(x: Tensor, n: int) -> Tensor:
+    """``x (*, n)`` as ``(rows, n)`` (a view where possible)."""
+    m = x.numel() // n if n else math.prod(x.shape[:-1])
+    return x.reshape(m, n)
+
+
+def _param_grad(g: Tensor, p: Tensor | None, need: bool, like: Tensor) -> Tensor:
+    """The gradient of an optional parameter in the op's convention."""
+    if p is None:
+        return like.new_empty((0,))
+    if not need:
+        return torch.empty_like(p)
+    return g.reshape(p.shape).to(p.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm, RMSNorm, add + LayerNorm
+# --------------------------------------------------------------------------------------
+
+
+def _norm_why_not(input: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
+    if math.prod(normalized_shape) == 0:
+        yield "rows of length 0 are left to the reference path"
+
+
+def _norm_rows(input: Tensor, normalized_shape: Sequence[int]) -> tuple[Tensor, list[int]]:
+    n = math.prod(normalized_shape)
+    lead = list(input.shape[: input.dim() - len(normalized_shape)])
+    return input.reshape(math.prod(lead), n), lead
+
+
+def _flat(p: Tensor | None) -> Tensor | None:
+    return None if p is None else p.reshape(-1)
+
+
+@_ln.layer_norm_forward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["layer_norm"]
+)
+def layer_norm_forward_cuda_ext(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm forward: one kernel per row block, float32 statistics."""
+    x2, lead = _norm_rows(input, normalized_shape)
+    out, _, mean, rstd = _ops().norm_fwd(x2, None, _flat(weight), _flat(bias), eps, False)
+    return out.reshape(input.shape), mean.reshape(lead), rstd.reshape(lead)
+
+
+def _ln_bwd_why_not(grad_out: Tensor, input: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
+    return _norm_why_not(input, normalized_shape)
+
+
+@_ln.layer_norm_backward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["layer_norm"]
+)
+def layer_norm_backward_cuda_ext(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm backward from the saved statistics; d weight / d bias reduced in float32."""
+    return _ln_backward(grad_out, None, input, normalized_shape, weight, bias, mean, rstd, output_mask)
+
+
+def _ln_backward(grad_out, grad_residual_out, x, normalized_shape, weight, bias, mean, rstd, output_mask):
+    """(dx [+ grad_residual_out], d weight, d bias) of LayerNorm in the op's conventions."""
+    x2, _ = _norm_rows(x, normalized_shape)
+    dy2, _ = _norm_rows(grad_out, normalized_shape)
+    dr2 = None if grad_residual_out is None else _norm_rows(grad_residual_out, normalized_shape)[0]
+    need_w = bool(output_mask[1]) and weight is not None
+    need_b = bool(output_mask[2]) and bias is not None
+    dx, dw, db = _ops().norm_bwd(
+        dy2, x2, _flat(weight), mean.reshape(-1), rstd.reshape(-1), dr2, need_w, need_b, False
+    )
+    return dx.reshape(x.shape), _param_grad(dw, weight, need_w, x), _param_grad(db, bias, need_b, x)
+
+
+@_ln.rms_norm_forward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["rms_norm"]
+)
+def rms_norm_forward_cuda_ext(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm forward, float32 rstd."""
+    x2, lead = _norm_rows(input, normalized_shape)
+    out, _, _, rstd = _ops().norm_fwd(x2, None, _flat(weight), None, eps, True)
+    return out.reshape(input.shape), rstd.reshape(lead)
+
+
+@_ln.rms_norm_backward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["rms_norm"]
+)
+def rms_norm_backward_cuda_ext(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm backward from the saved rstd."""
+    x2, _ = _norm_rows(input, normalized_shape)
+    dy2, _ = _norm_rows(grad_out, normalized_shape)
+    need_w = bool(output_mask[1]) and weight is not None
+    dx, dw, _ = _ops().norm_bwd(dy2, x2, _flat(weight), None, rstd.reshape(-1), None, need_w, False, True)
+    return dx.reshape(input.shape), _param_grad(dw, weight, need_w, input)
+
+
+def _aln_why_not(input: Tensor, residual: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
+    return _norm_why_not(input, normalized_shape)
+
+
+@_ln.add_layer_norm_forward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_why_not, cpu_default=CPU_DEFAULT["add_layer_norm"]
+)
+def add_layer_norm_forward_cuda_ext(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused residual add (float32, rounded to the dtype) + LayerNorm of the rounded sum."""
+    x2, lead = _norm_rows(input, normalized_shape)
+    r2, _ = _norm_rows(residual, normalized_shape)
+    out, res_out, mean, rstd = _ops().norm_fwd(x2, r2, _flat(weight), _flat(bias), eps, False)
+    return out.reshape(input.shape), res_out.reshape(input.shape), mean.reshape(lead), rstd.reshape(lead)
+
+
+def _aln_bwd_why_not(grad_out: Tensor, grad_residual_out: Tensor, residual_out: Tensor,
+                     normalized_shape: Sequence[int], *rest) -> Iterator[str]:
+    return _norm_why_not(residual_out, normalized_shape)
+
+
+@_ln.add_layer_norm_backward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_bwd_why_not, cpu_default=CPU_DEFAULT["add_layer_norm"]
+)
+def add_layer_norm_backward_cuda_ext(
+    grad_out: Tensor,
+    grad_residual_out: Tensor,
+    residual_out: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One gradient for input and residual: LayerNorm's dx + grad_residual_out (float32 add)."""
+    return _ln_backward(
+        grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd, output_mask
+    )
+
+
+# --------------------------------------------------------------------------------------
+# GELU, bias + GELU
+# --------------------------------------------------------------------------------------
+
+
+def _flat_rows(x: Tensor) -> Tensor:
+    return x.reshape(1, x.numel())
+
+
+@_gelu.gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu"])
+def gelu_forward_cuda_ext(input: Tensor, approximate: str) -> Tensor:
+    """Elementwise GELU in float32, 16-byte vectorized."""
+    out = _ops().bias_gelu_fwd(_flat_rows(input), None, approximate == "tanh")
+    return out.reshape(input.shape)
+
+
+@_gelu.gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu"])
+def gelu_backward_cuda_ext(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
+    """grad_out * GELU'(input)."""
+    dx, _ = _ops().bias_gelu_bwd(_flat_rows(grad_out), _flat_rows(input), None, False, approximate == "tanh")
+    return dx.reshape(input.shape)
+
+
+@_gelu.bias_gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu"])
+def bias_gelu_forward_cuda_ext(input: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    """gelu(input + bias): the add in float32, never written."""
+    n = input.shape[-1]
+    out = _ops().bias_gelu_fwd(_rows(input, n), bias, approximate == "tanh")
+    return out.reshape(input.shape)
+
+
+@_gelu.bias_gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu"])
+def bias_gelu_backward_cuda_ext(
+    grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str
+) -> tuple[Tensor, Tensor]:
+    """(d input, d bias); d bias sums the float32 d input over rows, in a fixed order."""
+    n = input.shape[-1]
+    dx, db = _ops().bias_gelu_bwd(_rows(grad_out, n), _rows(input, n), bias, True, approximate == "tanh")
+    return dx.reshape(input.shape), db.to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# int8
+# --------------------------------------------------------------------------------------
+
+
+@_int8.quantize_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["quantize_int8"])
+def quantize_int8_cuda_ext(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 quantization along ``dim``, bit-exact to the reference."""
+    xt = x.movedim(dim, -1)
+    q2, scale = _ops().quantize_rows(_rows(xt, xt.shape[-1]))
+    q = q2.reshape(xt.shape).movedim(-1, dim).contiguous()
+    return q, scale.reshape(xt.shape[:-1])
+
+
+@_int8.int8_matmul_forward.register(BACKEND, devices=("cuda",))
+def int8_matmul_cuda_ext(
+    a: Tensor,
+    b: Tensor,
+    a_scale: Tensor | None,
+    b_scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    """Tensor-core int8 GEMM, int32 accumulation, scale/bias epilogue fused."""
+    lead = list(a.shape[:-1])
+    out = _ops().int8_gemm(
+        _rows(a, a.shape[-1]), b, False,
+        None if a_scale is None else a_scale.reshape(-1),
+        None if b_scale is None else b_scale.reshape(-1),
+        bias, 0, out_dtype,
+    )
+    return out.reshape(lead + [b.shape[1]])
+
+
+def _int8_linear_why_not(input, weight, weight_scale, bias, mode, activation) -> Iterator[str]:
+    if mode != "w8a8":
+        yield f"implements mode='w8a8' only, got mode={mode!r}"
+
+
+@_int8.int8_linear_forward.register(BACKEND, devices=("cuda",), why_not=_int8_linear_why_not)
+def int8_linear_cuda_ext(
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    mode: str,
+    activation: str,
+) -> Tensor:
+    """W8A8: per-token quantization, int8 GEMM with the (N, K) weight, epilogue + activation."""
+    k = input.shape[-1]
+    q, s = _ops().quantize_rows(_rows(input, k))
+    out = _ops().int8_gemm(q, weight, True, s, weight_scale, bias, _ACTIVATIONS[activation], input.dtype)
+    return out.reshape(list(input.shape[:-1]) + [weight.shape[0]])
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+
+def _head_dims_why_not(query: Tensor, value: Tensor) -> Iterator[str]:
+    d, dv = query.shape[-1], value.shape[-1]
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        yield f"head dims up to {MAX_HEAD_DIM}, got {d} (query/key) and {dv} (value)"
+    if d == 0:
+        yield "head dim 0 is left to the reference path"
+
+
+def _sdpa_why_not(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset):
+    yield from _head_dims_why_not(query, value)
+
+
+@_attn.sdpa_forward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_sdpa_why_not)
+def sdpa_forward_cuda_ext(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Tiled attention forward on tensor cores (WMMA), online softmax, float32 lse."""
+    return _ops().attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
+
+
+def _sdpa_bwd_why_not(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+                      enable_gqa, seed, offset, mask_grad):
+    yield from _head_dims_why_not(query, value)
+    if mask_grad:
+        yield "does not compute the gradient of a float attn_mask"
+
+
+@_attn.sdpa_backward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_sdpa_bwd_why_not)
+def sdpa_backward_cuda_ext(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    seed: int,
+    offset: int,
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv recomputing the probabilities from lse (dK/dV per key block, dQ per query block)."""
+    dq, dk, dv = _ops().attention_bwd(
+        grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed, offset
+    )
+    return dq, dk, dv, query.new_empty((0,))
+
+
+def _decode_why_not(query, key_cache, value_cache, cache_seqlens, scale, is_causal):
+    yield from _head_dims_why_not(query, value_cache)
+
+
+@_attn.decode_forward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_decode_why_not)
+def decode_forward_cuda_ext(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """Decode attention as the attention kernel with the cache-length mask."""
+    mask = _attn.decode_mask(cache_seqlens, query.shape[2], key_cache.shape[2], is_causal)
+    out, _ = _ops().attention_fwd(query, key_cache, value_cache, mask, 0.0, False, scale, 0, 0)
+    return out
