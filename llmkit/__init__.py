@@ -8,10 +8,21 @@ from ._version import __version__
 from .dispatch import backend_info, use_backend
 from .errors import BackendError, LLMKitError, UnknownBackendError
 from . import ops
+from . import nn, models
+from .swap import swap, unswap
+from .integrations import hf as _hf
+
+# Registers attn_implementation="llmkit" with transformers when transformers loads
+# (at once if it already has); never imports transformers itself. See llmkit.integrations.hf.
+_hf.install()
 
 __all__ = [
     "__version__",
     "ops",
+    "nn",
+    "models",
+    "swap",
+    "unswap",
     "use_backend",
     "backend_info",
     "BackendError",

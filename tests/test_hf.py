@@ -1,0 +1,276 @@
+"""HuggingFace models: the "llmkit" attention registration, swap / unswap of BERT, GPT-2, T5.
+
+Models are built from small configs with random weights (no downloads). Swapped
+outputs agree with the unswapped model within 1e-4 in float32, greedy generation
+gives the same tokens, and unswap restores bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.integrations import hf as hf_integration
+
+from test_models import _widen_
+
+transformers = pytest.importorskip("transformers")
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+VOCAB = 89
+
+
+def bert(cls=None, **kw):
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw,
+    )
+    return _widen_((cls or transformers.BertModel)(cfg)).eval()
+
+
+def gpt2(**kw):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    return _widen_(transformers.GPT2LMHeadModel(cfg)).eval()
+
+
+def t5():
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return _widen_(transformers.T5ForConditionalGeneration(cfg), std=0.2).eval()
+
+
+def _padded_batch(b=3, s=10):
+    ids = torch.randint(2, VOCAB, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+# -- registration -------------------------------------------------------------------------
+
+
+def _python(*parts: str) -> str:
+    """Run the code parts (each dedented) in a fresh interpreter; return its stdout."""
+    code = "\n".join(textwrap.dedent(p) for p in parts)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+BUILD_AND_RUN = """
+    import torch
+    from transformers import AutoModel, BertConfig
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=20)
+    model = AutoModel.from_config(cfg, attn_implementation="llmkit").eval()
+    calls = []
+    import llmkit.ops
+    real = llmkit.ops.scaled_dot_product_attention
+    llmkit.ops.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    ids = torch.randint(0, 50, (2, 7)); mask = torch.ones(2, 7, dtype=torch.long); mask[0, 4:] = 0
+    out = model(ids, attention_mask=mask).last_hidden_state
+    ref = model.set_attn_implementation("eager") or model(ids, attention_mask=mask).last_hidden_state
+    print(model.config._attn_implementation, len(calls), float((out - ref).abs().max()))
+"""
+
+
+def test_import_llmkit_first_then_transformers():
+    out = _python("""
+        import sys, llmkit
+        assert "transformers" not in sys.modules, "import llmkit must not import transformers"
+    """, BUILD_AND_RUN)
+    impl, calls, err = out.split()
+    assert impl == "eager" and int(calls) == 1 and float(err) < 1e-5
+
+
+def test_import_transformers_first_then_llmkit():
+    out = _python("""
+        import transformers.modeling_utils, transformers.masking_utils
+        import llmkit
+    """, BUILD_AND_RUN)
+    impl, calls, err = out.split()
+    assert int(calls) == 1 and float(err) < 1e-5
+
+
+def test_from_pretrained_with_attn_implementation_llmkit(tmp_path):
+    model = bert()
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="llmkit").eval()
+    assert loaded.config._attn_implementation == "llmkit"
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).last_hidden_state,
+                                   model(ids, attention_mask=mask).last_hidden_state, **TOL)
+
+
+def test_attention_function_warns_for_output_attentions(caplog):
+    hf_integration._said.clear()
+    model = bert()
+    llmkit.swap(model, kinds="attention")
+    with caplog.at_level(logging.WARNING, logger="llmkit"):
+        out = model(torch.randint(0, VOCAB, (1, 5)), output_attentions=True)
+    assert "output_attentions" in caplog.text
+    assert all(a is None for a in (out.attentions or [None]))
+
+
+# -- BERT ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_bert_family_swap_matches_and_unswap_is_bit_identical(family):
+    if family == "bert":
+        model = bert()
+    else:
+        cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=52, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0, pad_token_id=1)
+        model = _widen_(transformers.RobertaModel(cfg)).eval()
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask)
+    report = llmkit.swap(model)
+    counts = report.counts()
+    assert counts["attention"] == 1 + 2  # the model's implementation, and each layer's self-attention
+    assert counts["norm"] == 1 + 2 * 2 and counts["gelu"] == 2 and counts["fused"] == 3 * 2
+    assert model.config._attn_implementation == "llmkit"
+    assert type(model.encoder.layer[0].output).__name__.startswith("Llmkit")
+    calls = []
+    real = llmkit.ops.add_layer_norm
+    llmkit.ops.add_layer_norm, saved = (lambda *a, **k: calls.append(1) or real(*a, **k)), real
+    try:
+        with torch.no_grad():
+            after = model(ids, attention_mask=mask)
+    finally:
+        llmkit.ops.add_layer_norm = saved
+    assert len(calls) == 2 * 2  # both residual + LayerNorm of each layer ran fused
+    torch.testing.assert_close(after.last_hidden_state, before.last_hidden_state, **TOL)
+    torch.testing.assert_close(after.pooler_output, before.pooler_output, **TOL)
+    llmkit.unswap(model)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        again = model(ids, attention_mask=mask)
+    assert torch.equal(again.last_hidden_state, before.last_hidden_state)
+
+
+def test_bert_training_gradients_agree_after_swap():
+    model = bert(transformers.BertForMaskedLM).train()
+    ids, mask = _padded_batch(2, 9)
+    labels = torch.randint(0, VOCAB, (2, 9))
+
+    def grads():
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    g0 = grads()
+    llmkit.swap(model)
+    g1 = grads()
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **TOL)
+
+
+def test_unsupported_activation_is_left_with_reason():
+    model = bert(hidden_act="quick_gelu")
+    report = llmkit.swap(model)
+    left = {(e.kind, e.before) for e in report.left}
+    assert ("gelu", "QuickGELUActivation") in left
+    assert any("not GELU" in e.after for e in report.left)
+    assert any(e.before == "BertIntermediate" and "not an llmkit GELU" in e.after for e in report.left)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask).last_hidden_state
+        llmkit.unswap(model)
+        b = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(a, b, **TOL)
+
+
+# -- GPT-2 --------------------------------------------------------------------------------
+
+
+def test_gpt2_swap_logits_cache_and_greedy_generate():
+    model = gpt2()
+    ids = torch.randint(2, VOCAB, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    tokens_before = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    report = llmkit.swap(model)
+    fused = {e.before for e in report.swapped if e.kind == "fused"}
+    assert fused == {"GPT2MLP", "GPT2Block"}
+    assert report.counts()["gelu"] == 2 and report.counts()["norm"] == 2 * 2 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, **TOL)
+        # the cache path: prefill then one token with past_key_values
+        out = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:7], past_key_values=out.past_key_values).logits
+        torch.testing.assert_close(step[:, -1], before[:, 6], **TOL)
+    tokens_after = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens_after, tokens_before)
+    llmkit.unswap(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_gpt2_left_padded_batch_after_swap():
+    model = gpt2()
+    ids = torch.randint(2, VOCAB, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    llmkit.swap(model)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_swapped_hf_gpt2_and_llmkit_gpt_agree():
+    model = gpt2()
+    ours = llmkit.models.GPT.from_hf(model)
+    llmkit.swap(model)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), model(ids).logits, **TOL)
+
+
+# -- T5 -----------------------------------------------------------------------------------
+
+
+def test_t5_swap_relative_bias_forward_backward_and_generate():
+    model = t5()
+    ids, mask = _padded_batch(2, 8)
+    dec = torch.randint(2, VOCAB, (2, 5))
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out0, g0 = run()
+    tokens0 = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    final_weight = model.encoder.final_layer_norm.weight
+    report = llmkit.swap(model)
+    norms = [e for e in report.swapped if e.kind == "norm"]
+    assert norms and all(e.before == "T5LayerNorm" for e in norms)
+    assert type(model.encoder.final_layer_norm) is llmkit.nn.RMSNorm
+    assert model.encoder.final_layer_norm.weight is final_weight  # the same Parameter
+    out1, g1 = run()
+    torch.testing.assert_close(out1, out0, **TOL)
+    rel = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert g1[rel].abs().sum() > 0  # the position bias is learned through llmkit's float mask
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **TOL)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens0)
+    llmkit.unswap(model)
+    assert type(model.encoder.final_layer_norm).__name__ == "T5LayerNorm"
+    assert torch.equal(run()[0], out0)
