@@ -26,6 +26,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return run_check_cli(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.cli import run_bench_cli
+
+    return run_bench_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llmkit``."""
     from ._version import __version__
@@ -53,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_check_arguments(p)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark every op and end-to-end model against PyTorch (table, JSON, markdown, PNG)",
+        description=(
+            "Times llmkit's ops on every available backend and end-to-end models against "
+            "PyTorch eager, torch.compile and peers in the same run (GPU: do_bench with the "
+            "roofline measured in the same run; CPU: interleaved torch.utils.benchmark), "
+            "checks each output first, and writes a table, JSON, markdown and PNG plots. "
+            "Exit code 3 when something asked for was skipped, 1 on a failure."
+        ),
+    )
+    from .bench.cli import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

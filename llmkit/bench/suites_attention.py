@@ -1,0 +1,131 @@
+"""Attention suites: ``attention`` (forward and backward) and ``decode_attention``.
+
+``attention``: q, k, v stored ``(B, S, H, D)`` (the layout projections produce) and viewed
+``(B, H, S, D)``, causal or not. Implementations: ``F.scaled_dot_product_attention``
+with PyTorch's own choice (``eager``, the baseline) and with each SDPA backend forced
+(``sdpa[flash]``, ``sdpa[efficient]``, ``sdpa[cudnn]``, ``sdpa[math]``; one that cannot
+take the case is reported skipped), ``torch.compile`` of the written-out reference
+(softmax(Q K^T * scale) V), llmkit's op on each backend, and flash-attn's
+``flash_attn_func`` on CUDA when installed. TFLOP/s by FlashAttention's convention.
+
+``decode_attention``: ``T`` new queries against a full KV cache of length ``L`` with GQA.
+Baseline: SDPA over the cache; llmkit's decode op on each backend. Memory-bound: GB/s
+against the copy bandwidth. On CUDA it is timed inside CUDA graphs (launch-bound).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops as L
+from ..ops.attention import decode_mask
+from . import formulas
+from .suite import Case, Context, Impl, OpCall, Suite, elem_size, optional_module, register, standard_impls
+
+SDPA_BACKENDS_CUDA = ("flash", "efficient", "cudnn", "math")
+SDPA_BACKENDS_CPU = ("flash", "math")
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(D) [+ causal mask]) V written out (the compiled baseline)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def _sdpa_impls(ctx: Context, call: OpCall, causal: bool, gqa: bool) -> list[Impl]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = SDPA_BACKENDS_CUDA if ctx.device.type == "cuda" else SDPA_BACKENDS_CPU
+    enum = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    out = []
+    for n in names:
+
+        def f(q, k, v, be=enum[n]):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+        out.append(call.impl(f"sdpa[{n}]", f))
+    return out
+
+
+def _flash_attn_impls(ctx: Context, call: OpCall, causal: bool) -> list[Impl]:
+    if ctx.device.type != "cuda":
+        return []
+    fa = optional_module("flash_attn")
+    if fa is None:
+        return []
+
+    def f(q, k, v):  # flash-attn takes (B, S, H, D)
+        return fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+
+    return [call.impl("flash-attn", f)]
+
+
+def _build_attention(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
+    b, h, s, d = point["B"], point["H"], point["S"], point["D"]
+    hkv = point.get("Hkv", h)
+    causal = bool(point.get("causal", False))
+    dev = ctx.device
+    q = torch.randn(b, s, h, d, device=dev).to(dtype).transpose(1, 2)
+    k = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
+    v = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
+    dout = torch.randn(b, h, s, d, device=dev).to(dtype)
+    gqa = hkv != h
+    call = OpCall([q, k, v], pass_, wrt=(0, 1, 2), grads=[dout])
+    impls = standard_impls(
+        ctx, "attention", call,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
+        lambda q, k, v: L.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
+    )
+    # torch.compile's baseline is the compiled written-out reference, not compiled SDPA
+    impls = [i for i in impls if i.name != "torch.compile"]
+    if ctx.compile:
+        impls.insert(1, call.impl("torch.compile", torch.compile(lambda q, k, v: reference_attention(q, k, v, causal))))
+    impls[1:1] = _sdpa_impls(ctx, call, causal, gqa)
+    impls += _flash_attn_impls(ctx, call, causal)
+    work = formulas.attention(b, h, s, s, d, elem_size(dtype), causal, pass_ == "bwd", hkv=hkv)
+    return Case("attention", pass_, point, dtype, work, "compute", impls)
+
+
+def _build_decode(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
+    b, h, t, cache, d = point["B"], point["H"], point["T"], point["L"], point["D"]
+    hkv = point.get("Hkv", h)
+    dev = ctx.device
+    q = torch.randn(b, h, t, d, device=dev).to(dtype)
+    k = torch.randn(b, hkv, cache, d, device=dev).to(dtype)
+    v = torch.randn(b, hkv, cache, d, device=dev).to(dtype)
+    lens = torch.full((b,), cache, dtype=torch.int32, device=dev)
+    # every sequence holds `cache` tokens, the last `t` of them new: causal within them
+    visible = decode_mask(lens, t, cache, True) if t > 1 else None
+
+    def eager(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=hkv != h)
+
+    call = OpCall([q, k, v], pass_)
+    impls = standard_impls(ctx, "decode_attention", call, eager, lambda q, k, v: L.decode_attention(q, k, v, lens))
+    work = formulas.decode_attention(b, h, hkv, t, cache, d, elem_size(dtype))
+    return Case("decode_attention", pass_, point, dtype, work, "memory", impls, cuda_graph=True)
+
+
+register(Suite("attention", "op", ("fwd", "bwd"), _build_attention,
+               "scaled dot-product attention, (B, H, S, D) views of (B, S, H, D) storage"))
+register(Suite("decode_attention", "op", ("fwd",), _build_decode,
+               "T new queries against a KV cache of length L (GQA)"))
