@@ -33,7 +33,9 @@ LLMKIT_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
   uint32_t c1 = static_cast<uint32_t>(offset >> 32);
   uint32_t c2 = 0u;
   uint32_t c3 = 0u;
+#ifdef __CUDA_ARCH__
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2;
     const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0;
