@@ -12,7 +12,8 @@ Ops (``torch.library`` custom ops with fake implementations and autograd):
 
 float16 / bfloat16 inputs are computed in float32 and rounded once. Dispatch
 points ``gelu.forward/backward`` and ``bias_gelu.forward/backward``; this module
-registers the ``reference`` backend, ``kernels/gelu.py`` holds the Triton kernels.
+registers the ``reference`` backend and the ``triton`` backend, whose kernels
+(``kernels/gelu.py``) are imported on first use.
 """
 
 from __future__ import annotations
@@ -96,8 +97,86 @@ def bias_gelu_backward_reference(
     cdt = _cdt(input.dtype)
     pre = torch.add(input.to(cdt), bias.to(cdt))
     dpre = torch.ops.aten.gelu_backward(grad_out.to(cdt), pre, approximate=approximate)
-    dbias = dpre.reshape(-1, input.shape[-1]).sum(0)
+    # sum over the leading dims (reshape(-1, N) is ambiguous when N == 0)
+    dbias = (dpre.flatten(0, -2) if dpre.dim() > 1 else dpre.unsqueeze(0)).sum(0)
     return dpre.to(input.dtype).contiguous(), dbias.to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# triton backend (kernels/gelu.py, imported on first use)
+# --------------------------------------------------------------------------------------
+
+TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+"""Input dtypes the Triton kernels take (float64 goes to the reference backend)."""
+
+
+def _triton_reasons(input: Tensor, bias: Tensor | None = None, grad_out: Tensor | None = None) -> list[str]:
+    """Why the Triton kernels cannot take these arguments (backward ops are not validated)."""
+    out = []
+    if input.dtype not in TRITON_DTYPES:
+        out.append(f"takes float16, bfloat16, float32 inputs, got {V.dtype_name(input.dtype)}")
+    if grad_out is not None:
+        if grad_out.shape != input.shape:
+            out.append(f"grad_out has shape {list(grad_out.shape)}, the input {list(input.shape)}")
+        if grad_out.dtype not in TRITON_DTYPES:
+            out.append(f"grad_out has dtype {V.dtype_name(grad_out.dtype)}")
+    if bias is not None:
+        if input.dim() == 0 or list(bias.shape) != [input.shape[-1]]:
+            out.append(f"bias has shape {list(bias.shape)} for an input of shape {list(input.shape)}")
+        if bias.dtype not in (input.dtype, torch.float32):
+            out.append(f"bias has dtype {V.dtype_name(bias.dtype)}")
+    if len({t.device for t in (input, bias, grad_out) if t is not None}) > 1:
+        out.append("tensors on different devices")
+    n = input.shape[-1] if input.dim() else 1
+    if n > 2**31 - 1 or (n and input.numel() // n > 2**31 - 1):
+        out.append(f"shape {list(input.shape)} exceeds the kernels' int32 row indexing")
+    return out
+
+
+@gelu_forward.register(
+    "triton", dtypes=TRITON_DTYPES, why_not=lambda input, approximate: _triton_reasons(input)
+)
+def gelu_forward_triton(input: Tensor, approximate: str) -> Tensor:
+    """GELU through the Triton kernel (float32 math, one rounding)."""
+    from ..kernels import gelu as K
+
+    return K.gelu_forward(input, None, approximate == "tanh")
+
+
+@gelu_backward.register(
+    "triton", dtypes=TRITON_DTYPES,
+    why_not=lambda grad_out, input, approximate: _triton_reasons(input, grad_out=grad_out),
+)
+def gelu_backward_triton(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
+    """grad_out * gelu'(input) through the Triton kernel."""
+    from ..kernels import gelu as K
+
+    dx, _ = K.gelu_backward(grad_out, input, None, approximate == "tanh")
+    return dx
+
+
+@bias_gelu_forward.register(
+    "triton", dtypes=TRITON_DTYPES, why_not=lambda input, bias, approximate: _triton_reasons(input, bias)
+)
+def bias_gelu_forward_triton(input: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    """gelu(input + bias) in one kernel; the float32 sum never reaches memory."""
+    from ..kernels import gelu as K
+
+    return K.gelu_forward(input, bias, approximate == "tanh")
+
+
+@bias_gelu_backward.register(
+    "triton", dtypes=TRITON_DTYPES,
+    why_not=lambda grad_out, input, bias, approximate: _triton_reasons(input, bias, grad_out),
+)
+def bias_gelu_backward_triton(
+    grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str
+) -> tuple[Tensor, Tensor]:
+    """(d input, d bias): d bias from per-program partial column sums and a second pass."""
+    from ..kernels import gelu as K
+
+    dx, dbias = K.gelu_backward(grad_out, input, bias, approximate == "tanh")
+    return dx, dbias
 
 
 # --------------------------------------------------------------------------------------

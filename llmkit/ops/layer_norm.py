@@ -20,11 +20,13 @@ gradient that is both ``d input`` and ``d residual``.
 
 Dispatch points: ``layer_norm.forward/backward``, ``rms_norm.forward/backward``,
 ``add_layer_norm.forward/backward``; this module registers the ``reference``
-backend. The Triton kernels live in ``kernels/layer_norm.py``.
+backend and the ``triton`` backend (float16 / bfloat16 / float32), whose kernels
+(``kernels/layer_norm.py``) are imported on first use.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -252,6 +254,193 @@ def add_layer_norm_backward_reference(
     else:
         dsum = (dx.to(cdt) + grad_residual_out.to(cdt)).to(residual_out.dtype)
     return dsum.contiguous(), dw, db
+
+
+# --------------------------------------------------------------------------------------
+# triton backend (kernels/layer_norm.py, imported on first use)
+# --------------------------------------------------------------------------------------
+
+TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+"""Input dtypes the Triton kernels take (float64 goes to the reference backend)."""
+
+_INT32_MAX = 2**31 - 1
+
+
+def _triton_shape_reasons(input: Tensor, normalized_shape: Sequence[int]) -> list[str]:
+    n = math.prod(normalized_shape)
+    m = input.numel() // n if n else 0
+    out = []
+    if n > _INT32_MAX:
+        out.append(f"rows of {n} elements exceed the kernels' int32 row length")
+    if m > _INT32_MAX:
+        out.append(f"{m} rows exceed the kernels' int32 row count")
+    return out
+
+
+def _triton_backward_reasons(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    params: dict[str, Tensor | None],
+    stats: dict[str, Tensor | None],
+    extra: dict[str, Tensor] | None = None,
+) -> list[str]:
+    """Why the Triton backward cannot take these (unvalidated) backward-op arguments."""
+    out = []
+    if input.dtype not in TRITON_DTYPES:
+        out.append(f"takes float16, bfloat16, float32 inputs, got {V.dtype_name(input.dtype)}")
+    for name, t in {"grad_out": grad_out, **(extra or {})}.items():
+        if t.shape != input.shape:
+            out.append(f"{name} has shape {list(t.shape)}, the input {list(input.shape)}")
+        if t.dtype not in TRITON_DTYPES:
+            out.append(f"{name} has dtype {V.dtype_name(t.dtype)}")
+    lead = _lead(input, normalized_shape)
+    for name, t in stats.items():
+        if t is not None and (t.dtype != torch.float32 or list(t.shape) != lead):
+            out.append(f"{name} must be float32 of shape {lead}, got {V.dtype_name(t.dtype)} {list(t.shape)}")
+    for name, t in params.items():
+        if t is not None and list(t.shape) != list(normalized_shape):
+            out.append(f"{name} has shape {list(t.shape)}, normalized_shape is {list(normalized_shape)}")
+    tensors = [grad_out, input, *params.values(), *stats.values(), *(extra or {}).values()]
+    if len({t.device for t in tensors if t is not None}) > 1:
+        out.append("tensors on different devices")
+    return out + _triton_shape_reasons(input, normalized_shape)
+
+
+def _grad_or_empty(grad: Tensor | None, param: Tensor | None, like: Tensor) -> Tensor:
+    return grad if grad is not None else _empty_param_grad(param, like)
+
+
+def _ln_fwd_why_not(input, normalized_shape, weight, bias, eps):
+    return _triton_shape_reasons(input, normalized_shape)
+
+
+@layer_norm_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_ln_fwd_why_not)
+def layer_norm_forward_triton(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm forward through the Triton kernels (rows read in place where strided)."""
+    from ..kernels import layer_norm as K
+
+    out, _, mean, rstd = K.norm_forward(input, None, len(normalized_shape), weight, bias, eps, rms=False)
+    return out, mean, rstd
+
+
+def _ln_bwd_why_not(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask):
+    return _triton_backward_reasons(
+        grad_out, input, normalized_shape, {"weight": weight, "bias": bias}, {"mean": mean, "rstd": rstd}
+    )
+
+
+@layer_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_ln_bwd_why_not)
+def layer_norm_backward_triton(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm backward: dx, and dweight/dbias reduced through per-program partial sums."""
+    from ..kernels import layer_norm as K
+
+    dx, dw, db = K.norm_backward(grad_out, input, len(normalized_shape), weight, bias, mean, rstd, output_mask)
+    return dx, _grad_or_empty(dw, weight, input), _grad_or_empty(db, bias, input)
+
+
+def _rms_fwd_why_not(input, normalized_shape, weight, eps):
+    return _triton_shape_reasons(input, normalized_shape)
+
+
+@rms_norm_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_rms_fwd_why_not)
+def rms_norm_forward_triton(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm forward through the Triton kernels."""
+    from ..kernels import layer_norm as K
+
+    out, _, _, rstd = K.norm_forward(input, None, len(normalized_shape), weight, None, eps, rms=True)
+    return out, rstd
+
+
+def _rms_bwd_why_not(grad_out, input, normalized_shape, weight, rstd, output_mask):
+    return _triton_backward_reasons(grad_out, input, normalized_shape, {"weight": weight}, {"rstd": rstd})
+
+
+@rms_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_rms_bwd_why_not)
+def rms_norm_backward_triton(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm backward: dx and dweight (partial sums, no atomics)."""
+    from ..kernels import layer_norm as K
+
+    dx, dw, _ = K.norm_backward(
+        grad_out, input, len(normalized_shape), weight, None, None, rstd, list(output_mask), rms=True
+    )
+    return dx, _grad_or_empty(dw, weight, input)
+
+
+def _aln_fwd_why_not(input, residual, normalized_shape, weight, bias, eps):
+    return _triton_shape_reasons(input, normalized_shape)
+
+
+@add_layer_norm_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_aln_fwd_why_not)
+def add_layer_norm_forward_triton(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One kernel: reads input and residual once, writes residual_out and the normed output."""
+    from ..kernels import layer_norm as K
+
+    out, residual_out, mean, rstd = K.norm_forward(
+        input, residual, len(normalized_shape), weight, bias, eps, rms=False
+    )
+    return out, residual_out, mean, rstd
+
+
+def _aln_bwd_why_not(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
+                     output_mask):
+    return _triton_backward_reasons(
+        grad_out, residual_out, normalized_shape, {"weight": weight, "bias": bias},
+        {"mean": mean, "rstd": rstd}, {"grad_residual_out": grad_residual_out},
+    )
+
+
+@add_layer_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_aln_bwd_why_not)
+def add_layer_norm_backward_triton(
+    grad_out: Tensor,
+    grad_residual_out: Tensor,
+    residual_out: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """d(input) = d(residual) = LayerNorm's dx + grad_residual_out, summed in float32, rounded once."""
+    from ..kernels import layer_norm as K
+
+    dsum, dw, db = K.norm_backward(
+        grad_out, residual_out, len(normalized_shape), weight, bias, mean, rstd,
+        [True, output_mask[1], output_mask[2]], grad_residual=grad_residual_out,
+    )
+    return dsum, _grad_or_empty(dw, weight, residual_out), _grad_or_empty(db, bias, residual_out)
 
 
 # --------------------------------------------------------------------------------------
