@@ -605,3 +605,53 @@ def details() -> dict[str, str]:
         can_cuda = _check_can_build_cuda()
         out["cuda build"] = "possible here" if can_cuda is None else f"not possible here: {can_cuda}"
     return out
+
+
+# --------------------------------------------------------------------------------------
+# `llmkit build-ext`
+# --------------------------------------------------------------------------------------
+
+
+def add_build_ext_arguments(p) -> None:
+    """Options of ``llmkit build-ext`` (an argparse parser)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--cpu-only", action="store_true", help="build the C++ CPU kernels only")
+    mode.add_argument(
+        "--cuda", action="store_true", help="require the CUDA kernels (fail if they cannot be built)"
+    )
+    p.add_argument(
+        "--arch",
+        metavar="LIST",
+        help='GPU architectures, e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else the GPUs here, else 8.0;9.0)',
+    )
+    p.add_argument("--jobs", type=int, metavar="N", help="parallel compiler jobs (MAX_JOBS)")
+    p.add_argument("--cache-dir", metavar="DIR", help=f"cache root (default ${CACHE_ENV} or {cache_root()})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def run_build_ext_cli(args) -> int:
+    """``llmkit build-ext``: build, load, and report; exit 1 with the first error on failure."""
+    if args.arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = args.arch
+    if args.jobs:
+        os.environ["MAX_JOBS"] = str(args.jobs)
+    if args.cache_dir:
+        os.environ[CACHE_ENV] = str(Path(args.cache_dir).expanduser())
+    cuda: bool | None = False if args.cpu_only else (True if args.cuda else None)
+    if cuda is None and _check_can_build_cuda() is not None:
+        print(f"llmkit: CPU kernels only: {_check_can_build_cuda()}", file=sys.stderr)
+    try:
+        res = build(verbose=not args.quiet, cuda=cuda)
+    except (RuntimeError, FileNotFoundError) as exc:
+        print(f"llmkit: ERROR: {exc}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(res.summary(), file=sys.stderr if not res.ok else sys.stdout)
+    if not res.ok:
+        return 1
+    reason = load()
+    if reason is not None:
+        print(f"llmkit: built, but this process still uses an earlier load: {reason}", file=sys.stderr)
+    for k, v in details().items():
+        print(f"  {k}: {v}")
+    return 0

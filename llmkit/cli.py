@@ -32,6 +32,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_cli(args)
 
 
+def _cmd_build_ext(args: argparse.Namespace) -> int:
+    from ._ext import run_build_ext_cli
+
+    return run_build_ext_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llmkit``."""
     from ._version import __version__
@@ -75,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "build-ext",
+        help="compile the C++/CUDA extension (backend cuda_ext) into its cache, with progress",
+        description=(
+            "Compiles csrc/ with ninja through torch.utils.cpp_extension into a cache directory "
+            "keyed by the torch version and a hash of the sources: the C++ CPU kernels always, "
+            "the CUDA kernels when torch is a CUDA build and nvcc is found. Prints each compile "
+            "step, then what was built; on failure the compiler's first error and the log's path "
+            "(exit 1)."
+        ),
+    )
+    from ._ext import add_build_ext_arguments
+
+    add_build_ext_arguments(p)
+    p.set_defaults(func=_cmd_build_ext)
     return parser
 
 

@@ -525,3 +525,37 @@ def test_sources_exist_for_every_cuda_entry_point():
     assert len(names) >= 8
     for name in names:
         assert re.search(rf"^(?:cudaError_t|int64_t)\s+{name}\(", body, re.M), name
+
+
+# --------------------------------------------------------------------------------------
+# CLI: `llmkit build-ext`, `llmkit info`
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_build_ext_reports_what_it_built(ext, capsys):
+    from llmkit.cli import main
+
+    rc = main(["build-ext", "--cpu-only", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "cpu kernels: yes" in out.out and "cuda kernels:" in out.out
+
+
+def test_cli_build_ext_cuda_refused_on_cpu_torch(ext, capsys):
+    import torch as _torch
+
+    if _torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here")
+    from llmkit.cli import main
+
+    rc = main(["build-ext", "--cuda"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "CPU-only build" in err
+
+
+def test_cli_info_shows_the_extension(ext):
+    from llmkit.info import format_info
+
+    text = format_info()
+    block = text[text.index("cuda_ext"):]
+    assert "cpu   available" in block and "cpu kernels: yes" in block and "cuda kernels:" in block
