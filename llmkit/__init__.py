@@ -10,6 +10,7 @@ from .errors import BackendError, LLMKitError, UnknownBackendError
 from . import ops
 from . import nn, models
 from .swap import swap, unswap
+from .quantize import quantize, calibrate
 from .integrations import hf as _hf
 
 # Registers attn_implementation="llmkit" with transformers when transformers loads
@@ -23,6 +24,8 @@ __all__ = [
     "models",
     "swap",
     "unswap",
+    "quantize",
+    "calibrate",
     "use_backend",
     "backend_info",
     "BackendError",

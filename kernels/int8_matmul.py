@@ -1,0 +1,926 @@
+"""Triton kernels for int8 inference matmuls.
+
+Kernels (all launched by the host functions at the bottom of this file):
+
+* ``_quantize_rows_kernel``: per-row symmetric absmax quantization of a float16 /
+  bfloat16 / float32 ``(R, C)`` view (any strides) to int8 plus a float32 scale per
+  row. Rows of up to ``MAX_SINGLE_PASS_COLS`` columns are read once (held in
+  registers between the absmax and the rounding); longer rows take two passes.
+  Bit-exact with ``llmkit.ops.int8_matmul.quantize_int8_reference``: the scale is
+  ``div_rn(absmax, 127)``, the multiplier ``div_rn(127, absmax)``, the rounding is
+  round-half-even of the float32 product, and FP fusion is off at launch so no
+  product is contracted into an FMA.
+* ``_int8_gemm_kernel``: ``A (M, K) int8 @ B (K, N) int8`` with exact int32
+  accumulation on the integer tensor cores (``mma`` on sm_80, ``wgmma`` on sm_90) and
+  a fused epilogue: ``acc * a_scale[m] * b_scale[n] + bias[n]``, optional GELU,
+  cast to float16 / bfloat16 / float32; or the raw int32 accumulator.
+* ``_w8a16_gemm_kernel``: ``X (M, K) float @ W (N, K)^T int8`` with the weight tile
+  converted to X's dtype inside the kernel (so it never exists in float in global
+  memory), float32 accumulation, epilogue ``acc * w_scale[n] + bias[n]``, GELU.
+* ``_w8a16_gemv_kernel`` (+ ``_splitk_epilogue_kernel``): the skinny-M (M <= 16)
+  W8A16 path for decode. The roles are swapped (``out^T = W @ X^T``) so the large
+  weight tile is the MMA's M side and the few tokens are its N side; K is split
+  across programs when ``N / BLOCK_N`` alone cannot fill the GPU, the partial sums
+  reduced in a fixed order by a small epilogue kernel (deterministic results).
+
+float32 activations in the W8A16 kernels are split into three parts that are each
+exact in TF32 (``x = hi + mid + lo``); with the int8 weight exact in TF32 too, every
+product on the tensor cores is exact and the result has float32 accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compile import CompileSpec
+
+# Activation codes shared with the host wrappers.
+ACT_NONE = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+ACTIVATION_CODES = {"none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+
+MAX_SINGLE_PASS_COLS = 16384
+"""Rows up to this length are quantized with a single read of the activations."""
+
+SKINNY_M = 16
+"""W8A16 calls with at most this many rows take the GEMV (decode) kernel."""
+
+_TORCH_TO_TL = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int8: "i8",
+}
+
+# --------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(y):
+    """Round float32 ``y`` to the nearest integer, ties to even (exact for |y| < 2**23)."""
+    r = tl.floor(y)
+    frac = y - r
+    r_is_odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (frac > 0.5) | ((frac == 0.5) & r_is_odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def _quantize_block(x, inv):
+    """int8 ``clamp(round_half_even(x * inv), -127, 127)``; NaN products give 0."""
+    r = _round_half_even(x * inv)
+    r = tl.where(r != r, 0.0, r)
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    return r.to(tl.int8)
+
+
+@triton.jit
+def _row_scales(absmax, nan_count):
+    """(scale, multiplier) per row from the absmax of its non-NaN values.
+
+    scale = absmax / 127 (NaN for rows holding a NaN); multiplier = 127 / absmax, or 0
+    for rows whose absmax is 0, inf or NaN.
+    """
+    usable = (absmax > 0.0) & (absmax <= 3.4028234663852886e38) & (nan_count == 0)
+    scale = tl.math.div_rn(absmax, 127.0)
+    scale = tl.where(nan_count > 0, float("nan"), scale)
+    inv = tl.math.div_rn(127.0, tl.where(usable, absmax, 1.0))
+    inv = tl.where(usable, inv, 0.0)
+    return scale, inv
+
+
+@triton.jit
+def _activation(c, ACTIVATION: tl.constexpr):
+    """GELU on a float32 tile: exact (erf) or tanh-approximate, written as c * sigmoid(2u)."""
+    if ACTIVATION == 1:
+        c = 0.5 * c * (1.0 + tl.math.erf(c * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        u = 0.7978845608028654 * (c + 0.044715 * c * c * c)
+        c = c / (1.0 + tl.exp(-2.0 * u))
+    return c
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map the 1-D program id to a (row tile, column tile), GROUP_M row tiles at a time
+    so that neighbouring programs share B tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    group = pid // tiles_per_group
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % rows_in_group
+    pid_n = (pid % tiles_per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tf32_parts(v):
+    """Split float32 ``v`` into hi + mid + lo, each exactly representable in TF32."""
+    hi = (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    rest = tl.where(hi == v, 0.0, v - hi)
+    mid = (rest.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    lo = rest - mid
+    return hi, mid, lo
+
+
+@triton.jit
+def _w8_dot(x, w, acc, W_LEFT: tl.constexpr, INTERPRETER: tl.constexpr):
+    """acc + x @ w (``W_LEFT``: acc + w @ x) for an int8 weight tile ``w``, float32 accumulation.
+
+    The weight is converted to x's dtype (exact: |w| <= 127). float32 x is split into
+    three TF32-exact parts, so the tensor cores form exact products. Under the Triton
+    interpreter (``INTERPRETER``), whose ``tl.dot`` multiplies bfloat16 bit patterns as
+    integers (Triton 3.9), bfloat16 operands are widened to float32 first: the same exact
+    products.
+    """
+    if x.dtype == tl.float32:
+        w = w.to(tl.float32)
+        x_hi, x_mid, x_lo = _tf32_parts(x)
+        if W_LEFT:
+            acc = tl.dot(w, x_hi, acc, input_precision="tf32")
+            acc = tl.dot(w, x_mid, acc, input_precision="tf32")
+            acc = tl.dot(w, x_lo, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(x_hi, w, acc, input_precision="tf32")
+            acc = tl.dot(x_mid, w, acc, input_precision="tf32")
+            acc = tl.dot(x_lo, w, acc, input_precision="tf32")
+    elif INTERPRETER and x.dtype == tl.bfloat16:
+        if W_LEFT:
+            acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        w = w.to(x.dtype)
+        if W_LEFT:
+            acc = tl.dot(w, x, acc)
+        else:
+            acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def _cast_out(c, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """float32 tile -> the output dtype, rounding to nearest even.
+
+    The Triton 3.9 interpreter truncates float32 -> bfloat16; there the rounding is done
+    on the bits first (on the GPU the conversion itself rounds to nearest even).
+    """
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = c.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        c = tl.where(c != c, c, bits.to(tl.float32, bitcast=True))
+    return c.to(dtype)
+
+
+@triton.jit
+def _column_epilogue(acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr,
+                     ACTIVATION: tl.constexpr, N_AXIS: tl.constexpr):
+    """acc * w_scale[n] + bias[n], then the activation; ``N_AXIS`` is the tile axis of n."""
+    n_mask = offs_n < N
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if N_AXIS == 1:
+        c = acc * w_scale[None, :]
+    else:
+        c = acc * w_scale[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if N_AXIS == 1:
+            c = c + bias[None, :]
+        else:
+            c = c + bias[:, None]
+    return _activation(c, ACTIVATION)
+
+
+@triton.jit
+def _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_scale_ptr, a_scale_stride,
+                         b_scale_ptr, b_scale_stride, bias_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                         INTERPRETER: tl.constexpr):
+    """Store ``acc * a_scale[m] * b_scale[n] + bias[n]``, activated, in out's dtype."""
+    a_scale = tl.load(a_scale_ptr + offs_m * a_scale_stride, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n * b_scale_stride, mask=offs_n < N, other=0.0)
+    c = acc.to(tl.float32) * a_scale[:, None]
+    c = c * b_scale[None, :]
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c = _activation(c, ACTIVATION)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
+    tl.store(out_ptrs, _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr,
+    n_rows, n_cols,
+    x_row_stride, x_col_stride, q_row_stride, q_col_stride,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """Quantize BLOCK_ROWS rows per program; writes q (int8) and one scale per row."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    x_rows = x_ptr + rows64[:, None] * x_row_stride
+    q_rows = q_ptr + rows64[:, None] * q_row_stride
+    cols = tl.arange(0, BLOCK_COLS)
+    if SINGLE_PASS:
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_rows + cols[None, :] * x_col_stride, mask=mask, other=0.0).to(tl.float32)
+        is_nan = x != x
+        absmax = tl.max(tl.where(is_nan, 0.0, tl.abs(x)), axis=1)
+        nan_count = tl.sum(is_nan.to(tl.int32), axis=1)
+        scale, inv = _row_scales(absmax, nan_count)
+        q = _quantize_block(x, inv[:, None])
+        tl.store(q_rows + cols[None, :] * q_col_stride, q, mask=mask)
+    else:
+        absmax = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        nan_count = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
+        for start in range(0, n_cols, BLOCK_COLS):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_cols)
+            x = tl.load(x_rows + c[None, :] * x_col_stride, mask=mask, other=0.0).to(tl.float32)
+            is_nan = x != x
+            absmax = tl.maximum(absmax, tl.max(tl.where(is_nan, 0.0, tl.abs(x)), axis=1))
+            nan_count += tl.sum(is_nan.to(tl.int32), axis=1)
+        scale, inv = _row_scales(absmax, nan_count)
+        for start in range(0, n_cols, BLOCK_COLS):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < n_cols)
+            x = tl.load(x_rows + c[None, :] * x_col_stride, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + c[None, :] * q_col_stride, _quantize_block(x, inv[:, None]), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K,
+    a_row_stride, a_k_stride, b_k_stride, b_n_stride, out_row_stride,
+    a_scale_stride, b_scale_stride,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of int8 A @ int8 B, int32 accumulation, fused epilogue.
+
+    ALIGNED (checked by the host): 0 no alignment known; 1 A and B 16-byte aligned with
+    rows of A and columns of B contiguous along K; 2 the same with B's rows contiguous.
+    INTERPRETER: running under the Triton interpreter (see :func:`_cast_out`).
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows / columns past the edge read valid memory (wrapped) and are never stored.
+    a_rows = (offs_m % M).to(tl.int64)
+    b_cols = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * a_row_stride + offs_k[None, :] * a_k_stride
+    b_ptrs = b_ptr + offs_k[:, None] * b_k_stride + b_cols[None, :] * b_n_stride
+    if ALIGNED != 0:
+        a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [16, 16]), [1, BLOCK_K])
+        if ALIGNED == 1:
+            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [BLOCK_K, 1])
+        else:
+            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, BLOCK_N])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * a_k_stride
+        b_ptrs += BLOCK_K * b_k_stride
+
+    if HAS_SCALE:
+        _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_scale_ptr, a_scale_stride,
+                             b_scale_ptr, b_scale_stride, bias_ptr, HAS_BIAS, ACTIVATION, INTERPRETER)
+    else:
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
+        tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _w8a16_gemm_kernel(
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
+    M, N, K,
+    x_row_stride, x_k_stride, w_n_stride, w_k_stride, out_row_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of X @ dequant(W)^T; W's int8 tile is converted in registers.
+
+    ALIGNED (checked by the host): X and W 16-byte aligned, their rows contiguous along K.
+    INTERPRETER: see :func:`_w8_dot`.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = (offs_m % M).to(tl.int64)
+    w_rows = (offs_n % N).to(tl.int64)
+    x_ptrs = x_ptr + x_rows[:, None] * x_row_stride + offs_k[None, :] * x_k_stride
+    w_ptrs = w_ptr + offs_k[:, None] * w_k_stride + w_rows[None, :] * w_n_stride
+    if ALIGNED:
+        x_ptrs = tl.max_contiguous(tl.multiple_of(x_ptrs, [16, 16]), [1, BLOCK_K])
+        w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [BLOCK_K, 1])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = _w8_dot(x, w, acc, False, INTERPRETER)
+        x_ptrs += BLOCK_K * x_k_stride
+        w_ptrs += BLOCK_K * w_k_stride
+
+    c = _column_epilogue(acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 1)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptrs, _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=out_mask)
+
+
+@triton.jit
+def _w8a16_gemv_kernel(
+    x_ptr, w_ptr, out_ptr, partial_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, k_per_split,
+    x_row_stride, x_k_stride, w_n_stride, w_k_stride, out_row_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out^T tile (BLOCK_N, BLOCK_M) = W tile @ X^T over one K range (M <= BLOCK_M).
+
+    With SPLIT_K == 1 the epilogue is fused and ``out`` written; otherwise the float32
+    partial sums go to ``partial (SPLIT_K, M, N)`` for ``_splitk_epilogue_kernel``.
+    EVEN_K: K and k_per_split are multiples of BLOCK_K (no masks). ALIGNED (checked by
+    the host): X and W 16-byte aligned, rows contiguous along K. INTERPRETER: see
+    :func:`_w8_dot`.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    w_rows = (offs_n % N).to(tl.int64)
+    x_rows = offs_m % M
+    w_ptrs = w_ptr + w_rows[:, None] * w_n_stride + (k_start + offs_k)[None, :] * w_k_stride
+    x_ptrs = x_ptr + x_rows[None, :] * x_row_stride + (k_start + offs_k)[:, None] * x_k_stride
+    if ALIGNED:
+        w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
+        x_ptrs = tl.max_contiguous(tl.multiple_of(x_ptrs, [16, 16]), [BLOCK_K, 1])
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            xt = tl.load(x_ptrs)
+        else:
+            k_mask = (k + offs_k) < k_end
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
+            xt = tl.load(x_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = _w8_dot(xt, w, acc, True, INTERPRETER)
+        w_ptrs += BLOCK_K * w_k_stride
+        x_ptrs += BLOCK_K * x_k_stride
+
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    if SPLIT_K == 1:
+        c = _column_epilogue(acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 0)
+        out_ptrs = out_ptr + offs_m[None, :] * out_row_stride + offs_n[:, None]
+        tl.store(out_ptrs, _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    else:
+        part_ptrs = partial_ptr + (pid_k * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
+        tl.store(part_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    partial_ptr, out_ptr, w_scale_ptr, bias_ptr,
+    M, N, out_row_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Sum the SPLIT_K partials of one row block in a fixed order, then the W8A16 epilogue."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(partial_ptr + (s * M + m).to(tl.int64) * N + offs_n, mask=n_mask, other=0.0)
+    c = _column_epilogue(acc[None, :], offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 1)
+    tl.store(out_ptr + m.to(tl.int64) * out_row_stride + offs_n[None, :],
+             _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=n_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# launch configurations
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch options of the GEMM kernels."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Tile shape, K split and launch options of the skinny-M W8A16 kernel."""
+
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Rows per program, columns per load and whether the row is read once."""
+
+    BLOCK_ROWS: int
+    BLOCK_COLS: int
+    SINGLE_PASS: bool
+    num_warps: int
+
+
+def quantize_config(n_cols: int) -> QuantizeConfig:
+    """Default launch configuration of ``_quantize_rows_kernel`` for rows of ``n_cols``."""
+    if n_cols <= MAX_SINGLE_PASS_COLS:
+        cols = max(16, triton.next_power_of_2(max(n_cols, 1)))
+        rows = max(1, 2048 // cols)
+        warps = max(1, min(16, cols * rows // 512))
+        return QuantizeConfig(rows, cols, True, warps)
+    return QuantizeConfig(1, 4096, False, 8)
+
+
+def _stages(arch: int, big_smem: int, small_smem: int) -> int:
+    """Pipeline depth: sm_80 / sm_90 have 164 / 228 KB of shared memory, sm_86 / sm_89 100 KB."""
+    return big_smem if arch in (80, 87, 90) else small_smem
+
+
+def int8_gemm_config(m: int, arch: int, aligned: bool = True, activation: str = "none") -> GemmConfig:
+    """Default W8A8 tile for ``m`` rows on compute capability ``arch`` (80, 86, 89, 90...).
+
+    ``aligned=False`` (operands not 16-byte aligned along K): smaller tiles, since every
+    element then needs its own address and load. On sm_90 the 128 x 256 tile holds 128
+    accumulators per thread, too many to leave room for the erf of an exact-GELU
+    epilogue, which therefore takes 128 x 128.
+    """
+    if not aligned:
+        return GemmConfig(64, 64, 64, 8, num_warps=8, num_stages=2)
+    if m <= 64:
+        return GemmConfig(64, 128, 128, 8, num_warps=4, num_stages=_stages(arch, 4, 3))
+    if arch >= 90 and activation != "gelu":
+        return GemmConfig(128, 256, 128, 8, num_warps=8, num_stages=3)
+    if arch >= 90:
+        return GemmConfig(128, 128, 128, 8, num_warps=8, num_stages=4)
+    return GemmConfig(128, 128, 128, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
+
+
+def w8a16_gemm_config(m: int, x_dtype: torch.dtype, arch: int, aligned: bool = True) -> GemmConfig:
+    """Default W8A16 GEMM tile (m > SKINNY_M) for activations of ``x_dtype``."""
+    if not aligned:
+        return GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=2)
+    if x_dtype == torch.float32:
+        return GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
+    if m <= 64:
+        return GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=_stages(arch, 4, 3))
+    if arch >= 90:
+        return GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3)
+    return GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
+
+
+def w8a16_gemv_config(n: int, k: int, x_dtype: torch.dtype, sm_count: int, aligned: bool = True) -> GemvConfig:
+    """Default skinny-M tile; K is split until about 4 programs per SM are in flight."""
+    block_n = 64
+    if not aligned:
+        block_k = 64
+    else:
+        block_k = 128 if x_dtype == torch.float32 else 256
+    tiles_n = triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(max(k, 1), block_k)
+    split = 1
+    while tiles_n * split < 4 * sm_count and split * 2 <= k_blocks and split < 16:
+        split *= 2
+    return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=4 if aligned else 2)
+
+
+# --------------------------------------------------------------------------------------
+# host functions
+# --------------------------------------------------------------------------------------
+
+
+def _arch(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 80  # the interpreter runs the sm_80 configurations
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _k_rows_aligned(t: torch.Tensor) -> bool:
+    """2-D ``t`` (rows, K): contiguous along K, base and row stride multiples of 16 bytes."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def _b_alignment(b: torch.Tensor) -> int:
+    """``_int8_gemm_kernel``'s ALIGNED code for ``b (K, N)``, ignoring A."""
+    if b.data_ptr() % 16:
+        return 0
+    if b.stride(0) == 1 and b.stride(1) % 16 == 0:
+        return 1
+    if b.stride(1) == 1 and b.stride(0) % 16 == 0:
+        return 2
+    return 0
+
+
+def _out_buffer(out: torch.Tensor | None, shape: list[int], dtype: torch.dtype, device: torch.device,
+                name: str) -> torch.Tensor:
+    """``out`` checked against the shape and dtype a kernel writes, or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if list(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"{name}: the output buffer must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
+            f"{out.dtype} {list(out.shape)} on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
+    return out
+
+
+def _rows_view(t: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """``t`` with ``dim`` moved last and the rest flattened, as a view (None if impossible)."""
+    moved = t.movedim(dim, -1)
+    try:
+        return moved.view(-1, moved.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def quantize_rows(
+    x: torch.Tensor, dim: int, q: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization of ``x`` along ``dim`` (see the module docstring).
+
+    Args:
+        x: float16 / bfloat16 / float32, any shape and strides; ``dim`` non-negative.
+        q, scale: optional contiguous output buffers (int8 ``x.shape``, float32 ``x.shape``
+            without ``dim``); allocated when not given.
+
+    Returns:
+        ``q`` int8, contiguous, ``x``'s shape; ``scale`` float32, ``x``'s shape without ``dim``.
+    """
+    scale_shape = list(x.shape)
+    n_cols = scale_shape.pop(dim)
+    q = _out_buffer(q, list(x.shape), torch.int8, x.device, "q")
+    scale = _out_buffer(scale, scale_shape, torch.float32, x.device, "scale")
+    if x.numel() == 0:
+        return q, scale.zero_()
+    x2 = _rows_view(x, dim)
+    if x2 is None:
+        x2 = x.movedim(dim, -1).reshape(-1, n_cols)
+    q2 = _rows_view(q, dim)
+    q_tmp = None
+    if q2 is None:
+        q_tmp = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        q2 = q_tmp
+    cfg = quantize_config(n_cols)
+    rows = x2.shape[0]
+    _quantize_rows_kernel[(triton.cdiv(rows, cfg.BLOCK_ROWS),)](
+        x2, q2, scale,
+        rows, n_cols,
+        x2.stride(0), x2.stride(1), q2.stride(0), q2.stride(1),
+        BLOCK_ROWS=cfg.BLOCK_ROWS, BLOCK_COLS=cfg.BLOCK_COLS, SINGLE_PASS=cfg.SINGLE_PASS,
+        num_warps=cfg.num_warps, enable_fp_fusion=False,
+    )
+    if q_tmp is not None:
+        q.copy_(q_tmp.view(list(x.movedim(dim, -1).shape)).movedim(-1, dim))
+    return q, scale
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    activation: str = "none",
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int8 ``a (M, K)`` @ int8 ``b (K, N)`` (any strides), exact int32 accumulation.
+
+    Without scales returns the int32 product ``(M, N)``. With float32 ``a_scale`` (M values
+    or one) and ``b_scale`` (N values or one) returns ``acc * a_scale * b_scale + bias``
+    with ``activation`` applied, in ``out_dtype`` (default float32), fused in the epilogue.
+    ``out``: an optional contiguous ``(M, N)`` buffer of that dtype to write.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    has_scale = a_scale is not None
+    dtype = (out_dtype or torch.float32) if has_scale else torch.int32
+    out = _out_buffer(out, [m, n], dtype, a.device, "int8_gemm")
+    if m == 0 or n == 0:
+        return out
+    aligned = _b_alignment(b) if _k_rows_aligned(a) else 0
+    cfg = config or int8_gemm_config(m, _arch(a.device), aligned != 0, activation)
+    if has_scale:
+        a_scale = a_scale.reshape(-1)
+        b_scale = b_scale.reshape(-1)
+        a_scale_stride = 0 if a_scale.numel() == 1 else a_scale.stride(0)
+        b_scale_stride = 0 if b_scale.numel() == 1 else b_scale.stride(0)
+    else:
+        a_scale = b_scale = out  # never read
+        a_scale_stride = b_scale_stride = 0
+    if bias is not None:
+        bias = bias.contiguous()
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _int8_gemm_kernel[grid](
+        a, b, out, a_scale, b_scale, bias if bias is not None else out,
+        m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        a_scale_stride, b_scale_stride,
+        HAS_SCALE=has_scale, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        EVEN_K=k % cfg.BLOCK_K == 0, ALIGNED=aligned, INTERPRETER=a.device.type == "cpu",
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x (M, K)`` float quantized per row, times int8 ``weight (N, K)``, in ``x``'s dtype."""
+    q, s = quantize_rows(x, 1)
+    return int8_gemm(q, weight.t(), s, weight_scale, bias, x.dtype, activation, config, out)
+
+
+def w8a16_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    config: GemmConfig | GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x (M, K)`` float16 / bfloat16 / float32 times int8 ``weight (N, K)`` dequantized in
+    the kernel (``weight_scale (N,)`` float32), ``+ bias``, activation; output in ``x``'s dtype.
+
+    M <= SKINNY_M takes the GEMV kernel (``config`` a :class:`GemvConfig`), larger M the
+    GEMM kernel (``config`` a :class:`GemmConfig`). ``out``: an optional contiguous
+    ``(M, N)`` buffer of x's dtype to write.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    out = _out_buffer(out, [m, n], x.dtype, x.device, "w8a16_linear")
+    if m == 0 or n == 0:
+        return out
+    if bias is not None:
+        bias = bias.contiguous()
+    weight_scale = weight_scale.contiguous()
+    bias_arg = bias if bias is not None else weight_scale
+    act = ACTIVATION_CODES[activation]
+    aligned = _k_rows_aligned(x) and _k_rows_aligned(weight)
+    interpreter = x.device.type == "cpu"
+    if m <= SKINNY_M and not isinstance(config, GemmConfig):
+        cfg = config or w8a16_gemv_config(n, k, x.dtype, _sm_count(x.device), aligned)
+        k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
+        split = max(1, triton.cdiv(k, k_per_split))
+        partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        _w8a16_gemv_kernel[(triton.cdiv(n, cfg.BLOCK_N), split)](
+            x, weight, out, partial, weight_scale, bias_arg,
+            m, n, k, k_per_split,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+            HAS_BIAS=bias is not None, ACTIVATION=act, SPLIT_K=split, EVEN_K=k % cfg.BLOCK_K == 0,
+            ALIGNED=aligned, INTERPRETER=interpreter, BLOCK_M=SKINNY_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if split > 1:
+            block = min(1024, triton.next_power_of_2(n))
+            _splitk_epilogue_kernel[(m, triton.cdiv(n, block))](
+                partial, out, weight_scale, bias_arg, m, n, out.stride(0),
+                HAS_BIAS=bias is not None, ACTIVATION=act, SPLIT_K=split, INTERPRETER=interpreter, BLOCK_N=block,
+                num_warps=4,
+            )
+        return out
+    if isinstance(config, GemmConfig):
+        cfg = config
+    else:
+        cfg = w8a16_gemm_config(m, x.dtype, _arch(x.device), aligned)
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _w8a16_gemm_kernel[grid](
+        x, weight, out, weight_scale, bias_arg,
+        m, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, ACTIVATION=act, EVEN_K=k % cfg.BLOCK_K == 0, ALIGNED=aligned,
+        INTERPRETER=interpreter, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# compile report
+# --------------------------------------------------------------------------------------
+
+_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _quantize_spec(name: str, x_ty: str, n_cols: int) -> CompileSpec:
+    cfg = quantize_config(n_cols)
+    return CompileSpec(
+        name=name,
+        kernel=_quantize_rows_kernel,
+        signature={
+            "x_ptr": f"*{x_ty}", "q_ptr": "*i8", "scale_ptr": "*fp32",
+            "n_rows": "i32", "n_cols": "i32",
+            "x_row_stride": "i32", "x_col_stride": "constexpr",
+            "q_row_stride": "i32", "q_col_stride": "constexpr",
+            "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "SINGLE_PASS": "constexpr",
+        },
+        constexprs={"x_col_stride": 1, "q_col_stride": 1, "BLOCK_ROWS": cfg.BLOCK_ROWS,
+                    "BLOCK_COLS": cfg.BLOCK_COLS, "SINGLE_PASS": cfg.SINGLE_PASS},
+        num_warps=cfg.num_warps,
+        num_stages=1,
+    )
+
+
+def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None,
+                    activation: str, aligned: int = 1) -> CompileSpec:
+    def config(arch: int) -> GemmConfig:
+        return int8_gemm_config(m, arch, aligned != 0, activation)
+
+    def constexprs(arch: int) -> dict:
+        cfg = config(arch)
+        return {"a_k_stride": 1, "b_k_stride": 1 if aligned != 2 else "b_k_stride",
+                "HAS_SCALE": has_scale, "HAS_BIAS": bias_ty is not None,
+                "ACTIVATION": ACTIVATION_CODES[activation], "EVEN_K": aligned != 0, "ALIGNED": aligned,
+                "INTERPRETER": False,
+                "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
+
+    signature = {
+        "a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": f"*{out_ty}",
+        "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": f"*{bias_ty or 'fp32'}",
+        "M": "i32", "N": "i32", "K": "i32",
+        "a_row_stride": "i32", "a_k_stride": "constexpr", "b_k_stride": "constexpr",
+        "b_n_stride": "i32", "out_row_stride": "i32", "a_scale_stride": "i32", "b_scale_stride": "i32",
+        "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "EVEN_K": "constexpr",
+        "ALIGNED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+    }
+    if aligned == 2:  # B's rows contiguous: the N stride is the unit one
+        signature["b_k_stride"] = "i32"
+        signature["b_n_stride"] = "constexpr"
+
+        def constexprs_n_major(arch: int, _base=constexprs) -> dict:
+            c = _base(arch)
+            del c["b_k_stride"]
+            c["b_n_stride"] = 1
+            return c
+
+        return CompileSpec(name, _int8_gemm_kernel, signature, constexprs_n_major,
+                           num_warps=lambda arch: config(arch).num_warps,
+                           num_stages=lambda arch: config(arch).num_stages, matrix=True)
+    return CompileSpec(name, _int8_gemm_kernel, signature, constexprs,
+                       num_warps=lambda arch: config(arch).num_warps,
+                       num_stages=lambda arch: config(arch).num_stages, matrix=True)
+
+
+def _w8a16_gemm_spec(name: str, m: int, x_ty: str, has_bias: bool, activation: str,
+                     aligned: bool = True) -> CompileSpec:
+    x_dtype = _DTYPE_OF[x_ty]
+
+    def config(arch: int) -> GemmConfig:
+        return w8a16_gemm_config(m, x_dtype, arch, aligned)
+
+    def constexprs(arch: int) -> dict:
+        cfg = config(arch)
+        return {"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias, "ACTIVATION": ACTIVATION_CODES[activation],
+                "EVEN_K": aligned, "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N,
+                "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
+
+    return CompileSpec(
+        name=name,
+        kernel=_w8a16_gemm_kernel,
+        signature={
+            "x_ptr": f"*{x_ty}", "w_ptr": "*i8", "out_ptr": f"*{x_ty}", "w_scale_ptr": "*fp32",
+            "bias_ptr": f"*{x_ty}",
+            "M": "i32", "N": "i32", "K": "i32",
+            "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
+            "out_row_stride": "i32",
+            "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "EVEN_K": "constexpr", "ALIGNED": "constexpr",
+            "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+            "GROUP_M": "constexpr",
+        },
+        constexprs=constexprs,
+        num_warps=lambda arch: config(arch).num_warps,
+        num_stages=lambda arch: config(arch).num_stages,
+        matrix=True,
+    )
+
+
+def _w8a16_gemv_spec(name: str, x_ty: str, split_k: int, has_bias: bool, activation: str,
+                     aligned: bool = True) -> CompileSpec:
+    cfg = w8a16_gemv_config(8192, 8192, _DTYPE_OF[x_ty], 132, aligned)
+    return CompileSpec(
+        name=name,
+        kernel=_w8a16_gemv_kernel,
+        signature={
+            "x_ptr": f"*{x_ty}", "w_ptr": "*i8", "out_ptr": f"*{x_ty}", "partial_ptr": "*fp32",
+            "w_scale_ptr": "*fp32", "bias_ptr": f"*{x_ty}",
+            "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+            "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
+            "out_row_stride": "i32",
+            "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr", "EVEN_K": "constexpr",
+            "ALIGNED": "constexpr", "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+        },
+        constexprs={"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias,
+                    "ACTIVATION": ACTIVATION_CODES[activation], "SPLIT_K": split_k, "EVEN_K": aligned,
+                    "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": SKINNY_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K},
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        matrix=True,
+    )
+
+
+@functools.cache
+def compile_specs() -> list[CompileSpec]:
+    """The default launch configurations of every kernel in this file, per architecture.
+
+    GEMMs appear twice: aligned operands (the usual case: 16-byte aligned rows, K a
+    multiple of the tile) and unaligned ones (odd K), which take smaller tiles.
+    """
+    return [
+        _quantize_spec("quantize_rows[bf16,K=64]", "bf16", 64),
+        _quantize_spec("quantize_rows[fp16,K=4096]", "fp16", 4096),
+        _quantize_spec("quantize_rows[fp32,K=16384]", "fp32", 16384),
+        _quantize_spec("quantize_rows[fp32,K>16384,two-pass]", "fp32", MAX_SINGLE_PASS_COLS + 1),
+        _int8_gemm_spec("int8_gemm[int32,M>64]", 4096, "i32", False, None, "none"),
+        _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M>64]", 4096, "bf16", True, "bf16", "gelu"),
+        _int8_gemm_spec("int8_gemm[fp16,bias,M<=64]", 64, "fp16", True, "fp16", "none"),
+        _int8_gemm_spec("int8_gemm[fp32,gelu_tanh,M<=64]", 64, "fp32", True, None, "gelu_tanh"),
+        _int8_gemm_spec("int8_gemm[int32,B rows contiguous]", 4096, "i32", False, None, "none", aligned=2),
+        _int8_gemm_spec("int8_gemm[fp16,bias,gelu,unaligned]", 4096, "fp16", True, "fp32", "gelu", aligned=0),
+        _w8a16_gemm_spec("w8a16_gemm[bf16,bias,M>64]", 4096, "bf16", True, "none"),
+        _w8a16_gemm_spec("w8a16_gemm[fp16,gelu,M<=64]", 64, "fp16", False, "gelu"),
+        _w8a16_gemm_spec("w8a16_gemm[fp32,bias]", 4096, "fp32", True, "none"),
+        _w8a16_gemm_spec("w8a16_gemm[bf16,bias,unaligned]", 4096, "bf16", True, "none", aligned=False),
+        _w8a16_gemv_spec("w8a16_gemv[bf16,bias,gelu_tanh]", "bf16", 1, True, "gelu_tanh"),
+        _w8a16_gemv_spec("w8a16_gemv[fp16,split-k]", "fp16", 4, False, "none"),
+        _w8a16_gemv_spec("w8a16_gemv[fp32,split-k]", "fp32", 4, True, "none"),
+        _w8a16_gemv_spec("w8a16_gemv[bf16,unaligned]", "bf16", 4, True, "none", aligned=False),
+        CompileSpec(
+            name="splitk_epilogue[bf16,bias,gelu]",
+            kernel=_splitk_epilogue_kernel,
+            signature={"partial_ptr": "*fp32", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+                       "M": "i32", "N": "i32", "out_row_stride": "i32",
+                       "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr",
+                       "INTERPRETER": "constexpr", "BLOCK_N": "constexpr"},
+            constexprs={"HAS_BIAS": True, "ACTIVATION": ACT_GELU, "SPLIT_K": 4, "INTERPRETER": False, "BLOCK_N": 1024},
+            num_warps=4,
+            num_stages=1,
+        ),
+    ]
