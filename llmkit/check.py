@@ -1,4 +1,4 @@
-"""``llmkit check``: every op x every backend available here x dtypes x shapes.
+"""``llmkit check``: every op x every backend available here x dtypes x the shape sweep.
 
 Each case draws fresh random inputs, runs the op on one backend (forward, and
 backward with a random output gradient where the op is differentiable), runs
@@ -6,18 +6,29 @@ PyTorch's own implementation in the same dtype (the baseline), and computes the
 same quantities in float64 from the independent formulas of
 :mod:`llmkit.reference64`. An output passes by the rule of :mod:`llmkit.testing`
 (error <= 2 x the baseline's error + a floor); int8 outputs must be bit-exact;
-int8 linears are judged by SQNR.
+int8 linears are judged by SQNR against the float linear.
 
-On a machine without a GPU the reference backend runs on CPU tensors, and Triton
-kernels run through the interpreter (``TRITON_INTERPRET=1``, which the CLI sets).
+The sweep follows DESIGN.md: sizes 1, 7, 33, 1023, 1500 and rows past every block
+size (4097, 65537), strided and non-contiguous inputs (rows inside a wider buffer,
+permuted and transposed views, ``(B, S, H, D)`` storage viewed as ``(B, H, S, D)``),
+empty tensors, float32 / float16 / bfloat16 (and float64 where the op takes it).
+
+On a machine without a GPU the reference backend runs on CPU tensors and Triton
+kernels run through the interpreter (``TRITON_INTERPRET=1``, which the CLI sets); the
+interpreter runs the cases marked ``interp`` (the largest shapes run on a GPU only, and
+the table says how many were left out); with ``--quick`` it runs float32 and bfloat16. Exit code: 0 all passed, 1 a failure, 2
+nothing was checked, 3 something asked for was skipped (unknown op, backend not
+available here).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -29,11 +40,13 @@ from torch import Tensor
 
 from . import ops as L
 from . import reference64 as R
-from .dispatch import BACKEND_NAMES, OPS, use_backend
+from .dispatch import BACKEND_NAMES, BACKENDS, OPS, triton_interpreting, use_backend
 from .errors import BackendError
 from .testing import compare, sqnr_db
 
 Outputs = dict[str, Tensor]
+
+EXIT_OK, EXIT_FAILED, EXIT_NOTHING, EXIT_SKIPPED = 0, 1, 2, 3
 
 
 @dataclasses.dataclass
@@ -53,6 +66,8 @@ class Case:
     exact: bool = False
     min_sqnr_db: float | None = None
     quick: bool = True
+    interp: bool = True
+    """Small enough for the Triton interpreter (larger cases run on a GPU only)."""
 
 
 @dataclasses.dataclass
@@ -70,6 +85,7 @@ class Row:
     tolerance: float
     status: str  # PASS, FAIL, SKIP
     note: str = ""
+    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -96,26 +112,68 @@ def _names(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+def laid_out(t: Tensor, layout: str) -> Tensor:
+    """A tensor equal to ``t`` in another memory layout.
+
+    ``contig``: ``t``; ``rows``: each last-dim row inside a wider buffer (row stride > size);
+    ``permuted``: leading two dims stored swapped; ``transposed``: a 2-d tensor stored
+    as its transpose (last-dim stride != 1).
+    """
+    if layout == "contig":
+        return t
+    if layout == "rows":
+        buf = torch.full((*t.shape[:-1], t.shape[-1] + 9), float("nan"), dtype=t.dtype, device=t.device)
+        view = buf[..., 4 : 4 + t.shape[-1]]
+        view.copy_(t)
+        return view
+    if layout == "permuted":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def _label(shape: tuple[int, ...], layout: str) -> str:
+    return "x".join(map(str, shape)) + ("" if layout == "contig" else f" {layout}")
+
+
 HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+WITH_F64 = (*HALF_AND_FLOAT, torch.float64)
+
+# (shape, layout, quick, interp): the row-wise sweep shared by norms
+NORM_SHAPES = [
+    ((1, 1), "contig", True, True),
+    ((7, 33), "contig", True, True),
+    ((7, 33), "rows", True, True),
+    ((0, 33), "contig", True, True),
+    ((3, 7, 1500), "contig", True, True),
+    ((4, 5, 96), "permuted", False, True),
+    ((1023, 64), "contig", False, False),
+    ((2, 4097), "contig", False, True),
+    ((2, 65537), "contig", False, False),
+]
 
 
 def _norm_cases() -> Iterable[Case]:
-    shapes = [((1, 1), True), ((7, 33), True), ((3, 7, 1500), True), ((2, 4097), False), ((2, 65537), False)]
-    for dtype in HALF_AND_FLOAT:
-        for shape, quick in shapes:
+    for dtype in WITH_F64:
+        for shape, layout, quick, interp in NORM_SHAPES:
+            if dtype == torch.float64 and quick:
+                continue  # float64 (reference-only on most backends): the non-quick sweep
             n = shape[-1]
 
-            def make(dev, shape=shape, dtype=dtype, n=n):
+            def make(dev, shape=shape, dtype=dtype, n=n, layout=layout):
                 # mean far from zero: LayerNorm must stay stable
-                x = (torch.randn(shape, device=dev) * 2 + 3).to(dtype)
                 return {
-                    "x": x,
+                    "x": laid_out((torch.randn(shape, device=dev) * 2 + 3).to(dtype), layout),
                     "w": (torch.rand(n, device=dev) + 0.5).to(dtype),
                     "b": torch.randn(n, device=dev).to(dtype),
-                    "r": torch.randn(shape, device=dev).to(dtype),
+                    "r": laid_out(torch.randn(shape, device=dev).to(dtype), layout),
                     "gy": torch.randn(shape, device=dev),
                     "n": n,
                 }
+
+            label = _label(shape, layout)
+            kw = dict(quick=quick, interp=interp)
 
             def run_ln(d):
                 x, w, b = _leaf(d["x"]), _leaf(d["w"]), _leaf(d["b"])
@@ -132,7 +190,7 @@ def _norm_cases() -> Iterable[Case]:
                 y = F.layer_norm(x, [d["n"]], w, b, 1e-5)
                 return {"out": y} | _grads(y, d["gy"], {"input": x, "weight": w, "bias": b})
 
-            yield Case("layer_norm", "x".join(map(str, shape)), dtype, make, run_ln, ref_ln, base_ln, quick=quick)
+            yield Case("layer_norm", label, dtype, make, run_ln, ref_ln, base_ln, **kw)
 
             def run_rms(d):
                 x, w = _leaf(d["x"]), _leaf(d["w"])
@@ -149,7 +207,7 @@ def _norm_cases() -> Iterable[Case]:
                 y = F.rms_norm(x, [d["n"]], w, 1e-6)
                 return {"out": y} | _grads(y, d["gy"], {"input": x, "weight": w})
 
-            yield Case("rms_norm", "x".join(map(str, shape)), dtype, make, run_rms, ref_rms, base_rms, quick=quick)
+            yield Case("rms_norm", label, dtype, make, run_rms, ref_rms, base_rms, **kw)
 
             def run_aln(d):
                 x, r, w, b = _leaf(d["x"]), _leaf(d["r"]), _leaf(d["w"]), _leaf(d["b"])
@@ -167,18 +225,31 @@ def _norm_cases() -> Iterable[Case]:
                 y = F.layer_norm(s, [d["n"]], w, b, 1e-5)
                 return {"out": y, "residual_out": s} | _grads(y, d["gy"], {"input": x, "weight": w, "bias": b})
 
-            yield Case("add_layer_norm", "x".join(map(str, shape)), dtype, make, run_aln, ref_aln, base_aln, quick=quick)
+            yield Case("add_layer_norm", label, dtype, make, run_aln, ref_aln, base_aln, **kw)
+
+
+GELU_SHAPES = [
+    ((1,), "contig", True, True),
+    ((7, 1023), "contig", True, True),
+    ((0, 33), "contig", True, True),
+    ((0,), "contig", False, True),
+    ((33, 7), "transposed", True, True),
+    ((3, 5, 1500), "contig", False, False),
+    ((2, 65537), "contig", False, False),
+]
 
 
 def _gelu_cases() -> Iterable[Case]:
-    for dtype in HALF_AND_FLOAT:
-        for shape, quick in (((1,), True), ((7, 1023), True), ((3, 5, 1500), False)):
+    for dtype in WITH_F64:
+        for shape, layout, quick, interp in GELU_SHAPES:
+            if dtype == torch.float64 and quick:
+                continue
             for approx in ("none", "tanh"):
                 n = shape[-1]
 
-                def make(dev, shape=shape, dtype=dtype, n=n):
+                def make(dev, shape=shape, dtype=dtype, n=n, layout=layout):
                     return {
-                        "x": (torch.randn(shape, device=dev) * 3).to(dtype),
+                        "x": laid_out((torch.randn(shape, device=dev) * 3).to(dtype), layout),
                         "b": torch.randn(n, device=dev).to(dtype),
                         "gy": torch.randn(shape, device=dev),
                     }
@@ -198,8 +269,9 @@ def _gelu_cases() -> Iterable[Case]:
                     y = F.gelu(x, approximate=a)
                     return {"out": y} | _grads(y, d["gy"], {"input": x})
 
-                label = f"{'x'.join(map(str, shape))} {approx}"
-                yield Case("gelu", label, dtype, make, run_g, ref_g, base_g, quick=quick)
+                label = f"{_label(shape, layout)} {approx}"
+                kw = dict(quick=quick, interp=interp)
+                yield Case("gelu", label, dtype, make, run_g, ref_g, base_g, **kw)
 
                 def run_bg(d, a=approx):
                     x, b = _leaf(d["x"]), _leaf(d["b"])
@@ -216,28 +288,36 @@ def _gelu_cases() -> Iterable[Case]:
                     y = F.gelu(x + b, approximate=a)
                     return {"out": y} | _grads(y, d["gy"], {"input": x, "bias": b})
 
-                yield Case("bias_gelu", label, dtype, make, run_bg, ref_bg, base_bg, quick=quick)
+                yield Case("bias_gelu", label, dtype, make, run_bg, ref_bg, base_bg, **kw)
+
+
+# B, Hq, Hkv, Sq, Sk, D, Dv, causal, mask kind, quick, interp
+ATTENTION_CONFIGS = [
+    (1, 2, 2, 1, 1, 32, 32, False, None, True, True),
+    (2, 2, 2, 17, 17, 64, 64, True, None, True, True),
+    (1, 4, 2, 37, 65, 64, 64, False, "bool", True, True),
+    (1, 2, 2, 0, 5, 32, 32, False, None, True, True),
+    (0, 2, 2, 3, 4, 32, 32, True, None, True, True),
+    (2, 2, 1, 33, 20, 80, 80, True, "float", False, True),
+    (1, 2, 2, 129, 129, 128, 128, True, "padding", False, False),
+    (1, 2, 2, 7, 23, 64, 32, False, None, False, True),
+    (1, 2, 1, 70, 1025, 64, 64, False, "padding", False, False),
+]
 
 
 def _attention_cases() -> Iterable[Case]:
-    configs = [
-        # B, Hq, Hkv, Sq, Sk, D, causal, mask kind, quick
-        (1, 2, 2, 1, 1, 32, False, None, True),
-        (2, 2, 2, 17, 17, 64, True, None, True),
-        (1, 4, 2, 37, 65, 64, False, "bool", True),
-        (2, 2, 1, 33, 20, 80, True, "float", False),
-        (1, 2, 2, 129, 129, 128, True, "padding", False),
-    ]
-    for dtype in HALF_AND_FLOAT:
-        for b, hq, hkv, sq, sk, dh, causal, mask_kind, quick in configs:
+    for dtype in WITH_F64:
+        for b, hq, hkv, sq, sk, dh, dv, causal, mask_kind, quick, interp in ATTENTION_CONFIGS:
+            if dtype == torch.float64 and (quick or sk > 1024):
+                continue
 
-            def make(dev, b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, dh=dh, mask_kind=mask_kind, dtype=dtype):
+            def make(dev, b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, dh=dh, dv=dv, mask_kind=mask_kind, dtype=dtype):
                 d = {
                     "q": torch.randn(b, hq, sq, dh, device=dev).to(dtype),
                     # (B, S, H, D) storage viewed as (B, H, S, D): strided inputs
                     "k": torch.randn(b, sk, hkv, dh, device=dev).to(dtype).transpose(1, 2),
-                    "v": torch.randn(b, hkv, sk, dh, device=dev).to(dtype),
-                    "gy": torch.randn(b, hq, sq, dh, device=dev),
+                    "v": torch.randn(b, hkv, sk, dv, device=dev).to(dtype),
+                    "gy": torch.randn(b, hq, sq, dv, device=dev),
                     "mask": None,
                 }
                 if mask_kind == "bool":
@@ -273,17 +353,31 @@ def _attention_cases() -> Iterable[Case]:
                 y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
                 return {"out": y} | _grads(y, d["gy"], {"query": q, "key": k, "value": v})
 
-            label = f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{' causal' if causal else ''}{' ' + mask_kind if mask_kind else ''}"
-            yield Case("attention", label, dtype, make, run_a, ref_a, base_a, quick=quick)
+            label = (f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{'' if dv == dh else f'/{dv}'}"
+                     f"{' causal' if causal else ''}{' ' + mask_kind if mask_kind else ''}")
+            yield Case("attention", label, dtype, make, run_a, ref_a, base_a, quick=quick, interp=interp)
 
+    # B, Hq, Hkv, T, S_max, D, layout, quick, interp
+    decode_configs = [
+        (3, 4, 2, 1, 40, 64, "contig", True, True),
+        (2, 2, 1, 3, 33, 32, "contig", True, True),
+        (2, 4, 4, 1, 70, 64, "bshd", True, True),
+        (0, 2, 2, 1, 8, 32, "contig", True, True),
+        (4, 8, 2, 2, 1025, 128, "contig", False, False),
+    ]
     for dtype in HALF_AND_FLOAT:
-        for b, hq, hkv, t, smax, dh in ((3, 4, 2, 1, 40, 64), (2, 2, 1, 3, 33, 32)):
+        for b, hq, hkv, t, smax, dh, layout, quick, interp in decode_configs:
 
-            def make_d(dev, b=b, hq=hq, hkv=hkv, t=t, smax=smax, dh=dh, dtype=dtype):
+            def make_d(dev, b=b, hq=hq, hkv=hkv, t=t, smax=smax, dh=dh, dtype=dtype, layout=layout):
+                def cache() -> Tensor:
+                    if layout == "bshd":  # (B, S, H, D) cache storage viewed as (B, H, S, D)
+                        return torch.randn(b, smax, hkv, dh, device=dev).to(dtype).transpose(1, 2)
+                    return torch.randn(b, hkv, smax, dh, device=dev).to(dtype)
+
                 return {
                     "q": torch.randn(b, hq, t, dh, device=dev).to(dtype),
-                    "k": torch.randn(b, hkv, smax, dh, device=dev).to(dtype),
-                    "v": torch.randn(b, hkv, smax, dh, device=dev).to(dtype),
+                    "k": cache(),
+                    "v": cache(),
                     "lens": torch.randint(t, smax + 1, (b,), device=dev, dtype=torch.int32),
                 }
 
@@ -291,7 +385,10 @@ def _attention_cases() -> Iterable[Case]:
                 return {"out": L.decode_attention(d["q"], d["k"], d["v"], d["lens"])}
 
             def ref_d(d):
-                return {"out": R.decode_attention(*(d[n].to(torch.float64) for n in ("q", "k", "v")), d["lens"], None, True)}
+                q, k, v = (d[n].to(torch.float64) for n in ("q", "k", "v"))
+                if q.shape[0] == 0:  # reference64 loops over the batch; an empty one has nothing to loop
+                    return {"out": q.new_empty(q.shape[:3] + v.shape[3:])}
+                return {"out": R.decode_attention(q, k, v, d["lens"], None, True)}
 
             def base_d(d):
                 from .ops.attention import decode_mask
@@ -300,17 +397,30 @@ def _attention_cases() -> Iterable[Case]:
                 m = decode_mask(d["lens"], q.shape[2], d["k"].shape[2], True)
                 return {"out": F.scaled_dot_product_attention(q, d["k"], d["v"], m, enable_gqa=True)}
 
-            yield Case("decode_attention", f"B{b} H{hq}/{hkv} T{t} S{smax} D{dh}", dtype, make_d, run_d, ref_d, base_d)
+            label = f"B{b} H{hq}/{hkv} T{t} S{smax} D{dh}{'' if layout == 'contig' else ' ' + layout}"
+            yield Case("decode_attention", label, dtype, make_d, run_d, ref_d, base_d, quick=quick, interp=interp)
 
 
 def _int8_cases() -> Iterable[Case]:
-    for dtype in HALF_AND_FLOAT:
-        for shape in ((1, 1), (7, 33), (33, 1023)):
+    quant_shapes = [
+        ((1, 1), "contig", True, True),
+        ((7, 33), "contig", True, True),
+        ((33, 1023), "contig", True, True),
+        ((0, 33), "contig", True, True),
+        ((33, 7), "transposed", True, True),
+        ((4, 5, 96), "permuted", False, True),
+        ((2, 65537), "contig", False, False),
+    ]
+    for dtype in WITH_F64:
+        for shape, layout, quick, interp in quant_shapes:
+            if dtype == torch.float64 and quick:
+                continue
 
-            def make_q(dev, shape=shape, dtype=dtype):
+            def make_q(dev, shape=shape, dtype=dtype, layout=layout):
                 x = torch.randn(shape, device=dev).to(dtype)
-                x[0] = 0  # an all-zero row: scale 0, no NaN
-                return {"x": x}
+                if x.shape[0]:
+                    x[0] = 0  # an all-zero row: scale 0, no NaN
+                return {"x": laid_out(x, layout)}
 
             def run_q(d):
                 q, s = L.quantize_int8(d["x"])
@@ -320,42 +430,86 @@ def _int8_cases() -> Iterable[Case]:
                 q, s = R.quantize_int8(d["x"])
                 return {"q": q, "scale": s}
 
-            yield Case("quantize_int8", "x".join(map(str, shape)), dtype, make_q, run_q, ref_q, None, exact=True)
+            yield Case("quantize_int8", _label(shape, layout), dtype, make_q, run_q, ref_q, None, exact=True,
+                       quick=quick, interp=interp)
 
-    for m, k, n in ((1, 7, 3), (17, 33, 65), (64, 128, 96)):
+    # M, K, N, b layout, quick, interp
+    for m, k, n, b_layout, quick, interp in (
+        (1, 7, 3, "contig", True, True),
+        (17, 33, 65, "contig", True, True),
+        (64, 128, 96, "contig", True, True),
+        (0, 16, 8, "contig", True, True),
+        (33, 64, 40, "transposed", True, True),
+        (130, 1023, 257, "contig", False, True),
+    ):
 
-        def make_mm(dev, m=m, k=k, n=n):
+        def make_mm(dev, m=m, k=k, n=n, b_layout=b_layout):
             return {
                 "a": torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8),
-                "b": torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8),
+                "b": laid_out(torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8), b_layout),
             }
 
         yield Case(
-            "int8_matmul", f"{m}x{k}x{n}", torch.int8, make_mm,
+            "int8_matmul", _label((m, k, n), b_layout), torch.int8, make_mm,
             lambda d: {"out": L.int8_matmul(d["a"], d["b"])},
             lambda d: {"out": R.int8_matmul(d["a"], d["b"]).to(torch.int32)},
-            None, exact=True,
+            None, exact=True, quick=quick, interp=interp,
         )
+
+    # the scaled epilogue: acc * a_scale * b_scale + bias in float32, written as out_dtype
+    for out_dtype in HALF_AND_FLOAT:
+        for m, k, n, quick in ((5, 33, 17, True), (64, 256, 130, False)):
+
+            def make_ep(dev, m=m, k=k, n=n):
+                return {
+                    "a": torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8),
+                    "b": torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8),
+                    "sa": torch.rand(m, device=dev) * 0.02 + 1e-3,
+                    "sb": torch.rand(n, device=dev) * 0.02 + 1e-3,
+                    "bias": torch.randn(n, device=dev),
+                }
+
+            def run_ep(d, od=out_dtype):
+                return {"out": L.int8_matmul(d["a"], d["b"], d["sa"], d["sb"], d["bias"], od)}
+
+            def ref_ep(d):
+                acc = R.int8_matmul(d["a"], d["b"]).to(torch.float64)
+                return {"out": acc * d["sa"].double()[:, None] * d["sb"].double()[None, :] + d["bias"].double()}
+
+            def base_ep(d, od=out_dtype):
+                acc = (d["a"].double() @ d["b"].double()).float()
+                return {"out": (acc * d["sa"][:, None] * d["sb"][None, :] + d["bias"]).to(od)}
+
+            yield Case("int8_matmul", f"{m}x{k}x{n} scaled->{_names(out_dtype)}", out_dtype, make_ep, run_ep,
+                       ref_ep, base_ep, quick=quick)
 
     for dtype in HALF_AND_FLOAT:
         for mode, min_db in (("w8a8", 25.0), ("w8a16", 30.0)):
-            for m, k, n in ((1, 64, 48), (33, 256, 130)):
+            # lead shape, K, N, activation, input layout, quick
+            for lead, k, n, act, layout, quick in (
+                ((1,), 64, 48, "none", "contig", True),
+                ((33,), 256, 130, "none", "contig", True),
+                ((2, 5), 96, 40, "gelu", "contig", True),
+                ((0,), 32, 16, "none", "contig", True),
+                ((17,), 64, 24, "none", "transposed", False),
+            ):
 
-                def make_lin(dev, m=m, k=k, n=n, dtype=dtype):
+                def make_lin(dev, lead=lead, k=k, n=n, dtype=dtype, layout=layout):
                     w = torch.randn(n, k, device=dev)
                     wq, ws = R.quantize_int8(w)
-                    return {"x": torch.randn(m, k, device=dev).to(dtype), "w": wq, "ws": ws,
+                    return {"x": laid_out(torch.randn(*lead, k, device=dev).to(dtype), layout), "w": wq, "ws": ws,
                             "bias": torch.randn(n, device=dev).to(dtype), "wf": w}
 
-                def run_lin(d, mode=mode):
-                    return {"out": L.int8_linear(d["x"], d["w"], d["ws"], d["bias"], mode=mode)}
+                def run_lin(d, mode=mode, act=act):
+                    return {"out": L.int8_linear(d["x"], d["w"], d["ws"], d["bias"], mode=mode, activation=act)}
 
-                def ref_lin(d):
+                def ref_lin(d, act=act):
                     y = d["x"].to(torch.float64) @ d["wf"].to(torch.float64).t() + d["bias"].to(torch.float64)
-                    return {"out": y}
+                    return {"out": R.gelu(y) if act == "gelu" else y}
 
-                yield Case("int8_linear", f"{mode} {m}x{k}x{n}", dtype, make_lin, run_lin, ref_lin, None,
-                           min_sqnr_db=min_db)
+                label = f"{mode} {_label((*lead, k, n), layout)}{' gelu' if act != 'none' else ''}"
+                yield Case("int8_linear", label, dtype, make_lin, run_lin, ref_lin, None, min_sqnr_db=min_db,
+                           quick=quick)
 
 
 def all_cases() -> list[Case]:
@@ -372,52 +526,71 @@ def _fmt_dtype(dt: torch.dtype) -> str:
     return _names(dt)
 
 
+def _judge(case: Case, name: str, out: Tensor, r: Tensor, baseline: Outputs | None) -> tuple[float, float, float, str, str]:
+    """(max abs err, rel err, tolerance, status, note) of one output."""
+    if case.exact:
+        if out.shape != r.shape or out.dtype != r.dtype:
+            return math.inf, math.nan, 0.0, "FAIL", (f"got {_names(out.dtype)} {list(out.shape)}, expected "
+                                                     f"{_names(r.dtype)} {list(r.shape)}")
+        exact = torch.equal(out.cpu(), r.cpu())
+        diff = 0.0 if exact else float((out.cpu().double() - r.cpu().double()).abs().nan_to_num(math.inf).max())
+        return diff, 0.0 if exact else math.nan, 0.0, "PASS" if exact else "FAIL", "" if exact else "must be bit-exact"
+    if case.min_sqnr_db is not None:
+        if out.shape != r.shape:
+            return math.inf, math.nan, math.nan, "FAIL", f"shape {list(out.shape)}, expected {list(r.shape)}"
+        db = sqnr_db(out, r)
+        err = float((out.double() - r.cpu().double().to(out.device)).abs().max()) if out.numel() else 0.0
+        ok = db >= case.min_sqnr_db and bool(torch.isfinite(out).all()) and out.dtype == case.dtype
+        return err, math.nan, math.nan, "PASS" if ok else "FAIL", f"SQNR {db:.1f} dB (needs >= {case.min_sqnr_db:.0f})"
+    assert baseline is not None
+    c = compare(name, out, r, baseline[name])
+    return c.max_abs_err, c.max_rel_err, c.tolerance, "PASS" if c.passed else "FAIL", ""
+
+
 def run_case(case: Case, backend: str, device: torch.device) -> list[Row]:
     """Run one case on one backend and device; one row per output."""
+    t0 = time.perf_counter()
     base = dict(op=case.op, backend=backend, device=device.type, dtype=_fmt_dtype(case.dtype), shape=case.label)
+
+    def one(status: str, note: str, output: str = "-") -> list[Row]:
+        return [Row(**base, output=output, max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
+                    status=status, note=note, seconds=time.perf_counter() - t0)]
+
     try:
         data = case.make(device)
     except Exception as exc:  # pragma: no cover - input construction is ours
-        return [Row(**base, output="-", max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
-                    status="FAIL", note=f"making inputs failed: {exc!r}")]
+        return one("FAIL", f"making inputs failed: {exc!r}")
     try:
         with use_backend(backend):
             got = case.run(data)
     except BackendError as exc:
         reasons = "; ".join("; ".join(r) for r in exc.reasons.values()) or str(exc)
-        return [Row(**base, output="-", max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
-                    status="SKIP", note=reasons)]
+        return one("SKIP", reasons)
     except Exception as exc:
-        return [Row(**base, output="-", max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
-                    status="FAIL", note=f"{type(exc).__name__}: {exc}")]
-    ref = case.ref(data)
-    baseline = case.base(data) if case.base is not None else None
+        return one("FAIL", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+    try:
+        ref = case.ref(data)
+        baseline = case.base(data) if case.base is not None else None
+    except Exception as exc:  # the yardstick itself: report, do not hide
+        return one("FAIL", f"reference/baseline failed: {type(exc).__name__}: {exc}".splitlines()[0][:300])
     rows = []
     for name, out in got.items():
-        r = ref[name]
-        if case.exact:
-            exact = out.dtype == r.dtype and out.shape == r.shape and torch.equal(out.cpu(), r.cpu())
-            diff = 0.0 if exact else float((out.cpu().double() - r.cpu().double()).abs().max()) if out.shape == r.shape else math.inf
-            rows.append(Row(**base, output=name, max_abs_err=diff, rel_err=0.0 if exact else math.nan,
-                            tolerance=0.0, status="PASS" if exact else "FAIL",
-                            note="" if exact else "must be bit-exact"))
-        elif case.min_sqnr_db is not None:
-            db = sqnr_db(out, r)
-            err = float((out.double() - r.cpu().double().to(out.device)).abs().max())
-            ok = db >= case.min_sqnr_db and bool(torch.isfinite(out).all())
-            rows.append(Row(**base, output=name, max_abs_err=err, rel_err=math.nan, tolerance=math.nan,
-                            status="PASS" if ok else "FAIL", note=f"SQNR {db:.1f} dB (needs >= {case.min_sqnr_db:.0f})"))
-        else:
-            c = compare(name, out, r, baseline[name])
-            rows.append(Row(**base, output=name, max_abs_err=c.max_abs_err, rel_err=c.max_rel_err,
-                            tolerance=c.tolerance, status="PASS" if c.passed else "FAIL"))
+        try:
+            err, rel, tol, status, note = _judge(case, name, out, ref[name], baseline)
+        except Exception as exc:
+            err, rel, tol, status, note = math.nan, math.nan, math.nan, "FAIL", f"{type(exc).__name__}: {exc}"
+        rows.append(Row(**base, output=name, max_abs_err=err, rel_err=rel, tolerance=tol, status=status, note=note))
+    missing = set(ref) - set(got)
+    for name in sorted(missing):
+        rows.append(Row(**base, output=name, max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
+                        status="FAIL", note="output missing"))
+    for r in rows:
+        r.seconds = (time.perf_counter() - t0) / len(rows)
     return rows
 
 
 def targets(backends: list[str] | None) -> list[tuple[str, torch.device]]:
     """(backend, device) pairs to check on this machine."""
-    from .dispatch import BACKENDS
-
     names = backends or list(BACKEND_NAMES)
     out = []
     devices = [torch.device("cuda")] if torch.cuda.is_available() else []
@@ -429,21 +602,66 @@ def targets(backends: list[str] | None) -> list[tuple[str, torch.device]]:
     return out
 
 
+def _interpreted(backend: str, device: torch.device) -> bool:
+    return backend == "triton" and device.type == "cpu" and triton_interpreting()
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a check run will do, and what it leaves out (and why)."""
+
+    work: list[tuple[Case, str, torch.device]]
+    notes: list[str]
+
+
+def plan_check(
+    ops: list[str] | None = None,
+    backends: list[str] | None = None,
+    quick: bool = False,
+    dtypes: list[str] | None = None,
+) -> Plan:
+    """Every (case, backend, device) to run, and notes on what is left out."""
+    cases = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not quick)
+             and (dtypes is None or _fmt_dtype(c.dtype) in dtypes)]
+    work: list[tuple[Case, str, torch.device]] = []
+    notes: list[str] = []
+    for backend, dev in targets(backends):
+        missing: set[str] = set()
+        too_big = half_left = 0
+        for c in cases:
+            stages = OPS.get(c.op, {})
+            if not any(backend in p.impls for p in stages.values()):
+                missing.add(c.op)  # this backend has no implementation of the op at all
+                continue
+            if _interpreted(backend, dev):
+                if not c.interp:
+                    too_big += 1
+                    continue
+                if quick and c.dtype == torch.float16:
+                    half_left += 1
+                    continue
+            work.append((c, backend, dev))
+        if missing:
+            notes.append(f"{backend} ({dev.type}) has no implementation of: {', '.join(sorted(missing))}")
+        if too_big:
+            notes.append(f"{backend} ({dev.type}, interpreter): {too_big} large cases left out "
+                         "(too slow to interpret; they run on a GPU and on the other backends)")
+        if half_left:
+            notes.append(f"{backend} ({dev.type}, interpreter, --quick): {half_left} float16 cases left out "
+                         "(bfloat16 and float32 run; the full check runs float16 too)")
+    return Plan(work, notes)
+
+
 def run_check(
     ops: list[str] | None = None,
     backends: list[str] | None = None,
     quick: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    dtypes: list[str] | None = None,
+    plan: Plan | None = None,
 ) -> list[Row]:
     """Run the checker and return every row."""
-    cases = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not quick)]
-    work = []
-    for backend, dev in targets(backends):
-        for c in cases:
-            stages = OPS.get(c.op, {})
-            if not any(backend in p.impls for p in stages.values()):
-                continue  # this backend has no implementation of the op at all
-            work.append((c, backend, dev))
+    work = (plan or plan_check(ops, backends, quick, dtypes)).work
     rows: list[Row] = []
     for i, (c, backend, dev) in enumerate(work):
         if progress:
@@ -454,9 +672,14 @@ def run_check(
     return rows
 
 
+def counts(rows: list[Row]) -> dict[str, int]:
+    """How many rows passed, failed and were skipped."""
+    return {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+
+
 def format_rows(rows: list[Row]) -> str:
     """The table ``llmkit check`` prints."""
-    head = (f"{'op':16} {'backend':9} {'dev':4} {'dtype':8} {'shape':30} {'output':13} "
+    head = (f"{'op':16} {'backend':9} {'dev':4} {'dtype':8} {'shape':32} {'output':13} "
             f"{'max abs err':>11} {'rel err':>9} {'tolerance':>9}  result")
     lines = [head, "-" * len(head)]
 
@@ -465,13 +688,13 @@ def format_rows(rows: list[Row]) -> str:
 
     for r in rows:
         lines.append(
-            f"{r.op:16} {r.backend:9} {r.device:4} {r.dtype:8} {r.shape[:30]:30} {r.output[:13]:13} "
+            f"{r.op:16} {r.backend:9} {r.device:4} {r.dtype:8} {r.shape[:32]:32} {r.output[:13]:13} "
             f"{num(r.max_abs_err):>11} {num(r.rel_err):>9} {num(r.tolerance):>9}  {r.status}"
             + (f"  ({r.note})" if r.note else "")
         )
-    counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+    c = counts(rows)
     lines.append("")
-    lines.append(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+    lines.append(f"{c['PASS']} passed, {c['FAIL']} failed, {c['SKIP']} skipped")
     return "\n".join(lines)
 
 
@@ -481,34 +704,65 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
                    help="check only this op (repeatable); default: all")
     p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
                    help=f"check only this backend (repeatable): {', '.join(BACKEND_NAMES)}")
+    p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
+                   help="check only this dtype (repeatable): float32, float16, bfloat16, float64, int8")
     p.add_argument("--quick", action="store_true", help="only the small shapes")
     p.add_argument("--json", metavar="FILE", help="also write every row as JSON to FILE")
     p.add_argument("--compile", action="store_true",
                    help="also compile every Triton kernel for sm_80 and sm_90 and report resources")
 
 
-def _progress(i: int, n: int, what: str) -> None:
-    if not sys.stderr.isatty():
-        return
-    width = 30
-    done = int(width * i / max(n, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {what[:60]:60}")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def _environment() -> dict[str, Any]:
+    from ._version import __version__
+    from .bench.env import git_commit
+
+    return {
+        "llmkit": __version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton_interpret": triton_interpreting(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["llmkit", *sys.argv[1:]]) if sys.argv[1:2] == ["check"] else None,
+    }
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN or inf: write them as null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def run_check_cli(args: argparse.Namespace) -> int:
-    """``llmkit check``: print the table, optionally write JSON; 1 on any failure."""
-    from .dispatch import BACKENDS, check_backend_name
+    """``llmkit check``: print the table, optionally write JSON; exit code as the module says."""
+    from .bench.progress import progress_callback
+    from .dispatch import check_backend_name
 
     known_ops = sorted({c.op for c in all_cases()})
-    for op in args.ops or []:
-        if op not in known_ops:
-            print(f"llmkit check: unknown op {op!r}; ops are {', '.join(known_ops)}", file=sys.stderr)
-            return 2
+    known_dtypes = sorted({_fmt_dtype(c.dtype) for c in all_cases()})
+    skipped: list[str] = []
+    ops = None
+    if args.ops:
+        ops = []
+        for op in args.ops:
+            if op in known_ops:
+                ops.append(op)
+            else:
+                skipped.append(f"unknown op {op!r}; ops are {', '.join(known_ops)}")
+    dtypes = None
+    if getattr(args, "dtypes", None):
+        dtypes = [d for d in args.dtypes if d in known_dtypes]
+        skipped += [f"unknown dtype {d!r}; dtypes are {', '.join(known_dtypes)}" for d in args.dtypes
+                    if d not in known_dtypes]
     for b in args.backends or []:
         check_backend_name(b)
+    for s in skipped:
+        print(f"llmkit check: {s}: skipped", file=sys.stderr)
     t0 = time.perf_counter()
     pairs = targets(args.backends)
     for name in args.backends or BACKEND_NAMES:
@@ -516,7 +770,12 @@ def run_check_cli(args: argparse.Namespace) -> int:
             reasons = {d: BACKENDS[name].unavailable_reason(d) for d in ("cuda", "cpu")}
             why = "; ".join(f"{d}: {r}" for d, r in reasons.items() if r)
             print(f"backend {name}: not checked ({why})")
-    rows = run_check(args.ops, args.backends, args.quick, _progress)
+            if args.backends:
+                skipped.append(f"backend {name} is not available here ({why})")
+    plan = plan_check(ops, args.backends, args.quick, dtypes)
+    for n in plan.notes:
+        print(f"note: {n}")
+    rows = [] if ops == [] or dtypes == [] else run_check(plan=plan, progress=progress_callback())
     print(format_rows(rows))
     failed = any(r.status == "FAIL" for r in rows)
     compile_problems: list[str] = []
@@ -529,12 +788,24 @@ def run_check_cli(args: argparse.Namespace) -> int:
         compile_problems = problems(reports)
         for p in compile_problems:
             print("PROBLEM:", p)
+    elapsed = time.perf_counter() - t0
+    if failed or compile_problems:
+        code = EXIT_FAILED
+    elif not rows:
+        code = EXIT_NOTHING
+    elif skipped:
+        code = EXIT_SKIPPED
+    else:
+        code = EXIT_OK
     if args.json:
+        doc = {"environment": _environment(), "rows": [dataclasses.asdict(r) for r in rows],
+               "counts": counts(rows), "notes": plan.notes, "skipped": skipped,
+               "compile_problems": compile_problems, "elapsed_s": round(elapsed, 2), "exit_code": code}
         with open(args.json, "w") as f:
-            json.dump({"rows": [dataclasses.asdict(r) for r in rows], "compile_problems": compile_problems},
-                      f, indent=1, default=str)
-    print(f"\nchecked in {time.perf_counter() - t0:.1f} s")
+            json.dump(_finite(doc), f, indent=1, default=str, allow_nan=False)
+    for s in skipped:
+        print(f"skipped: {s}")
+    print(f"\nchecked in {elapsed:.1f} s")
     if not rows:
         print("nothing was checked", file=sys.stderr)
-        return 1
-    return 1 if failed or compile_problems else 0
+    return code

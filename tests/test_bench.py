@@ -415,3 +415,37 @@ def test_quick_run_on_the_gpu_measures_the_roofline(tmp_path):
     assert roof["copy_gbps"] > 0 and roof["bf16_tflops"] > 0 and roof["int8_tops"] > 0
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     assert ok and all(r["fraction_of_roofline"] is not None and r["peak_mem_bytes"] is not None for r in ok)
+
+
+# --------------------------------------------------------------------------------------
+# bench/results summary
+# --------------------------------------------------------------------------------------
+
+
+def test_results_summary_table(tmp_path, capsys):
+    from llmkit.bench.summary import build_readme, main
+
+    dev = tmp_path / "test-gpu"
+    dev.mkdir()
+    (dev / "bench.json").write_text(json.dumps(report_json(_hand_report())))
+    (dev / "notes.json").write_text(json.dumps({"something": "else"}))
+    broken = report_json(_hand_report())
+    del broken["results"][0]["impl"]
+    (dev / "broken.json").write_text(json.dumps(broken))
+    text = build_readme(tmp_path)
+    assert "## test-gpu" in text
+    assert "| layer_norm fwd bfloat16 M=4096 N=1024 | 2 ms | llmkit[triton] 1 ms | 2.00x | 60% | - | - |" in text
+    assert "roofline: copy 3000 GB/s, bf16 matmul 700 TFLOP/s, int8 1400 TOP/s" in text
+    assert "command: `llmkit bench --op layer_norm`" in text
+    assert "### test-gpu/notes.json\n\nnot an llmkit bench result" in text
+    assert "### test-gpu/broken.json\n\nbreaks the result schema" in text
+    assert main([str(tmp_path), "--check"]) == 1
+    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--check"]) == 0
+    assert (tmp_path / "README.md").read_text() == text
+
+
+def test_committed_results_readme_is_up_to_date():
+    from llmkit.bench.summary import main
+
+    assert main(["--check"]) == 0, "run python bench/results/summarize.py"

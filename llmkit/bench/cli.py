@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..dispatch import BACKEND_NAMES
-from .progress import ProgressBar
+from .progress import progress_callback
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -115,19 +115,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("llmkit bench: --device cuda, but no CUDA GPU is available", file=sys.stderr)
         return EXIT_NOTHING
-    bar: ProgressBar | None = None
-
-    def progress(i: int, n: int, what: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = ProgressBar(n)
-        if i >= n:
-            bar.close()
-        else:
-            bar.update(i, what)
-
     try:
-        report = run_bench(opts, _command(args), progress)
+        report = run_bench(opts, _command(args), progress_callback())
     except ShapesError as exc:
         print(f"llmkit bench: {exc}", file=sys.stderr)
         return EXIT_NOTHING

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -38,3 +39,19 @@ class ProgressBar:
             self.update(self.total, "done")
             self.stream.write("\n")
             self.stream.flush()
+
+
+def progress_callback() -> Callable[[int, int, str], None]:
+    """A ``progress(done, total, what)`` callback drawing a :class:`ProgressBar` (created on first call)."""
+    bar: ProgressBar | None = None
+
+    def progress(i: int, n: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = ProgressBar(n)
+        if i >= n:
+            bar.close()
+        else:
+            bar.update(i, what)
+
+    return progress
