@@ -731,6 +731,12 @@ def compile_specs() -> list[CompileSpec]:
             ("add_ln", 16384, "fp32", False, True),
         ]
     ]
+    # rows addressed through two strides (a transposed (S, B, N) view): inner_rows at run time
+    for spec in (specs[2], _bwd_spec("ln", 4096, 4096, "bf16", False, False, slots)):
+        spec = dataclasses.replace(spec, name=spec.name + "_two_strides",
+                                   signature=dict(spec.signature, inner_rows="i32"),
+                                   constexprs={k: v for k, v in spec.constexprs.items() if k != "inner_rows"})
+        specs.append(spec)
     specs += [
         _bwd_spec(name, 4096, n, dt, rms, dres, slots)
         for name, n, dt, rms, dres in [

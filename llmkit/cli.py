@@ -32,6 +32,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_cli(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
 def _cmd_build_ext(args: argparse.Namespace) -> int:
     from ._ext import run_build_ext_cli
 
@@ -81,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "demo",
+        help="swap llmkit into a GPT-2-small-shaped model, check it against the original, time both",
+        description=(
+            "Builds a GPT-2-small-shaped model with random weights (a HuggingFace GPT-2 from a "
+            "config, no download, when transformers is installed, and llmkit's GPT with the same "
+            "weights), swaps llmkit in, checks logits and greedy tokens against the original and "
+            "the reference backend, and times prefill and decoding on this machine. "
+            "--model bert does the same for a BERT-base-shaped encoder. Exits 1 if a check fails."
+        ),
+    )
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "build-ext",

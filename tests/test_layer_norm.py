@@ -193,11 +193,19 @@ def test_long_rows(op, n, backend, dtype):
 @pytest.mark.parametrize("n", [1500, 20000])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
 def test_large_mean(op, backend, dtype, n):
-    """Inputs of mean 1e4 and unit spread: no cancellation in the variance."""
-    x = _randn((3, n), dtype, mean=1e4, scale=1.0)
-    res = _randn((3, n), dtype, mean=-2e3, scale=1.0) if op == "add_layer_norm" else None
+    """Inputs of mean 1e4 and a spread of a few units in the input's precision: no
+    cancellation in the variance (a one-pass E[x^2] - E[x]^2 in float32 fails here)."""
+    scale = 1.0 if dtype == torch.float32 else 200.0  # bfloat16 spacing at 1e4 is 64
+    x = _randn((2, n), dtype, mean=1e4, scale=scale)
+    res = _randn((2, n), dtype, mean=-2e3, scale=scale) if op == "add_layer_norm" else None
     ours = check_op(op, backend, x, [n], residual=res)
     assert torch.isfinite(ours[0]).all()
+    s = x.double() if res is None else (x.float() + res.float()).to(dtype).double()
+    with llmkit.use_backend(backend):
+        _, mean, rstd = torch.ops.llmkit.layer_norm(s.to(dtype), [n], None, None, 1e-5)
+    var = s.var(1, unbiased=False)
+    assert torch.allclose(mean.double(), s.mean(1), rtol=0, atol=2e-3)
+    assert torch.allclose(rstd.double(), 1 / torch.sqrt(var + 1e-5), rtol=1e-4, atol=0)
 
 
 # --------------------------------------------------------------------------------------
