@@ -88,6 +88,8 @@ def _case(suite: str, point: dict[str, Any], pass_: str) -> tuple[Case, dict[str
     key = (suite, tuple(sorted(point.items())), pass_)
     if key not in _CASE:
         _CASE.clear()  # one case alive at a time (models are large)
+        if COMPILE:
+            torch._dynamo.reset()  # past dynamo's recompile limit the compiled baselines would run eager
         case = SUITES[suite].build(CONTEXT, point, pass_, torch.float32)
         _CASE[key] = (case, {})
     return _CASE[key]

@@ -1,4 +1,5 @@
-"""The llmkit command line: info and check."""
+"""The llmkit command line: info, check and bench (the wiring; tests/test_check.py and
+tests/test_bench.py test what check and bench do)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,34 @@ def test_console_script_runs_in_a_fresh_process():
     assert proc.returncode == 2 and "info" in proc.stdout
 
 
-@pytest.mark.parametrize("argv", [["check", "--backend", "cuda"], ["nosuch"]])
+@pytest.mark.parametrize("argv", [["check", "--backend", "cuda"], ["nosuch"], ["bench", "--device", "tpu"]])
 def test_bad_arguments_exit_nonzero(argv):
     proc = subprocess.run([sys.executable, "-m", "llmkit.cli", *argv], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "cuda" in proc.stderr or "invalid choice" in proc.stderr
+
+
+def test_bench_is_wired_with_its_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--op", "--shapes", "--dtype", "--backend", "--quick", "--out", "--threads", "--no-compile"):
+        assert flag in out
+
+
+def test_bench_draws_a_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    code = cli.main(["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.002", "--no-plots",
+                     "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out
+    drawn = err.getvalue()
+    assert "\r[" in drawn and "gelu fwd float32" in drawn and "] 2/2 done" in drawn
+    assert "gelu fwd float32 (cpu)" in capsys.readouterr().out  # the table goes to stdout

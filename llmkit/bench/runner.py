@@ -210,9 +210,9 @@ def _reason(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, BackendError):
         reasons = "; ".join(f"{b}: {', '.join(r)}" for b, r in exc.reasons.items()) or str(exc)
         return "skipped", f"backend cannot take this case ({reasons})"
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "skipped", "out of memory"
     text = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return "skipped", "out of memory"
     if "No available kernel" in text or "not supported" in text.lower():
         return "skipped", text.splitlines()[0][:300]
     return "error", text.splitlines()[0][:300] if text else type(exc).__name__
@@ -423,6 +423,10 @@ def _run_units(units: list[Unit], ctx: Context, shapes: Shapes, roofline: Roofli
         if progress:
             progress(i, total, u.label)
         suite = SUITES[u.suite]
+        if ctx.compile:
+            # a fresh dynamo cache per case: the compiled baselines share code objects across
+            # cases, and past dynamo's recompile limit they would silently run eager
+            torch._dynamo.reset()
         try:
             case = suite.build(ctx, u.point, u.pass_, u.dtype)
             results.extend(run_case(case, ctx, roofline, cpu_budget, cuda_budget, shapes.x_axis(u.suite)))
