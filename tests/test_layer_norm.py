@@ -280,7 +280,7 @@ def test_strided_weight(backend):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", HALF_AND_FLOAT)
+@pytest.mark.parametrize("dtype", HALF_AND_FLOAT, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("op", list(RUNNERS))
 def test_looped_paths_forced(op, dtype, monkeypatch):
     """Short rows forced down the looped forward (chunks of 128) and the tiled backward
