@@ -369,7 +369,8 @@ def _w8a16_gemv_kernel(
     M, N, K, k_per_split,
     x_row_stride, x_k_stride, w_n_stride, w_k_stride, out_row_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out^T tile (BLOCK_N, BLOCK_M) = W tile @ X^T over one K range (M <= BLOCK_M).
 
@@ -582,13 +583,23 @@ def _out_buffer(out: torch.Tensor | None, shape: list[int], dtype: torch.dtype, 
     return out
 
 
+def _i32_inner(t: torch.Tensor) -> torch.Tensor:
+    """2-D ``t`` whose offsets along dim 1 fit in int32 (the kernels index rows in int64,
+    columns in int32): a contiguous copy in the rare case they do not."""
+    if t.stride(1) != 1 and t.shape[1] * t.stride(1) >= 2**31:
+        return t.contiguous()
+    return t
+
+
 def _rows_view(t: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """``t`` with ``dim`` moved last and the rest flattened, as a view (None if impossible)."""
+    """``t`` with ``dim`` moved last and the rest flattened, as a view (None if impossible,
+    or if its column offsets would not fit in int32)."""
     moved = t.movedim(dim, -1)
     try:
-        return moved.view(-1, moved.shape[-1])
+        view = moved.view(-1, moved.shape[-1])
     except RuntimeError:
         return None
+    return view if _i32_inner(view) is view else None
 
 
 def quantize_rows(
@@ -612,7 +623,7 @@ def quantize_rows(
         return q, scale.zero_()
     x2 = _rows_view(x, dim)
     if x2 is None:
-        x2 = x.movedim(dim, -1).reshape(-1, n_cols)
+        x2 = x.movedim(dim, -1).reshape(-1, n_cols).contiguous()
     q2 = _rows_view(q, dim)
     q_tmp = None
     if q2 is None:
@@ -650,6 +661,8 @@ def int8_gemm(
     with ``activation`` applied, in ``out_dtype`` (default float32), fused in the epilogue.
     ``out``: an optional contiguous ``(M, N)`` buffer of that dtype to write.
     """
+    a = _i32_inner(a)
+    b = _i32_inner(b.t()).t()  # K offsets of b in int32
     m, k = a.shape
     n = b.shape[1]
     has_scale = a_scale is not None
@@ -713,6 +726,7 @@ def w8a16_linear(
     GEMM kernel (``config`` a :class:`GemmConfig`). ``out``: an optional contiguous
     ``(M, N)`` buffer of x's dtype to write.
     """
+    x, weight = _i32_inner(x), _i32_inner(weight)
     m, k = x.shape
     n = weight.shape[0]
     out = _out_buffer(out, [m, n], x.dtype, x.device, "w8a16_linear")
@@ -839,8 +853,8 @@ def _w8a16_gemm_spec(name: str, m: int, x_ty: str, has_bias: bool, activation: s
     def constexprs(arch: int) -> dict:
         cfg = config(arch)
         return {"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias, "ACTIVATION": ACTIVATION_CODES[activation],
-                "EVEN_K": aligned, "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N,
-                "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
+                "EVEN_K": aligned, "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": cfg.BLOCK_M,
+                "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
 
     return CompileSpec(
         name=name,
@@ -875,11 +889,13 @@ def _w8a16_gemv_spec(name: str, x_ty: str, split_k: int, has_bias: bool, activat
             "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
             "out_row_stride": "i32",
             "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr", "EVEN_K": "constexpr",
-            "ALIGNED": "constexpr", "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+            "ALIGNED": "constexpr", "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            "BLOCK_K": "constexpr",
         },
         constexprs={"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias,
                     "ACTIVATION": ACTIVATION_CODES[activation], "SPLIT_K": split_k, "EVEN_K": aligned,
-                    "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": SKINNY_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K},
+                    "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": SKINNY_M, "BLOCK_N": cfg.BLOCK_N,
+                    "BLOCK_K": cfg.BLOCK_K},
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         matrix=True,

@@ -452,7 +452,8 @@ def calibrate(
 
     Only norms whose output is read by linears alone (checked while the batches run) are
     folded: in post-LN models such as BERT the norm output is also the residual stream,
-    which the folding would change, so those are reported and left alone.
+    which the folding would change, so those are reported and left alone. The model runs
+    in eval mode during calibration (its training flag is restored afterwards).
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"calibrate: alpha must be in [0, 1], got {alpha!r}")
@@ -493,6 +494,8 @@ def calibrate(
     first_out = None
     first_batch = None
     count = 0
+    was_training = model.training
+    model.eval()  # dropout off: the statistics and the folding check need a deterministic model
     try:
         with _ConsumerWatch(state):
             for batch in batches:
@@ -504,6 +507,7 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     if count == 0:
         raise ValueError("calibrate: batches gave no batch to run")
 
@@ -544,7 +548,11 @@ def calibrate(
                                              _ratio(act), _ratio(after)))
 
     if report.smoothed:
-        report.output_cosine = _cosine(first_out, _float_leaves(_run(model, first_batch)))
+        model.eval()
+        try:
+            report.output_cosine = _cosine(first_out, _float_leaves(_run(model, first_batch)))
+        finally:
+            model.train(was_training)
         if not report.output_cosine >= min_cosine:
             for p, old in saved:
                 p.data.copy_(old)

@@ -238,7 +238,8 @@ def test_int8_matmul_epilogue(out_dtype, scales, bias_dtype):
     bias = None if bdt is None else torch.randn(n, device=DEVICE).to(bdt)
     out = _triton(int8_matmul, a, b, a_scale, b_scale, bias, out_dtype)
     assert out.dtype == (out_dtype or torch.float32)
-    ref64 = _epilogue64(R.int8_matmul(a.cpu(), b.cpu()), a_scale.cpu(), b_scale.cpu(), None if bias is None else bias.cpu())
+    bias64 = None if bias is None else bias.cpu()
+    ref64 = _epilogue64(R.int8_matmul(a.cpu(), b.cpu()), a_scale.cpu(), b_scale.cpu(), bias64)
     baseline = _reference(int8_matmul, a, b, a_scale, b_scale, bias, out_dtype)
     assert_close_to_reference(out.cpu(), ref64, baseline, "int8_matmul epilogue")
 

@@ -307,7 +307,9 @@ def _int_mm_weight(q: Tensor, weight: Tensor) -> Tensor:
     return torch._int_mm(q, wt)
 
 
-def _w8a16_dequantized(x2: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+def _w8a16_dequantized(
+    x2: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, activation: str
+) -> Tensor:
     """float32 ``x2 @ (weight * weight_scale)^T + bias``, activated (a float32 weight copy)."""
     w = weight.to(torch.float32) * weight_scale[:, None]
     out = F.linear(x2.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
@@ -377,7 +379,7 @@ def int8_linear_reference(
         out = _activate(out, activation).to(input.dtype)
     elif mode == "w8a8":
         q, s = quantize_int8_reference(x2, -1)
-        acc = int8_mm_exact(q, weight.t())
+        acc = _int_mm_weight(q, weight) if input.device.type == "cpu" else int8_mm_exact(q, weight.t())
         out = _epilogue(acc, s, weight_scale, bias, activation, input.dtype)
     elif input.device.type == "cpu":
         out = w8a16_cpu(x2, weight, weight_scale, bias, activation).to(input.dtype)
