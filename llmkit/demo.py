@@ -124,10 +124,17 @@ def _randomize_(model: torch.nn.Module, std: float = 0.02) -> None:
 
 
 def _hf_without_init(cls: Any, config: Any) -> torch.nn.Module:
-    """A transformers model with uninitialized weights (they are drawn by ``_randomize_``)."""
-    with torch.device("meta"):
-        model = cls(config)
-    return model.to_empty(device="cpu")
+    """A transformers model whose weights ``_randomize_`` will draw (skips HF's slower init).
+
+    Built on the CPU with transformers' ``no_init_weights`` where it exists, so that
+    buffers made in ``__init__`` (position ids, ...) are real.
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # other transformers versions: a normal (slower) construction
+        return cls(config)
+    with no_init_weights():
+        return cls(config)
 
 
 # -- GPT-2 --------------------------------------------------------------------------------

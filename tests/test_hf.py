@@ -127,8 +127,17 @@ def test_attention_function_warns_for_output_attentions(caplog):
 # -- BERT ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[True, False], ids=["bias_in_gemm", "bias_gelu"])
+def bias_path(request, monkeypatch):
+    """Both CPU GELU-bias paths: bias added by the GEMM (CPU default) or by bias_gelu (GPU)."""
+    from llmkit.nn import _fused
+
+    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_bert_family_swap_matches_and_unswap_is_bit_identical(family):
+def test_bert_family_swap_matches_and_unswap_is_bit_identical(family, bias_path):
     if family == "bert":
         model = bert()
     else:
@@ -199,7 +208,7 @@ def test_unsupported_activation_is_left_with_reason():
 # -- GPT-2 --------------------------------------------------------------------------------
 
 
-def test_gpt2_swap_logits_cache_and_greedy_generate():
+def test_gpt2_swap_logits_cache_and_greedy_generate(bias_path):
     model = gpt2()
     ids = torch.randint(2, VOCAB, (2, 9))
     with torch.no_grad():

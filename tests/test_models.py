@@ -58,7 +58,11 @@ def test_gpt_from_hf_gives_the_same_logits(kw):
         torch.testing.assert_close(ours(ids), hf(ids).logits, **TOL)
 
 
-def test_gpt_gradients_match_hf():
+@pytest.mark.parametrize("bias_in_gemm", [True, False])
+def test_gpt_gradients_match_hf(monkeypatch, bias_in_gemm):
+    from llmkit.nn import _fused
+
+    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", bias_in_gemm)
     hf = hf_gpt2()
     ours = GPT.from_hf(hf)
     ids = torch.randint(0, VOCAB, (2, 9))
@@ -257,3 +261,33 @@ def test_bert_defaults_and_errors():
         BERT.from_hf(transformers.BertModel(transformers.BertConfig(
             vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
             position_embedding_type="relative_key")))
+
+
+# -- the demo (the README's main command) -----------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--layers", "1", "--seq-len", "8", "--new-tokens", "3", "--repeats", "1"],
+    ["demo", "--model", "bert", "--layers", "1", "--batch", "2", "--seq-len", "8", "--repeats", "1"],
+    ["demo", "--no-hf", "--layers", "1", "--seq-len", "5", "--new-tokens", "2", "--repeats", "1"],
+])
+def test_demo_runs_checks_and_prints_tables(argv, capsys):
+    from llmkit.cli import main
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+    assert "vs reference" in out
+    if "--no-hf" in argv:
+        assert "HF" not in out.split("check")[0].split("model")[-1]
+    else:
+        assert "HF + llmkit.swap" in out and "identical" in out or "--model" in argv
+
+
+def test_demo_rejects_bad_sizes():
+    from llmkit.demo import main
+
+    with pytest.raises(SystemExit, match="seq-len"):
+        main(["--seq-len", "1020", "--new-tokens", "10", "--layers", "1"])
+    with pytest.raises(SystemExit, match="batch"):
+        main(["--batch", "0"])

@@ -196,12 +196,28 @@ def test_seeded_transformer_has_torchs_weights():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_layers_use_fused_ops(monkeypatch):
-    """Post-norm layer: two add+LayerNorm, one bias+GELU, one attention call."""
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh_module"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_encoder_layer_bias_gelu_path_matches_torch(monkeypatch, norm_first, activation, bias):
+    """The bias_gelu fusion that GPUs take, forced on the CPU."""
+    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", False)
+    test_encoder_layer_matches_torch(True, norm_first, activation, bias, "kpm")
+
+
+@pytest.mark.parametrize("bias_in_gemm", [True, False])
+def test_layers_use_fused_ops(monkeypatch, bias_in_gemm):
+    """Post-norm layer: two add+LayerNorm, one bias+GELU, one attention call.
+
+    On the CPU the bias goes into the GEMM and the GELU runs alone (BIAS_IN_GEMM_ON_CPU).
+    """
     import llmkit
 
+    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", bias_in_gemm)
+    gelu_op = "gelu" if bias_in_gemm else "bias_gelu"
+
     counts: dict[str, int] = {}
-    for name in ("add_layer_norm", "bias_gelu", "scaled_dot_product_attention", "layer_norm"):
+    for name in ("add_layer_norm", "bias_gelu", "gelu", "scaled_dot_product_attention", "layer_norm"):
         real = getattr(llmkit.ops, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -211,11 +227,11 @@ def test_layers_use_fused_ops(monkeypatch):
         monkeypatch.setattr(llmkit.ops, name, spy)
     layer = lnn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", batch_first=True)
     layer(torch.randn(2, 3, D))
-    assert counts == {"add_layer_norm": 2, "bias_gelu": 1, "scaled_dot_product_attention": 1}
+    assert counts == {"add_layer_norm": 2, gelu_op: 1, "scaled_dot_product_attention": 1}
     counts.clear()
     layer.norm_first = True
     layer(torch.randn(2, 3, D))
-    assert counts == {"layer_norm": 1, "add_layer_norm": 1, "bias_gelu": 1, "scaled_dot_product_attention": 1}
+    assert counts == {"layer_norm": 1, "add_layer_norm": 1, gelu_op: 1, "scaled_dot_product_attention": 1}
 
 
 def test_fusion_falls_back_for_hooked_or_foreign_modules():

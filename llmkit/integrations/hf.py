@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn import GELU, RMSNorm
+from ..nn import _fused
 from ..nn._fused import add_norm, gelu_approximate, linear_act, norm
 
 __all__ = [
@@ -405,10 +406,15 @@ def _dense_add_norm_shape(module: nn.Module) -> bool:
 
 
 def conv1d_act(x: Tensor, conv: nn.Module, activation: Callable[[Tensor], Tensor]) -> Tensor:
-    """``activation(conv(x))`` for transformers' ``Conv1D`` (weight ``(in, out)``), bias fused into a GELU."""
+    """``activation(conv(x))`` for transformers' ``Conv1D`` (weight ``(in, out)``), bias fused into a GELU.
+
+    On the CPU the GEMM adds the bias (see ``llmkit.nn._fused.BIAS_IN_GEMM_ON_CPU``).
+    """
     approx = gelu_approximate(activation)
     if approx is None or type(conv).__name__ != "Conv1D" or conv._forward_hooks or conv._forward_pre_hooks:
         return activation(conv(x))
+    if _fused.BIAS_IN_GEMM_ON_CPU and x.device.type == "cpu":
+        return ops.gelu(conv(x), approx)
     return ops.bias_gelu(torch.matmul(x, conv.weight), conv.bias, approx)
 
 
