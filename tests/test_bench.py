@@ -269,6 +269,21 @@ def test_table_and_markdown_show_ratios_fractions_and_skips():
     assert len(body) == 3 and all(x.count("|") == 10 for x in body)
 
 
+def test_plot_of_a_gpu_report_draws_the_roofline(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from llmkit.bench.plot import write_plots
+
+    lines = []
+    real = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, *a, **k: lines.append(y) or real(self, y, *a, **k))
+    files, why = write_plots(_hand_report(), tmp_path)
+    assert why is None
+    assert [f.name for f in files] == ["layer_norm-fwd-bfloat16.png"]
+    assert files[0].read_bytes()[:4] == b"\x89PNG"
+    assert lines == [3000.0]  # the copy bandwidth of the run, in the plot's unit (GB/s)
+
+
 def test_fmt_time():
     assert fmt_time(1.5e-3) == "1.5 ms"
     assert fmt_time(2.5) == "2.5 s"

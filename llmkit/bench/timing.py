@@ -1,8 +1,8 @@
 """Measuring one implementation: CPU (torch.utils.benchmark) and CUDA (triton do_bench).
 
 CPU: the implementations of one case are timed *interleaved*: round after round, each
-implementation runs one block of calls (``torch.utils.benchmark.Timer.timeit`` with all
-of torch's threads), the order rotating every round, so that load from other processes
+implementation runs one block of calls (``torch.utils.benchmark.Timer.timeit`` with the
+run's torch threads; calls of 50 ms or more one at a time), the order rotating every round, so that load from other processes
 on a shared machine falls on all of them alike and the ratios between them stay honest.
 Each round gives one per-call time; a :class:`Sample` keeps them all with their median
 and spread.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,12 @@ def _timer(fn: Callable[[], Any], threads: int):
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
 
 
+SLOW_CALL_S = 0.05
+"""CPU calls at least this slow are timed one call per round with ``time.perf_counter``:
+``Timer.timeit`` adds two warm-up calls to every block, which for a call of seconds
+(a whole model) would triple the run for nothing."""
+
+
 def measure_cpu_interleaved(fns: dict[str, Callable[[], Any]], budget: CpuBudget) -> dict[str, Sample]:
     """Time every function of one case, interleaved round by round (see module doc).
 
@@ -102,20 +109,46 @@ def measure_cpu_interleaved(fns: dict[str, Callable[[], Any]], budget: CpuBudget
     """
     if not fns:
         return {}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(budget.num_threads)  # the direct calls run with the Timer's thread count
+    try:
+        return _interleaved(fns, budget)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], budget: CpuBudget) -> dict[str, Sample]:
     names = list(fns)
     timers = {n: _timer(fns[n], budget.num_threads) for n in names}
-    # one call each to size the blocks
-    single = {n: max(timers[n].timeit(1).median, 1e-7) for n in names}
+    single: dict[str, float] = {}
+    for n in names:  # size the blocks: the faster of two calls (one, when a call takes seconds)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fns[n]()
+            dt = time.perf_counter() - t0
+            single[n] = min(single.get(n, dt), max(dt, 1e-7))
+            if dt > 1.0:
+                break
     slowest = max(single.values())
     rounds = int(min(budget.max_rounds, max(budget.min_rounds, budget.seconds_per_impl // slowest)))
     number = {n: max(1, int(round(budget.seconds_per_impl / rounds / single[n]))) for n in names}
+    direct = {n: single[n] >= SLOW_CALL_S for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            times[n].append(timers[n].timeit(number[n]).median)
-    method = f"torch.utils.benchmark.Timer, {budget.num_threads} threads, {rounds} interleaved rounds"
-    return {n: make_sample(times[n], number[n], method) for n in names}
+            if direct[n]:
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
+            else:
+                times[n].append(timers[n].timeit(number[n]).median)
+    out = {}
+    for n in names:
+        how = "time.perf_counter, 1 call per round" if direct[n] else "torch.utils.benchmark.Timer"
+        method = f"{how}, {budget.num_threads} threads, {rounds} interleaved rounds"
+        out[n] = make_sample(times[n], 1 if direct[n] else number[n], method)
+    return out
 
 
 # --------------------------------------------------------------------------------------
