@@ -35,18 +35,18 @@ def _grads(module: nn.Module, inputs: list[torch.Tensor], out: torch.Tensor, g: 
     return torch.autograd.grad(out, leaves, g, allow_unused=True)
 
 
-def _assert_same(a: nn.Module, b: nn.Module, make_inputs, call):
+def _assert_same(a: nn.Module, b: nn.Module, make_inputs, call, tol=TOL):
     """Forward and backward of ``call(module, *inputs)`` agree between a and b."""
     xa = make_inputs()
     xb = [t.detach().clone().requires_grad_(t.requires_grad) for t in xa]
     out_a, out_b = call(a, *xa), call(b, *xb)
-    torch.testing.assert_close(out_b, out_a, **TOL)
+    torch.testing.assert_close(out_b, out_a, **tol)
     g = torch.randn_like(out_a)
     for ga, gb in zip(_grads(a, xa, out_a, g), _grads(b, xb, out_b, g)):
         if ga is None or gb is None:
             assert ga is None and gb is None
         else:
-            torch.testing.assert_close(gb, ga, **TOL)
+            torch.testing.assert_close(gb, ga, **tol)
 
 
 # -- norms and GELU -------------------------------------------------------------------
