@@ -184,3 +184,14 @@ def test_bad_arguments_give_clear_errors():
         q(torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="K mismatch"):
         q(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compile_fullgraph_and_export(mode):
+    q = Int8Linear.from_float(_float_linear(64, 32), mode=mode)
+    x = torch.randn(5, 64)
+    want = q(x)
+    assert torch.equal(torch.compile(q, fullgraph=True, backend="eager")(x), want)
+    program = torch.export.export(q, (x,))
+    assert any("int8_linear" in str(node.target) for node in program.graph.nodes)
+    assert torch.equal(program.module()(x), want)
