@@ -260,7 +260,7 @@ def test_table_and_markdown_show_ratios_fractions_and_skips():
     assert f"{Fm.layer_norm(4096, 1024, 2).gbps(1e-3):.3g}" in line
     assert "SKIPPED: could not set up" in table
     assert "skipped: nosuch: unknown suite" in table
-    assert "2 measured, 1 skipped, 0 failed, 1 requests skipped" in table
+    assert "2 measured, 1 skipped, 0 failed, 0 not applicable, 1 requests skipped" in table
     assert rep.exit_code == 3
     md = format_markdown(rep)
     assert md.startswith("# llmkit bench: Test GPU")
@@ -399,6 +399,19 @@ def test_bad_requests_are_skipped_with_reasons_and_the_rest_runs(tmp_path, capsy
     assert cli.main(["bench", "--quick", "--op", "gelu", "--shapes", "nosuchset", "--no-plots",
                      "--out", str(tmp_path)]) == 2
     assert "no shape set 'nosuchset'" in capsys.readouterr().out
+
+
+def test_a_backend_declining_a_case_is_not_applicable_unless_asked_for(tmp_path, monkeypatch, capsys):
+    impl = OPS["gelu"]["forward"].impls["reference"]
+    monkeypatch.setattr(impl, "why_not", lambda *a, **k: ["this test declines"])
+    argv = ["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.002", "--no-plots", "--out",
+            str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "N/A: backend cannot take this case (reference: this test declines)" in out
+    assert cli.main(argv + ["--backend", "reference"]) == 3
+    doc = json.loads((tmp_path / "quick.json").read_text())
+    assert {r["status"] for r in doc["results"] if r["impl"] == "llmkit[reference]"} == {"skipped"}
 
 
 def test_missing_matplotlib_means_no_png_said_so(tmp_path, monkeypatch, capsys):

@@ -127,7 +127,7 @@ def _footer_lines(report: Report) -> list[str]:
     c = summary_counts(report)
     out = [f"skipped: {s.what}: {s.reason}" for s in report.skipped]
     out.append(
-        f"{c['ok']} measured, {c['skipped']} skipped, {c['error']} failed"
+        f"{c['ok']} measured, {c['skipped']} skipped, {c['error']} failed, {c['n/a']} not applicable"
         + (f", {c['skipped_requests']} requests skipped" if c["skipped_requests"] else "")
         + f" in {report.elapsed_s:.1f} s (exit code {report.exit_code})"
     )

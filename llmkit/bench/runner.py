@@ -10,7 +10,10 @@ Anything that cannot run is recorded as *skipped* with its reason (an unknown su
 shape-set name, a backend not available here, a CUDA-only suite on a CPU machine, an
 llmkit module not built yet, an SDPA backend that does not take the case) and the run
 goes on. Exit code: 0 all ran, 1 an implementation failed or gave a wrong answer,
-3 something was skipped (and nothing failed), 2 nothing could run at all.
+3 something was skipped (and nothing failed), 2 nothing could run at all. An implementation
+that declares it cannot take a case (a backend's dtype/device support, an SDPA backend's
+constraints) is "n/a", listed with its reason, and does not change the exit code unless
+its backend was asked for by name.
 """
 
 from __future__ import annotations
@@ -77,7 +80,10 @@ class Result:
     group: str
     x: float | None
     impl: str
-    status: str  # ok, skipped, error
+    status: str
+    """ok; error (failed or wrong output: exit 1); skipped (something that should run here did not:
+    an llmkit part not built, out of memory, a backend asked for by name: exit 3); n/a (the
+    implementation declares it does not take this case, e.g. a CUDA-only kernel on the CPU)."""
     reason: str = ""
     note: str = ""
     check: str = ""
@@ -209,12 +215,12 @@ def _reason(exc: BaseException) -> tuple[str, str]:
     """(status, reason) for an exception raised while setting up or running an implementation."""
     if isinstance(exc, BackendError):
         reasons = "; ".join(f"{b}: {', '.join(r)}" for b, r in exc.reasons.items()) or str(exc)
-        return "skipped", f"backend cannot take this case ({reasons})"
+        return "n/a", f"backend cannot take this case ({reasons})"
     text = f"{type(exc).__name__}: {exc}".strip()
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return "skipped", "out of memory"
     if "No available kernel" in text or "not supported" in text.lower():
-        return "skipped", text.splitlines()[0][:300]
+        return "n/a", text.splitlines()[0][:300]
     return "error", text.splitlines()[0][:300] if text else type(exc).__name__
 
 
@@ -251,6 +257,8 @@ def run_case(case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget
                 torch.cuda.synchronize()
         except Exception as exc:
             status, why = _reason(exc)
+            if status == "n/a" and ctx.explicit_backends and impl.name.startswith("llmkit["):
+                status = "skipped"  # the user asked for this backend by name: say it did not run
             rows[impl.name] = result(impl, status, reason=why)
             continue
         if impl.name == BASELINE:
@@ -387,7 +395,7 @@ def run_bench(opts: Options, argv: list[str] | None = None,
         notes.append("torch.compile baselines not measured (" + ("--quick" if opts.quick else "--no-compile") + ")")
     env["peers_installed"] = {m: importlib.util.find_spec(m) is not None
                               for m in ("flash_attn", "liger_kernel", "bitsandbytes")}
-    ctx = Context(device, backends, compile_on, shapes)
+    ctx = Context(device, backends, compile_on, shapes, explicit_backends=bool(opts.backends))
     threads = opts.threads or (1 if opts.quick else torch.get_num_threads())
     cpu_budget = CpuBudget(opts.seconds if opts.seconds is not None else (0.02 if opts.quick else 0.4), threads)
     if device.type == "cpu":
@@ -445,7 +453,7 @@ def _run_units(units: list[Unit], ctx: Context, shapes: Shapes, roofline: Roofli
 
 def summary_counts(report: Report) -> dict[str, int]:
     """How many results ran, were skipped, failed; plus skipped requests."""
-    c = {"ok": 0, "skipped": 0, "error": 0}
+    c = {"ok": 0, "skipped": 0, "error": 0, "n/a": 0}
     for r in report.results:
         c[r.status] = c.get(r.status, 0) + 1
     c["skipped_requests"] = len(report.skipped)

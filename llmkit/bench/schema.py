@@ -44,7 +44,7 @@ RESULT = {
         "x": NUM_OR_NULL,
         "x_name": {"type": "string"},
         "impl": {"type": "string"},
-        "status": {"enum": ["ok", "skipped", "error"]},
+        "status": {"enum": ["ok", "skipped", "error", "n/a"]},
         "reason": {"type": "string"},
         "note": {"type": "string"},
         "check": {"type": "string"},

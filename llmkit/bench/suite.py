@@ -84,6 +84,8 @@ class Context:
     compile: bool
     """Include ``torch.compile`` baselines."""
     shapes: Shapes
+    explicit_backends: bool = False
+    """The backends were named with --backend (then "cannot take this case" counts as skipped)."""
 
 
 Builder = Callable[[Context, Point, str, torch.dtype], Case]
