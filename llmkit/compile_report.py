@@ -146,7 +146,12 @@ def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None)
         specs_fn = getattr(mod, "compile_specs", None)
         if specs_fn is None:
             continue
-        for spec in specs_fn():
+        try:
+            specs = list(specs_fn())
+        except Exception as exc:  # one broken module must not hide the others' reports
+            reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
+            continue
+        for spec in specs:
             for arch in archs:
                 if arch in spec.archs:
                     reports.append(compile_spec(name, spec, arch))
