@@ -120,7 +120,7 @@ def run_benchmark(benchmark: Any, suite: str, point: dict[str, Any], pass_: str,
         first = fn()
         single = time.perf_counter() - t0
     except BackendError as exc:  # the backend declares it does not take this case
-        pytest.skip(f"not applicable: {exc}".splitlines()[0])
+        pytest.skip("not applicable: " + "; ".join(f"{b}: {', '.join(r)}" for b, r in exc.reasons.items()))
     if impl.name != BASELINE:
         out = impl.output() if impl.output else first
         ok, what = compare_outputs(out, ref, impl, case.dtype)
