@@ -140,6 +140,8 @@ def decode_attention(
             jj = torch.arange(length, device=q.device)[None, :]
             mask = jj < length - t + tt + 1
         outs.append(attention(q[i : i + 1], kk, vv, mask, False, scale))
+    if not outs:  # empty batch
+        return q.new_empty((0, hq, t, v_cache.shape[-1]))
     return torch.cat(outs, 0)
 
 
