@@ -31,6 +31,20 @@ masked gives an output of zeros and zero gradients, where SDPA gives NaN; its
 Dropout is a pure function of ``(seed, offset)``: see :mod:`llmkit.ops._philox`.
 The functional wrapper draws ``seed`` from torch's default generator, so results
 are reproducible under ``torch.manual_seed``.
+
+Backends: ``reference`` (this module; ATen's fused CPU kernel where it applies, else
+float32 / float64 math) and ``triton`` (``llmkit/kernels/attention.py``: tiled forward,
+dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor; ``llmkit/kernels/decode_attention.py``:
+flash-decoding) for float16 / bfloat16 (tensor cores); decode also takes float32 (exact
+fp32 products, no TF32). The triton backend refuses, with the reason: float32 attention,
+head dims above 256, a batch or head count above the grid limit 65535, and the
+gradient of a float ``attn_mask`` (the reference computes it). Forward on one backend and backward on the other agree: both
+recompute the probabilities from ``lse`` and the same Philox keep mask.
+
+Known limit shared by both backends: a row whose every visible score is an additive
+mask value near ``finfo.min`` (e.g. a fully padded query row of a HuggingFace-style
+mask) gets the uniform average in the forward, as SDPA does, but its gradient is not
+meaningful: ``lse`` in float32 cannot hold ``-3.4e38 + log(n)``.
 """
 
 from __future__ import annotations
@@ -221,6 +235,12 @@ def _use_cpu_flash(query: Tensor, value: Tensor, dropout_p: float) -> bool:
     )
 
 
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """ATen's CPU flash kernels read q / k / v / out as if their last stride were 1 (the public
+    F.scaled_dot_product_attention makes them so before calling): give them such tensors."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def _cpu_flash_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if attn_mask is None:
         return None
@@ -249,10 +269,11 @@ def sdpa_forward_reference(
     cdt = _cdt(query.dtype)
     dead = _dead_rows(attn_mask, is_causal, sq, sk, query.device)
     if _use_cpu_flash(query, value, dropout_p):
-        k = _expand_kv(key, groups)
-        v = _expand_kv(value, groups)
+        k = _rows_contiguous(_expand_kv(key, groups))
+        v = _rows_contiguous(_expand_kv(value, groups))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, k, v, 0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale
+            _rows_contiguous(query), k, v, 0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype),
+            scale=scale,
         )
         # ATen's CPU kernel turns a query row holding NaN or inf into zeros (its running
         # max skips NaN); the math gives NaN there, so put it back: NaN stays in its row.
@@ -315,10 +336,11 @@ def sdpa_backward_reference(
     groups = hq // hkv if hkv else 1
     cdt = _cdt(query.dtype)
     if _use_cpu_flash(query, value, dropout_p) and not mask_grad and sk > 0:
-        k = _expand_kv(key, groups)
-        v = _expand_kv(value, groups)
+        k = _rows_contiguous(_expand_kv(key, groups))
+        v = _rows_contiguous(_expand_kv(value, groups))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), query, k, v, out, lse.to(torch.float32) if cdt == torch.float32 else lse,
+            grad_out.contiguous(), _rows_contiguous(query), k, v, _rows_contiguous(out),
+            lse.to(torch.float32) if cdt == torch.float32 else lse,
             0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale,
         )
         dmask = query.new_empty((0,))
@@ -364,7 +386,8 @@ def sdpa_backward_reference(
 # --------------------------------------------------------------------------------------
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-"""16-bit inputs run on tensor cores; float32 inputs with exact fp32 products (no TF32)."""
+"""Attention: 16-bit inputs on tensor cores (float32 is refused with its reason);
+decode: 16-bit, and float32 with exact fp32 products (no TF32)."""
 TRITON_MAX_HEAD_DIM = 256
 _GRID_LIMIT = 65535  # CUDA grid y / z extent: heads and batch are grid axes
 
@@ -386,14 +409,25 @@ def _triton_shape_reasons(query: Tensor, key: Tensor, value: Tensor) -> list[str
     return out
 
 
+def _sdpa_triton_reasons(query: Tensor, key: Tensor, value: Tensor) -> list[str]:
+    reasons = _triton_shape_reasons(query, key, value)
+    if query.dtype == torch.float32:
+        reasons.append(
+            "float32 attention is left to the reference backend: the Triton kernels multiply on "
+            "tensor cores in float16 / bfloat16, TF32 would miss the float32 tolerance, and exact "
+            "fp32 products do not fit the kernels' tiles in registers"
+        )
+    return reasons
+
+
 def _sdpa_forward_triton_why_not(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                  seed, offset):
-    return _triton_shape_reasons(query, key, value)
+    return _sdpa_triton_reasons(query, key, value)
 
 
 def _sdpa_backward_triton_why_not(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal,
                                   scale, enable_gqa, seed, offset, mask_grad):
-    reasons = _triton_shape_reasons(query, key, value)
+    reasons = _sdpa_triton_reasons(query, key, value)
     if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
         reasons.append(
             "the gradient of a float attn_mask is not computed by the Triton backward (it would "
@@ -415,10 +449,12 @@ def sdpa_forward_triton(
     seed: int,
     offset: int,
 ) -> tuple[Tensor, Tensor]:
-    """Fused tiled forward (online softmax), see ``llmkit.kernels.attention``."""
+    """Fused tiled forward (online softmax), see ``llmkit.kernels.attention``; writes ``out``
+    in the query's memory layout."""
     from ..kernels import attention as kernels
 
-    return kernels.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset)
+    return kernels.attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, offset,
+                                     out_order=out_layout(query))
 
 
 @sdpa_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_sdpa_backward_triton_why_not)

@@ -1,0 +1,348 @@
+"""Triton flash-decoding: attention of a few new tokens against a KV cache.
+
+``query (B, Hq, T, D)`` holds the ``T`` (1..16) newest tokens of each sequence;
+``key_cache (B, Hkv, S_max, D)`` / ``value_cache (B, Hkv, S_max, Dv)`` hold ``L_b``
+valid positions per sequence (``cache_seqlens``, the new tokens included, at
+positions ``L_b - T .. L_b - 1``). With ``is_causal`` token ``t`` sees keys
+``j < L_b - T + t + 1`` (bottom-right alignment), else all ``j < L_b``.
+
+Kernels:
+
+* ``_decode_split_kernel`` [KV splits, Hkv x row blocks, B]: the cache length is cut
+  into splits so that a small batch still fills the GPU (flash-decoding). One program
+  reads one split of one K/V head once and serves every query head of its GQA group
+  and every new token: its rows are the ``G * T`` (query head, token) pairs, so K/V are
+  not re-read per query head. It writes a normalised partial output and its base-2
+  log-sum-exp per split (float32), or, with a single split, the final output.
+* ``_decode_combine_kernel`` [B * Hq * T / 16]: merges the splits of 16 rows by their
+  log-sum-exp weights. Rows that see no key are zeros.
+
+Split counts come from :func:`decode_config` (multiprocessor count, batch, heads and the
+cache capacity, never the lengths, so there is no device-to-host sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compile import CompileSpec
+from .attention import (
+    _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax, _store_tile,
+    device_arch, kernel_signature, padded_head_dim, stride_align,
+)
+
+MAX_ROWS_PER_PROGRAM = 64
+MAX_SPLITS = 128
+COMBINE_ROWS = 16
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, seqlens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_ot,
+    num_heads, q_len, group_size, row_blocks, split_size, num_splits, qk_scale,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+):
+    """One split of the cache of one K/V head against BLOCK_M (query head, token) rows."""
+    split = tl.program_id(0)
+    kvh = tl.program_id(1) // row_blocks
+    row_block = tl.program_id(1) % row_blocks
+    b = tl.program_id(2)
+    stride_qb, stride_qh, stride_qt = _align_strides(stride_qb, stride_qh, stride_qt, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_ob, stride_oh, stride_ot = _align_strides(stride_ob, stride_oh, stride_ot, STRIDE_ALIGN)
+    b64 = b.to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
+    n_rows = group_size * q_len
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = kvh * group_size + rows // q_len  # query head of each row
+    tok = rows % q_len  # new token of each row
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = _aligned_ptr(q_ptr, b64 * stride_qb, STRIDE_ALIGN) + head[:, None].to(tl.int64) * stride_qh \
+        + tok[:, None] * stride_qt + offs_d[None, :]
+    q = _load_tile(q_ptrs, rows, n_rows, offs_d, HEAD_D, BLOCK_D, True)
+
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    if IS_CAUSAL:
+        row_limit = length - q_len + tok + 1  # keys j < row_limit are visible
+    else:
+        row_limit = tl.zeros([BLOCK_M], dtype=tl.int32) + length
+    lo = split * split_size
+    hi = tl.minimum(lo + split_size, length)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    start = tl.cast(lo, tl.int64)
+    k_ptrs = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh + start * stride_kn, STRIDE_ALIGN) \
+        + offs_n0[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh + start * stride_vn, STRIDE_ALIGN) \
+        + offs_n0[:, None] * stride_vn + offs_dv[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs, offs_n, hi, offs_d, HEAD_D, BLOCK_D, True)
+        v = _load_tile(v_ptrs, offs_n, hi, offs_dv, HEAD_DV, BLOCK_DV, True)
+        s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = tl.where((offs_n[None, :] < hi) & (offs_n[None, :] < row_limit[:, None]), s, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        acc = _mma(_cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    out = acc * (1.0 / l_safe)[:, None]
+    if SINGLE_SPLIT:
+        o_ptrs = _aligned_ptr(out_ptr, b64 * stride_ob, STRIDE_ALIGN) + head[:, None].to(tl.int64) * stride_oh \
+            + tok[:, None] * stride_ot + offs_dv[None, :]
+        _store_tile(o_ptrs, _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), rows, n_rows, offs_dv, HEAD_DV,
+                    BLOCK_DV)
+    else:
+        # partials are (B, Hq, T, splits[, Dv]) float32; the base-2 lse is -inf when empty
+        part_row = ((b64 * num_heads + head) * q_len + tok) * num_splits + split
+        lse2 = tl.where(dead, float("-inf"), m_i + tl.math.log2(l_safe))
+        tl.store(part_lse_ptr + part_row, lse2, mask=rows < n_rows)
+        po_ptrs = part_out_ptr + part_row[:, None] * HEAD_DV + offs_dv[None, :]
+        _store_tile(po_ptrs, out, rows, n_rows, offs_dv, HEAD_DV, BLOCK_DV)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_ob, stride_oh, stride_ot,
+    n_rows, num_heads, q_len, num_splits,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[row] = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse), for BLOCK_R rows.
+
+    Rows are ``(b * Hq + h) * T + t``; the splits are merged one by one with a running
+    maximum, so any number of splits fits in registers.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows64 = rows.to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for split in range(0, num_splits):
+        part = rows64 * num_splits + split
+        lse = tl.load(part_lse_ptr + part, mask=rows < n_rows, other=float("-inf"))
+        m_new = tl.maximum(m, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        w = tl.math.exp2(lse - m_use)  # an empty split (lse = -inf) weighs 0
+        o = _load_tile(part_out_ptr + part[:, None] * HEAD_DV + offs_dv[None, :], rows, n_rows,
+                       offs_dv, HEAD_DV, BLOCK_DV, True)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        total = total * alpha + w
+        m = m_new
+    out = acc * (1.0 / tl.where(total == 0.0, 1.0, total))[:, None]
+    tok = rows64 % q_len
+    bh = rows64 // q_len
+    dst = out_ptr + (bh // num_heads) * stride_ob + (bh % num_heads) * stride_oh + tok * stride_ot
+    _store_tile(dst[:, None] + offs_dv[None, :], _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), rows, n_rows,
+                offs_dv, HEAD_DV, BLOCK_DV)
+
+
+# --------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Rows (query head, token) per program, keys per step, and the split of the cache."""
+
+    block_m: int
+    block_n: int
+    num_splits: int
+    split_size: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _rows_block(n_rows: int, padded_dim: int) -> int:
+    """(query head, token) rows per program: all of a GQA group where they fit (16..64)."""
+    cap = MAX_ROWS_PER_PROGRAM if padded_dim <= 128 else MAX_ROWS_PER_PROGRAM // 2
+    return min(max(16, triton.next_power_of_2(n_rows)), cap)
+
+
+def decode_config(
+    batch: int, kv_heads: int, n_rows: int, s_max: int, head_dim: int, head_dim_v: int,
+    dtype: torch.dtype, arch: int | None, num_sms: int, aligned: bool = True,
+    block_n: int | None = None, num_splits: int | None = None,
+) -> DecodeConfig:
+    """Tiles and split count for a decode call.
+
+    ``n_rows = G * T`` rows per K/V head. The cache length ``s_max`` is cut into about
+    as many splits as it takes for ``batch * kv_heads * row_blocks * splits`` programs
+    to cover every multiprocessor about four times, each split a whole number of key
+    blocks. Caches whose rows are not 16-byte aligned (read element by element) get
+    smaller key blocks. ``block_n`` / ``num_splits`` override the choice (tests).
+    """
+    bd = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    block_m = _rows_block(n_rows, bd)
+    if block_n is None:
+        if arch is None:
+            block_n = 16
+        elif not aligned:
+            block_n = 16
+        elif dtype == torch.float32:
+            block_n = 32 if bd <= 128 else 16
+        else:
+            block_n = 64 if bd <= 128 else 32
+    n_blocks = max(1, triton.cdiv(s_max, block_n))
+    if num_splits is None:
+        programs = batch * kv_heads * triton.cdiv(n_rows, block_m)
+        num_splits = min(n_blocks, MAX_SPLITS, max(1, triton.cdiv(4 * num_sms, max(programs, 1))))
+    num_splits = max(1, min(num_splits, n_blocks))
+    split_size = triton.cdiv(n_blocks, num_splits) * block_n
+    num_splits = triton.cdiv(max(s_max, 1), split_size)
+    if arch is None:
+        warps, stages = 4, 1
+    else:
+        warps = 8 if block_m * bd >= 64 * 128 else 4  # many packed rows x a wide head: 8 warps
+        stages = 4 if arch >= 90 and bd <= 128 else 3 if bd <= 128 else 2
+    return DecodeConfig(block_m, block_n, num_splits, split_size, warps, stages)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the launcher hands to a kernel (tests poison it to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+INTERPRETER_NUM_SMS = 4
+"""Multiprocessors assumed under the interpreter (small, so that tests split the cache)."""
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    is_causal: bool,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Flash-decoding forward.
+
+    Args:
+        query ``(B, Hq, T, D)``; key_cache ``(B, Hkv, S_max, D)``; value_cache
+            ``(B, Hkv, S_max, Dv)``: float16 / bfloat16 / float32 with the last dim
+            contiguous (copied otherwise), ``Hq`` a multiple of ``Hkv``, ``D, Dv <= 256``.
+        cache_seqlens: int32 / int64 ``(B,)`` valid lengths in ``[0, S_max]`` (validated
+            by the caller).
+        block_n, num_splits: override the configuration (tests).
+
+    Returns:
+        ``(B, Hq, T, Dv)`` contiguous, in the query's dtype; rows with no visible key are 0.
+    """
+    b, hq, t, d = query.shape
+    hkv, s_max, dv = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
+    out = _empty((b, hq, t, dv), query.dtype, query.device)
+    if out.numel() == 0:
+        return out
+    if s_max == 0:
+        return out.zero_()
+    q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in (query, key_cache, value_cache))
+    group = hq // hkv
+    n_rows = group * t
+    arch = device_arch(query.device)
+    sms = INTERPRETER_NUM_SMS if arch is None else _num_sms(query.device.index or 0)
+    align = stride_align(q, k, v, out)
+    cfg = decode_config(b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits)
+    row_blocks = triton.cdiv(n_rows, cfg.block_m)
+    single = cfg.num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused
+    else:
+        part_out = _empty((b, hq, t, cfg.num_splits, dv), torch.float32, query.device)
+        part_lse = _empty((b, hq, t, cfg.num_splits), torch.float32, query.device)
+    seqlens = cache_seqlens.contiguous()
+    _decode_split_kernel[(cfg.num_splits, hkv * row_blocks, b)](
+        q, k, v, seqlens, out, part_out, part_lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        hq, t, group, row_blocks, cfg.split_size, cfg.num_splits, scale * 1.4426950408889634,
+        HEAD_D=d, HEAD_DV=dv, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(dv),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(is_causal), SINGLE_SPLIT=single,
+        DOT_PRECISION=_dot_precision(query.dtype, query.device), STRIDE_ALIGN=align,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not single:
+        n_out_rows = b * hq * t
+        _decode_combine_kernel[(triton.cdiv(n_out_rows, COMBINE_ROWS),)](
+            part_out, part_lse, out, *out.stride()[:3], n_out_rows, hq, t, cfg.num_splits,
+            HEAD_DV=dv, BLOCK_DV=padded_head_dim(dv), BLOCK_R=COMBINE_ROWS,
+            DOT_PRECISION=_dot_precision(query.dtype, query.device),
+            num_warps=4, num_stages=2,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# compile report
+# --------------------------------------------------------------------------------------
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Split and combine kernels at their default configurations.
+
+    bfloat16, causal, head dims 64 / 128 / 256 with 16 rows per program (T = 1, no GQA)
+    and 64 rows (GQA groups times new tokens); a cache whose rows are not 16-byte
+    aligned; float32 at D = 128; the combine kernel per value head dim.
+    """
+    specs = []
+    cases = [(torch.bfloat16, d, rows, True) for d in (64, 128, 256) for rows in (1, 64)]
+    cases += [(torch.bfloat16, 128, 8, False), (torch.float32, 128, 4, True)]
+    for dtype, d, n_rows, aligned in cases:
+        ty = _TRITON_DTYPE[dtype]
+
+        def cfg(arch, d=d, n_rows=n_rows, dtype=dtype, aligned=aligned):
+            return decode_config(4, 8, n_rows, 4096, d, d, dtype, arch, 132 if arch >= 90 else 108, aligned)
+
+        def constexprs(arch, d=d, dtype=dtype, aligned=aligned, cfg=cfg):
+            c = cfg(arch)
+            return dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(d),
+                        BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_CAUSAL=True, SINGLE_SPLIT=False,
+                        DOT_PRECISION=_dot_precision(dtype, torch.device("cuda")),
+                        STRIDE_ALIGN=16 // dtype.itemsize if aligned else 1)
+
+        ptrs = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "out_ptr": f"*{ty}",
+                "seqlens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+        specs.append(CompileSpec(
+            f"split_{ty}_d{d}_rows{cfg(90).block_m}{'' if aligned else '_unaligned'}", _decode_split_kernel,
+            kernel_signature(_decode_split_kernel, ptrs), constexprs,
+            num_warps=lambda arch, cfg=cfg: cfg(arch).num_warps,
+            num_stages=lambda arch, cfg=cfg: cfg(arch).num_stages,
+            matrix=dtype != torch.float32,
+        ))
+    for dv in (64, 128, 256):
+        specs.append(CompileSpec(
+            f"combine_bf16_dv{dv}", _decode_combine_kernel,
+            kernel_signature(_decode_combine_kernel, {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+                                                      "out_ptr": "*bf16"}),
+            dict(HEAD_DV=dv, BLOCK_DV=dv, BLOCK_R=COMBINE_ROWS, DOT_PRECISION="tf32"),
+            num_warps=4, num_stages=2,
+        ))
+    return specs
