@@ -88,6 +88,15 @@ def _triton_import_error() -> str | None:
 
 
 def _probe_triton(device_type: str) -> str | None:
+    # The answer depends only on the device type and TRITON_INTERPRET (GPUs do not come
+    # and go within a process), so it is computed once per pair: this runs on every call.
+    key = f"{device_type}|{triton_interpreting()}"
+    if key not in _triton_probe_cache:
+        _triton_probe_cache[key] = _probe_triton_uncached(device_type)
+    return _triton_probe_cache[key]
+
+
+def _probe_triton_uncached(device_type: str) -> str | None:
     err = _triton_import_error()
     if err:
         return err
@@ -313,7 +322,10 @@ class Impl:
 
 
 def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    for a in list(args) + list(kwargs.values()):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    for a in kwargs.values():
         if isinstance(a, torch.Tensor):
             return a
     return None
@@ -342,6 +354,7 @@ class DispatchPoint:
         self.stage = stage
         self.doc = doc
         self.impls: dict[str, Impl] = {}
+        self._cpu_order: tuple[str, ...] | None = None  # cached; reset by register()
         OPS.setdefault(op, {})[stage] = self
 
     @property
@@ -369,6 +382,7 @@ class DispatchPoint:
                 why_not,
                 cpu_default,
             )
+            self._cpu_order = None
             return fn
 
         return deco
@@ -378,12 +392,14 @@ class DispatchPoint:
     def _default_order(self, device_type: str) -> tuple[str, ...]:
         if device_type == "cuda":
             return BACKEND_NAMES
-        preferred = tuple(
-            name
-            for name, impl in self.impls.items()
-            if impl.cpu_default and name != "reference"
-        )
-        return preferred + ("reference",)
+        if self._cpu_order is None:
+            preferred = tuple(
+                name
+                for name, impl in self.impls.items()
+                if impl.cpu_default and name != "reference"
+            )
+            self._cpu_order = preferred + ("reference",)
+        return self._cpu_order
 
     def why_not(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
         """Reasons ``backend`` cannot take this call (empty when it can)."""

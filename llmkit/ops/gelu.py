@@ -69,8 +69,9 @@ def _check_bias(op: str, input: Tensor, bias: Tensor) -> None:
 @gelu_forward.register("reference")
 def gelu_forward_reference(input: Tensor, approximate: str) -> Tensor:
     """GELU through ATen, computed in float32 for half inputs."""
-    cdt = _cdt(input.dtype)
-    return F.gelu(input.to(cdt), approximate=approximate).to(input.dtype).contiguous()
+    if input.dtype == _cdt(input.dtype):
+        return F.gelu(input, approximate=approximate).contiguous()
+    return F.gelu(input.to(torch.float32), approximate=approximate).to(input.dtype).contiguous()
 
 
 @gelu_backward.register("reference")

@@ -121,6 +121,10 @@ def layer_norm_forward_reference(
     """LayerNorm forward in float32 (float64 for float64 input) through ATen."""
     cdt = _compute_dtype(input.dtype)
     lead = _lead(input, normalized_shape)
+    if input.dtype == cdt and all(p is None or p.dtype == cdt for p in (weight, bias)):
+        # the common float32 case: no conversions, ATen's outputs are already contiguous
+        out, mean, rstd = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
+        return out, mean.view(lead), rstd.view(lead)
     out, mean, rstd = torch.native_layer_norm(
         input.to(cdt), list(normalized_shape), _as(weight, cdt), _as(bias, cdt), eps
     )
