@@ -632,11 +632,23 @@ _TABLE_16BIT: dict[int, dict[int, _Entry]] = {
         128: _Entry(T(128, 32, 8, 3), T(64, 32, 8, 3),
                     BackwardConfig(T(64, 64, 8, 2), T(32, 64, 8, 2)),
                     BackwardConfig(T(64, 32, 8, 3), T(16, 64, 8, 2))),
-        256: _Entry(T(64, 32, 8, 2), T(32, 32, 4, 2),
+        256: _Entry(T(64, 32, 8, 2), T(32, 16, 8, 2),
                     BackwardConfig(T(64, 32, 8, 2), T(32, 32, 8, 2)),
-                    BackwardConfig(T(32, 32, 4, 2), T(16, 32, 8, 2))),
+                    BackwardConfig(T(32, 32, 8, 2), T(16, 32, 8, 2))),
     },
 }
+# float32 inputs (head dims up to 128): exact fp32 products (input_precision="ieee", FMA,
+# no tensor cores), small single-stage tiles; the software pipeline's buffers for fp32
+# operand tiles do not fit in registers.
+_TABLE_FP32: dict[int, _Entry] = {
+    64: _Entry(T(16, 32, 4, 1), T(16, 16, 4, 1),
+               BackwardConfig(T(32, 16, 4, 1), T(16, 32, 4, 1)),
+               BackwardConfig(T(32, 16, 4, 1), T(16, 16, 2, 1))),
+    128: _Entry(T(16, 16, 8, 1), T(16, 16, 8, 1),
+                BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1)),
+                BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1))),
+}
+FP32_MAX_HEAD_DIM = 128
 # The Triton interpreter (CPU tensors): small tiles so that tests cover many blocks.
 INTERPRETER_FWD = TileConfig(16, 16, 4, 1)
 INTERPRETER_BWD = BackwardConfig(TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1))
@@ -665,9 +677,11 @@ def _fit_smem(cfg: TileConfig, resident_rows: int, streamed_rows: int, row_bytes
 
 
 def _entry(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) -> _Entry:
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the attention kernels take float16 / bfloat16 on the GPU, got {dtype}")
     bd = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v), 64)
+    if dtype == torch.float32:
+        if bd > FP32_MAX_HEAD_DIM:
+            raise ValueError(f"float32 attention kernels take head dims up to {FP32_MAX_HEAD_DIM}, got {bd}")
+        return _TABLE_FP32[bd]
     return _TABLE_16BIT[90 if arch >= 90 else 80][bd]
 
 
@@ -822,7 +836,7 @@ def attention_forward(
 
     Args:
         query ``(B, Hq, Sq, D)``, key ``(B, Hkv, Sk, D)``, value ``(B, Hkv, Sk, Dv)``:
-            float16 / bfloat16 (float32 too under the interpreter), any strides (rows that are not 16-byte aligned,
+            float16 / bfloat16, or float32 with ``D, Dv <= 128``; any strides (rows that are not 16-byte aligned,
             e.g. a non-unit last stride or an odd head dim, are copied first),
             ``Hq`` a multiple of ``Hkv``, ``D, Dv <= 256``. Validated by the caller.
         attn_mask: None, bool (True = attend) or float (added), broadcastable to
@@ -964,7 +978,8 @@ def compile_specs() -> list[CompileSpec]:
 
     bfloat16 for every padded head-dim class (64, 128 and the padded 80 / 96 / 160 / 256),
     causal and not; float16 at D = 128; the bool-mask, float key-padding-vector and
-    dropout variants (which take the tables' smaller "heavy" tiles) at one head dim each.
+    dropout variants (which take the tables' smaller "heavy" tiles) at one head dim each;
+    float32 (exact fp32 products on FMA units) at D = 64 and, with a bool mask, D = 128.
     """
     specs: list[CompileSpec] = []
     cases = [(torch.bfloat16, d, c, MASK_NONE, False, False) for d in (64, 128, 80, 96, 160, 256) for c in (False, True)]
@@ -973,6 +988,8 @@ def compile_specs() -> list[CompileSpec]:
         (torch.bfloat16, 128, True, MASK_BOOL, False, False),
         (torch.bfloat16, 64, False, MASK_FLOAT, True, False),
         (torch.bfloat16, 128, True, MASK_NONE, False, True),
+        (torch.float32, 64, False, MASK_NONE, False, False),
+        (torch.float32, 128, True, MASK_BOOL, False, False),
     ]
     bwd_dims = (64, 128, 80, 256)
     for dtype, d, causal, mask_kind, row_bcast, dropout in cases:
@@ -992,7 +1009,7 @@ def compile_specs() -> list[CompileSpec]:
             _spec_constexprs(d, causal, mask_kind, row_bcast, dropout, dtype, fwd_tile, 16 // dtype.itemsize),
             num_warps=lambda arch, f=fwd_tile: f(arch).num_warps,
             num_stages=lambda arch, f=fwd_tile: f(arch).num_stages,
-            matrix=True,
+            matrix=dtype != torch.float32,
         ))
         if dtype == torch.float16 or (dtype == torch.bfloat16 and mask_kind == MASK_NONE and not dropout
                                       and d not in bwd_dims):
@@ -1012,6 +1029,6 @@ def compile_specs() -> list[CompileSpec]:
                 _spec_constexprs(d, causal, mask_kind, row_bcast, dropout, dtype, tile, 16 // dtype.itemsize),
                 num_warps=lambda arch, f=tile: f(arch).num_warps,
                 num_stages=lambda arch, f=tile: f(arch).num_stages,
-                matrix=True,
+                matrix=dtype != torch.float32,
             ))
     return specs

@@ -195,15 +195,16 @@ def test_sdpa_lengths(backend, causal, sq, sk):
     check_sdpa(backend, q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in HALF] + [("reference", torch.float32)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_sdpa_dtypes_long(backend, dtype):
     q, k, v = _qkv(1, 1, 1, 129, 129, 64, 64, dtype)
     check_sdpa(backend, q, k, v, causal=True, scale=0.3)
 
 
-def test_float32_is_refused_by_triton_and_falls_back():
-    q, k, v = _qkv(1, 2, 2, 9, 11, 16, 16, torch.float32)
-    with pytest.raises(BackendError, match="float32 attention is left to the reference backend"):
+def test_float32_head_dim_over_128_is_refused_by_triton_and_falls_back():
+    q, k, v = _qkv(1, 2, 2, 9, 11, 160, 160, torch.float32)
+    with pytest.raises(BackendError, match="float32 attention with a head dim above 128"):
         _run("triton", q, k, v)
     check_sdpa(["triton", "reference"], q, k, v, causal=True)
 

@@ -35,10 +35,10 @@ are reproducible under ``torch.manual_seed``.
 Backends: ``reference`` (this module; ATen's fused CPU kernel where it applies, else
 float32 / float64 math) and ``triton`` (``llmkit/kernels/attention.py``: tiled forward,
 dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor; ``llmkit/kernels/decode_attention.py``:
-flash-decoding) for float16 / bfloat16 (tensor cores); decode also takes float32 (exact
-fp32 products, no TF32). The triton backend refuses, with the reason: float32 attention,
-head dims above 256, a batch or head count above the grid limit 65535, and the
-gradient of a float ``attn_mask`` (the reference computes it). Forward on one backend and backward on the other agree: both
+flash-decoding) for float16 / bfloat16 (tensor cores) and float32 (exact fp32 products,
+no TF32; slower, without tensor cores). The triton backend refuses, with the reason:
+head dims above 256 (above 128 for float32 attention), a batch or head count above
+the grid limit 65535, and the gradient of a float ``attn_mask`` (the reference computes it). Forward on one backend and backward on the other agree: both
 recompute the probabilities from ``lse`` and the same Philox keep mask.
 
 Known limit shared by both backends: a row whose every visible score is an additive
@@ -386,8 +386,8 @@ def sdpa_backward_reference(
 # --------------------------------------------------------------------------------------
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-"""Attention: 16-bit inputs on tensor cores (float32 is refused with its reason);
-decode: 16-bit, and float32 with exact fp32 products (no TF32)."""
+"""16-bit inputs run on tensor cores; float32 inputs with exact fp32 products (no TF32,
+so float32 keeps float32 accuracy), attention up to head dim 128."""
 TRITON_MAX_HEAD_DIM = 256
 _GRID_LIMIT = 65535  # CUDA grid y / z extent: heads and batch are grid axes
 
@@ -409,13 +409,16 @@ def _triton_shape_reasons(query: Tensor, key: Tensor, value: Tensor) -> list[str
     return out
 
 
+TRITON_FP32_MAX_HEAD_DIM = 128
+
+
 def _sdpa_triton_reasons(query: Tensor, key: Tensor, value: Tensor) -> list[str]:
     reasons = _triton_shape_reasons(query, key, value)
-    if query.dtype == torch.float32:
+    if query.dtype == torch.float32 and max(query.shape[-1], value.shape[-1]) > TRITON_FP32_MAX_HEAD_DIM:
         reasons.append(
-            "float32 attention is left to the reference backend: the Triton kernels multiply on "
-            "tensor cores in float16 / bfloat16, TF32 would miss the float32 tolerance, and exact "
-            "fp32 products do not fit the kernels' tiles in registers"
+            f"float32 attention with a head dim above {TRITON_FP32_MAX_HEAD_DIM} is left to the "
+            "reference backend: exact fp32 products (no TF32) of such tiles do not fit the "
+            "kernels' registers"
         )
     return reasons
 
