@@ -44,6 +44,7 @@ for sm_80 and sm_90 (``python -m llmkit.compile_report``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -946,17 +947,18 @@ _I64_SCALARS = ("seed", "rng_offset")
 def kernel_signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
     """Triton signature of ``kernel``: ``pointers`` gives each ``*_ptr`` type, ints are i32."""
     sig = {}
-    for p in kernel.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name in pointers:
-            sig[p.name] = pointers[p.name]
-        elif p.name in _FLOAT_SCALARS:
-            sig[p.name] = "fp32"
-        elif p.name in _I64_SCALARS:
-            sig[p.name] = "i64"
+    # the Python signature: a JITFunction and the interpreter's InterpretedFunction both wrap .fn
+    for name, param in inspect.signature(getattr(kernel, "fn", kernel)).parameters.items():
+        if str(param.annotation).endswith("constexpr"):
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name in _I64_SCALARS:
+            sig[name] = "i64"
         else:
-            sig[p.name] = "i32"
+            sig[name] = "i32"
     return sig
 
 

@@ -604,3 +604,18 @@ def test_float_mask_gradient_goes_to_reference():
     # with a fallback order the triton forward is followed by the reference backward
     with llmkit.use_backend(["triton", "reference"]):
         check_sdpa(["triton", "reference"], q, k, v, mask=mask, mask_grad=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float32"])
+def test_reference_float64_with_masks_of_another_dtype(mask_kind):
+    """ATen's CPU kernel misreads a float32 mask beside float64 inputs; the reference must not."""
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.float64) for n in (33, 40, 40))
+    if mask_kind == "bool":
+        mask = torch.rand(1, 1, 33, 40) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = torch.randn(1, 1, 33, 40)
+    with llmkit.use_backend("reference"):
+        out = llmkit.ops.scaled_dot_product_attention(q, k, v, mask, is_causal=True)
+    ref = R.attention(q, k, v, mask, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)

@@ -242,11 +242,14 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 
 def _cpu_flash_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # ATen's CPU kernel misreads a float32 mask next to float64 inputs (errors of order 1,
+    # torch 2.13): the mask goes in float64 then. Half inputs take a float32 mask exactly.
+    mask_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=torch.float32).masked_fill_(~attn_mask, float("-inf"))
-    return attn_mask
+        return torch.zeros(attn_mask.shape, dtype=mask_dtype).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask.to(mask_dtype) if dtype == torch.float64 else attn_mask
 
 
 @sdpa_forward.register("reference")
