@@ -47,23 +47,25 @@ inline void load2f(const float* p, FVec& a, FVec& b) {
 
 // Rows are split into fixed chunks (independent of the thread count) so that reductions
 // over rows are summed in the same order on every run.
+// Row chunks of a parameter-gradient reduction: at most 32 rows each (a float32 sum of a
+// few rows stays close to exact), at most 1024 chunks (bounded scratch memory).
 inline int64_t row_chunks(int64_t rows, int64_t cols) {
-  const int64_t target = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
-  return std::clamp<int64_t>((rows + target - 1) / target, 1, 256);
+  const int64_t per_chunk =
+      std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(cols, 1), 1, 32);
+  return std::clamp<int64_t>((rows + per_chunk - 1) / per_chunk, 1, 1024);
 }
 
-// out[c] = sum over k of partial[k * cols + c], k in order.
+// out[c] = sum over k of partial[k * cols + c], k in order, accumulated in double so the
+// result matches a pairwise float32 reduction's accuracy or better.
 inline void sum_partials(const std::vector<float>& partial, int64_t chunks, int64_t cols,
                          float* out) {
-  at::parallel_for(0, cols, 4096, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) out[c] = 0.f;
+  at::parallel_for(0, cols, 1024, [&](int64_t c0, int64_t c1) {
+    std::vector<double> acc(static_cast<size_t>(c1 - c0), 0.0);
     for (int64_t k = 0; k < chunks; ++k) {
       const float* p = partial.data() + k * cols;
-      int64_t c = c0;
-      for (; c + FVec::size() <= c1; c += FVec::size())
-        (FVec::loadu(out + c) + FVec::loadu(p + c)).store(out + c);
-      for (; c < c1; ++c) out[c] += p[c];
+      for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<double>(p[c]);
     }
+    for (int64_t c = c0; c < c1; ++c) out[c] = static_cast<float>(acc[c - c0]);
   });
 }
 
