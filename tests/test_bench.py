@@ -16,6 +16,7 @@ import torch
 
 from llmkit import cli
 from llmkit.bench import formulas as Fm
+from llmkit.bench.plot import matplotlib_missing
 from llmkit.bench.progress import ProgressBar
 from llmkit.bench.report import fmt_time, format_markdown, format_table, report_json
 from llmkit.bench.roofline import Roofline, fraction, measure_roofline, roof_for
@@ -270,6 +271,7 @@ def test_table_and_markdown_show_ratios_fractions_and_skips():
 
 
 def test_plot_of_a_gpu_report_draws_the_roofline(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plots need the bench extra: pip install 'llmkit[bench]'")
     import matplotlib.axes
 
     from llmkit.bench.plot import write_plots
@@ -361,6 +363,9 @@ def test_tiny_quick_run_writes_table_json_markdown_and_png(tmp_path, capsys):
     md = (out / "quick.md").read_text()
     assert "## layer_norm bwd float32 (cpu)" in md and "| llmkit[reference] |" in md
     pngs = sorted((out / "quick-plots").glob("*.png"))
+    if matplotlib_missing() is not None:  # installed without the bench extra: no PNG, and the run says why
+        assert pngs == [] and "no plots: matplotlib is not installed" in printed
+        return
     assert {p.name for p in pngs} >= {"layer_norm-fwd-float32.png", "gelu-bwd-float32.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
