@@ -1,4 +1,9 @@
-"""Install-time build of the C++/CUDA extension, opted into with LLMKIT_BUILD_EXT=1.
+"""Install-time steps that pyproject.toml cannot express.
+
+A non-editable build copies ``bench/shapes.json`` into the package
+(``llmkit/bench/shapes.json``), so ``llmkit bench`` works from a wheel.
+
+The C++/CUDA extension is built at install time when opted into with LLMKIT_BUILD_EXT=1:
 
     LLMKIT_BUILD_EXT=1 pip install --no-build-isolation .
 
@@ -6,7 +11,7 @@ compiles csrc/ against the torch of the target environment (hence no build
 isolation) into ``llmkit/_ext_prebuilt/`` inside the installed package, where
 :mod:`llmkit._ext` finds it before its cache; an editable install builds into the
 user cache instead. The wheel is then platform-specific. Without the variable this
-file changes nothing: all metadata lives in pyproject.toml, and the extension is
+file builds nothing: all metadata lives in pyproject.toml, and the extension is
 built later with ``llmkit build-ext``.
 """
 
@@ -43,6 +48,10 @@ class BuildPyWithExtension(build_py):
 
     def run(self) -> None:
         super().run()
+        if not getattr(self, "editable_mode", False):  # the benchmark shapes travel with a wheel
+            dest = Path(self.build_lib) / "llmkit" / "bench" / "shapes.json"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / "bench" / "shapes.json", dest)
         if not _wanted():
             return
         try:

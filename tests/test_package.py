@@ -42,3 +42,25 @@ def test_public_api_names():
                  "int8_matmul", "int8_linear"):
         assert callable(getattr(llmkit.ops, name)), name
     assert callable(llmkit.use_backend) and callable(llmkit.backend_info)
+
+
+def test_a_wheel_carries_kernels_csrc_sources_and_the_bench_shapes(tmp_path):
+    """A normal (non-editable) install: kernels as llmkit.kernels, csrc/ as package data and
+    bench/shapes.json copied into llmkit/bench, so `llmkit bench` works from a wheel."""
+    import json
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves no build/ folder in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("llmkit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"llmkit/kernels/layer_norm.py", "llmkit/kernels/attention.py", "llmkit/csrc/bindings.cpp",
+            "llmkit/csrc/cuda/attention_fwd.cu", "llmkit/csrc/cpu/vec_io.h", "llmkit/bench/shapes.json"} <= names
+    packaged = json.loads(zipfile.ZipFile(wheel).read("llmkit/bench/shapes.json"))
+    assert packaged == json.loads((ROOT / "bench" / "shapes.json").read_text())
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)

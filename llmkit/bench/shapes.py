@@ -21,8 +21,10 @@ from typing import Any
 
 Point = dict[str, Any]
 
-DEFAULT_SHAPES_FILE = Path(__file__).resolve().parents[2] / "bench" / "shapes.json"
-"""``bench/shapes.json`` of the source checkout this package is installed from."""
+_CHECKOUT_SHAPES = Path(__file__).resolve().parents[2] / "bench" / "shapes.json"
+_PACKAGED_SHAPES = Path(__file__).resolve().parent / "shapes.json"  # copied there by setup.py in a wheel
+DEFAULT_SHAPES_FILE = _CHECKOUT_SHAPES if _CHECKOUT_SHAPES.is_file() else _PACKAGED_SHAPES
+"""``bench/shapes.json`` of the source checkout (editable install), else the copy a wheel carries."""
 
 
 class ShapesError(ValueError):
@@ -67,7 +69,7 @@ def load_shapes(path: str | Path | None = None) -> Shapes:
     """Read and check a shapes file (default: ``bench/shapes.json`` of this checkout)."""
     p = Path(path) if path is not None else DEFAULT_SHAPES_FILE
     if not p.is_file():
-        hint = "" if path is not None else " (an installed llmkit has no bench/ folder: pass --shapes-file)"
+        hint = "" if path is not None else " (this llmkit was installed without its shapes file: pass --shapes-file)"
         raise ShapesError(f"shapes file {p} does not exist{hint}")
     try:
         raw = json.loads(p.read_text())
