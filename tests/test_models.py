@@ -292,6 +292,14 @@ def test_demo_runs_checks_and_prints_tables(argv, capsys):
         assert "HF" not in out.split("check")[0].split("model")[-1]
     else:
         assert "HF + llmkit.swap" in out and "identical" in out or "--model" in argv
+    if "--model" not in argv:  # tokens/s is new tokens over the generate time, never a difference of medians
+        new = int(argv[argv.index("--new-tokens") + 1])
+        rows = [r.split() for r in out.splitlines() if r.startswith(("HF ", "HF + llmkit.swap", "llmkit GPT "))]
+        rows = [r for r in rows if len(r) >= 6 and r[-1].endswith("x")]
+        assert rows
+        for r in rows:
+            generate_ms, tokens_per_s = float(r[-3]), float(r[-2])
+            assert generate_ms > 0 and tokens_per_s == pytest.approx(new / (generate_ms / 1e3), rel=0.02, abs=0.1)
 
 
 def test_demo_rejects_bad_sizes():
