@@ -64,7 +64,7 @@ LIBRARY_NAMESPACE = "llmkit_ext"
 MIN_CUDA_CAPABILITY = (8, 0)
 
 # Bump when the compiler flags below change, so old builds are not reused.
-_FLAGS_VERSION = "1"
+_FLAGS_VERSION = "2"
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 _PREBUILT_DIR = Path(__file__).resolve().parent / "_ext_prebuilt"
 _INFO_FILE = "build_info.json"
@@ -110,20 +110,41 @@ def _torch_tag() -> str:
     return f"torch{ver}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+# The CPU kernels are compiled for one x86 vector ISA, like ATen's own per-capability
+# kernels (same -m flags and CPU_CAPABILITY macros as torch's build, so at::vec::Vectorized
+# takes its AVX2 / AVX512 implementation instead of its scalar DEFAULT one). The ISA is
+# what torch detects on the machine that builds (torch.backends.cpu.get_cpu_capability(),
+# which honours ATEN_CPU_CAPABILITY), it is part of the build directory's name, and a
+# build is only loaded on a CPU whose capability covers it (see find_builds).
+_ISA_ORDER = ("default", "avx2", "avx512")
+_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ],
+}
+
+
 def cpu_isa() -> str:
-    """The x86 vector ISA the CPU kernels are compiled for: 'avx2' or 'default'."""
+    """The x86 vector ISA the CPU kernels are compiled for here: 'avx512', 'avx2' or 'default'."""
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         cap = "DEFAULT"
-    return "avx2" if cap in ("AVX2", "AVX512") else "default"
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default")
+
+
+def _isa_runs_here(isa: str | None) -> bool:
+    """True when a build for ``isa`` can run on this CPU (its ISA is at most this CPU's)."""
+    if isa not in _ISA_ORDER:
+        return False
+    return _ISA_ORDER.index(isa) <= _ISA_ORDER.index(cpu_isa())
 
 
 def _cpu_flags(isa: str) -> list[str]:
-    flags = ["-O3", "-fopenmp"]
-    if isa == "avx2":
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
+    return ["-O3", "-fopenmp"] + _ISA_FLAGS[isa]
 
 
 def cuda_arch_list() -> list[str]:
@@ -202,9 +223,11 @@ class BuildResult:
 
 
 # A compiler's or linker's own error line: gcc / clang / nvcc "file:line:col: error:",
-# nvcc's front end "file.cu(12): error", the linker's "undefined reference".
+# nvcc's front end "file.cu(12): error", the linker's "undefined reference", the loader's
+# "undefined symbol" (the worker loads the library once).
 _COMPILER_ERROR = re.compile(
-    r"(^|[\s:])(fatal )?error( [A-Z]?\d+)?:|\(\d+\): error|undefined reference to|cannot find -l",
+    r"(^|[\s:])(fatal )?error( [A-Z]?\d+)?:|\(\d+\): error|undefined reference to|cannot find -l"
+    r"|undefined symbol:",
     re.IGNORECASE,
 )
 _ANY_ERROR = re.compile(r"\berror\b", re.IGNORECASE)
@@ -420,7 +443,9 @@ def _read_json(path: Path) -> dict | None:
 def find_builds() -> list[tuple[Path, dict]]:
     """Finished builds for this torch, Python and these sources, best first.
 
-    A CUDA build that covers the GPUs here comes before a CPU-only one.
+    Builds for a vector ISA this CPU lacks (e.g. an AVX512 build in a cache shared
+    with an AVX2 machine) are left out. A CUDA build that covers the GPUs here comes
+    before a CPU-only one, then the widest ISA first.
     """
     try:
         prefix = _key_prefix(source_hash())
@@ -432,13 +457,17 @@ def find_builds() -> list[tuple[Path, dict]]:
             continue
         for d in sorted(root.glob(prefix + "*")):
             info = _read_json(d / _INFO_FILE)
-            if info and (d / info.get("library", "")).is_file():
+            if info and (d / info.get("library", "")).is_file() and _isa_runs_here(info.get("cpu_isa")):
                 found.append((d, info))
 
-    def rank(item: tuple[Path, dict]) -> tuple[int, int]:
+    def rank(item: tuple[Path, dict]) -> tuple[int, int, int]:
         info = item[1]
         cuda = bool(info.get("cuda")) and torch.cuda.is_available() and torch.version.cuda is not None
-        return (0 if cuda and not _arch_mismatch(info) else 1, 0 if item[0].parent == _PREBUILT_DIR else 1)
+        return (
+            0 if cuda and not _arch_mismatch(info) else 1,
+            -_ISA_ORDER.index(info["cpu_isa"]),  # the widest vector ISA this CPU runs
+            0 if item[0].parent == _PREBUILT_DIR else 1,
+        )
 
     return sorted(found, key=rank)
 
