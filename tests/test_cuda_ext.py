@@ -129,6 +129,24 @@ def test_failed_build_reports_first_compiler_error(tmp_path):
     assert "failed" in res.summary() and str(res.log) in res.summary()
 
 
+def test_builds_for_a_wider_isa_than_this_cpu_are_never_loaded(tmp_path, monkeypatch):
+    """A cache shared between machines: an AVX512 build must not be picked on an AVX2 CPU,
+    and the widest build the CPU runs comes first."""
+    prefix = _ext._key_prefix(_ext.source_hash())
+    for isa in ("default", "avx2", "avx512"):
+        d = tmp_path / f"{prefix}cpu-{isa}"
+        d.mkdir()
+        (d / "lib.so").write_bytes(b"")
+        (d / "build_info.json").write_text(f'{{"library": "lib.so", "cpu_isa": "{isa}", "cuda": null}}')
+    monkeypatch.setattr(_ext, "_search_roots", lambda: [tmp_path])
+    for here, expected in (("avx512", ["avx512", "avx2", "default"]), ("avx2", ["avx2", "default"]),
+                           ("default", ["default"])):
+        monkeypatch.setattr(_ext, "cpu_isa", lambda here=here: here)
+        assert [info["cpu_isa"] for _, info in _ext.find_builds()] == expected
+    assert _ext._cpu_flags("avx512")[-1] == "-DCPU_CAPABILITY_AVX512"
+    assert not any(f.startswith("-m") for f in _ext._cpu_flags("default"))
+
+
 @pytest.mark.parametrize(
     "log, expected",
     [
@@ -136,6 +154,7 @@ def test_failed_build_reports_first_compiler_error(tmp_path):
         ("/x/k.cu(12): error: identifier \"bar\" is undefined\n1 error detected", "/x/k.cu(12): error: identifier"),
         ("x.o: In function f:\nx.cpp:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1", "x.cpp:(.text+0x1): undefined reference"),
         ("In file included from a.h:1,\na.h:2:10: fatal error: nope.h: No such file or directory\n", "a.h:2:10: fatal error: nope.h"),
+        ("OSError: /c/llmkit_ext.so: undefined symbol: _ZN2at3vec5AVX5121fE\n", "OSError: /c/llmkit_ext.so: undefined symbol"),
         ("all good\n", None),
     ],
 )
@@ -328,6 +347,136 @@ def test_bias_gelu_float32_bias_with_half_input(ext, device):
         out = llmkit.ops.bias_gelu(x, b)
     ref = R.bias_gelu(x.double(), b.double())
     assert_close_to_reference(out, ref, F.gelu(x + b.half()))
+
+
+def _gelu_and_grad(x: torch.Tensor, approximate: str, backend: str | None):
+    """(gelu(x), d gelu / dx) through llmkit on ``backend`` (None: F.gelu; float64: reference)."""
+    xs = _leaf(x)
+    if backend is None:
+        out = R.gelu(xs, approximate) if x.dtype == torch.float64 else F.gelu(xs, approximate=approximate)
+        out.backward(torch.ones_like(out))
+    else:
+        with llmkit.use_backend(backend):
+            out = llmkit.ops.gelu(xs, approximate)
+            out.backward(torch.ones_like(out))
+    return out.detach(), xs.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_cpu_math_over_the_whole_range(ext, dtype, approximate):
+    """The CPU kernels' own exp / erfc / reciprocal (csrc/cpu/vec_math.h), densely over
+    [-12, 12] (every branch of the erfc form and of the exp's range reduction) against
+    the float64 formula, then at extremes: tiny, huge, the exp's clamp points, +-inf, NaN."""
+    x = torch.linspace(-12, 12, 24001).to(dtype)
+    out, grad = _gelu_and_grad(x, approximate, "cuda_ext")
+    ref, ref_grad = _gelu_and_grad(x.double(), approximate, None)
+    base, base_grad = _gelu_and_grad(x, approximate, None)
+    assert_close_to_reference(out, ref, base, "gelu")
+    assert_close_to_reference(grad, ref_grad, base_grad, "gelu'")
+
+    big = torch.finfo(dtype).max
+    inf, nan = float("inf"), float("nan")
+    special = torch.tensor(
+        [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 9.5, -9.5, 13.4, -13.4, 40.0, -40.0, 1e3, -1e3,
+         big, -big, inf, -inf, nan]
+    ).to(dtype)
+    out, grad = _gelu_and_grad(special, approximate, "cuda_ext")
+    ref, ref_grad = _gelu_and_grad(special.double(), approximate, None)
+    for got, want, what in ((out, ref, "gelu"), (grad, ref_grad, "gelu'")):
+        want = want.to(dtype).double()  # the correctly rounded value
+        got = got.double()
+        assert torch.equal(got.isnan(), want.isnan()), (what, special, got, want)
+        fin = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), fin), (what, special, got, want)
+        assert torch.equal(got[~fin & ~want.isnan()], want[~fin & ~want.isnan()]), (what, got, want)
+        # 1e-12 absolute: the float64 formula 0.5 x (1 + erf(x / sqrt 2)) itself cancels
+        # to 0 below x ~ -8.3, where the kernels' erfc form keeps e.g. gelu(-9.5) = -1e-20
+        tol = 4 * torch.finfo(dtype).eps * want[fin].abs() + 1e-12
+        assert bool(((got[fin] - want[fin]).abs() <= tol).all()), (what, special, got, want)
+
+
+# Row lengths around the vector step (2 float vectors: 16 elements with AVX2, 32 with
+# AVX512, 16 generic): whole steps, a step and a tail, tails of 1 and of a step minus 1.
+TAIL_LENGTHS = [1, 2, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_cpu_vector_tails_and_strided_rows(ext, dtype, approximate):
+    """Every tail length and rows with a stride (a column slice of a wider tensor)."""
+    for n in TAIL_LENGTHS:
+        x = (torch.randn(5, 2 * n + 3) * 3)[:, 1 : n + 1].to(dtype)  # strided rows
+        b = torch.randn(n).to(dtype)
+        g = torch.randn(5, n).to(dtype)
+        xs, bs = _leaf(x), _leaf(b)
+        with llmkit.use_backend("cuda_ext"):
+            out = llmkit.ops.bias_gelu(xs, bs, approximate)
+            out.backward(g)
+        x64, b64 = _leaf(x.double()), _leaf(b.double())
+        ref = R.bias_gelu(x64, b64, approximate)
+        ref.backward(g.double())
+        xt, bt = _leaf(x), _leaf(b)
+        base = F.gelu(xt + bt, approximate=approximate)
+        base.backward(g)
+        assert_close_to_reference(out, ref, base, f"out (n={n})")
+        assert_close_to_reference(xs.grad, x64.grad, xt.grad, f"dx (n={n})")
+        assert_close_to_reference(bs.grad, b64.grad, bt.grad, f"dbias (n={n})")
+
+
+def _add_layer_norm_vs_reference(x, r, w, b):
+    """Forward and backward of add_layer_norm on cuda_ext against reference64."""
+    n = x.shape[-1]
+    dtype = x.dtype
+    g, gr = torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype)
+    xs, rs, ws, bs = _leaf(x), _leaf(r), _leaf(w), _leaf(b)
+    with llmkit.use_backend("cuda_ext"):
+        out, res = llmkit.ops.add_layer_norm(xs, rs, n, ws, bs, 1e-5)
+        torch.autograd.backward([out, res], [g, gr])
+    assert torch.equal(res, (x.float() + r.float()).to(dtype))
+    x64, r64, w64, b64 = (_leaf(_d64(t)) for t in (x, r, w, b))
+    ref, _ = R.add_layer_norm(x64, r64, [n], w64, b64, 1e-5, round_to=dtype)
+    ref_res = ref.new_zeros(())  # the sum is checked exactly above
+    torch.autograd.backward([ref], [g.double()])
+    xt, rt, wt, bt = _leaf(x), _leaf(r), _leaf(w), _leaf(b)
+    s = xt + rt
+    base = F.layer_norm(s, [n], wt, bt, 1e-5)
+    torch.autograd.backward([base, s], [g, gr])
+    del ref_res
+    assert_close_to_reference(out, ref, base, f"out {list(x.shape)}")
+    # the reference's d input lacks grad_residual_out (added exactly in float32 by the kernel)
+    assert_close_to_reference(xs.grad, (x64.grad + gr.double()), xt.grad, f"d input {list(x.shape)}")
+    assert torch.equal(xs.grad, rs.grad)
+    assert_close_to_reference(ws.grad, w64.grad, wt.grad, "dweight")
+    assert_close_to_reference(bs.grad, b64.grad, bt.grad, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_cpu_vector_tails_and_strided_rows(ext, dtype):
+    for n in TAIL_LENGTHS:
+        x = (torch.randn(6, 2 * n + 5) * 2)[:, 3 : n + 3].to(dtype)  # strided rows
+        r = (torch.randn(6, n) * 4 + 1).to(dtype)
+        w = (torch.randn(n) * 0.5 + 1).to(dtype)
+        b = (torch.randn(n) * 0.5).to(dtype)
+        _add_layer_norm_vs_reference(x, r, w, b)
+
+
+@pytest.mark.parametrize(
+    "dtype, rows, cols",
+    [
+        (torch.float32, 1280, 1024),  # 5 MiB per output, rows aligned: streaming stores
+        (torch.bfloat16, 2560, 1024),  # the same in a 16-bit type
+        (torch.float16, 1281, 2048),  # odd row count
+        (torch.float32, 1300, 1025),  # large but rows not vector-aligned: normal stores
+    ],
+)
+def test_add_layer_norm_cpu_large_outputs(ext, dtype, rows, cols):
+    """The large-output path of the CPU kernels (streaming stores, next-row prefetch)."""
+    x = (torch.randn(rows, cols) * 2).to(dtype)
+    r = (torch.randn(rows, cols) * 4 + 1).to(dtype)
+    w = (torch.randn(cols) * 0.5 + 1).to(dtype)
+    b = (torch.randn(cols) * 0.5).to(dtype)
+    _add_layer_norm_vs_reference(x, r, w, b)
 
 
 # --------------------------------------------------------------------------------------

@@ -121,12 +121,27 @@ inline GeluParts gelu_erf_parts(const FVec& x) {
   return {select_less(x, FVec(0.f), hq, one - hq), e};
 }
 
+struct Sigmoid {
+  FVec s;   // sigmoid(2u) = 1 / (1 + e^(-2u))
+  FVec em;  // e^(-2u) (capped at e^88.3)
+};
+
+// sigmoid(2u) = 0.5 (1 + tanh(u)); exactly 0 where e^(-2u) overflows float32 (then
+// x * s is -0 for finite x and NaN for x = -inf, as the float64 formula gives).
+template <typename M>
+inline Sigmoid sigmoid_2u(const FVec& u) {
+  const FVec m2u = FVec(-2.f) * u;
+  const FVec em = exp_vec<M::kExpDegree>(m2u);
+  const FVec s = recip_vec<M::kRefineRecip>(FVec(1.f) + em);
+  return {select_less(FVec(88.3f), m2u, FVec(0.f), s), em};
+}
+
 template <bool kTanh, typename M>
 inline FVec gelu_vec(const FVec& x) {
   if constexpr (kTanh) {
     const FVec x2 = x * x;
     const FVec u = FVec(0.79788456080286535588f) * at::vec::fmadd(FVec(0.044715f) * x2, x, x);
-    return x * recip_vec<M::kRefineRecip>(FVec(1.f) + exp_vec<M::kExpDegree>(FVec(-2.f) * u));  // x sigmoid(2u)
+    return x * sigmoid_2u<M>(u).s;
   } else {
     return x * gelu_erf_parts<M>(x).cdf;
   }
@@ -139,13 +154,16 @@ inline FVec gelu_grad_vec(const FVec& x) {
   if constexpr (kTanh) {
     // s = sigmoid(2u) = 0.5 (1 + tanh u); d/dx [x s] = s + 2 x s (1 - s) du/dx,
     // du/dx = beta (1 + 3 kappa x^2), and 1 - s = e^(-2u) s.
+    // The second term is 0 in float32 beyond |x| = 20 (s (1 - s) < e^-600): x is clamped
+    // there so that x du/dx cannot overflow into inf * 0; the final x * 0 gives the
+    // float64 formula's NaN at x = +-inf.
     const FVec beta(0.79788456080286535588f), kappa(0.044715f);
     const FVec x2 = x * x;
     const FVec u = beta * at::vec::fmadd(kappa * x2, x, x);
-    const FVec em = exp_vec<M::kExpDegree>(FVec(-2.f) * u);
-    const FVec s = recip_vec<M::kRefineRecip>(one + em);
-    const FVec du = beta * at::vec::fmadd(FVec(3.f) * kappa, x2, one);
-    return at::vec::fmadd(FVec(2.f) * x * s * (em * s), du, s);
+    const auto [s, em] = sigmoid_2u<M>(u);
+    const FVec xc = at::vec::clamp_max(at::vec::clamp_min(x, FVec(-20.f)), FVec(20.f));
+    const FVec du = beta * at::vec::fmadd(FVec(3.f) * kappa, xc * xc, one);
+    return at::vec::fmadd(x, FVec(0.f), at::vec::fmadd(FVec(2.f) * xc * s * (em * s), du, s));
   } else {
     const GeluParts g = gelu_erf_parts<M>(x);
     return at::vec::fmadd(x, g.e * FVec(0.39894228040143267794f), g.cdf);  // + x pdf(x)
