@@ -123,7 +123,7 @@ def test_greedy_generate_matches_hf():
     ours = GPT.from_hf(hf)
     ids = torch.randint(2, VOCAB, (3, 6))
     want = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    got = ours.generate(ids, 12)
+    got = ours.generate(ids, 12, eos_token_id=1, pad_token_id=0)  # the HF config's eos ends rows there too
     assert got.shape == want.shape
     for row in range(ids.shape[0]):
         diverge = (got[row] != want[row]).nonzero()
@@ -145,10 +145,11 @@ def test_left_padded_generate_matches_hf_and_unpadded_rows():
     mask = torch.ones(3, 8, dtype=torch.long)
     mask[0, :3] = 0
     mask[2, :7] = 0
-    got = ours.generate(ids, 6, attention_mask=mask)
+    # the HF config's eos_token_id=1 ends a row in HF's generate: ours is told the same
+    got = ours.generate(ids, 6, attention_mask=mask, eos_token_id=1, pad_token_id=0)
     want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
-    alone = ours.generate(ids[:1, 3:], 6)
+    alone = ours.generate(ids[:1, 3:], 6, eos_token_id=1, pad_token_id=0)
     assert torch.equal(got[0, 8:], alone[0, 5:])
 
 

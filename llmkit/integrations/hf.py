@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import GELU, RMSNorm
 from ..nn import _fused
-from ..nn._fused import add_norm, gelu_approximate, linear_act, norm
+from ..nn._fused import add_norm, add_norm_into, gelu_after, gelu_approximate, linear_act, norm
 
 __all__ = [
     "NAME",
@@ -414,7 +414,7 @@ def conv1d_act(x: Tensor, conv: nn.Module, activation: Callable[[Tensor], Tensor
     if approx is None or type(conv).__name__ != "Conv1D" or conv._forward_hooks or conv._forward_pre_hooks:
         return activation(conv(x))
     if _fused.BIAS_IN_GEMM_ON_CPU and x.device.type == "cpu":
-        return ops.gelu(conv(x), approx)
+        return gelu_after(conv(x), approx)
     return ops.bias_gelu(torch.matmul(x, conv.weight), conv.bias, approx)
 
 
@@ -423,7 +423,15 @@ class _FusedDenseAddNorm:
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         h = self.dropout(self.dense(hidden_states))
+        if _plain(self.dense, nn.Linear) and _plain(self.dropout, nn.Dropout):
+            # h is a fresh GEMM output (or dropout's fresh output): the sum may go into it
+            return add_norm_into(h, input_tensor, self.LayerNorm)[0]
         return add_norm(h, input_tensor, self.LayerNorm)[0]
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """``module`` is exactly a ``cls`` without hooks (its output is a fresh tensor)."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 class _FusedIntermediate:

@@ -164,6 +164,20 @@ class KVCache:
         return ops.decode_attention(q, kc, vc, seqlens, is_causal=True)
 
 
+def input_major_(linear: nn.Module) -> None:
+    """Lay ``linear.weight`` ``(out, in)`` out input-major in memory: strides ``(1, out)``.
+
+    ``F.linear`` then multiplies by ``weight.t()``, a row-major ``(in, out)`` matrix, as
+    HuggingFace GPT-2's ``Conv1D`` does. For one token per step (decoding, a GEMV that
+    streams every weight from memory) this layout measured 1.65x faster on the CPU than
+    ``nn.Linear``'s default (MKL, 2 threads: 262 us against 433 us per ``768 x 2304``
+    weight). Shape, name, values and ``state_dict`` are unchanged; ``to()``,
+    ``load_state_dict`` and ``deepcopy`` keep the layout.
+    """
+    w = linear.weight
+    linear.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: ``c_attn`` (fused q, k, v) and ``c_proj``."""
 
@@ -238,6 +252,12 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        for block in self.h:
+            for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                input_major_(linear)
+        # The output projection too (the largest GEMV of a decode step); tied, that is the
+        # token embedding, whose lookup then gathers strided rows (cheap for a few tokens).
+        input_major_(self.wte if config.tie_word_embeddings else self.lm_head)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -329,9 +349,10 @@ class GPT(nn.Module):
         if max_new_tokens == 0:
             return input_ids.clone()
         cache = self.new_cache(b, t + max_new_tokens)
-        logits = self(ids, cache)  # (B, T, V), right-padded prompts
+        hidden = self.hidden_states(ids, cache)  # (B, T, E), right-padded prompts
         cache.set_lengths(lengths)
-        last = logits[torch.arange(b, device=ids.device), lengths.to(torch.int64) - 1]
+        # logits of each prompt's last token only: (B, V), not (B, T, V)
+        last = self.lm_head(hidden[torch.arange(b, device=ids.device), lengths.to(torch.int64) - 1])
         pad = eos_token_id if pad_token_id is None else pad_token_id
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         new_tokens = []

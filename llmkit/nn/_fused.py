@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _fastpath as FP
+from ..ops.gelu import gelu_forward as _gelu_point
+from ..ops.layer_norm import add_layer_norm_forward as _add_ln_point
+from ..ops.layer_norm import layer_norm_forward_reference as _layer_norm_reference
 from .activation import GELU
 from .normalization import LayerNorm, RMSNorm
 
-__all__ = ["norm", "add_norm", "linear_act", "gelu_approximate"]
+__all__ = ["norm", "add_norm", "add_norm_into", "linear_act", "gelu_after", "gelu_approximate"]
 
 _LAYER_NORMS = (nn.LayerNorm, LayerNorm)
 _RMS_NORMS = (nn.RMSNorm, RMSNorm)
@@ -65,6 +69,58 @@ def add_norm(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) ->
     return norm(total, module), total
 
 
+_IN_PLACE_DTYPES = (torch.float32, torch.float64)
+
+
+def _own_temporary_ok(t: Tensor, point) -> bool:
+    """May ``t``, a temporary the caller owns, be overwritten with ``point``'s reference result?
+
+    Only outside autograd / compile / export on plain CPU tensors, in the dtypes whose
+    reference computes in the tensor's own dtype, and when dispatch would run the
+    reference implementation anyway: the in-place ATen kernel then computes exactly what
+    the op computes, into ``t``'s memory instead of a fresh allocation (on the CPU a fresh
+    multi-megabyte buffer costs page faults comparable to the computation).
+    """
+    return (
+        t.dtype in _IN_PLACE_DTYPES
+        and t.is_contiguous()
+        and FP.eager_ok(t)
+        and FP.selects_reference(point)
+    )
+
+
+def gelu_after(t: Tensor, approximate: str) -> Tensor:
+    """``ops.gelu(t, approximate)`` where ``t`` is a temporary the caller owns and drops.
+
+    Computed in place into ``t`` when :func:`_own_temporary_ok` allows (the same values,
+    bit for bit, as the reference backend's ``F.gelu``); otherwise the op.
+    """
+    if _own_temporary_ok(t, _gelu_point):
+        return torch.ops.aten.gelu_(t, approximate=approximate)
+    return ops.gelu(t, approximate)
+
+
+def add_norm_into(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`add_norm` where ``x`` is a temporary the caller owns: the sum may be written
+    into ``x`` (when :func:`_own_temporary_ok` allows; the reference's float32 add, then its
+    LayerNorm: the same values as ``add_layer_norm``)."""
+    if (
+        _fusable_layer_norm(module)
+        and x.dtype == residual.dtype
+        and x.shape == residual.shape
+        and type(residual) in (torch.Tensor, nn.Parameter)
+        and _own_temporary_ok(x, _add_ln_point)
+        and FP.eager_ok(residual, optional=(module.weight, module.bias))
+        and (module.weight is None or module.weight.dtype == x.dtype)
+        and (module.bias is None or module.bias.dtype == x.dtype)
+    ):
+        total = x.add_(residual)
+        out, _, _ = _layer_norm_reference(total, list(module.normalized_shape), module.weight, module.bias,
+                                         module.eps)
+        return out, total
+    return add_norm(x, residual, module)
+
+
 def gelu_approximate(activation: object) -> str | None:
     """``"none"`` / ``"tanh"`` when ``activation`` is a GELU llmkit can fuse, else None."""
     if activation is F.gelu:
@@ -99,7 +155,7 @@ def linear_act(x: Tensor, linear: nn.Module, activation: Callable[[Tensor], Tens
     if approx is None or type(linear) not in _LINEARS or _hooked(linear):
         return activation(linear(x))
     if linear.bias is None or (BIAS_IN_GEMM_ON_CPU and x.device.type == "cpu"):
-        return ops.gelu(F.linear(x, linear.weight, linear.bias), approx)
+        return gelu_after(F.linear(x, linear.weight, linear.bias), approx)
     return ops.bias_gelu(F.linear(x, linear.weight), linear.bias, approx)
 
 

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import DispatchPoint
+from . import _fastpath as FP
 from . import _validate as V
 from ._philox import dropout_keep_mask
 
@@ -635,13 +636,23 @@ def check_decode_args(
     V.check_same_device(op, query=query, cache_seqlens=cache_seqlens)
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    check_seqlens_range(op, cache_seqlens, key_cache.shape[2])
+
+
+def check_seqlens_range(op: str, cache_seqlens: Tensor, s_max: int) -> None:
+    """CPU ``cache_seqlens`` must lie in ``[0, s_max]`` (GPU lengths are not read back)."""
     if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < 0 or hi > key_cache.shape[2]:
+        lo, hi = _min_max(cache_seqlens)
+        if lo < 0 or hi > s_max:
             raise ValueError(
-                f"{op}: cache_seqlens must lie in [0, {key_cache.shape[2]}] (the cache length), "
+                f"{op}: cache_seqlens must lie in [0, {s_max}] (the cache length), "
                 f"got values from {lo} to {hi}"
             )
+
+
+def _min_max(t: Tensor) -> tuple[int, int]:
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
 
 
 def decode_mask(cache_seqlens: Tensor, q_len: int, s_max: int, is_causal: bool) -> Tensor:
@@ -669,8 +680,21 @@ def decode_forward_reference(
     scale: float,
     is_causal: bool,
 ) -> Tensor:
-    """Decode attention as masked attention over the whole cache."""
-    mask = decode_mask(cache_seqlens, query.shape[2], key_cache.shape[2], is_causal)
+    """Decode attention as masked attention over the cache.
+
+    When every sequence has the same length ``L`` (read from CPU lengths), only the first
+    ``L`` cache positions are read, and a single new token (or ``is_causal=False``)
+    needs no mask at all; otherwise the whole cache is read under a per-sequence mask.
+    """
+    t = query.shape[2]
+    if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
+        lo, hi = _min_max(cache_seqlens)
+        if lo == hi and 0 < lo <= key_cache.shape[2]:
+            kc, vc = key_cache[:, :, :lo], value_cache[:, :, :lo]
+            mask = decode_mask(cache_seqlens, t, lo, is_causal) if is_causal and t > 1 else None
+            out, _ = sdpa_forward_reference(query, kc, vc, mask, 0.0, False, scale, True, 0, 0)
+            return out
+    mask = decode_mask(cache_seqlens, t, key_cache.shape[2], is_causal)
     out, _ = sdpa_forward_reference(
         query, key_cache, value_cache, mask, 0.0, False, scale, True, 0, 0
     )
@@ -721,6 +745,10 @@ def _(query, key_cache, value_cache, cache_seqlens, scale, is_causal):
 # --------------------------------------------------------------------------------------
 
 
+_VALIDATED = FP.ValidatedSignatures()
+"""Argument signatures that passed validation on the eager fast path (see ``_fastpath``)."""
+
+
 def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
@@ -766,10 +794,17 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    out, _ = torch.ops.llmkit.scaled_dot_product_attention(
-        query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
-        bool(enable_gqa), seed, 0,
-    )
+    args = (float(dropout_p), bool(is_causal), float(scale), bool(enable_gqa), seed, 0)
+    if FP.eager_ok(query, key, value, optional=(attn_mask,)):
+        sig = (query.shape, query.dtype, key.shape, key.dtype, value.shape, value.dtype,
+               FP.signature(attn_mask), args[0], args[2], args[3])
+        if sig not in _VALIDATED:
+            check_sdpa_args(op, query, key, value, attn_mask, args[0], args[2], args[3])
+            _VALIDATED.add(sig)
+        out, _ = sdpa_forward(query, key, value, attn_mask, *args)
+        out = as_query_layout(out, query)
+    else:
+        out, _ = torch.ops.llmkit.scaled_dot_product_attention(query, key, value, attn_mask, *args)
     return out.squeeze(0) if unbatched else out
 
 
@@ -800,6 +835,15 @@ def decode_attention(
     if scale is None:
         V.check_tensor("decode_attention", "query", query)
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.dim() and query.shape[-1] > 0 else 1.0
-    return torch.ops.llmkit.decode_attention(
-        query, key_cache, value_cache, cache_seqlens, float(scale), bool(is_causal)
-    )
+    scale, is_causal = float(scale), bool(is_causal)
+    if FP.eager_ok(query, key_cache, value_cache, cache_seqlens):
+        op = "decode_attention"
+        sig = (query.shape, query.dtype, key_cache.shape, key_cache.dtype, value_cache.shape,
+               value_cache.dtype, cache_seqlens.shape, cache_seqlens.dtype, scale)
+        if sig not in _VALIDATED:
+            check_decode_args(op, query, key_cache, value_cache, cache_seqlens, scale)
+            _VALIDATED.add(sig)
+        else:  # the lengths' values are checked on every call
+            check_seqlens_range(op, cache_seqlens, key_cache.shape[2])
+        return decode_forward(query, key_cache, value_cache, cache_seqlens, scale, is_causal)
+    return torch.ops.llmkit.decode_attention(query, key_cache, value_cache, cache_seqlens, scale, is_causal)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..dispatch import DispatchPoint
+from . import _fastpath as FP
 from . import _validate as V
 
 __all__ = ["gelu", "bias_gelu"]
@@ -267,6 +268,10 @@ torch.library.register_autograd("llmkit::bias_gelu", _bias_gelu_bwd, setup_conte
 # functional API
 # --------------------------------------------------------------------------------------
 
+_VALIDATED = FP.ValidatedSignatures()
+"""Argument signatures that passed validation on the eager fast path (see ``_fastpath``)."""
+
+
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """GELU, like ``F.gelu``: exact (``approximate="none"``, erf) or ``"tanh"``.
@@ -274,6 +279,12 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     ``input``: any shape and strides, float16 / bfloat16 / float32 / float64. Output
     has the input's shape and dtype. Differentiable.
     """
+    if FP.eager_ok(input) and type(approximate) is str:
+        key = ("gelu", input.dtype, approximate)  # validation reads only these
+        if key not in _VALIDATED:
+            _check_gelu("gelu", input, approximate)
+            _VALIDATED.add(key)
+        return gelu_forward(input, approximate)
     return torch.ops.llmkit.gelu(input, approximate)
 
 
@@ -284,4 +295,11 @@ def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     input). The add is done in float32 and the sum is never written to memory.
     Differentiable in both; ``d bias`` is reduced over the leading dims.
     """
+    if FP.eager_ok(input, bias) and type(approximate) is str:
+        key = ("bias_gelu", input.shape, input.dtype, bias.shape, bias.dtype, approximate)
+        if key not in _VALIDATED:
+            _check_gelu("bias_gelu", input, approximate)
+            _check_bias("bias_gelu", input, bias)
+            _VALIDATED.add(key)
+        return bias_gelu_forward(input, bias, approximate)
     return torch.ops.llmkit.bias_gelu(input, bias, approximate)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import DispatchPoint
+from . import _fastpath as FP
 from . import _validate as V
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm"]
@@ -671,6 +672,27 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------
 
 
+_VALIDATED = FP.ValidatedSignatures()
+"""Argument signatures that passed validation on the eager fast path (see ``_fastpath``)."""
+
+
+def _eager_key(
+    op: str,
+    input: Tensor,
+    ns: list,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: object,
+    residual: Tensor | None = None,
+) -> tuple | None:
+    """The validation signature of a norm call; None when it has no exact one (then the
+    custom op validates the call): shape entries and eps must be plain ints / floats."""
+    if not all(type(n) is int for n in ns) or type(eps) not in (float, int):
+        return None
+    return (op, input.shape, input.dtype, tuple(ns), FP.signature(weight), FP.signature(bias),
+            FP.signature(residual), type(eps), eps)
+
+
 def _shape_list(normalized_shape: int | Sequence[int]) -> list[int]:
     if isinstance(normalized_shape, int):
         return [normalized_shape]
@@ -699,7 +721,15 @@ def layer_norm(
         ``(*, *normalized_shape)`` in the input's dtype. Statistics are computed in
         float32 (float64 for float64 input). Differentiable in input, weight, bias.
     """
-    out, _, _ = torch.ops.llmkit.layer_norm(input, _shape_list(normalized_shape), weight, bias, eps)
+    ns = _shape_list(normalized_shape)
+    if FP.eager_ok(input, optional=(weight, bias)):
+        key = _eager_key("layer_norm", input, ns, weight, bias, eps)
+        if key is not None:
+            if key not in _VALIDATED:
+                _check_norm("layer_norm", input, ns, weight, bias, eps)
+                _VALIDATED.add(key)
+            return layer_norm_forward(input, ns, weight, bias, eps)[0]
+    out, _, _ = torch.ops.llmkit.layer_norm(input, ns, weight, bias, eps)
     return out
 
 
@@ -718,7 +748,16 @@ def rms_norm(
     if eps is None:
         V.check_tensor("rms_norm", "input", input)
         eps = torch.finfo(input.dtype).eps if input.dtype.is_floating_point else 0.0
-    out, _ = torch.ops.llmkit.rms_norm(input, _shape_list(normalized_shape), weight, float(eps))
+    ns = _shape_list(normalized_shape)
+    eps = float(eps)
+    if FP.eager_ok(input, optional=(weight,)):
+        key = _eager_key("rms_norm", input, ns, weight, None, eps)
+        if key is not None:
+            if key not in _VALIDATED:
+                _check_norm("rms_norm", input, ns, weight, None, eps)
+                _VALIDATED.add(key)
+            return rms_norm_forward(input, ns, weight, eps)[0]
+    out, _ = torch.ops.llmkit.rms_norm(input, ns, weight, eps)
     return out
 
 
@@ -741,7 +780,15 @@ def add_layer_norm(
         float32 and rounded to the input dtype) and ``out = layer_norm(residual_out)``.
         One read of each input and one write of each output when fused.
     """
-    out, residual_out, _, _ = torch.ops.llmkit.add_layer_norm(
-        input, residual, _shape_list(normalized_shape), weight, bias, eps
-    )
+    ns = _shape_list(normalized_shape)
+    if FP.eager_ok(input, residual, optional=(weight, bias)):
+        key = _eager_key("add_layer_norm", input, ns, weight, bias, eps, residual)
+        if key is not None:
+            if key not in _VALIDATED:
+                _check_norm("add_layer_norm", input, ns, weight, bias, eps)
+                _check_residual("add_layer_norm", input, residual)
+                _VALIDATED.add(key)
+            out, residual_out, _, _ = add_layer_norm_forward(input, residual, ns, weight, bias, eps)
+            return out, residual_out
+    out, residual_out, _, _ = torch.ops.llmkit.add_layer_norm(input, residual, ns, weight, bias, eps)
     return out, residual_out
