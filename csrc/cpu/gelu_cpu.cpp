@@ -10,7 +10,6 @@ namespace llmkit_ext::cpu {
 
 namespace {
 
-// One vector step of the forward: out[0, kStep) = gelu(x + bias).
 // (a, b) = float32 x[0, kStep) + bias[0, kStep) (bias may be nullptr)
 template <typename T>
 inline void load_biased(const T* x, const float* bias, FVec& a, FVec& b) {
@@ -23,6 +22,7 @@ inline void load_biased(const T* x, const float* bias, FVec& a, FVec& b) {
   }
 }
 
+// One vector step of the forward: out[0, kStep) = gelu(x + bias).
 template <typename T, bool kTanh>
 inline void gelu_step(const T* x, const float* bias, T* out) {
   FVec a, b;

@@ -9,9 +9,10 @@ What the extension takes:
 
 * CPU and CUDA, float32 / float16 / bfloat16: ``layer_norm``, ``rms_norm``,
   ``add_layer_norm``, ``gelu``, ``bias_gelu`` (forward and backward),
-  ``quantize_int8``. The CPU kernels are vectorized (ATen ``Vectorized``) and
-  parallel (``at::parallel_for``); the CPU dispatcher prefers them where
-  ``bench/`` measured them faster than the reference (``cpu_default`` below).
+  ``quantize_int8``. The CPU kernels are vectorized (ATen ``Vectorized``, compiled
+  for the CPU capability torch detects on the building machine: AVX512, AVX2 or
+  generic) and parallel (``at::parallel_for``); the CPU dispatcher prefers them where
+  the bench suites measured them faster than the reference (``cpu_default`` below).
 * CUDA only: ``int8_matmul`` (tensor-core int8 GEMM, scale/bias epilogue fused),
   ``int8_linear`` (``mode="w8a8"``: per-token quantization + that GEMM with the
   activation fused), ``scaled_dot_product_attention`` forward and backward and
@@ -47,18 +48,25 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 _ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
-# Where the CPU kernels are preferred over the reference path on CPU tensors: only
-# where they measured faster than it (torch.utils.benchmark, 2 threads, 4096x1024 and
-# 1024x4096, float32 / bfloat16 / float16, all in one run on a shared 2-core machine):
-# add_layer_norm 1.0-4.0x, rms_norm 1.6-4.9x, quantize_int8 1.8-2.3x the reference;
-# layer_norm 0.7-5.5x (slower in float32) and gelu / bias_gelu 0.74-1.46x are left
-# to the reference.
+# Where the CPU kernels are preferred over the reference path on CPU tensors: where the
+# bench suites measured them faster than it. `llmkit bench --op <op> --backend cuda_ext
+# --backend reference --dtype float32 --dtype bfloat16 --dtype float16 --no-compile
+# --seconds 0.2` (2 threads, shared 2-core AMD EPYC with AVX512, the bench "cpu" shapes,
+# same run; reference time / cuda_ext time):
+#   add_layer_norm 1.6-11.7x (fwd and bwd, every dtype; float32 2048x4096 fwd 0.96x in
+#       that run, where both are dominated by page faults of fresh 32 MB outputs),
+#   bias_gelu 1.9-16.8x, rms_norm 2.1-26.6x, quantize_int8 2.1-3.8x,
+#   layer_norm bfloat16 / float16 1.2-17.9x but float32 0.87-1.32x (slower at N=768 fwd
+#       and N=4096), gelu bfloat16 / float16 3.4-16.5x, float32 0.99-1.50x.
+# cpu_default is one flag per op (dispatch.py has no per-dtype preference), so layer_norm
+# and gelu are preferred for their large 16-bit wins although float32 is at parity
+# (layer_norm float32 up to 13% slower at 2048x768 fwd).
 CPU_DEFAULT = {
-    "layer_norm": False,
+    "layer_norm": True,
     "rms_norm": True,
     "add_layer_norm": True,
-    "gelu": False,
-    "bias_gelu": False,
+    "gelu": True,
+    "bias_gelu": True,
     "quantize_int8": True,
 }
 
