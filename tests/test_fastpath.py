@@ -205,13 +205,13 @@ def test_fast_path_honours_the_backend_selection(monkeypatch):
 def test_selects_reference_follows_use_backend_and_env(monkeypatch):
     import importlib
 
-    G = importlib.import_module("llmkit.ops.gelu")
+    A = importlib.import_module("llmkit.ops.attention")
     L = importlib.import_module("llmkit.ops.layer_norm")
-    assert FP.selects_reference(G.gelu_forward)  # no CPU-preferred backend for gelu
+    assert FP.selects_reference(A.sdpa_forward)  # no backend is CPU-preferred for attention
     with llmkit.use_backend("triton"):
-        assert not FP.selects_reference(G.gelu_forward)
-    with llmkit.use_backend(gelu="reference"), llmkit.use_backend("triton"):
-        assert FP.selects_reference(G.gelu_forward)
+        assert not FP.selects_reference(A.sdpa_forward)
+    with llmkit.use_backend(attention="reference"), llmkit.use_backend("triton"):
+        assert FP.selects_reference(A.sdpa_forward)
     monkeypatch.setenv("LLMKIT_BACKEND", "triton,reference")
     assert not FP.selects_reference(L.layer_norm_forward)
     monkeypatch.setenv("LLMKIT_BACKEND", "layer_norm=reference")
@@ -272,12 +272,13 @@ def test_gelu_after_in_place_only_where_allowed(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "gelu_", lambda *a, **k: calls.append(1) or real(*a, **k))
     t = torch.randn(3, 8)
     with torch.no_grad():
-        _fused.gelu_after(t.clone(), "none")
-        assert len(calls) == 1
+        with llmkit.use_backend(gelu="reference"):  # the C++ CPU kernel, when built, is preferred otherwise
+            _fused.gelu_after(t.clone(), "none")
+            assert len(calls) == 1
+            _fused.gelu_after(t.clone().t(), "none")  # not contiguous
+            _fused.gelu_after(t.clone().to(torch.bfloat16), "none")
         with llmkit.use_backend("triton"):
             _fused.gelu_after(t.clone(), "none")
-        _fused.gelu_after(t.clone().t(), "none")  # not contiguous
-        _fused.gelu_after(t.clone().to(torch.bfloat16), "none")
     assert len(calls) == 1
     w = torch.randn(8, 8, requires_grad=True)
     y = _fused.gelu_after(t @ w, "tanh")  # autograd: the op, with its gradient

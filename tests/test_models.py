@@ -225,6 +225,22 @@ def test_gpt_from_hf_rejects_unsupported_configs():
             vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, scale_attn_by_inverse_layer_idx=True)))
 
 
+def test_from_hf_of_a_quantized_model_says_so_and_quantizing_ours_instead_works():
+    hf = hf_gpt2().eval()
+    ours = GPT.from_hf(hf).eval()
+    llmkit.quantize(hf, "w8a16")
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn is an llmkit\.nn\.Int8Linear"):
+        GPT.from_hf(hf)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = ours(ids)
+        report = llmkit.quantize(ours, "w8a16")
+        got = ours(ids)
+    assert report.quantized
+    cos = torch.nn.functional.cosine_similarity(got.flatten().double(), want.flatten().double(), dim=0)
+    assert cos > 0.99
+
+
 # -- BERT ---------------------------------------------------------------------------------
 
 

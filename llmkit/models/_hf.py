@@ -15,6 +15,14 @@ __all__ = ["gpt2_to_llmkit", "bert_to_llmkit"]
 
 def _load(model: Any, class_name: str) -> nn.Module:
     if isinstance(model, nn.Module):
+        from ..nn import Int8Linear
+
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Linear):
+                raise ValueError(
+                    f"from_hf: {name} is an llmkit.nn.Int8Linear (the model was quantized); from_hf needs the "
+                    "float weights: load the float model, then call llmkit.quantize on the llmkit model"
+                )
         return model
     if not isinstance(model, str):
         raise TypeError(
