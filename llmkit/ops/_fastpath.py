@@ -27,7 +27,7 @@ temporary it owns (the reference computation, minus an allocation).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
@@ -103,6 +103,15 @@ class ValidatedSignatures:
         if len(self._seen) >= self._limit:
             self._seen.clear()
         self._seen.add(key)
+
+    def check(self, key: Hashable, validate: Callable[[], object]) -> bool:
+        """Run ``validate()`` (which raises on bad input) unless ``key`` passed before, and
+        remember ``key`` when it passes. True when the key had passed before (nothing ran)."""
+        if key in self._seen:
+            return True
+        validate()
+        self.add(key)
+        return False
 
 
 def signature(t: torch.Tensor | None) -> tuple | None:

@@ -798,9 +798,7 @@ def scaled_dot_product_attention(
     if FP.eager_ok(query, key, value, optional=(attn_mask,)):
         sig = (query.shape, query.dtype, key.shape, key.dtype, value.shape, value.dtype,
                FP.signature(attn_mask), args[0], args[2], args[3])
-        if sig not in _VALIDATED:
-            check_sdpa_args(op, query, key, value, attn_mask, args[0], args[2], args[3])
-            _VALIDATED.add(sig)
+        _VALIDATED.check(sig, lambda: check_sdpa_args(op, query, key, value, attn_mask, args[0], args[2], args[3]))
         out, _ = sdpa_forward(query, key, value, attn_mask, *args)
         out = as_query_layout(out, query)
     else:
@@ -840,10 +838,7 @@ def decode_attention(
         op = "decode_attention"
         sig = (query.shape, query.dtype, key_cache.shape, key_cache.dtype, value_cache.shape,
                value_cache.dtype, cache_seqlens.shape, cache_seqlens.dtype, scale)
-        if sig not in _VALIDATED:
-            check_decode_args(op, query, key_cache, value_cache, cache_seqlens, scale)
-            _VALIDATED.add(sig)
-        else:  # the lengths' values are checked on every call
-            check_seqlens_range(op, cache_seqlens, key_cache.shape[2])
+        if _VALIDATED.check(sig, lambda: check_decode_args(op, query, key_cache, value_cache, cache_seqlens, scale)):
+            check_seqlens_range(op, cache_seqlens, key_cache.shape[2])  # the lengths' values: every call
         return decode_forward(query, key_cache, value_cache, cache_seqlens, scale, is_causal)
     return torch.ops.llmkit.decode_attention(query, key_cache, value_cache, cache_seqlens, scale, is_causal)

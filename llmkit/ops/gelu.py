@@ -281,9 +281,7 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """
     if FP.eager_ok(input) and type(approximate) is str:
         key = ("gelu", input.dtype, approximate)  # validation reads only these
-        if key not in _VALIDATED:
-            _check_gelu("gelu", input, approximate)
-            _VALIDATED.add(key)
+        _VALIDATED.check(key, lambda: _check_gelu("gelu", input, approximate))
         return gelu_forward(input, approximate)
     return torch.ops.llmkit.gelu(input, approximate)
 
@@ -297,9 +295,7 @@ def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """
     if FP.eager_ok(input, bias) and type(approximate) is str:
         key = ("bias_gelu", input.shape, input.dtype, bias.shape, bias.dtype, approximate)
-        if key not in _VALIDATED:
-            _check_gelu("bias_gelu", input, approximate)
-            _check_bias("bias_gelu", input, bias)
-            _VALIDATED.add(key)
+        _VALIDATED.check(key, lambda: (_check_gelu("bias_gelu", input, approximate),
+                                       _check_bias("bias_gelu", input, bias)))
         return bias_gelu_forward(input, bias, approximate)
     return torch.ops.llmkit.bias_gelu(input, bias, approximate)

@@ -725,9 +725,7 @@ def layer_norm(
     if FP.eager_ok(input, optional=(weight, bias)):
         key = _eager_key("layer_norm", input, ns, weight, bias, eps)
         if key is not None:
-            if key not in _VALIDATED:
-                _check_norm("layer_norm", input, ns, weight, bias, eps)
-                _VALIDATED.add(key)
+            _VALIDATED.check(key, lambda: _check_norm("layer_norm", input, ns, weight, bias, eps))
             return layer_norm_forward(input, ns, weight, bias, eps)[0]
     out, _, _ = torch.ops.llmkit.layer_norm(input, ns, weight, bias, eps)
     return out
@@ -753,9 +751,7 @@ def rms_norm(
     if FP.eager_ok(input, optional=(weight,)):
         key = _eager_key("rms_norm", input, ns, weight, None, eps)
         if key is not None:
-            if key not in _VALIDATED:
-                _check_norm("rms_norm", input, ns, weight, None, eps)
-                _VALIDATED.add(key)
+            _VALIDATED.check(key, lambda: _check_norm("rms_norm", input, ns, weight, None, eps))
             return rms_norm_forward(input, ns, weight, eps)[0]
     out, _ = torch.ops.llmkit.rms_norm(input, ns, weight, eps)
     return out
@@ -784,10 +780,8 @@ def add_layer_norm(
     if FP.eager_ok(input, residual, optional=(weight, bias)):
         key = _eager_key("add_layer_norm", input, ns, weight, bias, eps, residual)
         if key is not None:
-            if key not in _VALIDATED:
-                _check_norm("add_layer_norm", input, ns, weight, bias, eps)
-                _check_residual("add_layer_norm", input, residual)
-                _VALIDATED.add(key)
+            _VALIDATED.check(key, lambda: (_check_norm("add_layer_norm", input, ns, weight, bias, eps),
+                                           _check_residual("add_layer_norm", input, residual)))
             out, residual_out, _, _ = add_layer_norm_forward(input, residual, ns, weight, bias, eps)
             return out, residual_out
     out, residual_out, _, _ = torch.ops.llmkit.add_layer_norm(input, residual, ns, weight, bias, eps)
