@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import GELU, RMSNorm
 from ..nn import _fused
-from ..nn._fused import add_norm, add_norm_into, gelu_after, gelu_approximate, linear_act, norm
+from ..nn._fused import _hooked, add_norm, add_norm_into, gelu_after, gelu_approximate, linear_act, norm
 
 __all__ = [
     "NAME",
@@ -431,7 +431,7 @@ class _FusedDenseAddNorm:
 
 def _plain(module: nn.Module, cls: type) -> bool:
     """``module`` is exactly a ``cls`` without hooks (its output is a fresh tensor)."""
-    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+    return type(module) is cls and not _hooked(module)
 
 
 class _FusedIntermediate:

@@ -108,7 +108,6 @@ def add_norm_into(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor
         _fusable_layer_norm(module)
         and x.dtype == residual.dtype
         and x.shape == residual.shape
-        and type(residual) in (torch.Tensor, nn.Parameter)
         and _own_temporary_ok(x, _add_ln_point)
         and FP.eager_ok(residual, optional=(module.weight, module.bias))
         and (module.weight is None or module.weight.dtype == x.dtype)
