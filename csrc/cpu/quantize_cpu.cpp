@@ -21,10 +21,7 @@ float row_absmax(const T* xr, int64_t cols) {
     m0 = at::vec::maximum(m0, a.abs());
     m1 = at::vec::maximum(m1, b.abs());
   }
-  alignas(64) float lanes[FVec::size()];
-  at::vec::maximum(m0, m1).store(lanes);
-  float m = 0.f;
-  for (int64_t i = 0; i < FVec::size(); ++i) m = std::isnan(lanes[i]) || std::isnan(m) ? NAN : std::fmax(m, lanes[i]);
+  float m = hmax_nonneg(at::vec::maximum(m0, m1));
   for (; c < cols; ++c) {
     const float v = std::fabs(static_cast<float>(xr[c]));
     if (std::isnan(v) || std::isnan(m)) {

@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -116,6 +117,16 @@ inline float hsum(const FVec& v) {
   float s = 0.f;
   for (int64_t i = 0; i < FVec::size(); ++i) s += lanes[i];
   return s;
+}
+
+// Largest lane of v, whose lanes are >= 0 or NaN (absolute values); NaN if any lane is
+// NaN (the matching horizontal step of hsum for an absmax).
+inline float hmax_nonneg(const FVec& v) {
+  alignas(64) float lanes[FVec::size()];
+  v.store(lanes);
+  float m = 0.f;
+  for (int64_t i = 0; i < FVec::size(); ++i) m = std::isnan(lanes[i]) || std::isnan(m) ? NAN : std::fmax(m, lanes[i]);
+  return m;
 }
 
 // Rows are split into fixed chunks (independent of the thread count) so that reductions
