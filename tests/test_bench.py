@@ -20,10 +20,10 @@ from llmkit.bench.plot import matplotlib_missing
 from llmkit.bench.progress import ProgressBar
 from llmkit.bench.report import fmt_time, format_markdown, format_table, report_json
 from llmkit.bench.roofline import Roofline, fraction, measure_roofline, roof_for
-from llmkit.bench.runner import Options, Report, Result, Skip, compare_outputs, plan, run_bench
+from llmkit.bench.runner import Options, Report, Result, Skip, Truth, compare_outputs, plan, run_bench
 from llmkit.bench.schema import SCHEMA, validate
 from llmkit.bench.shapes import check_shapes, group_key, load_shapes, point_label
-from llmkit.bench.suite import SUITES, Impl, in_backend
+from llmkit.bench.suite import SUITES, Context, Impl, OpCall, in_backend
 from llmkit.bench.timing import make_sample, quantile
 from llmkit.dispatch import OPS, requested
 
@@ -217,6 +217,83 @@ def test_compare_outputs_catches_wrong_answers():
     assert ok and what.startswith("SQNR")
     ok, what = compare_outputs(torch.randn_like(ref), ref, Impl("x", check="cosine"), torch.float32)
     assert not ok and "cosine" in what
+    # the largest error of several outputs is the one reported (by value, not as text)
+    ok, what = compare_outputs((ref * (1 + 1e-5), ref * (1 + 9e-4)), (ref, ref), Impl("x"), torch.float32)
+    assert ok and what == "max rel err 9.0e-04", what
+
+
+def test_compare_outputs_judges_both_sides_against_float64_when_the_baseline_is_off():
+    exact = torch.randn(256, 48, dtype=torch.float64)
+    sloppy_baseline = (exact + 0.1 * torch.randn_like(exact)).to(torch.bfloat16)
+    accurate = exact.to(torch.bfloat16)
+    truth = Truth(lambda: exact)
+    # without float64 the accurate implementation looks wrong: it is 0.1 away from the baseline
+    ok, what = compare_outputs(accurate, sloppy_baseline, Impl("x"), torch.bfloat16)
+    assert not ok and "differs from the baseline" in what
+    ok, what = compare_outputs(accurate, sloppy_baseline, Impl("x"), torch.bfloat16, truth)
+    assert ok and "against float64" in what, what
+    # an implementation further from float64 than twice the baseline's own error still fails
+    worse = (exact + 0.5 * torch.randn_like(exact)).to(torch.bfloat16)
+    ok, what = compare_outputs(worse, sloppy_baseline, Impl("x"), torch.bfloat16, truth)
+    assert not ok and "against float64" in what and "allowed" in what
+    # a float64 recomputation that fails keeps the plain verdict and says why
+    def broken():
+        raise RuntimeError("no double kernel")
+    ok, what = compare_outputs(accurate, sloppy_baseline, Impl("x"), torch.bfloat16, Truth(broken))
+    assert not ok and "float64 recomputation failed: RuntimeError: no double kernel" in what
+
+
+def test_truth_recomputes_only_once_and_only_when_asked():
+    calls = []
+    truth = Truth(lambda: calls.append(1) or (torch.ones(3), torch.zeros(2)))
+    assert calls == []
+    assert [t.dtype for t in truth.tensors()] == [torch.float64, torch.float64]
+    truth.tensors()
+    assert calls == [1]
+
+
+def test_opcall_float64_converts_floating_tensors_only():
+    x, idx = torch.randn(5, 7, dtype=torch.bfloat16), torch.arange(5)
+    up = OpCall([x, idx, 3], "bwd", wrt=(0,), grads=[torch.randn(5, 7, dtype=torch.float16)]).float64()
+    assert up.inputs[0].dtype == torch.float64 and torch.equal(up.inputs[0], x.double())
+    assert up.inputs[1] is idx and up.inputs[2] == 3
+    assert up.grads[0].dtype == torch.float64 and up.wrt == (0,) and up.pass_ == "bwd"
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd"])
+def test_baseline_truth_is_the_eager_computation_in_float64(pass_):
+    from llmkit import reference64
+    from llmkit.bench.suite import standard_impls
+
+    n = 129
+    x = (torch.randn(37, n) * 2 + 1).to(torch.bfloat16)
+    w, b = (torch.rand(n) + 0.5).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
+    dy = torch.randn(37, n).to(torch.bfloat16)
+    ctx = Context(torch.device("cpu"), ["reference"], False, load_shapes(None))
+    call = OpCall([x, w, b], pass_, wrt=(0, 1, 2), grads=[dy])
+    impls = standard_impls(ctx, "layer_norm", call, lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b),
+                           lambda x, w, b: x)
+    got = Truth(impls[0].truth).tensors()
+    # independently: llmkit.reference64's formula on the inputs in float64 (and its autograd)
+    x64, w64, b64 = (t.double().requires_grad_(pass_ == "bwd") for t in (x, w, b))
+    y64 = reference64.layer_norm(x64, [n], w64, b64, 1e-5)
+    want = [y64] if pass_ == "fwd" else list(torch.autograd.grad(y64, (x64, w64, b64), dy.double()))
+    assert len(got) == len(want)
+    for g, e in zip(got, want):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, e.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_bf16_layer_norm_weight_grad_is_judged_against_float64():
+    """The false positive seen in issue 8: eager bf16's own weight gradient is ~5% off over
+    2048 rows, so the reference path looked wrong against it."""
+    ctx = Context(torch.device("cpu"), ["reference"], False, load_shapes(None))
+    case = SUITES["layer_norm"].build(ctx, {"M": 2048, "N": 96}, "bwd", torch.bfloat16)
+    base, ref = case.impls[0], next(i for i in case.impls if i.name == "llmkit[reference]")
+    _, want = base.run_once()
+    _, got = ref.run_once()
+    ok, what = compare_outputs(got, want, ref, torch.bfloat16, Truth(base.truth))
+    assert ok, what
 
 
 def test_in_backend_selects_once_and_leaves_the_caller_alone():

@@ -44,6 +44,9 @@ CUDA_ONLY = ("roofline",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLOSE_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """'close' check: max |out - baseline| / max |baseline| allowed, per dtype."""
+TRUTH_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+"""Absolute floor (relative to the largest magnitude, about one unit in the last place) added
+to twice the baseline's own error when both are judged against float64."""
 
 EXIT_OK, EXIT_FAILED, EXIT_NOTHING, EXIT_SKIPPED = 0, 1, 2, 3
 
@@ -178,12 +181,47 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype) -> tuple[bool, str]:
-    """Check an implementation's output against the baseline's; (passed, what was seen)."""
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (the absolute error when ``want`` is all zeros)."""
+    if not want.numel():
+        return 0.0
+    scale = float(want.abs().max())
+    err = float((got - want).abs().max())
+    return err / scale if scale > 0 else err
+
+
+class Truth:
+    """The baseline's computation in float64, run at most once per case and only when asked."""
+
+    def __init__(self, run: Callable[[], Any] | None):
+        self._run = run
+        self._got: list[torch.Tensor] | None = None
+        self.error = "" if run is not None else "no float64 recomputation for this case"
+
+    def tensors(self) -> list[torch.Tensor] | None:
+        if self._got is None and self._run is not None:
+            try:
+                self._got = [t.detach().double().cpu() for t in _tensors(self._run())]
+            except Exception as exc:  # a baseline that does not take float64: keep the plain check
+                self.error = f"float64 recomputation failed: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+            self._run = None
+        return self._got
+
+
+def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype,
+                    truth: Truth | None = None) -> tuple[bool, str]:
+    """Check an implementation's output against the baseline's; (passed, what was seen).
+
+    'close': within the dtype's :data:`CLOSE_TOL` of the baseline (relative to its largest
+    magnitude). Where it is not and ``truth`` can recompute the baseline in float64, the
+    implementation still passes when its error against float64 is at most twice the
+    baseline's own plus :data:`TRUTH_FLOOR` (DESIGN.md's rule): in 16-bit dtypes the eager
+    baseline, not the implementation, is often the less accurate one.
+    """
     got, want = _tensors(out), _tensors(ref)
     if len(got) != len(want):
         return False, f"{len(got)} output tensors where the baseline has {len(want)}"
-    worst = ""
+    worst, worst_rel = "", -1.0
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             return False, f"output {i} has shape {list(g.shape)}, the baseline {list(w.shape)}"
@@ -201,14 +239,32 @@ def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype) -> tuple
                 return False, f"cosine {cos:.4f} < {impl.min_cosine} against the baseline"
             worst = f"cosine {cos:.4f}"
         else:
-            scale = float(wd.abs().max()) if wd.numel() else 0.0
-            err = float((gd - wd).abs().max()) if wd.numel() else 0.0
-            rel = err / scale if scale > 0 else err
+            rel = _rel_err(gd, wd)
             tol = CLOSE_TOL.get(dtype, 1e-3)
+            seen = f"max rel err {rel:.1e}"
             if not rel <= tol:
-                return False, f"output {i} differs from the baseline: max rel err {rel:.2e} > {tol:.0e}"
-            worst = max(worst, f"max rel err {rel:.1e}") if worst else f"max rel err {rel:.1e}"
+                ok, seen = _against_truth(i, gd, wd, rel, tol, dtype, truth)
+                if not ok:
+                    return False, seen
+            if rel >= worst_rel:
+                worst_rel, worst = rel, seen
     return True, worst
+
+
+def _against_truth(i: int, got: torch.Tensor, base: torch.Tensor, rel: float, tol: float,
+                   dtype: torch.dtype, truth: Truth | None) -> tuple[bool, str]:
+    """Output ``i`` missed the baseline by ``rel`` > ``tol``: judge both against float64."""
+    missed = f"output {i} differs from the baseline: max rel err {rel:.2e} > {tol:.0e}"
+    exact = truth.tensors() if truth is not None else None
+    if exact is None or i >= len(exact) or exact[i].shape != got.shape:
+        why = truth.error if truth is not None else "no float64 recomputation for this case"
+        return False, f"{missed} ({why})" if why else missed
+    e_got, e_base = _rel_err(got, exact[i]), _rel_err(base, exact[i])
+    allowed = 2 * e_base + TRUTH_FLOOR.get(dtype, 0.0)
+    against = f"against float64: {e_got:.2e}, the baseline's own {e_base:.2e}"
+    if e_got <= allowed:
+        return True, f"max rel err {rel:.1e} vs baseline, {against}"
+    return False, f"{missed}; {against} (allowed {allowed:.2e})"
 
 
 def _reason(exc: BaseException) -> tuple[str, str]:
@@ -244,15 +300,13 @@ def run_case(case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget
     fns: dict[str, Callable[[], Any]] = {}
     baseline_out: Any = None
     baseline_ok = False
+    truth = Truth(None)
     for impl in case.impls:
         if impl.skip:
             rows[impl.name] = result(impl, "skipped", reason=impl.skip)
             continue
         try:
-            fn = impl.make() if impl.make is not None else impl.fn
-            assert fn is not None, f"implementation {impl.name} has nothing to run"
-            warm = fn()
-            out = impl.output() if impl.output is not None else warm
+            fn, out = impl.run_once()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as exc:
@@ -263,8 +317,9 @@ def run_case(case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget
             continue
         if impl.name == BASELINE:
             baseline_out, baseline_ok, check = out, True, "baseline"
+            truth = Truth(impl.truth)
         elif baseline_ok:
-            ok, check = compare_outputs(out, baseline_out, impl, case.dtype)
+            ok, check = compare_outputs(out, baseline_out, impl, case.dtype, truth)
             if not ok:
                 rows[impl.name] = result(impl, "error", reason=f"wrong output: {check}")
                 continue
@@ -272,7 +327,7 @@ def run_case(case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget
             check = "not checked: the baseline did not run"
         rows[impl.name] = result(impl, "ok", check=check)
         fns[impl.name] = fn
-        del warm, out
+        del out
 
     if ctx.device.type == "cuda":
         samples: dict[str, Sample] = {}

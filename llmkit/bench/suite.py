@@ -50,10 +50,23 @@ class Impl:
     min_sqnr_db: float = 20.0
     min_cosine: float = 0.98
     note: str = ""
+    truth: Callable[[], Any] | None = None
+    """Baseline only: the same computation on the inputs converted to float64. The harness
+    runs it when an implementation misses the 'close' check against the baseline, to tell
+    which of the two is off (DESIGN.md's rule: an implementation is right when its error
+    against float64 is at most twice the baseline's own, plus a floor)."""
 
     @classmethod
     def skipped(cls, name: str, reason: str) -> "Impl":
         return cls(name, skip=reason)
+
+    def run_once(self) -> tuple[Callable[[], Any], Any]:
+        """Build the timed call, run it once; (the call, what is checked)."""
+        fn = self.make() if self.make is not None else self.fn
+        if fn is None:
+            raise ValueError(f"implementation {self.name} has nothing to run")
+        warm = fn()
+        return fn, (self.output() if self.output is not None else warm)
 
 
 @dataclasses.dataclass
@@ -193,6 +206,19 @@ class OpCall:
         """:func:`pass_impl` of ``f`` on these inputs."""
         return pass_impl(name, f, self.inputs, self.pass_, self.wrt, self.grads, backend, **kw)
 
+    def float64(self) -> "OpCall":
+        """The same call with every floating-point tensor (inputs and gradients) in float64."""
+
+        def up(t: Any) -> Any:
+            return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        grads = None if self.grads is None else [up(g) for g in self.grads]
+        return OpCall([up(t) for t in self.inputs], self.pass_, self.wrt, grads)
+
+    def truth(self, f: Callable[..., Any]) -> Callable[[], Any]:
+        """Runs ``f`` (the baseline) on :meth:`float64` of this call: the outputs in float64."""
+        return lambda: self.float64().impl(BASELINE, f).run_once()[1]
+
 
 def standard_impls(
     ctx: Context, op: str, call: OpCall, eager: Callable[..., Any], llmkit_fn: Callable[..., Any], **kw: Any
@@ -200,7 +226,7 @@ def standard_impls(
     """PyTorch eager (the baseline), ``torch.compile`` of it when the run includes it, and
     llmkit's op on every backend of the run (``llmkit[<backend>]``; a backend without an
     implementation of ``op`` is reported skipped). ``kw`` goes to the llmkit impls."""
-    out = [call.impl(BASELINE, eager, check="none")]
+    out = [call.impl(BASELINE, eager, check="none", truth=call.truth(eager))]
     if ctx.compile:
         out.append(call.impl("torch.compile", torch.compile(eager)))
     for b in ctx.backends:
