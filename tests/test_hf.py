@@ -18,6 +18,7 @@ import torch
 
 import llmkit
 from llmkit.integrations import hf as hf_integration
+from llmkit.nn import _fused
 
 from test_models import _widen_
 
@@ -127,17 +128,20 @@ def test_attention_function_warns_for_output_attentions(caplog):
 # -- BERT ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[True, False], ids=["bias_in_gemm", "bias_gelu"])
+@pytest.fixture(params=[(True, True), (True, False), (False, False)], ids=["onednn", "bias_in_gemm", "bias_gelu"])
 def bias_path(request, monkeypatch):
-    """Both CPU GELU-bias paths: bias added by the GEMM (CPU default) or by bias_gelu (GPU)."""
+    """Every CPU linear / GELU-bias path: oneDNN GEMM with bias and GELU fused (CPU default),
+    F.linear adding the bias then the GELU, or F.linear without bias then bias_gelu (GPU)."""
     from llmkit.nn import _fused
 
-    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", request.param)
+    in_gemm, onednn = request.param
+    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", in_gemm)
+    monkeypatch.setattr(_fused, "ONEDNN_LINEAR_ON_CPU", onednn)
     return request.param
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_bert_family_swap_matches_and_unswap_is_bit_identical(family, bias_path):
+def test_bert_family_swap_matches_and_unswap_is_bit_identical(family, bias_path, monkeypatch):
     if family == "bert":
         model = bert()
     else:
@@ -151,18 +155,19 @@ def test_bert_family_swap_matches_and_unswap_is_bit_identical(family, bias_path)
     report = llmkit.swap(model)
     counts = report.counts()
     assert counts["attention"] == 1 + 2  # the model's implementation, and each layer's self-attention
-    assert counts["norm"] == 1 + 2 * 2 and counts["gelu"] == 2 and counts["fused"] == 3 * 2
+    assert counts["norm"] == 1 + 2 * 2 and counts["gelu"] == 2 and counts["fused"] == 4 * 2
     assert model.config._attn_implementation == "llmkit"
     assert type(model.encoder.layer[0].output).__name__.startswith("Llmkit")
-    calls = []
-    real = llmkit.ops.add_layer_norm
-    llmkit.ops.add_layer_norm, saved = (lambda *a, **k: calls.append(1) or real(*a, **k)), real
-    try:
-        with torch.no_grad():
-            after = model(ids, attention_mask=mask)
-    finally:
-        llmkit.ops.add_layer_norm = saved
-    assert len(calls) == 2 * 2  # both residual + LayerNorm of each layer ran fused
+    calls, gemms = [], []
+    real = hf_integration.add_norm_into
+    monkeypatch.setattr(hf_integration, "add_norm_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hf_integration, "linear", lambda x, m: gemms.append(1) or _fused.linear(x, m))
+    with torch.no_grad():
+        after = model(ids, attention_mask=mask)
+    # both residual + LayerNorm of each layer ran fused (in place into the GEMM output, or
+    # add_layer_norm: which one depends on the backend preferred here); q, k, v and both
+    # dense layers before a LayerNorm ran through the swapped GEMM path
+    assert len(calls) == 2 * 2 and len(gemms) == 5 * 2
     torch.testing.assert_close(after.last_hidden_state, before.last_hidden_state, **TOL)
     torch.testing.assert_close(after.pooler_output, before.pooler_output, **TOL)
     llmkit.unswap(model)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import GELU, RMSNorm
 from ..nn import _fused
-from ..nn._fused import _hooked, add_norm, add_norm_into, gelu_after, gelu_approximate, linear_act, norm
+from ..nn._fused import _hooked, add_norm, add_norm_into, dense, gelu_approximate, linear, linear_act, norm
 
 __all__ = [
     "NAME",
@@ -369,6 +369,11 @@ def plan_module(module: nn.Module) -> Plan | None:
     if _from_transformers(cls, *_BERT_FAMILIES) and name.endswith(("SelfOutput", "Output")) and _dense_add_norm_shape(module):
         return Plan("fused", "reclass", "dense, dropout, fused residual add + LayerNorm",
                     new_class=_fused_class(cls, _FusedDenseAddNorm))
+    if _from_transformers(cls, *_BERT_FAMILIES) and name.endswith("SelfAttention") and _qkv_shape(module):
+        if _transformers_major() < 5:
+            return Plan("fused", "left", f"{name} projections are written for transformers >= 5")
+        return Plan("fused", "reclass", "query / key / value projections on llmkit's GEMM path",
+                    new_class=_fused_class(cls, _FusedSelfAttention))
     if _from_transformers(cls, *_BERT_FAMILIES) and name.endswith("Intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):
         return Plan("fused", "reclass", "dense with bias fused into GELU",
                     new_class=_fused_class(cls, _FusedIntermediate), needs=("intermediate_act_fn",))
@@ -405,24 +410,34 @@ def _dense_add_norm_shape(module: nn.Module) -> bool:
     )
 
 
+def _qkv_shape(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value")) and all(
+        hasattr(module, a) for a in ("attention_head_size", "scaling", "config", "dropout")
+    )
+
+
 def conv1d_act(x: Tensor, conv: nn.Module, activation: Callable[[Tensor], Tensor]) -> Tensor:
     """``activation(conv(x))`` for transformers' ``Conv1D`` (weight ``(in, out)``), bias fused into a GELU.
 
     On the CPU the GEMM adds the bias (see ``llmkit.nn._fused.BIAS_IN_GEMM_ON_CPU``).
     """
     approx = gelu_approximate(activation)
-    if approx is None or type(conv).__name__ != "Conv1D" or conv._forward_hooks or conv._forward_pre_hooks:
+    if approx is None or not _plain_conv1d(conv):
         return activation(conv(x))
     if _fused.BIAS_IN_GEMM_ON_CPU and x.device.type == "cpu":
-        return gelu_after(conv(x), approx)
+        return dense(x, conv.weight.t(), conv.bias, approx)
     return ops.bias_gelu(torch.matmul(x, conv.weight), conv.bias, approx)
+
+
+def _plain_conv1d(conv: nn.Module) -> bool:
+    return type(conv).__name__ == "Conv1D" and _from_transformers(type(conv)) and not _hooked(conv)
 
 
 class _FusedDenseAddNorm:
     """BERT-family ``*SelfOutput`` / ``*Output``: ``LayerNorm(dropout(dense(h)) + input)``."""
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        h = self.dropout(self.dense(hidden_states))
+        h = self.dropout(linear(hidden_states, self.dense))
         if _plain(self.dense, nn.Linear) and _plain(self.dropout, nn.Dropout):
             # h is a fresh GEMM output (or dropout's fresh output): the sum may go into it
             return add_norm_into(h, input_tensor, self.LayerNorm)[0]
@@ -432,6 +447,27 @@ class _FusedDenseAddNorm:
 def _plain(module: nn.Module, cls: type) -> bool:
     """``module`` is exactly a ``cls`` without hooks (its output is a fresh tensor)."""
     return type(module) is cls and not _hooked(module)
+
+
+class _FusedSelfAttention:
+    """BERT-family ``*SelfAttention`` (transformers >= 5): the query / key / value
+    projections through :func:`llmkit.nn._fused.linear` (oneDNN on float32 CPU inference),
+    then the model's attention function. Caches (decoder BERT) take the original forward."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, past_key_values=None,
+                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        if past_key_values is not None or self.config._attn_implementation != NAME:
+            return super().forward(hidden_states, attention_mask, past_key_values, **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        heads = (*input_shape, -1, self.attention_head_size)
+        query = linear(hidden_states, self.query).view(heads).transpose(1, 2)
+        key = linear(hidden_states, self.key).view(heads).transpose(1, 2)
+        value = linear(hidden_states, self.value).view(heads).transpose(1, 2)
+        out, weights = attention_forward(
+            self, query, key, value, attention_mask,
+            dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )
+        return out.reshape(*input_shape, -1).contiguous(), weights
 
 
 class _FusedIntermediate:
@@ -467,13 +503,27 @@ class _FusedGPT2Block:
 _fused_classes: dict[tuple[type, type], type] = {}
 
 
+def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
+    """Pickle / deepcopy a fused module as (original class, mixin) and its state: the class
+    itself is made at swap time and cannot be found by name, so unpickling remakes it."""
+    cls = type(self)
+    return _new_fused, (cls.__dict__["_llmkit_original"], cls.__dict__["_llmkit_mixin"]), self.__getstate__()
+
+
+def _new_fused(original: type, mixin: type) -> nn.Module:
+    """An empty instance of ``_fused_class(original, mixin)`` (its state is set by pickle)."""
+    cls = _fused_class(original, mixin)
+    return cls.__new__(cls)
+
+
 def _fused_class(original: type, mixin: type) -> type:
     """``Llmkit<Original>``: the original class with the mixin's fused ``forward``."""
     key = (original, mixin)
     if key not in _fused_classes:
         _fused_classes[key] = type(
             f"Llmkit{original.__name__}", (mixin, original),
-            {"__module__": __name__, "__doc__": mixin.__doc__, "_llmkit_original": original},
+            {"__module__": __name__, "__qualname__": f"Llmkit{original.__name__}", "__doc__": mixin.__doc__,
+             "_llmkit_original": original, "_llmkit_mixin": mixin, "__reduce_ex__": _reduce_fused},
         )
     return _fused_classes[key]
 
