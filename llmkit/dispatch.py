@@ -13,8 +13,10 @@ Selection, per call, in order of precedence:
 3. the environment variable ``LLMKIT_BACKEND`` (``triton``, ``triton,reference``,
    or per op: ``layer_norm=reference;attention=triton``),
 4. the default order for the device of the inputs: on CUDA ``triton -> cuda_ext ->
-   reference``; on the CPU the extension's CPU kernels where they are built and
-   registered as preferred, then ``reference``.
+   reference``; on the CPU the implementations registered as preferred there
+   (``cpu_default``: always, or for the calls a predicate such as
+   :class:`CpuPreference` accepts, e.g. some dtypes from some size on) where their
+   backend is available, then ``reference``.
 
 A single backend asked for by name never falls back: if it cannot take the call,
 :class:`~llmkit.errors.BackendError` is raised with its reasons. A list of names
@@ -31,7 +33,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -291,6 +293,74 @@ def requested(op: str) -> Request | None:
 
 WhyNot = Callable[..., Iterable[str]]
 
+CpuDefault = bool | Callable[..., bool]
+"""Whether an implementation comes before ``reference`` in the default CPU order: a
+constant, or a predicate called with each call's arguments (as ``why_not`` is) that says
+whether it is preferred for that call. Only the default order consults it; a backend
+asked for by name runs (or raises) whatever it says."""
+
+
+class CpuPreference:
+    """A ``cpu_default`` predicate: preferred for calls whose first tensor argument has a
+    dtype listed in ``sizes`` and a number of elements in that dtype's range.
+
+    ``sizes`` maps a dtype to the fewest elements (``int``: no upper bound) or to a
+    half-open range ``(least, limit)``: preferred when ``least <= numel < limit``.
+    ``CpuPreference({torch.bfloat16: 0, torch.float32: (1 << 19, 1 << 22)})`` prefers the
+    implementation for every bfloat16 call and for float32 calls of 2**19 up to (not
+    including) 2**22 elements; calls of other dtypes, other sizes or without a tensor
+    argument go to the next backend of the order. The cost per call is a dict lookup and
+    ``numel()``.
+    """
+
+    __slots__ = ("sizes",)
+
+    def __init__(self, sizes: Mapping[torch.dtype, int | tuple[int, int]]):
+        ranges: dict[torch.dtype, tuple[int, int | None]] = {}
+        for dtype, size in sizes.items():
+            if not isinstance(dtype, torch.dtype):
+                raise TypeError(f"CpuPreference: the keys of sizes must be torch.dtype, got {dtype!r}")
+            least, limit = size if isinstance(size, tuple) and len(size) == 2 else (size, None)
+            if not (_is_count(least) and (limit is None or (_is_count(limit) and limit > least))):
+                raise ValueError(
+                    f"CpuPreference: sizes[{dtype}] must be an int >= 0 (the fewest elements) "
+                    f"or a range (least, limit) of ints with 0 <= least < limit, got {size!r}"
+                )
+            ranges[dtype] = (least, limit)
+        self.sizes: dict[torch.dtype, tuple[int, int | None]] = ranges
+        """dtype -> (least, limit or None): the element counts for which it is preferred."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> bool:
+        first = args[0] if args and type(args[0]) is torch.Tensor else _first_tensor(args, kwargs)
+        if first is None:
+            return False
+        size = self.sizes.get(first.dtype)
+        if size is None:
+            return False
+        n = first.numel()
+        return n >= size[0] and (size[1] is None or n < size[1])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CpuPreference) and other.sizes == self.sizes
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"CpuPreference({self})"
+
+    def __str__(self) -> str:
+        def one(dtype: torch.dtype, least: int, limit: int | None) -> str:
+            name = str(dtype).replace("torch.", "")
+            if limit is None:
+                return name + (f" from {least} elements" if least else "")
+            return f"{name} of [{least}, {limit}) elements" if least else f"{name} below {limit} elements"
+
+        return ", ".join(one(d, *r) for d, r in self.sizes.items())
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
 
 @dataclasses.dataclass
 class Impl:
@@ -304,8 +374,9 @@ class Impl:
     """Dtypes of the first tensor argument it takes; None: any."""
     why_not: WhyNot | None = None
     """Called with the call's arguments; yields reasons it cannot take them."""
-    cpu_default: bool = False
-    """On CPU tensors, take precedence over the reference path (measured faster)."""
+    cpu_default: CpuDefault = False
+    """On CPU tensors, take precedence over the reference path (where measured faster):
+    always (True), never (False), or for the calls a predicate accepts (:data:`CpuDefault`)."""
 
     def reasons(self, device_type: str, first: torch.Tensor | None, args, kwargs) -> list[str]:
         out: list[str] = []
@@ -342,6 +413,12 @@ def _log_once(key: tuple[Any, ...], msg: str) -> None:
     logger.warning(msg)
 
 
+_CpuCache = tuple[tuple[str, ...], tuple[Callable[..., bool], ...], tuple[tuple[str, ...], ...]]
+"""A point's default CPU order: (every backend that comes first for some call, then
+reference; the predicates among the preferences, empty when all are constant; the order
+for each bit mask of the predicates that accept a call, bit i for predicate i)."""
+
+
 class DispatchPoint:
     """A function with one implementation per backend, chosen per call.
 
@@ -354,7 +431,9 @@ class DispatchPoint:
         self.stage = stage
         self.doc = doc
         self.impls: dict[str, Impl] = {}
-        self._cpu_order: tuple[str, ...] | None = None  # cached; reset by register()
+        # Computed from the registrations on first use, reset by register(); one attribute
+        # replaced whole, so that a reader never mixes two registrations.
+        self._cpu_cache: _CpuCache | None = None
         OPS.setdefault(op, {})[stage] = self
 
     @property
@@ -368,10 +447,20 @@ class DispatchPoint:
         devices: Sequence[str] | None = None,
         dtypes: Sequence[torch.dtype] | None = None,
         why_not: WhyNot | None = None,
-        cpu_default: bool = False,
+        cpu_default: CpuDefault = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering ``fn`` as ``backend``'s implementation of this point."""
+        """Decorator registering ``fn`` as ``backend``'s implementation of this point.
+
+        ``cpu_default``: whether the default order on CPU tensors tries this
+        implementation before ``reference``: a bool, or a predicate of the call's
+        arguments such as :class:`CpuPreference` (see :data:`CpuDefault`).
+        """
         check_backend_name(backend)
+        if not isinstance(cpu_default, bool) and not callable(cpu_default):
+            raise TypeError(
+                f"{self.qualname}: cpu_default must be a bool or a predicate of the call's "
+                f"arguments, got {cpu_default!r}"
+            )
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.impls[backend] = Impl(
@@ -382,24 +471,57 @@ class DispatchPoint:
                 why_not,
                 cpu_default,
             )
-            self._cpu_order = None
+            self._cpu_cache = None
             return fn
 
         return deco
 
     # -- selection -------------------------------------------------------------------
 
-    def _default_order(self, device_type: str) -> tuple[str, ...]:
+    def _default_order(
+        self, device_type: str, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None
+    ) -> tuple[str, ...]:
+        """The default order for a call with ``args`` / ``kwargs`` on ``device_type``.
+
+        Without ``args`` (None) on the CPU: every backend that comes before ``reference``
+        for *some* call, then ``reference`` (a superset of each call's order, for
+        questions asked without a call).
+        """
         if device_type == "cuda":
             return BACKEND_NAMES
-        if self._cpu_order is None:
-            preferred = tuple(
-                name
-                for name, impl in self.impls.items()
-                if impl.cpu_default and name != "reference"
-            )
-            self._cpu_order = preferred + ("reference",)
-        return self._cpu_order
+        cache = self._cpu_cache
+        if cache is None:
+            cache = self._cache_cpu_order()
+        order, preds, orders = cache
+        if not preds or args is None:
+            return order
+        kw = kwargs if kwargs is not None else {}
+        accepted, bit = 0, 1
+        for pred in preds:
+            if pred(*args, **kw):
+                accepted |= bit
+            bit <<= 1
+        return orders[accepted]
+
+    def _cache_cpu_order(self) -> _CpuCache:
+        prefs = [
+            (name, impl.cpu_default)
+            for name, impl in self.impls.items()
+            if impl.cpu_default is not False and name != "reference"
+        ]
+        conditional = [name for name, pref in prefs if pref is not True]
+        orders = tuple(
+            tuple(name for name, pref in prefs if pref is True or mask >> conditional.index(name) & 1)
+            + ("reference",)
+            for mask in range(1 << len(conditional))
+        )
+        cache = (
+            tuple(name for name, _ in prefs) + ("reference",),
+            tuple(pref for _, pref in prefs if pref is not True),
+            orders,
+        )
+        self._cpu_cache = cache
+        return cache
 
     def why_not(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
         """Reasons ``backend`` cannot take this call (empty when it can)."""
@@ -422,7 +544,7 @@ class DispatchPoint:
         if req is not None:
             order = req.order
         else:
-            order = self._default_order(device_type)
+            order = self._default_order(device_type, args, kwargs)
         reasons: dict[str, list[str]] = {}
         for name in order:
             unavailable = BACKENDS[name].unavailable_reason(device_type)

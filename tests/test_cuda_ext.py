@@ -101,6 +101,41 @@ def test_named_backend_refuses_what_it_does_not_take(ext):
         llmkit.ops.scaled_dot_product_attention(q, q, q)
 
 
+@pytest.mark.parametrize(
+    "m,dtype,grad,expected",
+    [
+        (1, torch.float32, False, "reference"),  # one-row decode: the reference path is faster
+        (1024, torch.float32, False, "cuda_ext"),
+        (1, torch.bfloat16, False, "cuda_ext"),
+        (3, torch.float32, True, "reference"),  # the same rule through the custom op + autograd
+        (3, torch.float16, True, "cuda_ext"),
+    ],
+)
+def test_default_cpu_choice_of_add_layer_norm_by_dtype_and_size(ext, monkeypatch, m, dtype, grad, expected):
+    """With the extension built, the default order takes the C++ kernel where the CPU rule
+    prefers it and the reference elsewhere, on the fast path and through the op alike;
+    the result is the op's either way, and a by-name request still runs cuda_ext."""
+    point = llmkit.dispatch.OPS["add_layer_norm"]["forward"]
+    ran = []
+    for name in ("cuda_ext", "reference"):
+        impl = point.impls[name]
+        monkeypatch.setattr(impl, "fn", lambda *a, _f=impl.fn, _n=name: ran.append(_n) or _f(*a))
+    n = 768
+    x, r = _rand((m, n), dtype, "cpu"), _rand((m, n), dtype, "cpu")
+    w, b = _rand((n,), dtype, "cpu") + 1, _rand((n,), dtype, "cpu")
+    if grad:
+        x.requires_grad_(True)
+    out, res = llmkit.ops.add_layer_norm(x, r, n, w, b)
+    assert ran == [expected]
+    s64 = x.detach().double() + r.double()
+    assert_close_to_reference(res, s64, x.detach() + r, "residual")
+    ref = R.layer_norm(res.detach().double(), (n,), w.double(), b.double(), 1e-5)
+    assert_close_to_reference(out, ref, F.layer_norm(res.detach(), (n,), w, b), "out")
+    with llmkit.use_backend("cuda_ext"):
+        llmkit.ops.add_layer_norm(x, r, n, w, b)
+    assert ran[-1] == "cuda_ext"
+
+
 def test_not_built_reports_the_command_and_never_compiles(tmp_path):
     """An empty cache: import works, the reason names `llmkit build-ext`, nothing builds."""
     env = {k: v for k, v in os.environ.items() if k != _ext.AUTOBUILD_ENV}

@@ -11,8 +11,9 @@ What the extension takes:
   ``add_layer_norm``, ``gelu``, ``bias_gelu`` (forward and backward),
   ``quantize_int8``. The CPU kernels are vectorized (ATen ``Vectorized``, compiled
   for the CPU capability torch detects on the building machine: AVX512, AVX2 or
-  generic) and parallel (``at::parallel_for``); the CPU dispatcher prefers them where
-  the bench suites measured them faster than the reference (``cpu_default`` below).
+  generic) and parallel (``at::parallel_for``); the default CPU order prefers them to
+  the reference per dispatch point, dtype and size, where they measured clearly faster
+  (:data:`CPU_DEFAULT`).
 * CUDA only: ``int8_matmul`` (tensor-core int8 GEMM, scale/bias epilogue fused),
   ``int8_linear`` (``mode="w8a8"``: per-token quantization + that GEMM with the
   activation fused), ``scaled_dot_product_attention`` forward and backward and
@@ -36,6 +37,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..dispatch import CpuDefault, CpuPreference
+
 # The op modules by name: llmkit.ops re-exports functions under the same names.
 _attn = importlib.import_module(f"{__package__}.attention")
 _gelu = importlib.import_module(f"{__package__}.gelu")
@@ -48,27 +51,55 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 _ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
-# Where the CPU kernels are preferred over the reference path on CPU tensors: where the
-# bench suites measured them faster than it. `llmkit bench --op <op> --backend cuda_ext
-# --backend reference --dtype float32 --dtype bfloat16 --dtype float16 --no-compile
-# --seconds 0.2` (2 threads, shared 2-core AMD EPYC with AVX512, the bench "cpu" shapes,
-# same run; reference time / cuda_ext time):
-#   add_layer_norm 1.6-11.7x (fwd and bwd, every dtype; float32 2048x4096 fwd 0.96x in
-#       that run, where both are dominated by page faults of fresh 32 MB outputs),
-#   bias_gelu 1.9-16.8x, rms_norm 2.1-26.6x, quantize_int8 2.1-3.8x,
-#   layer_norm bfloat16 / float16 1.2-17.9x but float32 0.87-1.32x (slower at N=768 fwd
-#       and N=4096), gelu bfloat16 / float16 3.4-16.5x, float32 0.99-1.50x.
-# cpu_default is one flag per op (dispatch.py has no per-dtype preference), so layer_norm
-# and gelu are preferred for their large 16-bit wins although float32 is at parity
-# (layer_norm float32 up to 13% slower at 2048x768 fwd).
-CPU_DEFAULT = {
-    "layer_norm": True,
-    "rms_norm": True,
-    "add_layer_norm": True,
-    "gelu": True,
-    "bias_gelu": True,
-    "quantize_int8": True,
+# Where the CPU kernels are preferred over the reference path on CPU tensors: per dispatch
+# point, per dtype and per size (elements of the first tensor argument; a range is
+# half-open), only where they measured clearly faster. Ratios reference time / cuda_ext
+# time, median of 3 runs, each run's ratio of interleaved medians (2 threads, shared
+# 2-core AMD EPYC VM with AVX512; sizes M rows x N):
+#   flock /tmp/bench.lock llmkit bench --op layer_norm,rms_norm,add_layer_norm,gelu,bias_gelu,quantize_int8
+#     --dtype float32 --dtype bfloat16 --dtype float16 --backend cuda_ext --backend reference
+#     --no-compile --no-plots --seconds 0.2 [--shapes-file F --shapes small|mid]
+# with the bench "cpu" shapes and a shapes file of small (M = 1, 2, 4, 8, 16, 64; N = 768,
+# 1024) and mid (M = 128..1024 x 768 / 1024; gelu M = 16..1024 x 3072, float32) row counts.
+# fwd timings outside autograd go through the CPU eager fast path.
+#   rms_norm       every dtype, fwd 1.28-2.06x (small) 2.28-51x (cpu), bwd 1.16-1.92x / 5.5-24x.
+#   bias_gelu      every dtype, fwd 1.32-1.96x (small) 1.11-4.5x (cpu), bwd 1.52-2.26x / 1.84-15x.
+#   quantize_int8  every dtype, 2.26-2.81x (small), 2.10-2.82x (cpu).
+#   add_layer_norm bf16/f16 fwd 1.11-1.78x (one row 1.11-1.20x) .. 3.8-29x, bwd 1.09-1.48x .. 5-27x.
+#                  float32 fwd 0.55-0.81x up to 64 rows, 0.92-0.96x at 128, 1.08x at 256,
+#                  1.28-1.37x at 512, 1.46x at 1024, 1.13 / 2.02x at 2048 x 768 / 1024, but
+#                  0.96x at 2048 x 4096 (8.4M elements, where fresh outputs page-fault for both).
+#                  float32 bwd 0.96-1.13x up to 512 rows, 1.20-1.30x at 1024, 1.56-2.03x at 2048.
+#   layer_norm     bf16/f16 fwd 0.99-1.02x on one row, 1.05-1.47x from 2 rows, 2.1-28x (cpu);
+#                  bwd 1.03-1.30x (small), 3.2-13x (cpu).
+#                  float32 fwd 0.57-0.88x up to 128 rows, 0.97-1.00x at 256, 1.10x at 512,
+#                  1.19-1.27x at 1024 and 1.18-1.21x at 2048 x 768 / 1024, 0.94x at 2048 x 4096.
+#                  float32 bwd 0.89-1.08x (small, mid), 1.23 / 1.74 / 0.93x (cpu): no clear win.
+#   gelu           bf16/f16 fwd 1.37-2.06x (small), 3.0-5.8x (cpu); bwd 1.61-2.12x, 4.2-17x.
+#                  float32 fwd 1.10-1.23x up to 6144 elements, 0.85-1.07x from 8192 to
+#                  1024 x 3072, 1.49 / 0.98x (cpu); bwd 1.40-1.52x to 256 x 3072, 1.14x at
+#                  1024 x 3072, 0.84 / 1.03x at 2048 x 3072 / 4096.
+# Hence: one-row decode of float32 add_layer_norm / layer_norm (1 x 768: reference ~1.8x
+# faster) stays on the reference path; the float32 norms use the C++ kernels only in the
+# size window where they won; float16 / bfloat16 use them everywhere (layer_norm forward
+# from two rows of 768).
+_HALF = {torch.bfloat16: 0, torch.float16: 0}
+CPU_DEFAULT: dict[str, CpuDefault] = {
+    "layer_norm.forward": CpuPreference(
+        {torch.bfloat16: 2 * 768, torch.float16: 2 * 768, torch.float32: (1024 * 768, 1 << 22)}
+    ),
+    "layer_norm.backward": CpuPreference(_HALF),
+    "rms_norm.forward": True,
+    "rms_norm.backward": True,
+    "add_layer_norm.forward": CpuPreference({**_HALF, torch.float32: (512 * 768, 1 << 22)}),
+    "add_layer_norm.backward": CpuPreference({**_HALF, torch.float32: 1024 * 768}),
+    "gelu.forward": CpuPreference({**_HALF, torch.float32: (0, 8192)}),
+    "gelu.backward": CpuPreference({**_HALF, torch.float32: (0, 1 << 22)}),
+    "bias_gelu.forward": True,
+    "bias_gelu.backward": True,
+    "quantize_int8.forward": True,
 }
+"""Dispatch point (``op.stage``) -> its ``cpu_default`` (see the measurements above)."""
 
 
 def _ops():
@@ -111,7 +142,7 @@ def _flat(p: Tensor | None) -> Tensor | None:
 
 
 @_ln.layer_norm_forward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["layer_norm"]
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["layer_norm.forward"]
 )
 def layer_norm_forward_cuda_ext(
     input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
@@ -127,7 +158,7 @@ def _ln_bwd_why_not(grad_out: Tensor, input: Tensor, normalized_shape: Sequence[
 
 
 @_ln.layer_norm_backward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["layer_norm"]
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["layer_norm.backward"]
 )
 def layer_norm_backward_cuda_ext(
     grad_out: Tensor,
@@ -157,7 +188,7 @@ def _ln_backward(grad_out, grad_residual_out, x, normalized_shape, weight, bias,
 
 
 @_ln.rms_norm_forward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["rms_norm"]
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["rms_norm.forward"]
 )
 def rms_norm_forward_cuda_ext(
     input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
@@ -169,7 +200,7 @@ def rms_norm_forward_cuda_ext(
 
 
 @_ln.rms_norm_backward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["rms_norm"]
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["rms_norm.backward"]
 )
 def rms_norm_backward_cuda_ext(
     grad_out: Tensor,
@@ -192,7 +223,7 @@ def _aln_why_not(input: Tensor, residual: Tensor, normalized_shape: Sequence[int
 
 
 @_ln.add_layer_norm_forward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_why_not, cpu_default=CPU_DEFAULT["add_layer_norm"]
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_why_not, cpu_default=CPU_DEFAULT["add_layer_norm.forward"]
 )
 def add_layer_norm_forward_cuda_ext(
     input: Tensor,
@@ -215,7 +246,7 @@ def _aln_bwd_why_not(grad_out: Tensor, grad_residual_out: Tensor, residual_out: 
 
 
 @_ln.add_layer_norm_backward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_bwd_why_not, cpu_default=CPU_DEFAULT["add_layer_norm"]
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_bwd_why_not, cpu_default=CPU_DEFAULT["add_layer_norm.backward"]
 )
 def add_layer_norm_backward_cuda_ext(
     grad_out: Tensor,
@@ -243,21 +274,21 @@ def _flat_rows(x: Tensor) -> Tensor:
     return x.reshape(1, x.numel())
 
 
-@_gelu.gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu"])
+@_gelu.gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu.forward"])
 def gelu_forward_cuda_ext(input: Tensor, approximate: str) -> Tensor:
     """Elementwise GELU in float32, 16-byte vectorized."""
     out = _ops().bias_gelu_fwd(_flat_rows(input), None, approximate == "tanh")
     return out.reshape(input.shape)
 
 
-@_gelu.gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu"])
+@_gelu.gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu.backward"])
 def gelu_backward_cuda_ext(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
     """grad_out * GELU'(input)."""
     dx, _ = _ops().bias_gelu_bwd(_flat_rows(grad_out), _flat_rows(input), None, False, approximate == "tanh")
     return dx.reshape(input.shape)
 
 
-@_gelu.bias_gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu"])
+@_gelu.bias_gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu.forward"])
 def bias_gelu_forward_cuda_ext(input: Tensor, bias: Tensor, approximate: str) -> Tensor:
     """gelu(input + bias): the add in float32, never written."""
     n = input.shape[-1]
@@ -265,7 +296,7 @@ def bias_gelu_forward_cuda_ext(input: Tensor, bias: Tensor, approximate: str) ->
     return out.reshape(input.shape)
 
 
-@_gelu.bias_gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu"])
+@_gelu.bias_gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu.backward"])
 def bias_gelu_backward_cuda_ext(
     grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str
 ) -> tuple[Tensor, Tensor]:
@@ -280,7 +311,7 @@ def bias_gelu_backward_cuda_ext(
 # --------------------------------------------------------------------------------------
 
 
-@_int8.quantize_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["quantize_int8"])
+@_int8.quantize_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["quantize_int8.forward"])
 def quantize_int8_cuda_ext(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Per-row absmax int8 quantization along ``dim``, bit-exact to the reference."""
     xt = x.movedim(dim, -1)
