@@ -25,10 +25,12 @@ What is swapped, by kind (``swap(model, kinds=[...])`` picks some):
     ``Transformer`` -> the :mod:`llmkit.nn` classes.
 ``fused``
     transformers BERT-family ``*SelfOutput`` / ``*Output`` (residual add fused into
-    LayerNorm) and ``*Intermediate`` (bias fused into GELU), GPT-2's ``GPT2MLP`` (bias
-    + GELU) and ``GPT2Block`` (attention residual fused into ``ln_2``). Their class is
-    reassigned to a subclass whose ``forward`` calls the fused ops; the bias + GELU
-    fusions need the ``gelu`` kind too.
+    LayerNorm), ``*Intermediate`` (bias fused into GELU) and ``*SelfAttention`` (its
+    projections, transformers >= 5), GPT-2's ``GPT2MLP`` (bias + GELU) and ``GPT2Block``
+    (attention residual fused into ``ln_2``). Their class is reassigned to a subclass whose
+    ``forward`` calls the fused ops; the bias + GELU fusions need the ``gelu`` kind too. On
+    float32 CPU inference their linears run as oneDNN GEMMs with the bias and GELU in the
+    epilogue (:func:`llmkit.nn._fused.dense`). Swapped models pickle and deep-copy.
 
 torch.nn modules are converted by reassigning their class to the llmkit subclass
 (only exact torch.nn types: a subclass with its own ``forward`` is left, and reported).

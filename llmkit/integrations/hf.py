@@ -29,8 +29,9 @@ Module swaps
 :func:`plan_module` tells ``llmkit.swap`` what to do with one HuggingFace module: replace
 a GELU variant with :class:`llmkit.nn.GELU`, a T5-style norm with
 :class:`llmkit.nn.RMSNorm` (sharing the parameter), or give BERT-family / GPT-2 blocks a
-fused ``forward`` (residual add + LayerNorm, bias + GELU) by reassigning their class to
-a subclass made here; or it says why a module is left as it is.
+fused ``forward`` (residual add + LayerNorm, bias + GELU, projections on llmkit's GEMM
+path) by reassigning their class to a subclass made here (pickled as the original class and
+the mixin, so swapped models pickle and deep-copy); or it says why a module is left as it is.
 """
 
 from __future__ import annotations
