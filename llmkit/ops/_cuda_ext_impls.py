@@ -61,7 +61,15 @@ _ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 #     --no-compile --no-plots --seconds 0.2 [--shapes-file F --shapes small|mid]
 # with the bench "cpu" shapes and a shapes file of small (M = 1, 2, 4, 8, 16, 64; N = 768,
 # 1024) and mid (M = 128..1024 x 768 / 1024; gelu M = 16..1024 x 3072, float32) row counts.
-# fwd timings outside autograd go through the CPU eager fast path.
+# fwd timings outside autograd go through the CPU eager fast path. Those runs predate
+# _shaped (below): every call paid ~1 us per reshape of its arguments and outputs (8 for
+# add_layer_norm), as 3-D inputs (B, S, N) still pay 6; the ranges are set from them, so
+# they hold for 3-D inputs. 2-D inputs now skip those reshapes (1 x 768 float32
+# add_layer_norm: the cuda_ext implementation 16.1 -> 7.0 us, reference 7.4 us), and a
+# rerun of the float32 norms with 2-D inputs (3 runs, one disturbed) gave: add_layer_norm
+# fwd 0.93-0.94x on one row, 1.03-1.23x at 2-16 rows, 1.19-1.24x at 64, 1.31-1.32x at 128,
+# 1.43-1.47x at 256; layer_norm fwd 0.91-0.92x on one row, 0.97-1.29x at 2-64 rows,
+# 1.17x at 128, 1.19-1.27x at 256-512; the bwd passes 0.93-1.30x up to 512 rows.
 #   rms_norm       every dtype, fwd 1.28-2.06x (small) 2.28-51x (cpu), bwd 1.16-1.92x / 5.5-24x.
 #   bias_gelu      every dtype, fwd 1.32-1.96x (small) 1.11-4.5x (cpu), bwd 1.52-2.26x / 1.84-15x.
 #   quantize_int8  every dtype, 2.26-2.81x (small), 2.10-2.82x (cpu).
@@ -79,19 +87,22 @@ _ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 #                  float32 fwd 1.10-1.23x up to 6144 elements, 0.85-1.07x from 8192 to
 #                  1024 x 3072, 1.49 / 0.98x (cpu); bwd 1.40-1.52x to 256 x 3072, 1.14x at
 #                  1024 x 3072, 0.84 / 1.03x at 2048 x 3072 / 4096.
-# Hence: one-row decode of float32 add_layer_norm / layer_norm (1 x 768: reference ~1.8x
-# faster) stays on the reference path; the float32 norms use the C++ kernels only in the
-# size window where they won; float16 / bfloat16 use them everywhere (layer_norm forward
+# Hence: one-row decode of float32 add_layer_norm / layer_norm stays on the reference path
+# (1 x 768 through the op, 2-D: 14.6 us default = reference vs 24.8 us on the C++ kernel
+# before _shaped, 16.4 us after; 3-D (1, 1, 768): 16.6 vs 26.3 us); the float32 forward
+# norms use the C++ kernels from the size where both sets of runs had them >= 1.08x faster
+# (add_layer_norm 256 x 768, layer_norm 512 x 768) below 2**22 elements, add_layer_norm
+# backward from 1024 x 768; float16 / bfloat16 use them everywhere (layer_norm forward
 # from two rows of 768).
 _HALF = {torch.bfloat16: 0, torch.float16: 0}
 CPU_DEFAULT: dict[str, CpuDefault] = {
     "layer_norm.forward": CpuPreference(
-        {torch.bfloat16: 2 * 768, torch.float16: 2 * 768, torch.float32: (1024 * 768, 1 << 22)}
+        {torch.bfloat16: 2 * 768, torch.float16: 2 * 768, torch.float32: (512 * 768, 1 << 22)}
     ),
     "layer_norm.backward": CpuPreference(_HALF),
     "rms_norm.forward": True,
     "rms_norm.backward": True,
-    "add_layer_norm.forward": CpuPreference({**_HALF, torch.float32: (512 * 768, 1 << 22)}),
+    "add_layer_norm.forward": CpuPreference({**_HALF, torch.float32: (256 * 768, 1 << 22)}),
     "add_layer_norm.backward": CpuPreference({**_HALF, torch.float32: 1024 * 768}),
     "gelu.forward": CpuPreference({**_HALF, torch.float32: (0, 8192)}),
     "gelu.backward": CpuPreference({**_HALF, torch.float32: (0, 1 << 22)}),
@@ -106,10 +117,16 @@ def _ops():
     return torch.ops.llmkit_ext
 
 
+def _shaped(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """``t.reshape(shape)``, or ``t`` itself where it has that shape already: a reshape
+    costs about 1 us on the CPU, as much as a one-row kernel, and decode calls make six."""
+    return t if t.shape == tuple(shape) else t.reshape(shape)
+
+
 def _rows(x: Tensor, n: int) -> Tensor:
     """``x (*, n)`` as ``(rows, n)`` (a view where possible)."""
     m = x.numel() // n if n else math.prod(x.shape[:-1])
-    return x.reshape(m, n)
+    return _shaped(x, (m, n))
 
 
 def _param_grad(g: Tensor, p: Tensor | None, need: bool, like: Tensor) -> Tensor:
@@ -131,14 +148,16 @@ def _norm_why_not(input: Tensor, normalized_shape: Sequence[int], *rest) -> Iter
         yield "rows of length 0 are left to the reference path"
 
 
-def _norm_rows(input: Tensor, normalized_shape: Sequence[int]) -> tuple[Tensor, list[int]]:
+def _norm_rows(input: Tensor, normalized_shape: Sequence[int]) -> tuple[Tensor, torch.Size]:
     n = math.prod(normalized_shape)
-    lead = list(input.shape[: input.dim() - len(normalized_shape)])
-    return input.reshape(math.prod(lead), n), lead
+    lead = input.shape[: input.dim() - len(normalized_shape)]
+    return _shaped(input, (math.prod(lead), n)), lead
 
 
 def _flat(p: Tensor | None) -> Tensor | None:
-    return None if p is None else p.reshape(-1)
+    if p is None or p.dim() == 1:
+        return p
+    return p.reshape(-1)
 
 
 @_ln.layer_norm_forward.register(
@@ -150,7 +169,7 @@ def layer_norm_forward_cuda_ext(
     """LayerNorm forward: one kernel per row block, float32 statistics."""
     x2, lead = _norm_rows(input, normalized_shape)
     out, _, mean, rstd = _ops().norm_fwd(x2, None, _flat(weight), _flat(bias), eps, False)
-    return out.reshape(input.shape), mean.reshape(lead), rstd.reshape(lead)
+    return _shaped(out, input.shape), _shaped(mean, lead), _shaped(rstd, lead)
 
 
 def _ln_bwd_why_not(grad_out: Tensor, input: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
@@ -182,9 +201,9 @@ def _ln_backward(grad_out, grad_residual_out, x, normalized_shape, weight, bias,
     need_w = bool(output_mask[1]) and weight is not None
     need_b = bool(output_mask[2]) and bias is not None
     dx, dw, db = _ops().norm_bwd(
-        dy2, x2, _flat(weight), mean.reshape(-1), rstd.reshape(-1), dr2, need_w, need_b, False
+        dy2, x2, _flat(weight), _flat(mean), _flat(rstd), dr2, need_w, need_b, False
     )
-    return dx.reshape(x.shape), _param_grad(dw, weight, need_w, x), _param_grad(db, bias, need_b, x)
+    return _shaped(dx, x.shape), _param_grad(dw, weight, need_w, x), _param_grad(db, bias, need_b, x)
 
 
 @_ln.rms_norm_forward.register(
@@ -196,7 +215,7 @@ def rms_norm_forward_cuda_ext(
     """RMSNorm forward, float32 rstd."""
     x2, lead = _norm_rows(input, normalized_shape)
     out, _, _, rstd = _ops().norm_fwd(x2, None, _flat(weight), None, eps, True)
-    return out.reshape(input.shape), rstd.reshape(lead)
+    return _shaped(out, input.shape), _shaped(rstd, lead)
 
 
 @_ln.rms_norm_backward.register(
@@ -214,8 +233,8 @@ def rms_norm_backward_cuda_ext(
     x2, _ = _norm_rows(input, normalized_shape)
     dy2, _ = _norm_rows(grad_out, normalized_shape)
     need_w = bool(output_mask[1]) and weight is not None
-    dx, dw, _ = _ops().norm_bwd(dy2, x2, _flat(weight), None, rstd.reshape(-1), None, need_w, False, True)
-    return dx.reshape(input.shape), _param_grad(dw, weight, need_w, input)
+    dx, dw, _ = _ops().norm_bwd(dy2, x2, _flat(weight), None, _flat(rstd), None, need_w, False, True)
+    return _shaped(dx, input.shape), _param_grad(dw, weight, need_w, input)
 
 
 def _aln_why_not(input: Tensor, residual: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
@@ -237,7 +256,7 @@ def add_layer_norm_forward_cuda_ext(
     x2, lead = _norm_rows(input, normalized_shape)
     r2, _ = _norm_rows(residual, normalized_shape)
     out, res_out, mean, rstd = _ops().norm_fwd(x2, r2, _flat(weight), _flat(bias), eps, False)
-    return out.reshape(input.shape), res_out.reshape(input.shape), mean.reshape(lead), rstd.reshape(lead)
+    return _shaped(out, input.shape), _shaped(res_out, input.shape), _shaped(mean, lead), _shaped(rstd, lead)
 
 
 def _aln_bwd_why_not(grad_out: Tensor, grad_residual_out: Tensor, residual_out: Tensor,
@@ -293,7 +312,7 @@ def bias_gelu_forward_cuda_ext(input: Tensor, bias: Tensor, approximate: str) ->
     """gelu(input + bias): the add in float32, never written."""
     n = input.shape[-1]
     out = _ops().bias_gelu_fwd(_rows(input, n), bias, approximate == "tanh")
-    return out.reshape(input.shape)
+    return _shaped(out, input.shape)
 
 
 @_gelu.bias_gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu.backward"])
@@ -303,7 +322,7 @@ def bias_gelu_backward_cuda_ext(
     """(d input, d bias); d bias sums the float32 d input over rows, in a fixed order."""
     n = input.shape[-1]
     dx, db = _ops().bias_gelu_bwd(_rows(grad_out, n), _rows(input, n), bias, True, approximate == "tanh")
-    return dx.reshape(input.shape), db.to(bias.dtype)
+    return _shaped(dx, input.shape), db.to(bias.dtype)
 
 
 # --------------------------------------------------------------------------------------
