@@ -276,29 +276,41 @@ def test_gelu_after_in_place_only_where_allowed(monkeypatch):
             _fused.gelu_after(t.clone(), "none")
             assert len(calls) == 1
             _fused.gelu_after(t.clone().t(), "none")  # not contiguous
-            _fused.gelu_after(t.clone().to(torch.bfloat16), "none")
+            assert len(calls) == 1
+            for dt in (torch.bfloat16, torch.float16):  # ATen's float32 GELU rounded once, as the op
+                h = (t * 3).to(dt)
+                got = _fused.gelu_after(h.clone(), "none")
+                assert torch.equal(got, llmkit.ops.gelu(h, "none"))
+            assert len(calls) == 3
         with llmkit.use_backend("triton"):
             _fused.gelu_after(t.clone(), "none")
-    assert len(calls) == 1
+    assert len(calls) == 3
     w = torch.randn(8, 8, requires_grad=True)
     y = _fused.gelu_after(t @ w, "tanh")  # autograd: the op, with its gradient
-    assert len(calls) == 1
+    assert len(calls) == 3
     (dw,) = torch.autograd.grad(y.sum(), w)
     (dw_ref,) = torch.autograd.grad(F.gelu(t @ w, approximate="tanh").sum(), w)
     torch.testing.assert_close(dw, dw_ref)
 
 
-def test_add_norm_into_matches_add_layer_norm_bitwise():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_add_norm_into_matches_add_layer_norm_bitwise(dtype):
     ln = torch.nn.LayerNorm(301, eps=1e-12)
     torch.nn.init.normal_(ln.weight)
     torch.nn.init.normal_(ln.bias)
-    x, r = torch.randn(3, 5, 301), torch.randn(3, 5, 301)
+    ln = ln.to(dtype)
+    x, r = torch.randn(3, 5, 301).to(dtype), torch.randn(3, 5, 301).to(dtype)
     with torch.no_grad(), llmkit.use_backend(add_layer_norm="reference"):
         want_out, want_sum = llmkit.ops.add_layer_norm(x, r, 301, ln.weight, ln.bias, 1e-12)
         scratch = x.clone()
         out, total = _fused.add_norm_into(scratch, r, ln)
     assert total is scratch and torch.equal(total, want_sum) and torch.equal(out, want_out)
-    assert torch.equal(out, F.layer_norm(x + r, (301,), ln.weight, ln.bias, 1e-12))
+    if dtype == torch.float32:
+        assert torch.equal(out, F.layer_norm(x + r, (301,), ln.weight, ln.bias, 1e-12))
+    else:  # against float64: the sum rounded to the dtype, then normalized
+        s64 = (x.double() + r.double()).to(dtype).double()
+        want64 = F.layer_norm(s64, (301,), ln.weight.double(), ln.bias.double(), 1e-12)
+        assert_close_to_reference(out, want64, F.layer_norm(x + r, (301,), ln.weight, ln.bias, 1e-12), "out")
 
 
 def test_add_norm_into_leaves_its_input_alone_off_the_reference():

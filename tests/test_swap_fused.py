@@ -76,6 +76,19 @@ def test_dense_bfloat16_and_mixed_dtypes_take_f_linear():
     assert not _fused._onednn_ok(torch.randn(3, 8), torch.randn(4, 8, dtype=torch.float64), None)
 
 
+def test_dense_under_autocast_runs_in_the_autocast_dtype():
+    """Under CPU autocast F.linear computes in bfloat16; dense must not keep it float32."""
+    x, w, b = torch.randn(5, 16), torch.randn(7, 16), torch.randn(7)
+    assert _fused._onednn_ok(x, w, b) == (_fused._ONEDNN_LINEAR is not None and _fused.ONEDNN_LINEAR_ON_CPU)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fused._onednn_ok(x, w, b)
+        got = _fused.dense(x, w, b, "tanh")
+        want = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+    assert got.dtype == want.dtype == torch.bfloat16
+    # the same bfloat16 GEMM; the GELU may be the C++ CPU kernel (rounding apart)
+    torch.testing.assert_close(got, want)
+
+
 def test_linear_keeps_hooks_and_subclasses():
     lin = torch.nn.Linear(6, 3)
     seen = []

@@ -69,17 +69,18 @@ def add_norm(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) ->
     return norm(total, module), total
 
 
-_IN_PLACE_DTYPES = (torch.float32, torch.float64)
+_IN_PLACE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _own_temporary_ok(t: Tensor, point) -> bool:
     """May ``t``, a temporary the caller owns, be overwritten with ``point``'s reference result?
 
-    Only outside autograd / compile / export on plain CPU tensors, in the dtypes whose
-    reference computes in the tensor's own dtype, and when dispatch would run the
-    reference implementation anyway: the in-place ATen kernel then computes exactly what
-    the op computes, into ``t``'s memory instead of a fresh allocation (on the CPU a fresh
-    multi-megabyte buffer costs page faults comparable to the computation).
+    Only outside autograd / compile / export on plain CPU tensors of a floating dtype the
+    ops take, and when dispatch would run the reference implementation anyway: the in-place
+    ATen kernel then computes exactly what the op computes (for float16 / bfloat16 both are
+    ATen's float32 computation rounded once), into ``t``'s memory instead of a fresh
+    allocation (on the CPU a fresh multi-megabyte buffer costs page faults comparable to the
+    computation).
     """
     return (
         t.dtype in _IN_PLACE_DTYPES
@@ -159,8 +160,8 @@ torch's ``F.linear`` on the CPU calls MKL's sgemm, which on the AMD Zen 5 CPUs t
 measured on runs its AVX2 code: oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 the op ``torch.compile``'s CPU backend uses) took 23.3 ms against 51.9 ms for a
 2048x768 @ 768x3072 GEMM on 2 threads, and fuses the bias and a GELU into the GEMM's
-epilogue (no extra pass over the output). It is used only where autograd, compile, export
-and tensor modes are not involved (:func:`llmkit.ops._fastpath.eager_ok`), for float32
+epilogue (no extra pass over the output). It is used only where autograd, compile, export,
+tensor modes and autocast are not involved (:func:`llmkit.ops._fastpath.eager_ok`), for float32
 inputs, parameters of the same dtype and non-empty inputs; results agree with ``F.linear`` to
 float32 rounding (a different summation order). False (tests set it) gives ``F.linear``."""
 
@@ -176,6 +177,8 @@ def _onednn_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.numel() > 0
         and weight.dim() == 2
         and FP.eager_ok(x, weight, optional=(bias,))
+        # under autocast F.linear runs in the autocast dtype; the oneDNN op would stay float32
+        and not torch.is_autocast_enabled(x.device.type)
     )
 
 
