@@ -106,9 +106,10 @@ def test_named_backend_refuses_what_it_does_not_take(ext):
     [
         (1, torch.float32, False, "reference"),  # one-row decode: the reference path is faster
         (1024, torch.float32, False, "cuda_ext"),
-        (1, torch.bfloat16, False, "cuda_ext"),
-        (3, torch.float32, True, "reference"),  # the same rule through the custom op + autograd
-        (3, torch.float16, True, "cuda_ext"),
+        (1, torch.bfloat16, False, "reference"),
+        (128, torch.bfloat16, False, "cuda_ext"),
+        (3, torch.float16, True, "reference"),  # the same rule through the custom op + autograd
+        (128, torch.float16, True, "cuda_ext"),
     ],
 )
 def test_default_cpu_choice_of_add_layer_norm_by_dtype_and_size(ext, monkeypatch, m, dtype, grad, expected):

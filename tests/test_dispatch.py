@@ -302,8 +302,10 @@ def _norm_args(m, n, dtype):
         (1, 768, torch.float32, "reference"),  # one-row decode: the reference is faster
         (64, 1024, torch.float32, "reference"),
         (512, 768, torch.float32, "cuda_ext"),
-        (1, 768, torch.bfloat16, "cuda_ext"),
-        (1, 768, torch.float16, "cuda_ext"),
+        (1, 768, torch.bfloat16, "reference"),  # in every dtype
+        (1, 768, torch.float16, "reference"),
+        (128, 768, torch.bfloat16, "cuda_ext"),
+        (128, 768, torch.float32, "reference"),
         (3, 5, torch.float64, "reference"),
     ],
 )
