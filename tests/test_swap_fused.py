@@ -76,6 +76,15 @@ def test_dense_bfloat16_and_mixed_dtypes_take_f_linear():
     assert not _fused._onednn_ok(torch.randn(3, 8), torch.randn(4, 8, dtype=torch.float64), None)
 
 
+def test_dense_takes_onednn_from_two_rows(onednn):
+    w, b = torch.randn(7, 16), torch.randn(7)
+    available = onednn and _fused._ONEDNN_LINEAR is not None
+    assert not _fused._onednn_ok(torch.randn(1, 1, 16), w, b)  # one row: a decode step
+    assert not _fused._onednn_ok(torch.randn(2, 0), torch.randn(7, 0), b)  # nothing to reduce
+    assert _fused._onednn_ok(torch.randn(2, 16), w, b) == available
+    assert _fused._onednn_ok(torch.randn(2, 1, 16), w, None) == available
+
+
 def test_dense_under_autocast_runs_in_the_autocast_dtype():
     """Under CPU autocast F.linear computes in bfloat16; dense must not keep it float32."""
     x, w, b = torch.randn(5, 16), torch.randn(7, 16), torch.randn(7)
