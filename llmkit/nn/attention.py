@@ -25,10 +25,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ._fused import dense
 
 __all__ = ["MultiheadAttention"]
 
@@ -253,7 +253,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch, embed)
         else:
             out = out.transpose(1, 2).reshape(batch, tgt_len, embed)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = dense(out, self.out_proj.weight, self.out_proj.bias)
         return out if batched else out.squeeze(1)
 
     def _project(
@@ -265,16 +265,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
         if not self._qkv_same_embed_dim:
             return (
-                F.linear(query, self.q_proj_weight, bq),
-                F.linear(key, self.k_proj_weight, bk),
-                F.linear(value, self.v_proj_weight, bv),
+                dense(query, self.q_proj_weight, bq),
+                dense(key, self.k_proj_weight, bk),
+                dense(value, self.v_proj_weight, bv),
             )
         w = self.in_proj_weight
         if self_attention:
-            q, k, v = F.linear(query, w, b).split(e, dim=-1)
+            q, k, v = dense(query, w, b).split(e, dim=-1)
             return q, k, v
-        q = F.linear(query, w[:e], bq)
+        q = dense(query, w[:e], bq)
         if kv_same:
-            k, v = F.linear(key, w[e:], None if b is None else b[e:]).split(e, dim=-1)
+            k, v = dense(key, w[e:], None if b is None else b[e:]).split(e, dim=-1)
             return q, k, v
-        return q, F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
+        return q, dense(key, w[e : 2 * e], bk), dense(value, w[2 * e :], bv)

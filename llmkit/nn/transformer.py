@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fused import add_norm, is_causal_hint_mask, linear_act, norm
+from ._fused import add_norm, is_causal_hint_mask, linear, linear_act, norm
 from .activation import GELU
 from .attention import MultiheadAttention
 from .normalization import LayerNorm, RMSNorm
@@ -103,7 +103,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         return x
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.linear2(self.dropout(linear_act(x, self.linear1, self.activation)))
+        x = linear(self.dropout(linear_act(x, self.linear1, self.activation)), self.linear2)
         return self.dropout2(x)
 
 
@@ -161,7 +161,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         return x
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.linear2(self.dropout(linear_act(x, self.linear1, self.activation)))
+        x = linear(self.dropout(linear_act(x, self.linear1, self.activation)), self.linear2)
         return self.dropout3(x)
 
 
