@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn import GELU, LayerNorm
-from ..nn._fused import add_norm, linear_act, norm
+from ..nn._fused import add_norm, linear, linear_act, norm
 
 __all__ = ["GPTConfig", "GPT", "KVCache"]
 
@@ -192,14 +192,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """``x (B, T, E)`` -> ``(B, T, E)``; with ``cache`` between its begin/end."""
         b, t, e = x.shape
-        qkv = self.c_attn(x).view(b, t, 3, self.n_head, e // self.n_head)
+        qkv = linear(x, self.c_attn).view(b, t, 3, self.n_head, e // self.n_head)
         q, k, v = (s.transpose(1, 2) for s in qkv.unbind(2))  # (B, H, T, D) strided views
         if cache is None:
             p = self.attn_pdrop if self.training else 0.0
             out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             out = cache.attend(layer, q, k, v)
-        return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(b, t, e)))
+        return self.resid_dropout(linear(out.transpose(1, 2).reshape(b, t, e), self.c_proj))
 
 
 class MLP(nn.Module):
@@ -213,7 +213,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(linear_act(x, self.c_fc, self.act)))
+        return self.dropout(linear(linear_act(x, self.c_fc, self.act), self.c_proj))
 
 
 class GPTBlock(nn.Module):
@@ -304,7 +304,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, position_ids: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab_size)`` of ``input_ids (B, T)`` (int64 token ids)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, position_ids))
+        return linear(self.hidden_states(input_ids, cache, position_ids), self.lm_head)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens."""
