@@ -282,7 +282,7 @@ def sdpa_forward_reference(
         # ATen's CPU kernel turns a query row holding NaN or inf into zeros (its running
         # max skips NaN); the math gives NaN there, so put it back: NaN stays in its row.
         # One float32 sum of the whole query tells whether any exists (a cheap read).
-        if not bool(torch.isfinite(query.sum(dtype=torch.float32))):
+        if not math.isfinite(float(query.sum(dtype=torch.float32))):  # 2 ATen calls, not 5
             bad_rows = ~torch.isfinite(query).all(-1)
             out = out.masked_fill(bad_rows[..., None], float("nan"))
             lse = lse.masked_fill(bad_rows, float("nan"))
