@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,11 @@ from llmkit.bench.plot import matplotlib_missing
 from llmkit.bench.progress import ProgressBar
 from llmkit.bench.report import fmt_time, format_markdown, format_table, report_json
 from llmkit.bench.roofline import Roofline, fraction, measure_roofline, roof_for
-from llmkit.bench.runner import Options, Report, Result, Skip, Truth, compare_outputs, plan, run_bench
+from llmkit.bench.runner import Options, Report, Result, Skip, Truth, compare_outputs, page_fault_note, plan, run_bench
 from llmkit.bench.schema import SCHEMA, validate
 from llmkit.bench.shapes import check_shapes, group_key, load_shapes, point_label
 from llmkit.bench.suite import SUITES, Context, Impl, OpCall, in_backend
-from llmkit.bench.timing import make_sample, quantile
+from llmkit.bench.timing import CpuBudget, make_sample, measure_cpu_interleaved, quantile
 from llmkit.dispatch import OPS, requested
 
 # --------------------------------------------------------------------------------------
@@ -193,6 +194,26 @@ def test_plan_reports_unknown_and_cuda_only_requests():
     assert not units
     assert any("no shape set 'bert-base'" in s.reason for s in skips)
     assert any(s.what == "dtype float8" for s in skips)
+
+
+def test_cpu_samples_count_page_faults_per_call():
+    """A call that writes a fresh 64 MiB tensor faults in its pages on every call (glibc serves
+    blocks over 32 MiB with mmap and unmaps them on free); a call on a small tensor faults none."""
+    pytest.importorskip("resource")
+    if os.environ.get("LD_PRELOAD"):
+        pytest.skip("another allocator is preloaded")
+    big = torch.empty(16 << 20)  # 64 MiB of float32
+    small = torch.ones(64)
+    samples = measure_cpu_interleaved({"fresh": lambda: torch.ones_like(big), "small": lambda: small * 2},
+                                      CpuBudget(0.05, threads=1))
+    fresh, tiny = samples["fresh"].page_faults_per_call, samples["small"].page_faults_per_call
+    assert fresh is not None and tiny is not None and tiny < 1
+    assert fresh >= 16, fresh  # 16384 pages of 4 KiB; 32 of 2 MiB with transparent huge pages
+    # the note says when faults touch at least a quarter of the bytes moved, and not otherwise
+    s = make_sample([1e-3], 1, "m", page_faults_per_call=16384.0)
+    assert "16384 page faults per call (100% of the bytes it moves)" in page_fault_note(s, 64 << 20)
+    assert page_fault_note(s, 1 << 30) == ""
+    assert page_fault_note(make_sample([1e-3], 1, "m"), 64 << 20) == ""
 
 
 # --------------------------------------------------------------------------------------

@@ -356,7 +356,32 @@ def run_case(case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget
             r.fraction_of_roofline = fraction(achieved, case.bound, case.dtype, roofline)
         if base_t is not None:
             r.vs_eager = base_t / t
+        fault_note = page_fault_note(s, case.work.bytes if case.work is not None else None)
+        if fault_note:
+            r.note = "; ".join(n for n in (r.note, fault_note) if n)
     return [rows[i.name] for i in case.impls]
+
+
+PAGE_BYTES = 4096
+FAULT_SHARE = 0.25
+"""A CPU call whose page faults touch at least this share of the bytes it moves is flagged."""
+
+
+def page_fault_note(sample: Sample, bytes_moved: float | None) -> str:
+    """A note when a CPU call spends much of its work faulting in fresh pages ('' otherwise).
+
+    Fresh outputs of many MB are page-faulted in on every call once the C library returns
+    their memory to the system; how often it does depends on the process's allocation history,
+    so such a case's time and its ratio to eager can change several-fold between runs.
+    """
+    faults = sample.page_faults_per_call
+    if not faults or not bytes_moved:
+        return ""
+    share = faults * PAGE_BYTES / bytes_moved
+    if share < FAULT_SHARE:
+        return ""
+    return (f"{faults:.0f} page faults per call ({share:.0%} of the bytes it moves): allocation-bound here, "
+            "the time depends on the allocator's state")
 
 
 # --------------------------------------------------------------------------------------

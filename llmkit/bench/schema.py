@@ -25,6 +25,7 @@ SAMPLE = {
         "times_s": {"type": "array", "items": {"type": "number", "minimum": 0}},
         "calls_per_time": {"type": "integer", "minimum": 1},
         "method": {"type": "string"},
+        "page_faults_per_call": {"type": ["number", "null"], "minimum": 0},
     },
 }
 

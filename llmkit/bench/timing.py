@@ -24,6 +24,11 @@ from typing import Any
 
 import torch
 
+try:  # Unix: minor page faults per timed call
+    import resource as _resource
+except ImportError:  # pragma: no cover - Windows
+    _resource = None
+
 LAUNCH_BOUND_S = 50e-6
 """Below this median (CUDA), a case is re-measured with CUDA graphs."""
 
@@ -42,6 +47,10 @@ class Sample:
     calls_per_time: int
     """How many calls each entry of ``times_s`` averages."""
     method: str
+    page_faults_per_call: float | None = None
+    """CPU: minor page faults of the process per timed call (None where not measured). Many
+    mean the call spends its time faulting in freshly allocated output pages, which depends on
+    the allocator's state of the process as much as on the implementation."""
 
     @property
     def spread(self) -> float:
@@ -60,13 +69,22 @@ def quantile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def make_sample(times_s: Sequence[float], calls_per_time: int, method: str) -> Sample:
+def make_sample(times_s: Sequence[float], calls_per_time: int, method: str,
+                page_faults_per_call: float | None = None) -> Sample:
     """Summarize per-call times into a :class:`Sample`."""
     t = [float(x) for x in times_s]
     return Sample(
         median_s=quantile(t, 0.5), q25_s=quantile(t, 0.25), q75_s=quantile(t, 0.75),
         min_s=min(t), max_s=max(t), times_s=t, calls_per_time=calls_per_time, method=method,
+        page_faults_per_call=page_faults_per_call,
     )
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (None where ``resource`` is missing)."""
+    if _resource is None:
+        return None
+    return _resource.getrusage(_resource.RUSAGE_SELF).ru_minflt
 
 
 # --------------------------------------------------------------------------------------
@@ -134,20 +152,26 @@ def _interleaved(fns: dict[str, Callable[[], Any]], budget: CpuBudget) -> dict[s
     number = {n: max(1, int(round(budget.seconds_per_impl / rounds / single[n]))) for n in names}
     direct = {n: single[n] >= SLOW_CALL_S for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, int] = {n: 0 for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
+            f0 = _minor_faults()
             if direct[n]:
                 t0 = time.perf_counter()
                 fns[n]()
                 times[n].append(time.perf_counter() - t0)
             else:
                 times[n].append(timers[n].timeit(number[n]).median)
+            if f0 is not None:
+                faults[n] += _minor_faults() - f0  # type: ignore[operator]
     out = {}
     for n in names:
         how = "time.perf_counter, 1 call per round" if direct[n] else "torch.utils.benchmark.Timer"
         method = f"{how}, {budget.num_threads} threads, {rounds} interleaved rounds"
-        out[n] = make_sample(times[n], 1 if direct[n] else number[n], method)
+        calls = rounds * (1 if direct[n] else number[n])
+        per_call = faults[n] / calls if _resource is not None else None
+        out[n] = make_sample(times[n], 1 if direct[n] else number[n], method, per_call)
     return out
 
 
