@@ -304,21 +304,21 @@ def add_layer_norm_backward_cuda_ext(
 
 
 def _flat_rows(x: Tensor) -> Tensor:
-    return x.reshape(1, x.numel())
+    return _shaped(x, (1, x.numel()))
 
 
 @_gelu.gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu.forward"])
 def gelu_forward_cuda_ext(input: Tensor, approximate: str) -> Tensor:
     """Elementwise GELU in float32, 16-byte vectorized."""
     out = _ops().bias_gelu_fwd(_flat_rows(input), None, approximate == "tanh")
-    return out.reshape(input.shape)
+    return _shaped(out, input.shape)
 
 
 @_gelu.gelu_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["gelu.backward"])
 def gelu_backward_cuda_ext(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
     """grad_out * GELU'(input)."""
     dx, _ = _ops().bias_gelu_bwd(_flat_rows(grad_out), _flat_rows(input), None, False, approximate == "tanh")
-    return dx.reshape(input.shape)
+    return _shaped(dx, input.shape)
 
 
 @_gelu.bias_gelu_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["bias_gelu.forward"])

@@ -58,12 +58,17 @@ def eager_ok(*tensors: object, optional: tuple = ()) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) not in _PLAIN_TENSOR_TYPES or not t.is_cpu or (grad and t.requires_grad):
+        if not _plain_cpu(t, grad):
             return False
     for t in optional:
-        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or not t.is_cpu or (grad and t.requires_grad)):
+        if t is not None and not _plain_cpu(t, grad):
             return False
     return True
+
+
+def _plain_cpu(t: object, grad: bool) -> bool:
+    """A plain CPU tensor that autograd does not need to see (grad mode ``grad``)."""
+    return type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and not (grad and t.requires_grad)  # type: ignore[union-attr]
 
 
 def selects_reference(point: DispatchPoint) -> bool:

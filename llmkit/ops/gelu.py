@@ -270,7 +270,6 @@ _VALIDATED = FP.ValidatedSignatures()
 """Argument signatures that passed validation on the eager fast path (see ``_fastpath``)."""
 
 
-
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """GELU, like ``F.gelu``: exact (``approximate="none"``, erf) or ``"tanh"``.
 
