@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)

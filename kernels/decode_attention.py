@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
 from .attention import (
     _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax, _store_tile,

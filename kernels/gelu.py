@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
 from .layer_norm import (
     _empty,

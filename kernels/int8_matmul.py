@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
 
 # Activation codes shared with the host wrappers.

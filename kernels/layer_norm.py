@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import INTERPRETING
 from ._compile import CompileSpec
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def device_guard(t: Tensor) -> contextlib.AbstractContextManager:
 # ``inner_rows == 1`` (the common case) is specialized away by Triton.
 # --------------------------------------------------------------------------------------
 
-BF16_ROUND_BY_BITS = tl.constexpr(bool(triton.knobs.runtime.interpret))
+BF16_ROUND_BY_BITS = tl.constexpr(INTERPRETING)
 """True under TRITON_INTERPRET: Triton 3.x's interpreter converts float32 -> bfloat16 by
 truncation, where the GPU rounds to nearest even; the interpreted kernels then round the
 bits themselves so CPU results match the GPU's. Compiled kernels use the native cvt.rn."""

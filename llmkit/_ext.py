@@ -568,9 +568,9 @@ def has_cuda_kernels() -> bool:
     """True when the loaded library registered its CUDA kernels."""
     if load() is not None:
         return False
-    return bool(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY_NAMESPACE}::norm_fwd", "CUDA")
-    )
+    from llmkit._compat import dispatch_has_kernel  # lazily: setup.py loads this file alone
+
+    return dispatch_has_kernel(f"{LIBRARY_NAMESPACE}::norm_fwd", "CUDA")
 
 
 def unavailable_reason(device_type: str) -> str | None:

@@ -44,6 +44,7 @@ from typing import Any
 
 from torch import nn
 
+from ._compat import attn_implementation, can_set_attn_implementation
 from .integrations import hf
 from .nn._fused import gelu_approximate
 from .nn.transformer import TORCH_TO_LLMKIT
@@ -135,7 +136,7 @@ class _Undo:
             for parent, attr in self.where:
                 setattr(parent, attr, self.value)
             return SwapEntry(self.name, self.kind, now, type(self.value).__name__)
-        now = self.target.config._attn_implementation
+        now = attn_implementation(self.target.config)
         self.target.set_attn_implementation(self.value)
         return SwapEntry(self.name, self.kind, f"attn_implementation={now!r}", f"attn_implementation={self.value!r}")
 
@@ -263,24 +264,24 @@ def _swap_hf_attention(prefix: str, model: nn.Module, report: SwapReport, undo: 
     """Switch a transformers model (at ``prefix``) to ``attn_implementation="llmkit"``."""
     hf.ensure_registered()
     cls = type(model)
-    before = model.config._attn_implementation
+    before = attn_implementation(model.config)
     if before == hf.NAME:
         return
-    if not model._can_set_attn_implementation():
+    if not can_set_attn_implementation(model):
         report.left.append(SwapEntry(prefix, "attention", cls.__name__,
                                      "this model's attention does not go through AttentionInterface"))
         return
     model.set_attn_implementation(hf.NAME)
-    if model.config._attn_implementation != hf.NAME:
+    if attn_implementation(model.config) != hf.NAME:
         report.left.append(SwapEntry(prefix, "attention", cls.__name__,
-                                     f"transformers kept attn_implementation={model.config._attn_implementation!r}"))
+                                     f"transformers kept attn_implementation={attn_implementation(model.config)!r}"))
         return
     undo.append(_Undo("attn", model, before, name=prefix, kind="attention"))
     report.swapped.append(SwapEntry(prefix, "attention", cls.__name__,
                                     f"attn_implementation {before!r} -> 'llmkit'"))
     for name, m in model.named_modules(prefix=prefix):
         config = getattr(m, "config", None)
-        if type(m).__name__.endswith("Attention") and getattr(config, "_attn_implementation", None) == hf.NAME:
+        if type(m).__name__.endswith("Attention") and attn_implementation(config) == hf.NAME:
             report.swapped.append(SwapEntry(name, "attention", type(m).__name__, "llmkit attention (AttentionInterface)"))
 
 

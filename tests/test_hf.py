@@ -12,11 +12,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import llmkit
+from llmkit._compat import cache_kwarg
 from llmkit.integrations import hf as hf_integration
 from llmkit.nn import _fused
 
@@ -25,6 +28,7 @@ from test_models import _widen_
 transformers = pytest.importorskip("transformers")
 
 TOL = dict(atol=1e-4, rtol=1e-4)
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 89
 
 
@@ -225,15 +229,59 @@ def test_gpt2_swap_logits_cache_and_greedy_generate(bias_path):
     assert report.counts()["gelu"] == 2 and report.counts()["norm"] == 2 * 2 + 1
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, **TOL)
-        # the cache path: prefill then one token with past_key_values
+        # the cache path: prefill then one token with the cache (its argument's name varies)
         out = model(ids[:, :6], use_cache=True)
-        step = model(ids[:, 6:7], past_key_values=out.past_key_values).logits
+        step = model(ids[:, 6:7], **{cache_kwarg(type(model).forward): out.past_key_values}).logits
         torch.testing.assert_close(step[:, -1], before[:, 6], **TOL)
     tokens_after = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens_after, tokens_before)
     llmkit.unswap(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_swapped_gpt2_and_bert_forward_raise_no_warning():
+    """llmkit's fused forwards pass the cache under the installed transformers' name: no
+    deprecation warning (an unswapped model raises none either)."""
+    models = [(gpt2(), torch.randint(2, VOCAB, (2, 9))), (bert(is_decoder=True), torch.randint(2, VOCAB, (2, 9)))]
+    for model, ids in models:
+        llmkit.swap(model)
+        with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+            warnings.simplefilter("always")
+            out = model(ids[:, :5], use_cache=True)
+            model(ids[:, 5:6], **{cache_kwarg(type(model).forward): out.past_key_values})
+            model(ids)
+        assert [str(w.message) for w in seen] == [], type(model).__name__
+
+
+def test_bert_fused_self_attention_with_a_cache_matches_unswapped():
+    """A decoder BERT's cache reaches the original attention forward under its own name."""
+    model = bert(is_decoder=True)
+    ids = torch.randint(2, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        llmkit.swap(model, kinds=["norm", "gelu", "fused"])
+        out = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:7], **{cache_kwarg(type(model).forward): out.past_key_values}).last_hidden_state
+    torch.testing.assert_close(step[:, -1], want[:, 6], **TOL)
+
+
+def test_a_script_in_the_repo_root_loads_a_transformers_model_with_llmkit():
+    """Python started in the repo root (a REPL, ``python -c``, a script beside the README) has
+    the root first on sys.path; transformers' imports (HuggingFace ``kernels`` among them)
+    must still find their own packages."""
+    code = textwrap.dedent("""
+        import llmkit, torch, transformers
+        cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+        llmkit.swap(model)
+        print(tuple(model(torch.randint(0, 50, (1, 5))).logits.shape))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-"], input=code, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["(1,", "5,", "50)"]
 
 
 def test_gpt2_left_padded_batch_after_swap():

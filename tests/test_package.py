@@ -20,9 +20,20 @@ def test_version_has_one_source():
 
 
 def test_kernels_are_the_llmkit_kernels_subpackage():
-    import llmkit.kernels
+    import llmkit.kernels.layer_norm
 
-    assert Path(llmkit.kernels.__file__).resolve().parent == (ROOT / "kernels").resolve()
+    assert Path(llmkit.kernels.layer_norm.__file__).resolve().parent == (ROOT / "kernels").resolve()
+
+
+def test_nothing_in_the_repo_root_shadows_a_top_level_import():
+    """Python started in the repo root has the root first on sys.path: no folder there may be
+    a regular package (``kernels`` would hide HuggingFace's ``kernels``, which transformers imports)."""
+    regular = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "llmkit")
+    assert regular == [], f"top-level regular packages shadow other distributions: {regular}"
+    proc = subprocess.run([sys.executable, "-c", "import kernels, sys; print(getattr(kernels, '__file__', None))"],
+                          cwd=ROOT, capture_output=True, text=True)
+    # either another distribution's kernels (a file of its own) or nothing importable, never our folder
+    assert proc.returncode != 0 or str(ROOT / "kernels") not in proc.stdout, proc.stdout
 
 
 def test_import_is_cheap_and_does_not_load_triton_or_transformers():

@@ -21,6 +21,7 @@ import dataclasses
 
 import torch
 
+from .._compat import int_mm
 from . import formulas
 from .timing import CudaBudget, Sample, measure_cuda
 
@@ -92,7 +93,7 @@ def measure_roofline(copy_bytes: int, matmul_size: int, budget: CudaBudget) -> R
 
     a8 = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
     b8 = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
-    s, _ = measure_cuda(lambda: torch._int_mm(a8, b8), budget, graph=False)
+    s, _ = measure_cuda(lambda: int_mm(a8, b8), budget, graph=False)
     out.samples["int8_int_mm"] = s
     out.int8_tops = formulas.linear(n, n, n, 1, bias=False).tflops(s.median_s)
     del a8, b8

@@ -514,7 +514,7 @@ def _run_units(units: list[Unit], ctx: Context, shapes: Shapes, roofline: Roofli
         if ctx.compile:
             # a fresh dynamo cache per case: the compiled baselines share code objects across
             # cases, and past dynamo's recompile limit they would silently run eager
-            torch._dynamo.reset()
+            torch.compiler.reset()
         try:
             case = suite.build(ctx, u.point, u.pass_, u.dtype)
             results.extend(run_case(case, ctx, roofline, cpu_budget, cuda_budget, shapes.x_axis(u.suite)))

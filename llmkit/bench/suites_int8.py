@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as L
+from .._compat import int_mm
 from . import formulas
 from .suite import Case, Context, Impl, OpCall, Suite, elem_size, llmkit_attr, optional_module, register, standard_impls
 from .suites_norm import quantize_eager
@@ -35,7 +36,7 @@ MIN_SQNR_DB = {"w8a8": 20.0, "w8a16": 25.0}
 def _int_mm_dequant(x: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """PyTorch ops only: quantize x per row, ``torch._int_mm``, then a separate dequant."""
     q, s = quantize_eager(x)
-    acc = torch._int_mm(q, wq_t)
+    acc = int_mm(q, wq_t)
     return (acc.float() * s[:, None] * w_scale[None, :] + bias.float()).to(x.dtype)
 
 

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._compat import attn_implementation, cache_kwarg, pop_cache
 from ..nn import GELU, RMSNorm
 from ..nn import _fused
 from ..nn._fused import _hooked, add_norm, add_norm_into, dense, gelu_approximate, linear, linear_act, norm
@@ -453,12 +454,18 @@ def _plain(module: nn.Module, cls: type) -> bool:
 class _FusedSelfAttention:
     """BERT-family ``*SelfAttention`` (transformers >= 5): the query / key / value
     projections through :func:`llmkit.nn._fused.linear` (oneDNN on float32 CPU inference),
-    then the model's attention function. Caches (decoder BERT) take the original forward."""
+    then the model's attention function. Caches (decoder BERT) take the original forward.
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, past_key_values=None,
+    The cache is the third positional argument in every tested transformers; by keyword it
+    is ``cache`` or ``past_key_values`` (renamed in 5.2x) and is passed on under the name the
+    original forward takes."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, cache: Any = None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-        if past_key_values is not None or self.config._attn_implementation != NAME:
-            return super().forward(hidden_states, attention_mask, past_key_values, **kwargs)
+        cache = cache if cache is not None else pop_cache(kwargs)
+        if cache is not None or attn_implementation(self.config) != NAME:
+            kwargs[cache_kwarg(super().forward.__func__)] = cache
+            return super().forward(hidden_states, attention_mask, **kwargs)
         input_shape = hidden_states.shape[:-1]
         heads = (*input_shape, -1, self.attention_head_size)
         query = linear(hidden_states, self.query).view(heads).transpose(1, 2)
@@ -486,16 +493,22 @@ class _FusedGPT2MLP:
 
 
 class _FusedGPT2Block:
-    """GPT-2 block (transformers >= 5) with the attention residual fused into ``ln_2``."""
+    """GPT-2 block (transformers >= 5) with the attention residual fused into ``ln_2``.
 
-    def forward(self, hidden_states: Tensor, past_key_values=None, attention_mask=None,
+    The cache is the second positional argument in every tested transformers; by keyword it is
+    ``cache`` or ``past_key_values`` and goes on to the attention under the name it takes."""
+
+    def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+        cache = cache if cache is not None else pop_cache(kwargs)
         if encoder_hidden_states is not None:  # cross-attention blocks: the original forward
-            return super().forward(hidden_states, past_key_values, attention_mask, encoder_hidden_states,
-                                   encoder_attention_mask, use_cache, **kwargs)
+            kwargs[cache_kwarg(super().forward.__func__)] = cache
+            return super().forward(hidden_states, attention_mask=attention_mask,
+                                   encoder_hidden_states=encoder_hidden_states,
+                                   encoder_attention_mask=encoder_attention_mask, use_cache=use_cache, **kwargs)
+        kwargs[cache_kwarg(type(self.attn).forward)] = cache
         attn_output, _ = self.attn(
-            norm(hidden_states, self.ln_1), past_key_values=past_key_values,
-            attention_mask=attention_mask, use_cache=use_cache, **kwargs,
+            norm(hidden_states, self.ln_1), attention_mask=attention_mask, use_cache=use_cache, **kwargs,
         )
         h, hidden_states = add_norm(attn_output, hidden_states, self.ln_2)
         return hidden_states + self.mlp(h)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._compat import ONEDNN_LINEAR
 from ..ops import _fastpath as FP
 from ..ops.gelu import gelu_forward as _gelu_point
 from ..ops.layer_norm import add_layer_norm_forward as _add_ln_point
@@ -143,16 +144,7 @@ made a swapped BERT-base a few percent slower on CPU). On GPUs the bias is fused
 GELU kernel. Tests set this to False to run the ``bias_gelu`` path on the CPU too."""
 
 
-def _find_onednn_linear() -> Callable[..., Tensor] | None:
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):  # a torch build without the op
-        return None
-
-
-_ONEDNN_LINEAR = _find_onednn_linear()
+_ONEDNN_LINEAR = ONEDNN_LINEAR
 ONEDNN_LINEAR_ON_CPU = True
 """Run the linears of swapped blocks through oneDNN on plain float32 CPU tensors.
 

@@ -32,20 +32,12 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import nn
 
+from .._compat import no_active_modes
 from ..dispatch import BACKENDS, DispatchPoint, requested
 
 __all__ = ["eager_ok", "selects_reference", "ValidatedSignatures", "signature"]
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
-_C = torch._C
-
-
-def _no_modes() -> bool:
-    return (
-        not _C._is_torch_function_mode_enabled()
-        and _C._len_torch_dispatch_stack() == 0
-        and _C._functorch.peek_interpreter_stack() is None
-    )
 
 
 def eager_ok(*tensors: object, optional: tuple = ()) -> bool:
@@ -54,7 +46,7 @@ def eager_ok(*tensors: object, optional: tuple = ()) -> bool:
     ``tensors`` must all be tensors (anything else: False, the custom op reports it);
     ``optional`` ones may also be None.
     """
-    if torch.compiler.is_compiling() or not _no_modes():
+    if torch.compiler.is_compiling() or not no_active_modes():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

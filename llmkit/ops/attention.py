@@ -54,6 +54,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._compat import HAS_CPU_FLASH_ATTENTION, cpu_flash_attention, cpu_flash_attention_backward
 from ..dispatch import DispatchPoint
 from . import _fastpath as FP
 from . import _validate as V
@@ -227,7 +228,8 @@ def _scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, sca
 
 def _use_cpu_flash(query: Tensor, value: Tensor, dropout_p: float) -> bool:
     return (
-        query.device.type == "cpu"
+        HAS_CPU_FLASH_ATTENTION
+        and query.device.type == "cpu"
         and dropout_p == 0.0
         and query.shape[-1] == value.shape[-1]
         and query.shape[-1] > 0
@@ -275,9 +277,8 @@ def sdpa_forward_reference(
     if _use_cpu_flash(query, value, dropout_p):
         k = _rows_contiguous(_expand_kv(key, groups))
         v = _rows_contiguous(_expand_kv(value, groups))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _rows_contiguous(query), k, v, 0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype),
-            scale=scale,
+        out, lse = cpu_flash_attention(
+            _rows_contiguous(query), k, v, is_causal, _cpu_flash_mask(attn_mask, query.dtype), scale
         )
         # ATen's CPU kernel turns a query row holding NaN or inf into zeros (its running
         # max skips NaN); the math gives NaN there, so put it back: NaN stays in its row.
@@ -342,10 +343,10 @@ def sdpa_backward_reference(
     if _use_cpu_flash(query, value, dropout_p) and not mask_grad and sk > 0:
         k = _rows_contiguous(_expand_kv(key, groups))
         v = _rows_contiguous(_expand_kv(value, groups))
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dq, dk, dv = cpu_flash_attention_backward(
             grad_out.contiguous(), _rows_contiguous(query), k, v, _rows_contiguous(out),
             lse.to(torch.float32) if cdt == torch.float32 else lse,
-            0.0, is_causal, attn_mask=_cpu_flash_mask(attn_mask, query.dtype), scale=scale,
+            is_causal, _cpu_flash_mask(attn_mask, query.dtype), scale,
         )
         dmask = query.new_empty((0,))
     else:

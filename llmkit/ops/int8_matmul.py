@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._compat import int_mm
 from ..dispatch import DispatchPoint
 from . import _validate as V
 
@@ -242,7 +243,7 @@ def int8_mm_exact(a2: Tensor, b: Tensor) -> Tensor:
     if m == 0 or n == 0 or a2.shape[1] == 0:
         return torch.zeros((m, n), dtype=torch.int32, device=a2.device)
     if _int_mm_applies(a2, b):
-        return torch._int_mm(a2, b)
+        return int_mm(a2, b)
     return torch.matmul(a2.to(torch.float64), b.to(torch.float64)).to(torch.int32)
 
 
@@ -303,8 +304,8 @@ def _int_mm_weight(q: Tensor, weight: Tensor) -> Tensor:
     """Exact int32 ``q (R, K) @ weight (N, K)^T`` on the CPU, ``(R, N)``."""
     wt = weight.t()
     if q.shape[0] <= INT_MM_ROW_CALLS:
-        return torch.cat([torch._int_mm(q[i : i + 1], wt) for i in range(q.shape[0])])
-    return torch._int_mm(q, wt)
+        return torch.cat([int_mm(q[i : i + 1], wt) for i in range(q.shape[0])])
+    return int_mm(q, wt)
 
 
 def _w8a16_dequantized(

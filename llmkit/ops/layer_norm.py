@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._compat import fused_rms_norm
 from ..dispatch import DispatchPoint
 from . import _fastpath as FP
 from . import _validate as V
@@ -190,9 +191,7 @@ def rms_norm_forward_reference(
     """RMSNorm forward in float32 (float64 for float64 input) through ATen's fused op."""
     cdt = _compute_dtype(input.dtype)
     lead = _lead(input, normalized_shape)
-    out, rstd = torch.ops.aten._fused_rms_norm(
-        input.to(cdt), list(normalized_shape), _as(weight, cdt), eps
-    )
+    out, rstd = fused_rms_norm(input.to(cdt), list(normalized_shape), _as(weight, cdt), eps)
     return out.to(input.dtype).contiguous(), rstd.reshape(lead).to(stats_dtype(input.dtype)).contiguous()
 
 

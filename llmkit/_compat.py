@@ -1,0 +1,282 @@
+"""Every private or version-dependent torch / Triton / transformers API llmkit uses, in one place.
+
+Each entry has a feature check (a module-level ``HAS_*`` flag or a probe), a fallback that
+keeps llmkit correct where the API is missing (slower at worst), and a test in
+``tests/test_compat.py`` that fails loudly when an upgrade of a tested version removes or
+changes it. Nothing else in llmkit touches these APIs directly.
+
+torch
+    ``torch._int_mm`` (int8 GEMM, int32 accumulation), ATen's CPU flash attention
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward),
+    ``aten._fused_rms_norm``, oneDNN's ``mkldnn._linear_pointwise``, the dispatcher's
+    mode stacks (``torch._C``), ``torch._C._dispatch_has_kernel_for_dispatch_key``.
+Triton
+    ``triton.knobs.runtime.interpret`` (Triton >= 3.3; the environment variable before),
+    and a fix for the interpreter of Triton < 3.7 under numpy >= 2.4.
+transformers
+    ``config._attn_implementation``, ``PreTrainedModel._can_set_attn_implementation``,
+    and the name of the cache argument of attention modules (``past_key_values`` before
+    5.2x, ``cache`` after).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("llmkit")
+
+# --------------------------------------------------------------------------------------
+# torch
+# --------------------------------------------------------------------------------------
+
+HAS_INT_MM = hasattr(torch, "_int_mm")
+
+
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for int8 ``a (M, K)`` and ``b (K, N)``, exact, as int32 ``(M, N)``.
+
+    ``torch._int_mm`` where it exists; otherwise a float64 matmul, exact for
+    ``K < 2**53 / 127**2`` (the products and their sums are integers below 2**53).
+    """
+    if HAS_INT_MM:
+        return torch._int_mm(a, b)
+    return torch.matmul(a.double(), b.double()).to(torch.int32)
+
+
+def _aten_op(name: str) -> Any | None:
+    try:
+        return getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_CPU_FLASH = _aten_op("_scaled_dot_product_flash_attention_for_cpu")
+_CPU_FLASH_BWD = _aten_op("_scaled_dot_product_flash_attention_for_cpu_backward")
+HAS_CPU_FLASH_ATTENTION = _CPU_FLASH is not None and _CPU_FLASH_BWD is not None
+"""ATen's fused CPU attention (forward and backward) exists in this torch."""
+
+
+def cpu_flash_attention(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                        attn_mask: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+    """ATen's CPU flash attention without dropout: ``(out, lse)``; callers check
+    :data:`HAS_CPU_FLASH_ATTENTION` and take their math path without it."""
+    assert _CPU_FLASH is not None
+    out, lse = _CPU_FLASH(query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    return out, lse
+
+
+def cpu_flash_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                                 lse: Tensor, is_causal: bool, attn_mask: Tensor | None,
+                                 scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`cpu_flash_attention`: ``(dq, dk, dv)``."""
+    assert _CPU_FLASH_BWD is not None
+    dq, dk, dv = _CPU_FLASH_BWD(grad_out, query, key, value, out, lse, 0.0, is_causal,
+                               attn_mask=attn_mask, scale=scale)
+    return dq, dk, dv
+
+
+_FUSED_RMS_NORM = _aten_op("_fused_rms_norm")
+HAS_FUSED_RMS_NORM = _FUSED_RMS_NORM is not None
+
+
+def fused_rms_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm of ``x`` over its last ``len(normalized_shape)`` dims in ``x``'s dtype:
+    ``(out, rstd)``, ``rstd`` of the leading shape with the normalized dims kept as 1.
+
+    ATen's fused op where it exists, the same formula in ATen ops otherwise.
+    """
+    if _FUSED_RMS_NORM is not None:
+        out, rstd = _FUSED_RMS_NORM(x, normalized_shape, weight, eps)
+        return out, rstd
+    dims = tuple(range(-len(normalized_shape), 0))
+    rstd = torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+    out = x * rstd
+    return (out * weight if weight is not None else out), rstd
+
+
+def _find_onednn_linear() -> Callable[..., Tensor] | None:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):  # a torch build without the op
+        return None
+
+
+ONEDNN_LINEAR: Callable[..., Tensor] | None = _find_onednn_linear()
+"""oneDNN's linear with a fused pointwise epilogue,
+``(x, weight, bias, attr, scalars, algorithm) -> out``, or None where this torch lacks it."""
+
+
+def _has_mode_stacks() -> bool:
+    c = torch._C
+    return all(hasattr(c, n) for n in ("_is_torch_function_mode_enabled", "_len_torch_dispatch_stack")) and hasattr(
+        getattr(c, "_functorch", None), "peek_interpreter_stack"
+    )
+
+
+HAS_MODE_STACKS = _has_mode_stacks()
+
+
+def no_active_modes() -> bool:
+    """True when no torch function mode, dispatch mode or functorch transform (vmap, grad)
+    is active. Without the probes (a torch that lacks them) False: callers then take the
+    custom-op path, which is always correct."""
+    if not HAS_MODE_STACKS:
+        return False
+    c = torch._C
+    return (
+        not c._is_torch_function_mode_enabled()
+        and c._len_torch_dispatch_stack() == 0
+        and c._functorch.peek_interpreter_stack() is None
+    )
+
+
+def dispatch_has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``op`` (``"ns::name"``) has a kernel for ``dispatch_key``; False where this torch
+    cannot tell."""
+    probe = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    if probe is None:
+        return False
+    try:
+        return bool(probe(op, dispatch_key))
+    except RuntimeError:  # the op is not registered at all
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None:
+            return bool(knobs.runtime.interpret)
+    except ImportError:
+        pass
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string: ``"3.7.0rc1"`` -> ``(3, 7, 0)``."""
+    m = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(p) for p in m.group().split(".")) if m else ()
+
+
+def numpy_refuses_int_of_1d() -> bool:
+    """numpy >= 2.4: ``int()`` of a one-element 1-D array raises TypeError (was deprecated)."""
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 1.25 - 2.3 warn instead
+        try:
+            int(np.ones(1))
+        except TypeError:
+            return True
+    return False
+
+
+def _interpreter_index_is_broken() -> bool:
+    """Triton < 3.7's interpreter gives its scalars ``__index__ = int(array of shape (1,))``,
+    which numpy >= 2.4 refuses: every ``range()`` over a runtime scalar fails."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    return (
+        _version(triton.__version__) < (3, 7)
+        and hasattr(interpreter, "_patch_lang_tensor")
+        and numpy_refuses_int_of_1d()
+    )
+
+
+INTERPRETER_FIX = "Triton < 3.7 interpreter with numpy >= 2.4: scalar __index__ patched to go through .item()"
+
+
+@functools.cache
+def fix_triton_interpreter() -> str | None:
+    """Make Triton's interpreter work with the installed numpy, where it needs it.
+
+    Returns a line saying what was patched, or None when nothing needed patching. The patch
+    keeps the interpreter's own semantics: a scalar's ``__index__`` converts its single
+    element, through ``.item()`` instead of ``int(ndarray)``.
+    """
+    if not _interpreter_index_is_broken():
+        return None
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    logger.info("llmkit: %s", INTERPRETER_FIX)
+    return INTERPRETER_FIX
+
+
+# --------------------------------------------------------------------------------------
+# transformers
+# --------------------------------------------------------------------------------------
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention implementation a transformers config is set to (``_attn_implementation``)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def can_set_attn_implementation(model: Any) -> bool:
+    """Whether a transformers model's attention goes through ``AttentionInterface``.
+
+    ``PreTrainedModel._can_set_attn_implementation()`` where it exists; without it, whether
+    the class declares attention-backend support.
+    """
+    probe = getattr(model, "_can_set_attn_implementation", None)
+    if callable(probe):
+        return bool(probe())
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@functools.cache
+def cache_kwarg(forward: Callable[..., Any]) -> str:
+    """The name under which ``forward`` (a transformers module's forward) takes its KV cache:
+    ``"cache"`` (transformers >= 5.2x) or ``"past_key_values"`` (before)."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "cache"
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    return "cache"
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Take the KV cache out of ``kwargs`` under either name (None when absent)."""
+    found = None
+    for name in CACHE_KWARGS:
+        value = kwargs.pop(name, None)
+        if value is not None:
+            found = value
+    return found

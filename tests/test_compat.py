@@ -1,0 +1,208 @@
+"""llmkit._compat: every private torch / Triton / transformers API llmkit uses.
+
+For each: it exists on the tested versions (an upgrade that removes it fails here, loudly,
+instead of silently taking the fallback), it computes what llmkit expects, and the
+fallback computes the same.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit import _compat as C
+
+
+# -- torch ----------------------------------------------------------------------------------
+
+
+def test_int_mm_exists_and_matches_the_exact_fallback(monkeypatch):
+    assert C.HAS_INT_MM, "torch._int_mm is gone: llmkit's CPU int8 GEMM now takes the float64 fallback"
+    a = torch.randint(-127, 128, (37, 64), dtype=torch.int8)
+    b = torch.randint(-127, 128, (64, 24), dtype=torch.int8)
+    want = (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
+    assert torch.equal(C.int_mm(a, b), want)
+    monkeypatch.setattr(C, "HAS_INT_MM", False)
+    assert torch.equal(C.int_mm(a, b), want)
+
+
+def test_cpu_flash_attention_exists_and_matches_the_math():
+    assert C.HAS_CPU_FLASH_ATTENTION, "ATen's CPU flash attention is gone: the reference takes its math path"
+    q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.float64).float() for _ in range(3))
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = C.cpu_flash_attention(q.detach(), k.detach(), v.detach(), True, None, None)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, want.detach(), atol=1e-5, rtol=1e-5)
+    scores = (q.detach() @ k.detach().transpose(-1, -2)) / 4.0
+    scores = scores.masked_fill(~torch.ones(17, 17, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    dq, dk, dv = torch.autograd.grad(want, (q, k, v), g)
+    got = C.cpu_flash_attention_backward(g, q.detach(), k.detach(), v.detach(), out, lse, True, None, None)
+    for x, y in zip(got, (dq, dk, dv)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_attention_without_cpu_flash_attention(monkeypatch):
+    import llmkit
+    from llmkit.ops import attention as A
+
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    with llmkit.use_backend("reference"):
+        want = llmkit.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        monkeypatch.setattr(A, "HAS_CPU_FLASH_ATTENTION", False)
+        got = llmkit.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_rms_norm_exists_and_matches_its_fallback(monkeypatch):
+    assert C.HAS_FUSED_RMS_NORM, "aten._fused_rms_norm is gone: the reference RMSNorm takes its ATen-ops fallback"
+    x, w = torch.randn(5, 7, 33, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
+    want = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w
+    out, rstd = C.fused_rms_norm(x, [33], w, 1e-6)
+    torch.testing.assert_close(out, want)
+    assert rstd.numel() == 35
+    monkeypatch.setattr(C, "_FUSED_RMS_NORM", None)
+    out2, rstd2 = C.fused_rms_norm(x, [33], w, 1e-6)
+    torch.testing.assert_close(out2, want)
+    torch.testing.assert_close(rstd2.reshape(-1), rstd.reshape(-1))
+
+
+def test_onednn_linear_exists_where_onednn_does_and_matches_f_linear():
+    if not torch.backends.mkldnn.is_available():
+        assert C.ONEDNN_LINEAR is None
+        pytest.skip("this torch build has no oneDNN")
+    assert C.ONEDNN_LINEAR is not None, "mkldnn._linear_pointwise is gone: swapped blocks use F.linear"
+    x, w, b = torch.randn(6, 32), torch.randn(48, 32), torch.randn(48)
+    torch.testing.assert_close(C.ONEDNN_LINEAR(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(C.ONEDNN_LINEAR(x, w, b, "gelu", [], "tanh"),
+                               F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5, rtol=1e-5)
+
+
+def test_mode_probes_exist_and_see_modes():
+    assert C.HAS_MODE_STACKS, "torch._C's mode-stack probes are gone: every op call takes the custom-op path"
+    assert C.no_active_modes()
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not C.no_active_modes()
+    seen = []
+    torch.vmap(lambda t: seen.append(C.no_active_modes()) or t)(torch.ones(2, 3))
+    assert seen == [False]
+
+
+def test_no_active_modes_is_false_without_the_probes(monkeypatch):
+    monkeypatch.setattr(C, "HAS_MODE_STACKS", False)
+    assert not C.no_active_modes()
+
+
+def test_dispatch_has_kernel():
+    assert C.dispatch_has_kernel("aten::add.Tensor", "CPU")
+    assert not C.dispatch_has_kernel("llmkit_no_such::op", "CPU")
+
+
+# -- Triton ---------------------------------------------------------------------------------
+
+
+def test_triton_interpreting_follows_the_environment():
+    pytest.importorskip("triton")
+    code = "from llmkit._compat import triton_interpreting; print(triton_interpreting())"
+    for value, want in (("1", "True"), ("0", "False")):
+        env = dict(os.environ, TRITON_INTERPRET=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
+
+
+def test_interpreter_runs_a_loop_over_a_runtime_scalar_on_this_stack():
+    """Triton < 3.7's interpreter fails on numpy >= 2.4 at the first ``range()`` over a runtime
+    scalar; llmkit's kernel modules patch it on import where needed. This runs such a loop
+    in a fresh interpreter on whatever Triton / numpy this stack has."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch, triton, triton.language as tl
+        import llmkit.kernels._common as common
+        from llmkit import _compat
+
+        @triton.jit
+        def total(X, Y, n, BLOCK: tl.constexpr):
+            acc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                acc += tl.load(X + offs, mask=offs < n, other=0.0)
+            tl.store(Y, tl.sum(acc, 0))
+
+        x = torch.randn(101, dtype=torch.float64).float()
+        y = torch.zeros(1)
+        total[(1,)](x, y, 101, BLOCK=16)
+        assert abs(float(y) - float(x.double().sum())) < 1e-4, (float(y), float(x.sum()))
+        print(_compat.fix_triton_interpreter() is not None)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import numpy as np
+    import triton
+
+    needs_fix = C._version(triton.__version__) < (3, 7) and C.numpy_refuses_int_of_1d()
+    assert res.stdout.strip() == str(needs_fix), (triton.__version__, np.__version__)
+
+
+def test_version_parsing():
+    assert C._version("3.6.0") == (3, 6, 0)
+    assert C._version("2.11.0+cu130") == (2, 11, 0)
+    assert C._version("3.7.0rc1") == (3, 7, 0)
+    assert C._version("3.9.0.dev20260101") == (3, 9, 0)
+
+
+# -- transformers ---------------------------------------------------------------------------
+
+
+def test_transformers_private_attributes_exist():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert hasattr(model.config, "_attn_implementation"), "config._attn_implementation is gone"
+    assert callable(getattr(model, "_can_set_attn_implementation", None)), "_can_set_attn_implementation is gone"
+    assert C.attn_implementation(model.config) == model.config._attn_implementation
+    assert C.can_set_attn_implementation(model) is True
+
+
+def test_can_set_attn_implementation_fallback():
+    class Old:
+        _supports_attention_backend = True
+
+    assert C.can_set_attn_implementation(Old())
+    assert not C.can_set_attn_implementation(object())
+
+
+def test_cache_argument_name_is_one_llmkit_knows():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bert import modeling_bert
+    from transformers.models.gpt2 import modeling_gpt2
+
+    for fn in (modeling_gpt2.GPT2Attention.forward, modeling_gpt2.GPT2Block.forward,
+               modeling_gpt2.GPT2LMHeadModel.forward, modeling_bert.BertSelfAttention.forward):
+        import inspect
+
+        params = inspect.signature(fn).parameters
+        assert any(n in params for n in C.CACHE_KWARGS), f"{fn.__qualname__} takes neither cache nor past_key_values"
+        assert C.cache_kwarg(fn) in params
+    major_minor = C._version(transformers.__version__)[:2]
+    if major_minor <= (5, 17):
+        assert C.cache_kwarg(modeling_gpt2.GPT2Attention.forward) == "past_key_values"
+
+
+def test_pop_cache_takes_either_name():
+    for name in C.CACHE_KWARGS:
+        kwargs = {name: "c", "other": 1}
+        assert C.pop_cache(kwargs) == "c" and kwargs == {"other": 1}
+    assert C.pop_cache({"other": 1}) is None
