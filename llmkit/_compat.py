@@ -11,8 +11,8 @@ torch
     ``aten._fused_rms_norm``, oneDNN's ``mkldnn._linear_pointwise``, the dispatcher's
     mode stacks (``torch._C``), ``torch._C._dispatch_has_kernel_for_dispatch_key``.
 Triton
-    ``triton.knobs.runtime.interpret`` (Triton >= 3.3; the environment variable before),
-    and a fix for the interpreter of Triton < 3.7 under numpy >= 2.4.
+    a fix for the interpreter of Triton < 3.7 under numpy >= 2.4
+    (``triton.runtime.interpreter._patch_lang_tensor``).
 transformers
     ``config._attn_implementation``, ``PreTrainedModel._can_set_attn_implementation``,
     and the name of the cache argument of attention modules (``past_key_values`` before
@@ -161,15 +161,8 @@ def dispatch_has_kernel(op: str, dispatch_key: str) -> bool:
 
 
 def triton_interpreting() -> bool:
-    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
-    try:
-        import triton
-
-        knobs = getattr(triton, "knobs", None)
-        if knobs is not None:
-            return bool(knobs.runtime.interpret)
-    except ImportError:
-        pass
+    """Whether Triton kernels run in the interpreter: ``TRITON_INTERPRET=1``, the variable
+    every tested Triton reads (``triton.knobs``, Triton >= 3.3, reads it too). Imports nothing."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -208,6 +201,13 @@ def _interpreter_index_is_broken() -> bool:
 
 
 INTERPRETER_FIX = "Triton < 3.7 interpreter with numpy >= 2.4: scalar __index__ patched to go through .item()"
+
+
+def triton_interpreter_note() -> str:
+    """What ``llmkit info`` says about the interpreter on this stack."""
+    if _interpreter_index_is_broken():
+        return f"patched when llmkit loads its kernels ({INTERPRETER_FIX})"
+    return "works as installed"
 
 
 @functools.cache

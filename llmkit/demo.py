@@ -61,15 +61,25 @@ class _Check:
     ok: bool
 
 
+_STARTED = [time.perf_counter()]
+
+
+def _progress(msg: str) -> None:
+    """One line of progress on stderr (the report itself goes to stdout)."""
+    print(f"  [{time.perf_counter() - _STARTED[0]:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed_rounds(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+def _timed_rounds(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+                  what: str = "timing") -> dict[str, float]:
     """Median seconds of each fn over ``repeats`` interleaved rounds, after one warm-up."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for round_ in range(repeats + 1):
+        _progress(f"{what}: {'warm-up' if round_ == 0 else f'round {round_} of {repeats}'} ({', '.join(fns)})")
         for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
@@ -157,26 +167,32 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
             vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
             n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
+        _progress(f"building a GPT-2 {size}-shaped HF GPT2LMHeadModel with random weights")
         hf = _hf_without_init(transformers.GPT2LMHeadModel, hf_cfg)
         hf.tie_weights()
         _randomize_(hf)
         hf = hf.to(device=device, dtype=dtype).eval()
+        _progress("loading its weights into llmkit GPT (GPT.from_hf)")
         ours = GPT.from_hf(hf).eval()
     else:
+        _progress(f"building a GPT-2 {size}-shaped llmkit GPT with random weights")
         ours = GPT(cfg).to(device=device, dtype=dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device=device)
     n = args.new_tokens
     checks: list[_Check] = []
     with torch.inference_mode():
+        _progress("checking llmkit GPT against the reference backend, then greedy decoding")
         logits_ours = ours(ids)
         with llmkit.use_backend("reference"):
             logits_ref = ours(ids)
         checks.append(_logit_check("llmkit GPT: dispatched backends vs reference", logits_ours, logits_ref, dtype))
         tokens_ours = ours.generate(ids, n)
         if hf is not None:
+            _progress("running HF (logits, greedy tokens)")
             logits_hf = hf(ids).logits
             tokens_hf = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
             checks.append(_logit_check("llmkit GPT vs HF (logits)", logits_ours, logits_hf, dtype))
+            _progress("swapping llmkit into a copy of the HF model and checking it")
             swapped = _swapped_copy_of(hf)
             checks.append(_logit_check("HF + llmkit.swap vs HF (logits)", swapped(ids).logits, logits_hf, dtype))
             tokens_swapped = swapped.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -193,8 +209,8 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
                                                                   do_sample=False, pad_token_id=0)
         prefill["llmkit GPT"] = lambda: ours(ids)
         decode["llmkit GPT"] = lambda: ours.generate(ids, n)
-        t_prefill = _timed_rounds(prefill, args.repeats, device)
-        t_decode = _timed_rounds(decode, args.repeats, device)
+        t_prefill = _timed_rounds(prefill, args.repeats, device, "timing prefill")
+        t_decode = _timed_rounds(decode, args.repeats, device, f"timing generate ({n} tokens)")
     base = "HF" if hf is not None else "llmkit GPT"
     rows = [("model", "prefill ms", f"vs {base}", "generate ms", "tokens/s", f"vs {base}")]
     # tokens/s of generate, prefill included (like the gpt2_decode bench suite): no
@@ -257,16 +273,20 @@ def _bert(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     if _hf_available(args):
         import transformers
 
+        _progress(f"building a BERT-{size}-shaped HF BertModel with random weights")
         hf = _hf_without_init(transformers.BertModel, transformers.BertConfig(
             **shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
         _randomize_(hf)
         hf = hf.to(device=device, dtype=dtype).eval()
+        _progress("loading its weights into llmkit BERT (BERT.from_hf)")
         ours = BERT.from_hf(hf).eval()
     else:
+        _progress(f"building a BERT-{size}-shaped llmkit BERT with random weights")
         ours = BERT(cfg).to(device=device, dtype=dtype).eval()
     checks: list[_Check] = []
     fns: dict[str, Callable[[], Any]] = {}
     with torch.inference_mode():
+        _progress("checking llmkit BERT against the reference backend and HF")
         out_ours = ours(ids, attention_mask=mask).last_hidden_state
         with llmkit.use_backend("reference"):
             out_ref = ours(ids, attention_mask=mask).last_hidden_state
@@ -280,7 +300,7 @@ def _bert(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
             fns["HF"] = lambda: hf(ids, attention_mask=mask)
             fns["HF + llmkit.swap"] = lambda: swapped(ids, attention_mask=mask)
         fns["llmkit BERT"] = lambda: ours(ids, attention_mask=mask)
-        times = _timed_rounds(fns, args.repeats, device)
+        times = _timed_rounds(fns, args.repeats, device, "timing forward")
     base = next(iter(times))
     rows = [("model", "forward ms", f"vs {base}", "tokens/s")]
     for name, t in times.items():
@@ -311,11 +331,11 @@ def run(args: argparse.Namespace) -> int:
     import llmkit
 
     device, dtype = _setup(args)
-    started = time.perf_counter()
+    started = _STARTED[0] = time.perf_counter()
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"llmkit {llmkit.__version__} demo on {device.type} ({name}{threads}), {str(dtype).replace('torch.', '')}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}", flush=True)
     checks, body = (_gpt2 if args.model == "gpt2" else _bert)(args, device, dtype)
     print("\n".join(body))
     print()

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ._compat import triton_interpreter_note, triton_interpreting
 from .errors import BackendError, UnknownBackendError
 
 logger = logging.getLogger("llmkit")
@@ -49,11 +50,6 @@ BACKEND_NAMES: tuple[str, ...] = ("triton", "cuda_ext", "reference")
 # --------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------
-
-
-def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @dataclasses.dataclass
@@ -131,6 +127,7 @@ def _triton_details() -> dict[str, str]:
     out = {"version": triton.__version__}
     if triton_interpreting():
         out["mode"] = "interpreter (TRITON_INTERPRET=1)"
+        out["interpreter"] = triton_interpreter_note()
     return out
 
 

@@ -90,6 +90,9 @@ class SwapReport:
     left: list[SwapEntry] = dataclasses.field(default_factory=list)
     title: str = "llmkit.swap"
     verb: str = "swapped"
+    already: int = 0
+    """Modules (and models' attention) that were llmkit's before this call: an earlier swap,
+    or built with llmkit.nn."""
 
     def __len__(self) -> int:
         return len(self.swapped)
@@ -103,8 +106,11 @@ class SwapReport:
 
     def __str__(self) -> str:
         head = f"{self.title}: {len(self.swapped)} {self.verb}, {len(self.left)} left"
+        if self.already:
+            head += (f"; {self.already} already llmkit's (swapped before, or built with llmkit.nn; "
+                     "llmkit.unswap restores what a swap replaced)")
         if not self.swapped and not self.left:
-            return head + " (nothing llmkit knows in this model)"
+            return head if self.already else head + " (nothing llmkit knows in this model)"
         rows = [("", "module", "kind", "class", "now / reason")]
         rows += [(self.verb, e.name or "(model)", e.kind, e.before, e.after) for e in self.swapped]
         rows += [("left", e.name or "(model)", e.kind, e.before, e.after) for e in self.left]
@@ -212,7 +218,8 @@ def swap(
             continue
         cls = type(module)
         if cls in _LLMKIT_CLASSES or hf.fused_original(cls) is not None:
-            continue  # already swapped
+            report.already += 1
+            continue
         kind = _TORCH_KIND.get(cls)
         if kind is not None:
             if kind in kinds:
@@ -266,6 +273,7 @@ def _swap_hf_attention(prefix: str, model: nn.Module, report: SwapReport, undo: 
     cls = type(model)
     before = attn_implementation(model.config)
     if before == hf.NAME:
+        report.already += 1
         return
     if not can_set_attn_implementation(model):
         report.left.append(SwapEntry(prefix, "attention", cls.__name__,

@@ -498,10 +498,14 @@ def test_bad_requests_are_skipped_with_reasons_and_the_rest_runs(tmp_path, capsy
 
     if BACKENDS["cuda_ext"].unavailable_reason("cpu"):
         assert any(s["what"] == "backend cuda_ext" for s in doc["skipped"])
-    # nothing runnable at all
+    # nothing runnable at all: exit 2 (docs/benchmarks.md) and no result files
+    empty = tmp_path / "empty"
     assert cli.main(["bench", "--quick", "--op", "gelu", "--shapes", "nosuchset", "--no-plots",
-                     "--out", str(tmp_path)]) == 2
+                     "--out", str(empty)]) == 2
     assert "no shape set 'nosuchset'" in capsys.readouterr().out
+    assert cli.main(["bench", "--op", "nosuch", "--no-plots", "--out", str(empty)]) == 2
+    assert "nothing ran: no result files written" in capsys.readouterr().out
+    assert not empty.exists()
 
 
 def test_a_backend_declining_a_case_is_not_applicable_unless_asked_for(tmp_path, monkeypatch, capsys):

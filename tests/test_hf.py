@@ -284,6 +284,14 @@ def test_a_script_in_the_repo_root_loads_a_transformers_model_with_llmkit():
     assert res.stdout.split() == ["(1,", "5,", "50)"]
 
 
+def test_swapping_a_swapped_hf_model_says_so():
+    model = gpt2()
+    first = llmkit.swap(model)
+    second = llmkit.swap(model)
+    assert len(second) == 0 and second.already > 0
+    assert "already llmkit's" in str(second)
+
+
 def test_gpt2_left_padded_batch_after_swap():
     model = gpt2()
     ids = torch.randint(2, VOCAB, (2, 8))

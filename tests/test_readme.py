@@ -26,7 +26,7 @@ def test_readme_starts_with_the_two_setup_commands():
     assert README.index("```bash") < README.index("```python")
     main, tests = _setup_commands()
     assert "pip install" in main and main.rstrip().endswith("llmkit demo")
-    assert "pip install" in tests and tests.rstrip().endswith("pytest -q")
+    assert "pip install" in tests and tests.rstrip().endswith("pytest")
 
 
 def test_ci_runs_the_readmes_test_command():

@@ -89,6 +89,18 @@ def test_swap_only_some_kinds_and_exclude():
     assert all(type(m).__module__.startswith("torch.") for m in model.modules() if m is not model)
 
 
+def test_swapping_a_swapped_model_says_so():
+    model = ToyModel()
+    first = llmkit.swap(model)
+    assert first.already == 0 and "already" not in str(first)
+    second = llmkit.swap(model)
+    assert len(second) == 0 and second.already == len(first) > 0
+    assert f"{len(first)} already llmkit's" in str(second) and "nothing llmkit knows" not in str(second)
+    llmkit.unswap(model)
+    third = llmkit.swap(model)
+    assert third.already == 0 and len(third) == len(first)
+
+
 def test_swap_nothing_to_swap_gives_empty_report():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     report = llmkit.swap(model)

@@ -121,6 +121,9 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         print(f"llmkit bench: {exc}", file=sys.stderr)
         return EXIT_NOTHING
     print(format_table(report))
+    if report.exit_code == EXIT_NOTHING:  # no result to keep: leave --out as it was
+        print("\nnothing ran: no result files written")
+        return report.exit_code
 
     device = torch.device(report.env["device"])
     out = Path(args.out) if args.out else Path("llmkit-bench-results") / device_slug(device)
