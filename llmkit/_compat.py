@@ -11,7 +11,7 @@ torch
     ``aten._fused_rms_norm``, oneDNN's ``mkldnn._linear_pointwise``, the dispatcher's
     mode stacks (``torch._C``), ``torch._C._dispatch_has_kernel_for_dispatch_key``.
 Triton
-    a fix for the interpreter of Triton < 3.7 under numpy >= 2.4
+    a fix for the interpreter of Triton < 3.7 under numpy >= 1.25
     (``triton.runtime.interpreter._patch_lang_tensor``).
 transformers
     ``config._attn_implementation``, ``PreTrainedModel._can_set_attn_implementation``,
@@ -172,22 +172,24 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in m.group().split(".")) if m else ()
 
 
-def numpy_refuses_int_of_1d() -> bool:
-    """numpy >= 2.4: ``int()`` of a one-element 1-D array raises TypeError (was deprecated)."""
+def numpy_objects_to_int_of_1d() -> bool:
+    """numpy >= 1.25 objects to ``int()`` of a one-element 1-D array: a DeprecationWarning
+    up to 2.3, a TypeError from 2.4."""
     import numpy as np
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 1.25 - 2.3 warn instead
+        warnings.simplefilter("error", DeprecationWarning)
         try:
             int(np.ones(1))
-        except TypeError:
+        except (TypeError, DeprecationWarning):
             return True
     return False
 
 
 def _interpreter_index_is_broken() -> bool:
     """Triton < 3.7's interpreter gives its scalars ``__index__ = int(array of shape (1,))``,
-    which numpy >= 2.4 refuses: every ``range()`` over a runtime scalar fails."""
+    which numpy >= 2.4 refuses (every ``range()`` over a runtime scalar fails) and numpy
+    1.25 - 2.3 warn about on every such loop."""
     try:
         import triton
         from triton.runtime import interpreter
@@ -196,11 +198,11 @@ def _interpreter_index_is_broken() -> bool:
     return (
         _version(triton.__version__) < (3, 7)
         and hasattr(interpreter, "_patch_lang_tensor")
-        and numpy_refuses_int_of_1d()
+        and numpy_objects_to_int_of_1d()
     )
 
 
-INTERPRETER_FIX = "Triton < 3.7 interpreter with numpy >= 2.4: scalar __index__ patched to go through .item()"
+INTERPRETER_FIX = "Triton < 3.7 interpreter: scalar __index__ patched to go through .item() (numpy >= 2.4 refuses int() of a 1-element array, 1.25 - 2.3 warn)"
 
 
 def triton_interpreter_note() -> str:

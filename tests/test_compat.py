@@ -152,7 +152,7 @@ def test_interpreter_runs_a_loop_over_a_runtime_scalar_on_this_stack():
     import numpy as np
     import triton
 
-    needs_fix = C._version(triton.__version__) < (3, 7) and C.numpy_refuses_int_of_1d()
+    needs_fix = C._version(triton.__version__) < (3, 7) and C.numpy_objects_to_int_of_1d()
     assert res.stdout.strip() == str(needs_fix), (triton.__version__, np.__version__)
 
 
