@@ -140,12 +140,19 @@ def _probe_reference(device_type: str) -> str | None:
 
 def _probe_cuda_ext(device_type: str) -> str | None:
     # The extension module (llmkit/_ext.py) owns building and loading; it answers for
-    # itself. Until it is importable the backend is simply not built.
+    # itself. Until it is importable the backend is simply not built. Whatever goes
+    # wrong in there is a reason the backend is unavailable, never an error of the call:
+    # the default order goes on to the next backend, a request by name raises it.
     try:
         from . import _ext
+
+        return _ext.unavailable_reason(device_type)
     except ImportError:
         return "the C++/CUDA extension is not part of this installation"
-    return _ext.unavailable_reason(device_type)
+    except Exception as exc:  # noqa: BLE001 - a broken optional backend must not break llmkit
+        reason = f"the C++/CUDA extension failed: {type(exc).__name__}: {exc}"
+        _log_once(("cuda_ext probe", reason), f"llmkit: {reason}")
+        return reason
 
 
 def _cuda_ext_details() -> dict[str, str]:

@@ -109,6 +109,8 @@ def test_bench_draws_a_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys)
         (["check", "--quick", "--op", "gelu", "--json", "{unwritable}/x.json"], ["llmkit check: error:", "--json"]),
         (["demo", "--size", "nope"], ["llmkit demo: error:", "--size for gpt2", "small", "'nope'"]),
         (["demo", "--model", "bert", "--size", "xl"], ["llmkit demo: error:", "--size for bert", "base", "'xl'"]),
+        (["build-ext", "--cache-dir", "{unwritable}/ext"], ["llmkit build-ext: error:", "cache directory"]),
+        (["build-ext", "--cache-dir", "{a_file}"], ["llmkit build-ext: error:", "is a file, not a directory"]),
     ],
 )
 def test_argument_errors_are_one_line_with_exit_code_2(tmp_path, argv, words):
