@@ -35,8 +35,8 @@ def _wanted() -> bool:
 
 
 def _ext_builder():
-    """llmkit/_ext.py loaded by path (importing the package would need its dependencies)."""
-    spec = importlib.util.spec_from_file_location("llmkit_ext_builder", ROOT / "llmkit" / "_ext.py")
+    """llmkit/_ext_build.py loaded by path (importing the package would need its dependencies)."""
+    spec = importlib.util.spec_from_file_location("llmkit_ext_builder", ROOT / "llmkit" / "_ext_build.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

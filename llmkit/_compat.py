@@ -43,14 +43,42 @@ HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for int8 ``a (M, K)`` and ``b (K, N)``, exact, as int32 ``(M, N)``.
+    """``a @ b`` for int8 ``a (M, K)`` and ``b (K, N)`` of any strides, exact, as int32 ``(M, N)``.
 
-    ``torch._int_mm`` where it exists; otherwise a float64 matmul, exact for
-    ``K < 2**53 / 127**2`` (the products and their sums are integers below 2**53).
+    ``torch._int_mm`` where it exists, given its operands in a layout it reads correctly
+    (:func:`int_mm_operand`); otherwise a float64 matmul, exact for ``K < 2**53 / 127**2``
+    (the products and their sums are integers below 2**53).
     """
     if HAS_INT_MM:
-        return torch._int_mm(a, b)
+        return torch._int_mm(int_mm_operand(a), int_mm_operand(b))
     return torch.matmul(a.double(), b.double()).to(torch.int32)
+
+
+def int_mm_operand(t: Tensor) -> Tensor:
+    """``t`` (2-D) as ``torch._int_mm`` reads it correctly: row-major (strides ``(ld, 1)``,
+    ``ld >= max(1, columns)``), column-major (``(1, ld)``, ``ld >= max(1, rows)``) or with
+    both strides positive and neither 1; a free view where only the stride of a size-1
+    dimension is off, else a contiguous copy.
+
+    Why: with oneDNN (x86 CPUs with AVX512-VNNI) ``torch._int_mm`` hands operands with a
+    unit stride to a BLAS-style int8 GEMM as row- or column-major with the other stride as
+    the leading dimension, without checking it. An expanded operand (stride 0) or a size-1
+    dimension with stride 1 (the weight of an ``in_features == 1`` linear, transposed: shape
+    ``(1, N)``, strides ``(1, 1)``) gives a leading dimension below the matrix's extent; the
+    GEMM rejects the call and the output is left unwritten (uninitialized memory returned,
+    torch 2.13). The canonical layouts above are what every BLAS accepts; other strides go
+    to oneDNN's matmul primitive, which takes them as they are.
+    """
+    rows, cols = t.shape
+    s0, s1 = t.stride()
+    # the stride of a size-1 dimension is never used to address an element: make it canonical
+    if cols == 1:
+        s1 = 1
+    if rows == 1:
+        s0 = max(cols, 1) if s1 == 1 else 1
+    if (s1 == 1 and s0 >= max(cols, 1)) or (s0 == 1 and s1 >= max(rows, 1)) or (s0 > 1 and s1 > 1):
+        return t if (s0, s1) == t.stride() else t.as_strided((rows, cols), (s0, s1))
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _aten_op(name: str) -> Any | None:

@@ -32,6 +32,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from torch import Tensor
 from . import ops as L
 from . import reference64 as R
 from .dispatch import BACKEND_NAMES, BACKENDS, OPS, triton_interpreting, use_backend
-from .errors import BackendError
+from .errors import BackendError, UsageError
 from .testing import compare, sqnr_db
 
 Outputs = dict[str, Tensor]
@@ -738,6 +739,18 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _check_writable(path: str) -> None:
+    """Raise :class:`UsageError` unless ``path`` can be opened for writing (leaves no new file)."""
+    existed = Path(path).exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot write the file: {exc.strerror or exc}") from None
+    if not existed:
+        Path(path).unlink(missing_ok=True)
+
+
 def run_check_cli(args: argparse.Namespace) -> int:
     """``llmkit check``: print the table, optionally write JSON; exit code as the module says."""
     from .bench.progress import progress_callback
@@ -760,7 +773,9 @@ def run_check_cli(args: argparse.Namespace) -> int:
         skipped += [f"unknown dtype {d!r}; dtypes are {', '.join(known_dtypes)}" for d in args.dtypes
                     if d not in known_dtypes]
     for b in args.backends or []:
-        check_backend_name(b)
+        check_backend_name(b, "--backend")
+    if args.json:
+        _check_writable(args.json)  # before minutes of checks, not after
     for s in skipped:
         print(f"llmkit check: {s}: skipped", file=sys.stderr)
     t0 = time.perf_counter()
@@ -801,8 +816,11 @@ def run_check_cli(args: argparse.Namespace) -> int:
         doc = {"environment": _environment(), "rows": [dataclasses.asdict(r) for r in rows],
                "counts": counts(rows), "notes": plan.notes, "skipped": skipped,
                "compile_problems": compile_problems, "elapsed_s": round(elapsed, 2), "exit_code": code}
-        with open(args.json, "w") as f:
-            json.dump(_finite(doc), f, indent=1, default=str, allow_nan=False)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(_finite(doc), f, indent=1, default=str, allow_nan=False)
+        except OSError as exc:
+            raise UsageError(f"--json {args.json}: cannot write the file: {exc.strerror or exc}") from None
     for s in skipped:
         print(f"skipped: {s}")
     print(f"\nchecked in {elapsed:.1f} s")

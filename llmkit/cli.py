@@ -134,7 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from .errors import UnknownBackendError, UsageError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, UnknownBackendError) as exc:
+        # an argument (or LLMKIT_BACKEND) llmkit cannot use: one line, no traceback
+        print(f"llmkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _has_gpu_quick() -> bool:

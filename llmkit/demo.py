@@ -111,6 +111,12 @@ def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("llmkit demo: --device cuda but no CUDA GPU is available")
+    from .errors import UsageError
+    from .models import GPTConfig
+
+    sizes = list(GPTConfig.GPT2_SIZES) if args.model == "gpt2" else list(_BERT_SHAPES)
+    if args.size is not None and args.size not in sizes:
+        raise UsageError(f"--size for {args.model} is one of {', '.join(sizes)}, got {args.size!r}")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     for name in ("batch", "seq_len", "repeats"):
         if getattr(args, name) < 1:
@@ -253,16 +259,18 @@ def _swapped_copy_of(model: torch.nn.Module) -> torch.nn.Module:
 # -- BERT ---------------------------------------------------------------------------------
 
 
+_BERT_SHAPES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
 def _bert(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[_Check], list[str]]:
     import llmkit
     from llmkit.models import BERT, BERTConfig
 
-    shapes = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-              "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}
     size = args.size or "base"
-    if size not in shapes:
-        raise SystemExit(f"llmkit demo: --size for bert is base or large, got {size!r}")
-    shape = dict(shapes[size], **({"num_hidden_layers": args.layers} if args.layers else {}))
+    shape = dict(_BERT_SHAPES[size], **({"num_hidden_layers": args.layers} if args.layers else {}))
     if args.seq_len > 512:
         raise SystemExit("llmkit demo: --seq-len must be <= 512 for BERT")
     cfg = BERTConfig(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -353,7 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m llmkit.demo [options]``."""
     parser = argparse.ArgumentParser(prog="llmkit demo", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .errors import UsageError
+
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as exc:
+        print(f"llmkit demo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

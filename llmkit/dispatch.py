@@ -137,12 +137,19 @@ def _probe_reference(device_type: str) -> str | None:
 
 def _probe_cuda_ext(device_type: str) -> str | None:
     # The extension module (llmkit/_ext.py) owns building and loading; it answers for
-    # itself. Until it is importable the backend is simply not built.
+    # itself. Until it is importable the backend is simply not built. Whatever goes
+    # wrong in there is a reason the backend is unavailable, never an error of the call:
+    # the default order goes on to the next backend, a request by name raises it.
     try:
         from . import _ext
+
+        return _ext.unavailable_reason(device_type)
     except ImportError:
         return "the C++/CUDA extension is not part of this installation"
-    return _ext.unavailable_reason(device_type)
+    except Exception as exc:  # noqa: BLE001 - a broken optional backend must not break llmkit
+        reason = f"the C++/CUDA extension failed: {type(exc).__name__}: {exc}"
+        _log_once(("cuda_ext probe", reason), f"llmkit: {reason}")
+        return reason
 
 
 def _cuda_ext_details() -> dict[str, str]:
@@ -166,11 +173,13 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def check_backend_name(name: str) -> str:
-    """Return ``name`` if it is a known backend, else raise :class:`UnknownBackendError`."""
+def check_backend_name(name: str, source: str | None = None) -> str:
+    """Return ``name`` if it is a known backend, else raise :class:`UnknownBackendError`
+    (its message starts with ``source``, where the name came from, when given)."""
     if name not in BACKENDS:
         raise UnknownBackendError(
-            f"unknown backend {name!r}: llmkit knows {', '.join(BACKEND_NAMES)}"
+            f"{source + ': ' if source else ''}unknown backend {name!r}: llmkit knows "
+            f"{', '.join(BACKEND_NAMES)}"
         )
     return name
 
@@ -193,14 +202,20 @@ class Request:
 def _as_request(value: str | Sequence[str], source: str) -> Request:
     if isinstance(value, str):
         names = tuple(v.strip() for v in value.split(",") if v.strip())
-    else:
+    elif isinstance(value, (list, tuple)):
         names = tuple(value)
+    else:
+        raise TypeError(
+            f"{source}: a backend must be given as a name ({', '.join(map(repr, BACKEND_NAMES))}), "
+            f"a comma-separated string of names or a list of names, got {value!r} "
+            f"({type(value).__name__})"
+        )
     if not names:
         raise UnknownBackendError(f"{source}: empty backend list")
     for n in names:
         if not isinstance(n, str):
-            raise UnknownBackendError(f"{source}: backend names must be strings, got {n!r}")
-        check_backend_name(n)
+            raise TypeError(f"{source}: backend names must be strings, got {n!r} ({type(n).__name__})")
+        check_backend_name(n, source)
     return Request(names, source)
 
 
@@ -231,11 +246,25 @@ def _env_selection() -> dict[str, Request]:
                 raise UnknownBackendError(
                     f"LLMKIT_BACKEND={raw!r}: unknown op {op!r}; ops are {', '.join(sorted(OPS))}"
                 )
-            sel[op] = _as_request(names, f"LLMKIT_BACKEND ({op})")
+            sel[op] = _as_request(names, f"LLMKIT_BACKEND={raw!r} ({op})")
         else:
-            sel["*"] = _as_request(part, "LLMKIT_BACKEND")
+            sel["*"] = _as_request(part, f"LLMKIT_BACKEND={raw!r}")
     _env_cache[raw] = sel
     return sel
+
+
+def env_selection_summary() -> str | None:
+    """What ``LLMKIT_BACKEND`` asks for, in one line for ``llmkit info`` (None when unset);
+    an invalid value gives the error every op call would raise."""
+    raw = os.environ.get("LLMKIT_BACKEND", "").strip()
+    if not raw:
+        return None
+    try:
+        sel = _env_selection()
+    except (UnknownBackendError, TypeError) as exc:
+        return f"LLMKIT_BACKEND={raw!r} is invalid, every llmkit op call raises: {exc}"
+    parts = [f"{'every op' if op == '*' else op}: {', '.join(r.order)}" for op, r in sel.items()]
+    return f"LLMKIT_BACKEND={raw!r} ({'; '.join(parts)})"
 
 
 @contextlib.contextmanager

@@ -20,3 +20,8 @@ class BackendError(LLMKitError):
 
 class UnknownBackendError(LLMKitError, ValueError):
     """A backend name that llmkit does not know."""
+
+
+class UsageError(LLMKitError, ValueError):
+    """A command-line argument llmkit cannot use: the ``llmkit`` command prints the message
+    on one line and exits with status 2 (as argparse does for malformed arguments)."""

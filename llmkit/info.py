@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import __version__
-from .dispatch import backend_info, triton_interpreting
+from .dispatch import backend_info, env_selection_summary, triton_interpreting
 
 
 def _triton_version() -> str:
@@ -43,6 +43,8 @@ def format_info() -> str:
     ]
     if triton_interpreting():
         lines.append("TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter")
+    env = env_selection_summary()
+    lines.append(env if env is not None else "LLMKIT_BACKEND is not set: each call takes the default order")
     lines.append("")
     lines.append("devices:")
     lines += [f"  {d}" for d in devices()]

@@ -41,3 +41,19 @@ def pytest_report_header(config):
         avail = ", ".join(f"{d}: {'yes' if r is None else 'no'}" for d, r in info.available.items())
         lines.append(f"backend {info.name}: {avail}")
     return lines
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """The C++/CUDA extension (``llmkit._ext``), loaded: an existing build in the cache
+    (``llmkit build-ext``, ``$LLMKIT_EXT_CACHE_DIR``), else the CPU part built here once
+    (about 30 s on 2 cores). A failed build fails the tests using it with its first error."""
+    from llmkit import _ext
+
+    reason = _ext.load()
+    if reason is not None:
+        res = _ext.build(verbose=True)
+        assert res.ok, res.summary()
+        reason = _ext.load()
+    assert reason is None, reason
+    return _ext

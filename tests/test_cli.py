@@ -100,3 +100,30 @@ def test_bench_draws_a_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys)
     drawn = err.getvalue()
     assert "\r[" in drawn and "gelu fwd float32" in drawn and "] 2/2 done" in drawn
     assert "gelu fwd float32 (cpu)" in capsys.readouterr().out  # the table goes to stdout
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["check", "--backend", "nope"], ["llmkit check: error:", "--backend", "unknown backend 'nope'"]),
+        (["check", "--quick", "--op", "gelu", "--json", "{unwritable}/x.json"], ["llmkit check: error:", "--json"]),
+        (["demo", "--size", "nope"], ["llmkit demo: error:", "--size for gpt2", "small", "'nope'"]),
+        (["demo", "--model", "bert", "--size", "xl"], ["llmkit demo: error:", "--size for bert", "base", "'xl'"]),
+        (["build-ext", "--cache-dir", "{unwritable}/ext"], ["llmkit build-ext: error:", "cache directory"]),
+        (["build-ext", "--cache-dir", "{a_file}"], ["llmkit build-ext: error:", "is a file, not a directory"]),
+    ],
+)
+def test_argument_errors_are_one_line_with_exit_code_2(tmp_path, argv, words):
+    """No traceback for an argument llmkit cannot use: one line on stderr naming it, exit 2,
+    and before any work (the check writes no rows, the demo builds no model)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    argv = [a.format(unwritable=a_file, a_file=a_file) for a in argv]  # a path under a file: never writable
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("llmkit: the C++/CUDA")]
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert proc.stdout == ""

@@ -32,6 +32,46 @@ def test_int_mm_exists_and_matches_the_exact_fallback(monkeypatch):
     assert torch.equal(C.int_mm(a, b), want)
 
 
+def _int8_layouts(rows: int, cols: int) -> dict[str, torch.Tensor]:
+    """One int8 (rows, cols) matrix in every layout class torch._int_mm's CPU GEMM sees,
+    each holding the same values where it can (the expanded ones repeat a row / column)."""
+    t = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    wide = torch.zeros(rows + 3, 2 * cols + 5, dtype=torch.int8)
+    wide[1 : rows + 1, 2 : 2 * cols + 2 : 2] = t
+    tall = torch.zeros(2 * cols + 1, 3 * rows + 1, dtype=torch.int8)
+    tall[::2][:cols, ::3][:, :rows] = t.t()
+    out = {
+        "row-major": t,
+        "column-major": t.t().contiguous().t(),
+        "padded rows": torch.cat([t, t], 1)[:, :cols],
+        "strided both ways": wide[1 : rows + 1, 2 : 2 * cols + 2 : 2],
+        "strided transposed": tall[::2][:cols, ::3][:, :rows].t(),
+        "expanded rows (stride 0)": t[:1].expand(rows, cols),
+        "expanded columns (stride 0)": t[:, :1].expand(rows, cols),
+        "one value expanded (strides 0, 0)": t[:1, :1].expand(rows, cols),
+    }
+    if rows == 1 or cols == 1:  # a size-1 dimension with stride 1: the transposed weight of Linear(1, N)
+        out["size-1 dim with strides (1, 1)"] = t.contiguous().as_strided((rows, cols), (1, 1))
+    return out
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 1, 64), (1, 1, 7), (64, 1, 64), (3, 8, 1), (17, 33, 1), (1, 8, 5),
+                                   (7, 3, 9), (40, 64, 48)])
+def test_int_mm_is_exact_for_every_layout(m, k, n):
+    """torch._int_mm (oneDNN on AVX512-VNNI CPUs) leaves its output unwritten for stride-0
+    operands and for a (1, N) operand with strides (1, 1); int_mm gives it layouts it reads."""
+    for la, a in _int8_layouts(m, k).items():
+        for lb, b in _int8_layouts(k, n).items():
+            want = (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
+            for _ in range(2):  # unwritten memory differs from call to call
+                got = C.int_mm(a, b)
+                assert torch.equal(got, want), f"a {la} {a.stride()}, b {lb} {b.stride()}"
+            fixed = C.int_mm_operand(b)
+            assert torch.equal(fixed, b)
+            if b.stride() in ((n, 1), (1, k)) or (b.stride()[0] > 1 and b.stride()[1] > 1):
+                assert fixed.data_ptr() == b.data_ptr()  # a layout _int_mm reads: no copy
+
+
 def test_cpu_flash_attention_exists_and_matches_the_math():
     assert C.HAS_CPU_FLASH_ATTENTION, "ATen's CPU flash attention is gone: the reference takes its math path"
     q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.float64).float() for _ in range(3))

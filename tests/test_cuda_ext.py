@@ -1,6 +1,6 @@
 """The C++/CUDA extension (backend ``cuda_ext``) against the float64 reference.
 
-The extension is built once per session (the ``ext`` fixture): an existing build in
+The extension is built once per session (the ``ext`` fixture of conftest.py): an existing build in
 the cache (``llmkit build-ext``, ``$LLMKIT_EXT_CACHE_DIR``) is loaded, else the CPU
 part is compiled (about 30 s on 2 cores). A failed build fails these tests with the
 compiler's first error. On the CPU these run the C++ kernels; on a GPU the same
@@ -36,18 +36,6 @@ gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=gpu_only)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NORM_SHAPES = [(1, 1), (7, 33), (3, 1023), (2, 5, 1500), (0, 16)]
-
-
-@pytest.fixture(scope="session")
-def ext():
-    """The extension, loaded; built here (CPU part, once) if no build exists."""
-    reason = _ext.load()
-    if reason is not None:
-        res = _ext.build(verbose=True)
-        assert res.ok, res.summary()
-        reason = _ext.load()
-    assert reason is None, reason
-    return _ext
 
 
 def _need_cuda_kernels(device: str) -> None:

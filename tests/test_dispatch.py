@@ -389,3 +389,43 @@ def test_named_backend_that_is_unavailable_raises_with_its_reason(monkeypatch):
         with pytest.raises(BackendError, match=r"extension not built \(test\)"):
             llmkit.ops.gelu(x)
     assert torch.equal(llmkit.ops.gelu(x), torch.nn.functional.gelu(x))
+
+
+# -- what a bad selection says ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, words", [(3, ["use_backend", "got 3 (int)", "name"]),
+                                          ([3], ["use_backend", "got 3 (int)", "strings"]),
+                                          ("nope", ["use_backend", "unknown backend 'nope'", "reference"])])
+def test_use_backend_names_what_it_got(value, words):
+    with pytest.raises((TypeError, ValueError)) as info:
+        with use_backend(value):
+            pass
+    for w in words:
+        assert w in str(info.value)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("nope", ["LLMKIT_BACKEND='nope'", "unknown backend 'nope'", "triton, cuda_ext, reference"]),
+    ("gelu=reference;layer_norm=nope", ["LLMKIT_BACKEND='gelu=reference;layer_norm=nope'", "(layer_norm)", "'nope'"]),
+])
+def test_an_invalid_llmkit_backend_is_named_in_errors_and_in_info(monkeypatch, value, words):
+    from llmkit.info import format_info
+
+    monkeypatch.setenv("LLMKIT_BACKEND", value)
+    with pytest.raises(UnknownBackendError) as info:
+        llmkit.ops.layer_norm(torch.randn(2, 3), [3])
+    for w in words:
+        assert w in str(info.value)
+    text = format_info()
+    assert f"LLMKIT_BACKEND={value!r} is invalid" in text and words[1] in text
+
+
+def test_info_shows_a_valid_llmkit_backend(monkeypatch):
+    from llmkit.info import format_info
+
+    monkeypatch.setenv("LLMKIT_BACKEND", "triton,reference;gelu=reference")
+    assert "LLMKIT_BACKEND='triton,reference;gelu=reference' (every op: triton, reference; gelu: reference)" \
+        in format_info()
+    monkeypatch.delenv("LLMKIT_BACKEND")
+    assert "LLMKIT_BACKEND is not set" in format_info()

@@ -8,6 +8,8 @@ needs. The ops call these before dispatch, so no backend ever sees bad input.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -69,23 +71,81 @@ def check_ndim(op: str, name: str, t: torch.Tensor, ndims: Sequence[int]) -> Non
         raise ValueError(f"{op}: {name} must have {want} dimensions, got shape {tuple(t.shape)}")
 
 
+def shape_list(op: str, name: str, value: object) -> list[int]:
+    """An int or a sequence of ints (``list``, ``tuple``, ``torch.Size``; numpy integers and
+    0-d integer tensors count as ints) as a list of ints; floats are refused, not truncated."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, (int, numbers.Integral, torch.Tensor)) and not isinstance(value, bool):
+        items = [value]
+    else:
+        raise TypeError(
+            f"{op}: {name} must be an int or a sequence of ints (e.g. input.shape[-1:]), got "
+            f"{value!r} ({type(value).__name__})"
+        )
+    out = []
+    for v in items:
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(
+                f"{op}: {name} must hold ints, got {value!r} (an entry {v!r} of type {type(v).__name__})"
+            ) from None
+    return out
+
+
+def check_int(op: str, name: str, value: object) -> int:
+    """An integer argument (``int``, a numpy integer or a 0-d integer tensor; not a bool,
+    and not a float, which would be truncated) as an int."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})") from None
+
+
+def check_number(op: str, name: str, value: object) -> float:
+    """A real-number argument (``int``, ``float``, a numpy scalar, or a one-element real
+    tensor) as a float; bools, strings and larger tensors are refused."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex() or value.is_meta:
+            raise TypeError(
+                f"{op}: {name} must be a number, got a {dtype_name(value.dtype)} tensor of shape "
+                f"{list(value.shape)} on {value.device}; pass a Python float"
+            )
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_no_grad(op: str, **tensors: torch.Tensor | None) -> None:
+    """Inference-only ops: no tensor argument may require grad while grad mode is on (they
+    have no backward; autograd would otherwise fail later, at ``backward()``, with a
+    message that does not name the op)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"{op}: {name} requires grad, but {op} has no gradient (an inference-only op); "
+                f"call it under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()"
+            )
+
+
 def normalized_rows(
-    op: str, input: torch.Tensor, normalized_shape: Sequence[int]
+    op: str, input: torch.Tensor, normalized_shape: Sequence[int], input_name: str = "input"
 ) -> tuple[list[int], int, int]:
     """Check ``normalized_shape`` against ``input``; return (shape list, rows M, row length N)."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = [normalized_shape]
-    try:
-        ns = [int(s) for s in normalized_shape]
-    except TypeError:
-        raise TypeError(
-            f"{op}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        ) from None
+    ns = shape_list(op, "normalized_shape", normalized_shape)
     if len(ns) == 0:
         raise ValueError(f"{op}: normalized_shape must name at least one dimension, got []")
     if len(ns) > input.dim() or list(input.shape[input.dim() - len(ns):]) != ns:
         raise ValueError(
-            f"{op}: normalized_shape {ns} must equal the trailing dimensions of input, "
+            f"{op}: normalized_shape {ns} must equal the trailing dimensions of {input_name}, "
             f"whose shape is {list(input.shape)}"
         )
     n = math.prod(ns)
@@ -127,3 +187,71 @@ def check_approximate(op: str, approximate: str) -> None:
     """GELU's ``approximate`` is 'none' or 'tanh' (as in torch.nn.functional.gelu)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+# --------------------------------------------------------------------------------------
+# backward ops: gradients and saved tensors against the forward's input
+# --------------------------------------------------------------------------------------
+
+
+def check_grad(op: str, name: str, grad: object, like: torch.Tensor, like_name: str) -> None:
+    """A gradient argument: a tensor with the shape, dtype and device of ``like``."""
+    check_tensor(op, name, grad)
+    if grad.shape != like.shape:
+        raise ValueError(
+            f"{op}: {name} has shape {list(grad.shape)}; it must equal {like_name}'s shape {list(like.shape)}"
+        )
+    if grad.dtype != like.dtype:
+        raise TypeError(
+            f"{op}: {name} has dtype {dtype_name(grad.dtype)}; it must be {like_name}'s dtype "
+            f"{dtype_name(like.dtype)}"
+        )
+    check_same_device(op, **{like_name: like, name: grad})
+
+
+def check_saved(op: str, name: str, t: object, shape: Sequence[int], dtype: torch.dtype, what: str) -> None:
+    """A tensor the forward saved (statistics, lse): exactly ``shape`` and ``dtype``."""
+    check_tensor(op, name, t)
+    if list(t.shape) != list(shape):
+        raise ValueError(f"{op}: {name} has shape {list(t.shape)}; it must be {list(shape)} ({what})")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} has dtype {dtype_name(t.dtype)}; it must be {dtype_name(dtype)} ({what})")
+
+
+def check_output_mask(op: str, output_mask: object, n: int) -> None:
+    """``output_mask``: ``n`` bools, one per gradient the backward may compute."""
+    if not isinstance(output_mask, (list, tuple)) or len(output_mask) != n:
+        raise ValueError(f"{op}: output_mask must be {n} bools (one per gradient), got {output_mask!r}")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of a norm's saved statistics for an input dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_norm_backward(
+    op: str,
+    input_name: str,
+    input: object,
+    normalized_shape: Sequence[int],
+    grads: dict[str, object],
+    params: dict[str, torch.Tensor | None],
+    stats: dict[str, object],
+    output_mask: object,
+) -> list[int]:
+    """Every tensor of a norm backward op against the forward's ``input``: gradients with its
+    shape and dtype, weight / bias of shape ``normalized_shape``, statistics of its leading
+    shape in :func:`stats_dtype`, all on one device. Returns ``normalized_shape`` as a list."""
+    check_tensor(op, input_name, input)
+    check_floating(op, input_name, input)
+    ns, _, _ = normalized_rows(op, input, normalized_shape, input_name)
+    for name, g in grads.items():
+        check_grad(op, name, g, input, input_name)
+    for name, p in params.items():
+        check_affine(op, name, p, ns, input)
+    lead = list(input.shape[: input.dim() - len(ns)])
+    for name, t in stats.items():
+        check_saved(op, name, t, lead, stats_dtype(input.dtype), f"one per row of {input_name}")
+    check_same_device(op, **{input_name: input}, **grads, **params, **stats)
+    check_output_mask(op, output_mask, 1 + len(params))
+    return ns

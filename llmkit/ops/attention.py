@@ -163,6 +163,30 @@ def check_sdpa_args(
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
 
 
+def check_sdpa_backward_args(
+    op: str,
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    enable_gqa: bool,
+) -> None:
+    """The forward's checks, then ``grad_out`` and ``out`` ``(B, Hq, Sq, Dv)`` in the query's
+    dtype and ``lse`` ``(B, Hq, Sq)`` in float32 (float64 for float64), on the query's device."""
+    check_sdpa_args(op, query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    b, hq, sq, _ = query.shape
+    out_shape = [b, hq, sq, value.shape[-1]]
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        V.check_saved(op, name, t, out_shape, query.dtype, "(B, Hq, Sq, Dv) in the query's dtype")
+    V.check_saved(op, "lse", lse, [b, hq, sq], _cdt(query.dtype), "(B, Hq, Sq), the forward's log-sum-exp")
+    V.check_same_device(op, query=query, grad_out=grad_out, out=out, lse=lse)
+
+
 # --------------------------------------------------------------------------------------
 # reference backend
 # --------------------------------------------------------------------------------------
@@ -548,6 +572,9 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, see
     )
 
 
+_BWD = "scaled_dot_product_attention_backward"
+
+
 @torch.library.custom_op("llmkit::scaled_dot_product_attention_backward", mutates_args=())
 def _sdpa_backward_op(
     grad_out: Tensor,
@@ -565,6 +592,7 @@ def _sdpa_backward_op(
     offset: int,
     mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_sdpa_backward_args(_BWD, grad_out, query, key, value, out, lse, attn_mask, dropout_p, scale, enable_gqa)
     return sdpa_backward(
         grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
         enable_gqa, seed, offset, mask_grad,
@@ -573,6 +601,7 @@ def _sdpa_backward_op(
 
 @_sdpa_backward_op.register_fake
 def _(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset, mask_grad):
+    check_sdpa_backward_args(_BWD, grad_out, query, key, value, out, lse, attn_mask, dropout_p, scale, enable_gqa)
     if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
         dmask = attn_mask.new_empty(attn_mask.shape)
     else:
@@ -623,9 +652,17 @@ torch.library.register_autograd(
 
 
 def check_decode_args(
-    op: str, query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor, scale: float
+    op: str,
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    values: bool = True,
 ) -> None:
-    """query (B, Hq, T, D) with T new tokens; caches (B, Hkv, S_max, D[v]); lengths (B,)."""
+    """query (B, Hq, T, D) with T new tokens; caches (B, Hkv, S_max, D[v]); lengths (B,)
+    int32 / int64, all on one device. ``values``: also read CPU lengths to check their
+    range (not for fake tensors, whose values do not exist)."""
     check_qkv(op, query, key_cache, value_cache, enable_gqa=True)
     V.check_tensor(op, "cache_seqlens", cache_seqlens)
     V.check_dtype(op, "cache_seqlens", cache_seqlens, (torch.int32, torch.int64))
@@ -637,7 +674,8 @@ def check_decode_args(
     V.check_same_device(op, query=query, cache_seqlens=cache_seqlens)
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
-    check_seqlens_range(op, cache_seqlens, key_cache.shape[2])
+    if values:
+        check_seqlens_range(op, cache_seqlens, key_cache.shape[2])
 
 
 def check_seqlens_range(op: str, cache_seqlens: Tensor, s_max: int) -> None:
@@ -736,7 +774,9 @@ def _decode_op(
 
 @_decode_op.register_fake
 def _(query, key_cache, value_cache, cache_seqlens, scale, is_causal):
-    check_qkv("decode_attention", query, key_cache, value_cache, enable_gqa=True)
+    # every check but the lengths' values: this also runs for real tensors when one of
+    # them is on the meta device (the dispatcher then picks this kernel)
+    check_decode_args("decode_attention", query, key_cache, value_cache, cache_seqlens, scale, values=False)
     b, hq, t, _ = query.shape
     return query.new_empty((b, hq, t, value_cache.shape[-1]))
 
@@ -794,8 +834,12 @@ def scaled_dot_product_attention(
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    elif type(scale) is not float:
+        scale = V.check_number(op, "scale", scale)
+    if type(dropout_p) is not float:
+        dropout_p = V.check_number(op, "dropout_p", dropout_p)
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    args = (float(dropout_p), bool(is_causal), float(scale), bool(enable_gqa), seed, 0)
+    args = (dropout_p, bool(is_causal), scale, bool(enable_gqa), seed, 0)
     if FP.eager_ok(query, key, value, optional=(attn_mask,)):
         sig = (query.shape, query.dtype, key.shape, key.dtype, value.shape, value.dtype,
                FP.signature(attn_mask), args[0], args[2], args[3])
@@ -829,17 +873,21 @@ def decode_attention(
 
     Returns:
         ``(B, Hq, T, Dv)`` in the query's dtype; rows with no visible key are zeros.
-        Inference only (no autograd).
+        Inference only: with grad mode on, a ``query`` / cache that requires grad is refused
+        at the call (use ``torch.no_grad()`` / ``torch.inference_mode()``).
     """
+    op = "decode_attention"
     if scale is None:
-        V.check_tensor("decode_attention", "query", query)
+        V.check_tensor(op, "query", query)
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.dim() and query.shape[-1] > 0 else 1.0
-    scale, is_causal = float(scale), bool(is_causal)
+    elif type(scale) is not float:
+        scale = V.check_number(op, "scale", scale)
+    is_causal = bool(is_causal)
     if FP.eager_ok(query, key_cache, value_cache, cache_seqlens):
-        op = "decode_attention"
         sig = (query.shape, query.dtype, key_cache.shape, key_cache.dtype, value_cache.shape,
                value_cache.dtype, cache_seqlens.shape, cache_seqlens.dtype, scale)
         if _VALIDATED.check(sig, lambda: check_decode_args(op, query, key_cache, value_cache, cache_seqlens, scale)):
             check_seqlens_range(op, cache_seqlens, key_cache.shape[2])  # the lengths' values: every call
         return decode_forward(query, key_cache, value_cache, cache_seqlens, scale, is_causal)
+    V.check_no_grad(op, query=query, key_cache=key_cache, value_cache=value_cache)
     return torch.ops.llmkit.decode_attention(query, key_cache, value_cache, cache_seqlens, scale, is_causal)

@@ -62,6 +62,17 @@ def _check_bias(op: str, input: Tensor, bias: Tensor) -> None:
     V.check_same_device(op, input=input, bias=bias)
 
 
+def _check_gelu_backward(grad_out: Tensor, input: Tensor, approximate: str) -> None:
+    _check_gelu("gelu_backward", input, approximate)
+    V.check_grad("gelu_backward", "grad_out", grad_out, input, "input")
+
+
+def _check_bias_gelu_backward(grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str) -> None:
+    _check_gelu("bias_gelu_backward", input, approximate)
+    _check_bias("bias_gelu_backward", input, bias)
+    V.check_grad("bias_gelu_backward", "grad_out", grad_out, input, "input")
+
+
 # --------------------------------------------------------------------------------------
 # reference backend
 # --------------------------------------------------------------------------------------
@@ -198,11 +209,13 @@ def _(input, approximate):
 
 @torch.library.custom_op("llmkit::gelu_backward", mutates_args=())
 def _gelu_backward_op(grad_out: Tensor, input: Tensor, approximate: str) -> Tensor:
+    _check_gelu_backward(grad_out, input, approximate)
     return gelu_backward(grad_out, input, approximate)
 
 
 @_gelu_backward_op.register_fake
 def _(grad_out, input, approximate):
+    _check_gelu_backward(grad_out, input, approximate)
     return input.new_empty(input.shape)
 
 
@@ -238,11 +251,13 @@ def _(input, bias, approximate):
 def _bias_gelu_backward_op(
     grad_out: Tensor, input: Tensor, bias: Tensor, approximate: str
 ) -> tuple[Tensor, Tensor]:
+    _check_bias_gelu_backward(grad_out, input, bias, approximate)
     return bias_gelu_backward(grad_out, input, bias, approximate)
 
 
 @_bias_gelu_backward_op.register_fake
 def _(grad_out, input, bias, approximate):
+    _check_bias_gelu_backward(grad_out, input, bias, approximate)
     return input.new_empty(input.shape), bias.new_empty(bias.shape)
 
 

@@ -62,11 +62,11 @@ _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --------------------------------------------------------------------------------------
 
 
-def _norm_dim(op: str, x: Tensor, dim: int) -> int:
+def _norm_dim(op: str, x: Tensor, dim: int, name: str = "x") -> int:
     if x.dim() == 0:
-        raise ValueError(f"{op}: x must have at least 1 dimension, got a 0-d tensor")
+        raise ValueError(f"{op}: {name} must have at least 1 dimension, got a 0-d tensor")
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"{op}: dim {dim} is out of range for x of shape {list(x.shape)}")
+        raise ValueError(f"{op}: dim {dim} is out of range for {name} of shape {list(x.shape)}")
     return dim % x.dim()
 
 
@@ -75,6 +75,25 @@ def check_quantize_args(op: str, x: Tensor, dim: int) -> int:
     V.check_tensor(op, "x", x)
     V.check_floating(op, "x", x)
     return _norm_dim(op, x, dim)
+
+
+def check_dequantize_args(op: str, q: Tensor, scale: Tensor, dim: int, dtype: torch.dtype) -> int:
+    """q int8 of any shape; scale floating with q's shape minus ``dim``, on q's device;
+    ``dtype`` a floating dtype. Returns dim made non-negative."""
+    check_int8(op, "q", q)
+    d = _norm_dim(op, q, dim, "q")
+    V.check_tensor(op, "scale", scale)
+    V.check_floating(op, "scale", scale)
+    want = list(q.shape[:d]) + list(q.shape[d + 1 :])
+    if list(scale.shape) != want:
+        raise ValueError(
+            f"{op}: scale has shape {list(scale.shape)}; it must be {want}, q's shape {list(q.shape)} "
+            f"without dim {d} (one scale per row, as quantize_int8 returns it)"
+        )
+    V.check_same_device(op, q=q, scale=scale)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype!r}")
+    return d
 
 
 def check_int8(op: str, name: str, t: Tensor) -> None:
@@ -519,14 +538,22 @@ def quantize_int8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     Returns:
         ``(q, scale)``: ``q`` int8 with ``x``'s shape, ``scale`` float32 with ``x``'s
         shape minus ``dim``, such that ``x ~= q * scale.unsqueeze(dim)``.
+
+    Inference only: with grad mode on, an ``x`` that requires grad is refused at the call.
     """
-    return torch.ops.llmkit.quantize_int8(x, int(dim))
+    dim = dim if type(dim) is int else V.check_int("quantize_int8", "dim", dim)
+    V.check_no_grad("quantize_int8", x=x)
+    return torch.ops.llmkit.quantize_int8(x, dim)
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dim: int = -1, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Inverse of :func:`quantize_int8`: ``q * scale.unsqueeze(dim)`` in ``dtype``."""
-    check_int8("dequantize_int8", "q", q)
-    d = _norm_dim("dequantize_int8", q, dim)
+    """Inverse of :func:`quantize_int8`: ``q * scale.unsqueeze(dim)`` in ``dtype``.
+
+    ``q`` int8 of any shape; ``scale`` floating, ``q``'s shape without ``dim`` (as
+    :func:`quantize_int8` returns it), on ``q``'s device; the product in float32.
+    """
+    dim = dim if type(dim) is int else V.check_int("dequantize_int8", "dim", dim)
+    d = check_dequantize_args("dequantize_int8", q, scale, dim, dtype)
     return (q.to(torch.float32) * scale.to(torch.float32).unsqueeze(d)).to(dtype)
 
 
@@ -543,8 +570,10 @@ def int8_matmul(
     Without scales returns the exact int32 product. With ``a_scale`` (per row of ``a``
     or one value) and ``b_scale`` (per column of ``b`` or one value), float32, returns
     ``acc * a_scale * b_scale + bias`` in ``out_dtype`` (float16 / bfloat16 / float32,
-    default float32), the scaling fused into the GEMM's epilogue.
+    default float32), the scaling fused into the GEMM's epilogue. Inference only: with grad
+    mode on, a scale or bias that requires grad is refused at the call.
     """
+    V.check_no_grad("int8_matmul", a_scale=a_scale, b_scale=b_scale, bias=bias)
     return torch.ops.llmkit.int8_matmul(a, b, a_scale, b_scale, bias, out_dtype)
 
 
@@ -567,6 +596,8 @@ def int8_linear(
         activation: ``"none"``, ``"gelu"`` or ``"gelu_tanh"``, fused in the epilogue.
 
     Returns:
-        ``(*, N)`` in the input dtype.
+        ``(*, N)`` in the input dtype. Inference only: with grad mode on, an ``input``,
+        ``weight_scale`` or ``bias`` that requires grad is refused at the call.
     """
+    V.check_no_grad("int8_linear", input=input, weight_scale=weight_scale, bias=bias)
     return torch.ops.llmkit.int8_linear(input, weight, weight_scale, bias, mode, activation)

@@ -47,9 +47,7 @@ add_layer_norm_forward = DispatchPoint("add_layer_norm", "forward")
 add_layer_norm_backward = DispatchPoint("add_layer_norm", "backward")
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the saved statistics for an input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+stats_dtype = V.stats_dtype
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -93,6 +91,29 @@ def _check_norm(
     V.check_same_device(op, input=input, weight=weight, bias=bias)
     V.check_eps(op, eps)
     return ns
+
+
+def _check_ln_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask) -> list[int]:
+    return V.check_norm_backward(
+        "layer_norm_backward", "input", input, normalized_shape, {"grad_out": grad_out},
+        {"weight": weight, "bias": bias}, {"mean": mean, "rstd": rstd}, output_mask,
+    )
+
+
+def _check_rms_backward(grad_out, input, normalized_shape, weight, rstd, output_mask) -> list[int]:
+    return V.check_norm_backward(
+        "rms_norm_backward", "input", input, normalized_shape, {"grad_out": grad_out},
+        {"weight": weight}, {"rstd": rstd}, output_mask,
+    )
+
+
+def _check_aln_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
+                        output_mask) -> list[int]:
+    return V.check_norm_backward(
+        "add_layer_norm_backward", "residual_out", residual_out, normalized_shape,
+        {"grad_out": grad_out, "grad_residual_out": grad_residual_out},
+        {"weight": weight, "bias": bias}, {"mean": mean, "rstd": rstd}, output_mask,
+    )
 
 
 def _check_residual(op: str, input: Tensor, residual: Tensor) -> None:
@@ -497,11 +518,13 @@ def _layer_norm_backward_op(
     rstd: Tensor,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return layer_norm_backward(grad_out, input, list(normalized_shape), weight, bias, mean, rstd, list(output_mask))
+    ns = _check_ln_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask)
+    return layer_norm_backward(grad_out, input, ns, weight, bias, mean, rstd, list(output_mask))
 
 
 @_layer_norm_backward_op.register_fake
 def _(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask):
+    _check_ln_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask)
     return (
         input.new_empty(input.shape),
         _empty_param_grad(weight, input),
@@ -559,11 +582,13 @@ def _rms_norm_backward_op(
     rstd: Tensor,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor]:
-    return rms_norm_backward(grad_out, input, list(normalized_shape), weight, rstd, list(output_mask))
+    ns = _check_rms_backward(grad_out, input, normalized_shape, weight, rstd, output_mask)
+    return rms_norm_backward(grad_out, input, ns, weight, rstd, list(output_mask))
 
 
 @_rms_norm_backward_op.register_fake
 def _(grad_out, input, normalized_shape, weight, rstd, output_mask):
+    _check_rms_backward(grad_out, input, normalized_shape, weight, rstd, output_mask)
     return input.new_empty(input.shape), _empty_param_grad(weight, input)
 
 
@@ -627,14 +652,17 @@ def _add_layer_norm_backward_op(
     rstd: Tensor,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    ns = _check_aln_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
+                             output_mask)
     return add_layer_norm_backward(
-        grad_out, grad_residual_out, residual_out, list(normalized_shape), weight, bias,
-        mean, rstd, list(output_mask),
+        grad_out, grad_residual_out, residual_out, ns, weight, bias, mean, rstd, list(output_mask),
     )
 
 
 @_add_layer_norm_backward_op.register_fake
 def _(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd, output_mask):
+    _check_aln_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
+                        output_mask)
     return (
         residual_out.new_empty(residual_out.shape),
         _empty_param_grad(weight, residual_out),
@@ -693,21 +721,21 @@ def _eager_key(
     bias: Tensor | None,
     eps: object,
     residual: Tensor | None = None,
-) -> tuple | None:
-    """The validation signature of a norm call; None when it has no exact one (then the
-    custom op validates the call): shape entries and eps must be plain ints / floats."""
-    if not all(type(n) is int for n in ns) or type(eps) not in (float, int):
-        return None
+) -> tuple:
+    """The validation signature of a norm call (``ns`` a list of ints, ``eps`` a float: the
+    functionals make them so first)."""
     return (op, input.shape, input.dtype, tuple(ns), FP.signature(weight), FP.signature(bias),
-            FP.signature(residual), type(eps), eps)
+            FP.signature(residual), eps)
 
 
-def _shape_list(normalized_shape: int | Sequence[int]) -> list[int]:
-    if isinstance(normalized_shape, int):
+def _shape_list(op: str, normalized_shape: int | Sequence[int]) -> list[int]:
+    """``normalized_shape`` as a list of ints; anything else gets a clear error here, before
+    the custom op's schema would refuse it in its own words."""
+    if type(normalized_shape) is int:
         return [normalized_shape]
-    if isinstance(normalized_shape, torch.Size):
+    if type(normalized_shape) in (list, tuple, torch.Size) and all(type(n) is int for n in normalized_shape):
         return list(normalized_shape)
-    return list(normalized_shape)
+    return V.shape_list(op, "normalized_shape", normalized_shape)
 
 
 def layer_norm(
@@ -730,12 +758,13 @@ def layer_norm(
         ``(*, *normalized_shape)`` in the input's dtype. Statistics are computed in
         float32 (float64 for float64 input). Differentiable in input, weight, bias.
     """
-    ns = _shape_list(normalized_shape)
+    ns = _shape_list("layer_norm", normalized_shape)
+    if type(eps) is not float:
+        eps = V.check_number("layer_norm", "eps", eps)
     if FP.eager_ok(input, optional=(weight, bias)):
         key = _eager_key("layer_norm", input, ns, weight, bias, eps)
-        if key is not None:
-            _VALIDATED.check(key, lambda: _check_norm("layer_norm", input, ns, weight, bias, eps))
-            return layer_norm_forward(input, ns, weight, bias, eps)[0]
+        _VALIDATED.check(key, lambda: _check_norm("layer_norm", input, ns, weight, bias, eps))
+        return layer_norm_forward(input, ns, weight, bias, eps)[0]
     out, _, _ = torch.ops.llmkit.layer_norm(input, ns, weight, bias, eps)
     return out
 
@@ -755,13 +784,13 @@ def rms_norm(
     if eps is None:
         V.check_tensor("rms_norm", "input", input)
         eps = torch.finfo(input.dtype).eps if input.dtype.is_floating_point else 0.0
-    ns = _shape_list(normalized_shape)
-    eps = float(eps)
+    ns = _shape_list("rms_norm", normalized_shape)
+    if type(eps) is not float:
+        eps = V.check_number("rms_norm", "eps", eps)
     if FP.eager_ok(input, optional=(weight,)):
         key = _eager_key("rms_norm", input, ns, weight, None, eps)
-        if key is not None:
-            _VALIDATED.check(key, lambda: _check_norm("rms_norm", input, ns, weight, None, eps))
-            return rms_norm_forward(input, ns, weight, eps)[0]
+        _VALIDATED.check(key, lambda: _check_norm("rms_norm", input, ns, weight, None, eps))
+        return rms_norm_forward(input, ns, weight, eps)[0]
     out, _ = torch.ops.llmkit.rms_norm(input, ns, weight, eps)
     return out
 
@@ -785,13 +814,14 @@ def add_layer_norm(
         float32 and rounded to the input dtype) and ``out = layer_norm(residual_out)``.
         One read of each input and one write of each output when fused.
     """
-    ns = _shape_list(normalized_shape)
+    ns = _shape_list("add_layer_norm", normalized_shape)
+    if type(eps) is not float:
+        eps = V.check_number("add_layer_norm", "eps", eps)
     if FP.eager_ok(input, residual, optional=(weight, bias)):
         key = _eager_key("add_layer_norm", input, ns, weight, bias, eps, residual)
-        if key is not None:
-            _VALIDATED.check(key, lambda: (_check_norm("add_layer_norm", input, ns, weight, bias, eps),
-                                           _check_residual("add_layer_norm", input, residual)))
-            out, residual_out, _, _ = add_layer_norm_forward(input, residual, ns, weight, bias, eps)
-            return out, residual_out
+        _VALIDATED.check(key, lambda: (_check_norm("add_layer_norm", input, ns, weight, bias, eps),
+                                       _check_residual("add_layer_norm", input, residual)))
+        out, residual_out, _, _ = add_layer_norm_forward(input, residual, ns, weight, bias, eps)
+        return out, residual_out
     out, residual_out, _, _ = torch.ops.llmkit.add_layer_norm(input, residual, ns, weight, bias, eps)
     return out, residual_out
