@@ -225,13 +225,20 @@ def register_dtensor_strategy(
             return tuple(as_spec(a) for a in arg.children)
         return arg
 
+    n_out, n_in = len(op._schema.returns), len(op._schema.arguments)
+
     def strategy(op_schema: Any) -> Any:
         args = tuple(as_spec(a) for a in op_schema.args_schema)
         kwargs = {k: as_spec(v) for k, v in op_schema.kwargs_schema.items()}
-        single = [list(out) + list(inp) for out, inp in placements(*args, **kwargs)]
+        single = []
+        for out, inp in placements(*args, **kwargs):
+            if len(out) != n_out or len(inp) != n_in:  # a rule's bug: say so, do not mis-pair placements
+                raise ValueError(f"{op}: a sharding rule gave {len(out)} output and {len(inp)} input "
+                                 f"placements; the op has {n_out} outputs and {n_in} arguments")
+            single.append(list(out) + list(inp))
         return expand_to_full_mesh_op_strategy(
             op_schema.get_mesh_from_args(), op_schema, single,
-            input_index=len(op._schema.returns), is_valid_strategy_cb=is_valid,
+            input_index=n_out, is_valid_strategy_cb=is_valid,
         )
 
     DTensor._op_dispatcher.sharding_propagator.register_op_strategy(
