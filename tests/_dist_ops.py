@@ -159,6 +159,26 @@ def check_norms(mesh) -> None:
                  (x4,), (S(2),), Rep, label="layer_norm 2-D normalized shape, dim 2 sharded")
 
 
+def check_triton_backend_on_shards(mesh) -> None:
+    """The rules are backend-free: each rank runs the same op, whichever backend takes it (the
+    Triton kernels here, through the interpreter)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    import llmkit
+
+    S, Rep, _ = _placements()
+    with llmkit.use_backend("triton"):
+        x, w, b = torch.randn(3, 5, 16), torch.randn(16), torch.randn(16)
+        run_case(mesh, lambda x, w, b: ops.layer_norm(x, [16], w, b),
+                 lambda x, w, b: R64.layer_norm(x, [16], w, b, 1e-5),
+                 (x, w, b), (S(1), Rep, Rep), S(1), label="triton layer_norm")
+        fn, ref = _sdpa(True, True)
+        q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+        run_case(mesh, fn, ref, (q, k, v), (S(1),) * 3, S(1), label="triton attention")
+
+
 def check_strategy_cache_keys_on_values(mesh) -> None:
     """DTensor caches a strategy per call signature: the same input placements with another
     normalized_shape, dropout_p or activation must get their own strategy, not the cached one."""
@@ -389,6 +409,7 @@ def check_2d_mesh(mesh) -> None:
 
 CHECKS = {
     "ops_norms": check_norms,
+    "ops_triton_backend_on_shards": check_triton_backend_on_shards,
     "ops_strategy_cache_keys_on_values": check_strategy_cache_keys_on_values,
     "ops_gelu": check_gelu,
     "ops_attention": check_attention,
