@@ -12,10 +12,14 @@ from . import nn, models
 from .swap import swap, unswap
 from .quantize import quantize, calibrate
 from .integrations import hf as _hf
+from . import distributed as _distributed
 
 # Registers attn_implementation="llmkit" with transformers when transformers loads
 # (at once if it already has); never imports transformers itself. See llmkit.integrations.hf.
 _hf.install()
+# Registers the ops' DTensor sharding strategies when torch.distributed.tensor loads (at once
+# if it already has); never imports it itself. See llmkit.distributed.
+_distributed.install()
 
 __all__ = [
     "__version__",

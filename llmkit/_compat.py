@@ -9,7 +9,9 @@ torch
     ``torch._int_mm`` (int8 GEMM, int32 accumulation), ATen's CPU flash attention
     (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward),
     ``aten._fused_rms_norm``, oneDNN's ``mkldnn._linear_pointwise``, the dispatcher's
-    mode stacks (``torch._C``), ``torch._C._dispatch_has_kernel_for_dispatch_key``.
+    mode stacks (``torch._C``), ``torch._C._dispatch_has_kernel_for_dispatch_key``,
+    DTensor's op-strategy registry (``DTensor._op_dispatcher.sharding_propagator``,
+    ``RuntimeSchemaInfo``, ``expand_to_full_mesh_op_strategy``).
 Triton
     a fix for the interpreter of Triton < 3.7 under numpy >= 1.25
     (``triton.runtime.interpreter._patch_lang_tensor``).
@@ -181,6 +183,107 @@ def dispatch_has_kernel(op: str, dispatch_key: str) -> bool:
         return bool(probe(op, dispatch_key))
     except RuntimeError:  # the op is not registered at all
         return False
+
+
+# --------------------------------------------------------------------------------------
+# torch.distributed.tensor (DTensor): sharding strategies of custom ops
+# --------------------------------------------------------------------------------------
+
+PlacementLists = list[tuple[list[Any], list[Any]]]
+"""``[(output placements, input placements), ...]``: the strategies of one op for one mesh dimension."""
+
+
+def dtensor_strategy_api() -> str | None:
+    """None when DTensor's op-strategy registry can take llmkit's strategies, else why not.
+
+    Imports ``torch.distributed.tensor`` (about a second): call it only where DTensor is used.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "this torch build has no torch.distributed"
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._op_schema import OpStrategy, RuntimeSchemaInfo, TupleStrategy  # noqa: F401
+        from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
+    except ImportError as exc:
+        return f"torch.distributed.tensor lacks the op-strategy API ({exc})"
+    propagator = getattr(getattr(DTensor, "_op_dispatcher", None), "sharding_propagator", None)
+    if not callable(getattr(propagator, "register_op_strategy", None)):
+        return "DTensor's sharding propagator has no register_op_strategy"
+    params = inspect.signature(expand_to_full_mesh_op_strategy).parameters
+    missing = {"input_index", "is_valid_strategy_cb"} - set(params)
+    if missing:
+        return f"expand_to_full_mesh_op_strategy lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def register_dtensor_strategy(
+    op: Any,
+    placements: Callable[..., PlacementLists],
+    is_valid: Callable[[list[Any], Any], bool] | None = None,
+) -> None:
+    """Give the custom op ``op`` (an OpOverload) a DTensor sharding strategy.
+
+    ``placements(*args, **kwargs)`` is called with the op's arguments, each DTensor
+    replaced by its ``DTensorSpec`` (``.shape``, ``.ndim``, ``.placements``, ``.mesh``), and
+    returns ``[(output placements, input placements), ...]`` for one mesh dimension, one
+    entry per output and per argument (None for non-tensor and absent arguments); DTensor
+    expands them to every mesh dimension, drops the combinations ``is_valid(input_specs,
+    output_specs)`` refuses and redistributes the inputs to the cheapest one left.
+
+    DTensor caches a strategy per call signature, and leaves out of that key every
+    non-tensor argument before the op's ``static_argnum``;
+    ``torch.distributed.tensor.experimental.register_sharding`` puts it at the first ``int``
+    argument, so a strategy cached for one ``normalized_shape``, ``dropout_p`` or
+    ``activation`` would be reused for another. Here it is the first argument that is not
+    a tensor: every value the rules read is in the key.
+
+    Callers check :func:`dtensor_strategy_api` first; there is no fallback (without the
+    registry DTensor refuses the op with its own "no sharding strategy" error).
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._op_schema import OpStrategy, RuntimeSchemaInfo, TupleStrategy
+    from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
+
+    def as_spec(arg: Any) -> Any:
+        if isinstance(arg, OpStrategy):
+            return arg.strategies[0].output_spec
+        if isinstance(arg, TupleStrategy):
+            return tuple(as_spec(a) for a in arg.children)
+        return arg
+
+    n_out, n_in = len(op._schema.returns), len(op._schema.arguments)
+
+    def strategy(op_schema: Any) -> Any:
+        args = tuple(as_spec(a) for a in op_schema.args_schema)
+        kwargs = {k: as_spec(v) for k, v in op_schema.kwargs_schema.items()}
+        single = []
+        for out, inp in placements(*args, **kwargs):
+            if len(out) != n_out or len(inp) != n_in:  # a rule's bug: say so, do not mis-pair placements
+                raise ValueError(f"{op}: a sharding rule gave {len(out)} output and {len(inp)} input "
+                                 f"placements; the op has {n_out} outputs and {n_in} arguments")
+            single.append(list(out) + list(inp))
+        return expand_to_full_mesh_op_strategy(
+            op_schema.get_mesh_from_args(), op_schema, single,
+            input_index=n_out, is_valid_strategy_cb=is_valid,
+        )
+
+    DTensor._op_dispatcher.sharding_propagator.register_op_strategy(
+        op, strategy, RuntimeSchemaInfo(static_argnum=first_value_arg(op), needs_pytree=True)
+    )
+
+
+def first_value_arg(op: Any) -> int:
+    """Index of the first argument of ``op`` (an OpOverload) that is not a tensor or an
+    optional tensor; the number of arguments when all are."""
+    for i, arg in enumerate(op._schema.arguments):
+        t = arg.type
+        if isinstance(t, torch.OptionalType):
+            t = t.getElementType()
+        if not isinstance(t, torch.TensorType):
+            return i
+    return len(op._schema.arguments)
 
 
 # --------------------------------------------------------------------------------------

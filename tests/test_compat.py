@@ -7,6 +7,7 @@ fallback computes the same.
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -151,6 +152,78 @@ def test_dispatch_has_kernel():
 
 
 # -- Triton ---------------------------------------------------------------------------------
+
+
+def test_dtensor_strategy_api_exists():
+    pytest.importorskip("torch.distributed")
+    assert C.dtensor_strategy_api() is None, (
+        f"DTensor's op-strategy registry changed ({C.dtensor_strategy_api()}): llmkit's ops lose their "
+        "sharding strategies"
+    )
+
+
+def test_first_value_arg_skips_tensors_and_optional_tensors():
+    import llmkit  # noqa: F401  (defines the ops)
+
+    ops = torch.ops.llmkit
+    assert C.first_value_arg(ops.layer_norm.default) == 1  # (input, normalized_shape, ...)
+    assert C.first_value_arg(ops.layer_norm_backward.default) == 2
+    assert C.first_value_arg(ops.scaled_dot_product_attention.default) == 4  # after attn_mask
+    assert C.first_value_arg(ops.int8_linear.default) == 4  # after the optional bias
+
+
+DTENSOR_CACHE_PROBE = """
+    import torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from llmkit import _compat as C
+
+    @torch.library.custom_op("llmkit_probe::rows", mutates_args=())
+    def rows(x: torch.Tensor, tag: str, k: int) -> torch.Tensor:
+        return x * k
+
+    @rows.register_fake
+    def _(x, tag, k):
+        return torch.empty_like(x)
+
+    seen = []
+
+    def placements(x, tag, k):
+        seen.append((tag, k))
+        return [([Replicate()], [Replicate(), None, None]), ([Shard(0)], [Shard(0), None, None])]
+
+    refused = []
+
+    def is_valid(inputs, output):
+        refused.append(output.placements)
+        return output.placements != (Shard(0),)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    C.register_dtensor_strategy(torch.ops.llmkit_probe.rows.default, placements, is_valid)
+    mesh = init_device_mesh("cpu", (1,))
+    x = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+    outs = [rows(x, "a", 2), rows(x, "a", 2), rows(x, "b", 2), rows(x, "a", 3)]
+    print(seen)
+    print([str(tuple(o.placements)) for o in outs])
+    print((Shard(0),) in refused)
+    dist.destroy_process_group()
+"""
+
+
+def test_registered_dtensor_strategy_is_keyed_on_every_value_and_filtered():
+    """DTensor caches a strategy per call signature; with llmkit's registration a string or
+    int argument changes the key (register_sharding would reuse the strategy of "a" for "b"),
+    and ``is_valid`` removes combinations."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(DTENSOR_CACHE_PROBE)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen, placements, refused = (ast.literal_eval(line) for line in res.stdout.split("\n")[:3])
+    assert seen == [("a", 2), ("b", 2), ("a", 3)], seen  # a new value: a new strategy
+    assert placements == ["(Replicate(),)"] * 4, placements  # Shard(0) was refused
+    assert refused
 
 
 def test_triton_interpreting_follows_the_environment():

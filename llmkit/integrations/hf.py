@@ -16,9 +16,9 @@ must work whichever of the two is imported first. So :func:`install` (called by
 
 * the attention is registered in ``transformers.modeling_utils`` and the mask in
   ``transformers.masking_utils``, each as soon as that module exists: at once when it
-  is already imported, otherwise from a small ``sys.meta_path`` finder that wraps the
-  module's loader and registers right after the module has executed (the finder
-  imports nothing and removes itself when both are done);
+  is already imported, otherwise right after the module has executed
+  (:func:`llmkit._import_hook.after_import`: a ``sys.meta_path`` finder that imports
+  nothing and removes itself when nothing is pending);
 * :func:`ensure_registered`, called by ``llmkit.swap`` and ``from_hf``, imports the two
   modules and registers; it is idempotent.
 
@@ -36,11 +36,9 @@ the mixin, so swapped models pickle and deep-copy); or it says why a module is l
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
+import functools
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +48,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._compat import attn_implementation, cache_kwarg, pop_cache
+from .._import_hook import after_import
 from ..nn import GELU, RMSNorm
 from ..nn import _fused
 from ..nn._fused import _hooked, add_norm, add_norm_into, dense, gelu_approximate, linear, linear_act, norm
@@ -192,7 +191,7 @@ _REGISTER: dict[str, Callable[[], None]] = {_MODELING: _register_attention, _MAS
 
 
 def _on_loaded(name: str) -> None:
-    """Run after ``name`` executed: register; never break the user's import."""
+    """Run after ``name`` executed: register (idempotent; never breaks the user's import)."""
     with _lock:
         if name in _registered:
             return
@@ -203,8 +202,6 @@ def _on_loaded(name: str) -> None:
                 "llmkit could not register its attention with %s (%r); "
                 "attn_implementation='llmkit' will not be available", name, exc,
             )
-        if _registered >= set(_REGISTER):
-            _remove_finder()
 
 
 def is_registered() -> bool:
@@ -228,72 +225,15 @@ def ensure_registered() -> None:
         for name, fn in _REGISTER.items():
             if name not in _registered:
                 fn()
-        _remove_finder()
-
-
-class _LoaderWithCallback(importlib.abc.Loader):
-    """Wraps a module's loader; after the module executed, runs the registration."""
-
-    def __init__(self, loader: importlib.abc.Loader, name: str):
-        self._loader = loader
-        self._name = name
-
-    def create_module(self, spec):  # noqa: D401 - Loader protocol
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        module.__loader__ = self._loader  # hand introspection the real loader back
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
-        _on_loaded(self._name)
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self._loader, item)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loaders of the watched transformers modules."""
-
-    def find_spec(self, fullname: str, path, target=None):
-        if fullname not in _REGISTER or fullname in _registered:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _LoaderWithCallback(spec.loader, fullname)
-        return spec
-
-
-_finder: _PostImportFinder | None = None
-
-
-def _remove_finder() -> None:
-    global _finder
-    if _finder is not None and _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
-    _finder = None
 
 
 def install() -> None:
     """Register now what transformers has loaded; hook the rest (imports nothing)."""
-    global _finder
     if os.environ.get("LLMKIT_NO_HF_HOOK", "0") == "1":
         return
-    with _lock:
-        for name in _REGISTER:
-            if name in sys.modules and name not in _registered:
-                _on_loaded(name)
-        if not is_registered() and _finder is None:
-            _finder = _PostImportFinder()
-            sys.meta_path.insert(0, _finder)
+    for name in _REGISTER:
+        if name not in _registered:
+            after_import(name, functools.partial(_on_loaded, name))
 
 
 # --------------------------------------------------------------------------------------
