@@ -20,7 +20,8 @@ import torch
 
 import llmkit
 from llmkit._compat import cache_kwarg
-from llmkit.integrations import hf as hf_integration
+from llmkit.integrations.hf import attention as hf_attention
+from llmkit.integrations.hf import fused as hf_fused
 from llmkit.nn import _fused
 
 from test_models import _widen_
@@ -120,7 +121,7 @@ def test_from_pretrained_with_attn_implementation_llmkit(tmp_path):
 
 
 def test_attention_function_warns_for_output_attentions(caplog):
-    hf_integration._said.clear()
+    hf_attention._said.clear()
     model = bert()
     llmkit.swap(model, kinds="attention")
     with caplog.at_level(logging.WARNING, logger="llmkit"):
@@ -163,9 +164,9 @@ def test_bert_family_swap_matches_and_unswap_is_bit_identical(family, bias_path,
     assert model.config._attn_implementation == "llmkit"
     assert type(model.encoder.layer[0].output).__name__.startswith("Llmkit")
     calls, gemms = [], []
-    real = hf_integration.add_norm_into
-    monkeypatch.setattr(hf_integration, "add_norm_into", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(hf_integration, "linear", lambda x, m: gemms.append(1) or _fused.linear(x, m))
+    real = hf_fused.add_norm_into
+    monkeypatch.setattr(hf_fused, "add_norm_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hf_fused, "linear", lambda x, m: gemms.append(1) or _fused.linear(x, m))
     with torch.no_grad():
         after = model(ids, attention_mask=mask)
     # both residual + LayerNorm of each layer ran fused (in place into the GEMM output, or
