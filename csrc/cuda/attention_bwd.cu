@@ -1,9 +1,12 @@
 // Attention backward on tensor cores (WMMA), recomputing the probabilities from the
 // saved lse: P = exp(S - lse) (zero on rows with lse = +inf), dP = dO V^T, with dropout
-// Z = keep / (1 - p): dV = (P Z)^T dO, dS = P (dP Z - delta), delta = rowsum(dO O),
-// dQ = scale dS K, dK = scale dS^T Q. Two kernels, no atomics (deterministic): one per
-// 64-key block accumulating dK and dV over every query block of every query head of
-// its GQA group, one per 64-query block accumulating dQ over the key blocks.
+// Z = keep / (1 - p): dV = (P Z)^T dO, dS = P (dP Z - delta), dQ = scale dS K,
+// dK = scale dS^T Q. delta = rowsum(dO O) is taken as rowsum(P Z dP) in float32, the
+// same sum over the float32 output before it was rounded to float16 / bfloat16: the
+// rounded O would put its rounding into every dS (dominant where |O| >> |dO|). Two
+// kernels, no atomics (deterministic): one per 64-query block that first sums delta
+// over the key blocks, writes it, then accumulates dQ; then one per 64-key block
+// accumulating dK and dV over every query block of every query head of its GQA group.
 #include "attention_common.cuh"
 
 namespace llmkit_ext::cuda {
@@ -11,18 +14,6 @@ namespace llmkit_ext::cuda {
 namespace {
 
 using namespace attn;
-
-// delta[row] = sum_d dout[row, d] * out[row, d] (one warp per row; both contiguous).
-template <typename T>
-__global__ void attention_delta_kernel(const T* dout, const T* out, float* delta, int64_t rows, int64_t dv) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= rows) return;
-  float s = 0.f;
-  for (int64_t d = threadIdx.x & 31; d < dv; d += 32)
-    s += to_float(dout[row * dv + d]) * to_float(out[row * dv + d]);
-  s = warp_sum(s);
-  if ((threadIdx.x & 31) == 0) delta[row] = s;
-}
 
 template <typename T, int DPAD>
 constexpr size_t dkdv_smem_bytes() {
@@ -153,27 +144,52 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
   const int r = lane >> 1, half = lane & 1;
   const int64_t i = m0 + warp * kFrag + r;
   const float lse_i = i < a.q_len ? a.lse[row_base + i] : INFINITY;
-  const float delta_i = i < a.q_len ? g.delta[row_base + i] : 0.f;
 
-  OutFrags<DPAD> dq;
-#pragma unroll
-  for (int n = 0; n < DPAD / kFrag; ++n) wmma::fill_fragment(dq[n], 0.f);
-
-  const int64_t n_end = a.causal ? (a.k_len < m0 + kBlockM ? a.k_len : m0 + kBlockM) : a.k_len;
-  for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-    __syncthreads();
+  // S = Q K^T and dP = dO V^T of the 64 keys from n0 into this warp's staging
+  auto scores = [&](int64_t n0) {
+    __syncthreads();  // the previous tile is consumed (and the Q / dO tiles are loaded)
     load_tile<T, DPAD>(k_tile, k_base, n0, a.k_len, a.k_strides[2], static_cast<int>(a.head_dim), vec_ok);
     load_tile<T, DPAD>(v_tile, v_base, n0, a.k_len, a.v_strides[2], static_cast<int>(a.head_dim_v), vec_ok);
     __syncthreads();
     scores_16x64<T, DPAD>(s_w, kScoreLd, q_tile + warp * kFrag * LD, LD, k_tile, LD);
     scores_16x64<T, DPAD>(dp_w, kScoreLd, do_tile + warp * kFrag * LD, LD, v_tile, LD);
     __syncwarp();
+  };
+  // P of (query i, key n0 + c) from the staged score, and its dropout factor Z in *z
+  auto prob = [&](int64_t n0, int c, float* z) {
+    const int64_t j = n0 + c;
+    const float s = masked_score(a, s_w[r * kScoreLd + c], b, h, i, j);
+    const float p = s == -INFINITY ? 0.f : expf(s - lse_i);
+    *z = p > 0.f ? dropout_factor(a, b, h, i, j) : 0.f;
+    return p;
+  };
+
+  const int64_t n_end = a.causal ? (a.k_len < m0 + kBlockM ? a.k_len : m0 + kBlockM) : a.k_len;
+  // pass 1: delta = rowsum(P Z dP) in float32, written for the dK / dV kernel
+  float delta_i = 0.f;
+  for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+    scores(n0);
 #pragma unroll 4
     for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const int64_t j = n0 + c;
-      const float s = masked_score(a, s_w[r * kScoreLd + c], b, h, i, j);
-      const float p = s == -INFINITY ? 0.f : expf(s - lse_i);
-      const float z = p > 0.f ? dropout_factor(a, b, h, i, j) : 0.f;
+      float z;
+      const float p = prob(n0, c, &z);
+      delta_i += p * (dp_w[r * kScoreLd + c] * z);
+    }
+    __syncwarp();
+  }
+  delta_i += __shfl_xor_sync(0xffffffffu, delta_i, 1);
+  if (half == 0 && i < a.q_len) g.delta[row_base + i] = delta_i;
+
+  // pass 2: dS = P (dP Z - delta), dQ += dS K
+  OutFrags<DPAD> dq;
+#pragma unroll
+  for (int n = 0; n < DPAD / kFrag; ++n) wmma::fill_fragment(dq[n], 0.f);
+  for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+    scores(n0);
+#pragma unroll 4
+    for (int c = half * 32; c < half * 32 + 32; ++c) {
+      float z;
+      const float p = prob(n0, c, &z);
       ds_w[r * kProbLd + c] = from_float<T>(p * (dp_w[r * kScoreLd + c] * z - delta_i));
     }
     __syncwarp();
@@ -189,16 +205,18 @@ template <typename T, int DPAD>
 cudaError_t launch_backward(const AttentionBackwardArgs& g, cudaStream_t stream) {
   const AttentionArgs& a = g.fwd;
   const int64_t rows = a.batch * a.heads_q * a.q_len;
-  if (rows > 0) {
-    const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
-    attention_delta_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(g.dout),
-                                                          static_cast<const T*>(a.out), g.delta, rows,
-                                                          a.head_dim_v);
-  }
   const bool vec_ok = attention_vec_ok(a);
   const bool vec_do = aligned16(g.dout) && a.head_dim_v % 8 == 0;
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (rows > 0) {  // dQ, and delta for the dK / dV kernel: first
+    constexpr size_t smem = dq_smem_bytes<T, DPAD>();
+    err = cudaFuncSetAttribute(attention_bwd_dq_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>((a.q_len + kBlockM - 1) / kBlockM));
+    attention_bwd_dq_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   if (a.k_len > 0) {
     constexpr size_t smem = dkdv_smem_bytes<T, DPAD>();
     err = cudaFuncSetAttribute(attention_bwd_dkdv_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -206,15 +224,6 @@ cudaError_t launch_backward(const AttentionBackwardArgs& g, cudaStream_t stream)
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(a.batch * a.heads_kv), static_cast<unsigned>((a.k_len + kBlockN - 1) / kBlockN));
     attention_bwd_dkdv_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  if (rows > 0) {
-    constexpr size_t smem = dq_smem_bytes<T, DPAD>();
-    err = cudaFuncSetAttribute(attention_bwd_dq_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>((a.q_len + kBlockM - 1) / kBlockM));
-    attention_bwd_dq_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
     err = cudaGetLastError();
   }
   return err;
