@@ -14,13 +14,7 @@
 
 #include <math.h>
 
-#ifndef LLMKIT_HD
-#if defined(__CUDACC__)
-#define LLMKIT_HD __host__ __device__ __forceinline__
-#else
-#define LLMKIT_HD inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace llmkit_ext {
 
