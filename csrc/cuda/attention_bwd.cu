@@ -113,8 +113,10 @@ constexpr size_t dq_smem_bytes() {
          static_cast<size_t>(kWarps * kFrag) * kProbLd * sizeof(T);  // dS
 }
 
+// Two blocks per SM, what its shared memory allows at DPAD 64 / 128 anyway: ptxas then keeps
+// everything in registers (with the default bound it spilled at DPAD 32 in bfloat16 on sm_80).
 template <typename T, int DPAD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBackwardArgs g, bool vec_ok, bool vec_do) {
+__global__ void __launch_bounds__(kThreads, 2) attention_bwd_dq_kernel(AttentionBackwardArgs g, bool vec_ok, bool vec_do) {
   extern __shared__ __align__(128) unsigned char smem[];
   const AttentionArgs& a = g.fwd;
   constexpr int LD = kTileLd<DPAD>;
@@ -155,13 +157,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
     scores_16x64<T, DPAD>(dp_w, kScoreLd, do_tile + warp * kFrag * LD, LD, v_tile, LD);
     __syncwarp();
   };
-  // P of (query i, key n0 + c) from the staged score, and its dropout factor Z in *z
-  auto prob = [&](int64_t n0, int c, float* z) {
-    const int64_t j = n0 + c;
-    const float s = masked_score(a, s_w[r * kScoreLd + c], b, h, i, j);
-    const float p = s == -INFINITY ? 0.f : expf(s - lse_i);
-    *z = p > 0.f ? dropout_factor(a, b, h, i, j) : 0.f;
-    return p;
+  // The sum of f(c, P, dP Z) over this lane's 32 keys n0 + c of the staged tile
+  auto each_key = [&](int64_t n0, auto&& f) {
+    float sum = 0.f;
+#pragma unroll 4
+    for (int c = half * 32; c < half * 32 + 32; ++c) {
+      const int64_t j = n0 + c;
+      const float s = masked_score(a, s_w[r * kScoreLd + c], b, h, i, j);
+      const float p = s == -INFINITY ? 0.f : expf(s - lse_i);
+      const float z = p > 0.f ? dropout_factor(a, b, h, i, j) : 0.f;
+      sum += f(c, p, dp_w[r * kScoreLd + c] * z);
+    }
+    __syncwarp();
+    return sum;
   };
 
   const int64_t n_end = a.causal ? (a.k_len < m0 + kBlockM ? a.k_len : m0 + kBlockM) : a.k_len;
@@ -169,13 +177,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
   float delta_i = 0.f;
   for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
     scores(n0);
-#pragma unroll 4
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      float z;
-      const float p = prob(n0, c, &z);
-      delta_i += p * (dp_w[r * kScoreLd + c] * z);
-    }
-    __syncwarp();
+    delta_i += each_key(n0, [](int, float p, float dpz) { return p * dpz; });
   }
   delta_i += __shfl_xor_sync(0xffffffffu, delta_i, 1);
   if (half == 0 && i < a.q_len) g.delta[row_base + i] = delta_i;
@@ -186,13 +188,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
   for (int n = 0; n < DPAD / kFrag; ++n) wmma::fill_fragment(dq[n], 0.f);
   for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
     scores(n0);
-#pragma unroll 4
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      float z;
-      const float p = prob(n0, c, &z);
-      ds_w[r * kProbLd + c] = from_float<T>(p * (dp_w[r * kScoreLd + c] * z - delta_i));
-    }
-    __syncwarp();
+    each_key(n0, [=](int c, float p, float dpz) {
+      ds_w[r * kProbLd + c] = from_float<T>(p * (dpz - delta_i));
+      return 0.f;
+    });
     mma_rowmajor_b<T, kBlockN, DPAD / kFrag>(dq, ds_w, kProbLd, k_tile, LD);
   }
   __syncthreads();  // the K / V tiles become staging space
@@ -201,32 +200,33 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
                       0, a.q_len - (m0 + warp * kFrag), static_cast<int>(a.head_dim));
 }
 
+// kernel<<<grid, kThreads, smem>>>(g, vec_ok, vec_do), opted in to `smem` bytes of dynamic
+// shared memory.
+template <typename Kernel>
+cudaError_t launch_bwd_kernel(Kernel kernel, size_t smem, dim3 grid, const AttentionBackwardArgs& g, bool vec_ok,
+                              bool vec_do, cudaStream_t stream) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
+  return cudaGetLastError();
+}
+
 template <typename T, int DPAD>
 cudaError_t launch_backward(const AttentionBackwardArgs& g, cudaStream_t stream) {
   const AttentionArgs& a = g.fwd;
-  const int64_t rows = a.batch * a.heads_q * a.q_len;
   const bool vec_ok = attention_vec_ok(a);
   const bool vec_do = aligned16(g.dout) && a.head_dim_v % 8 == 0;
-  cudaError_t err = cudaSuccess;
-  if (rows > 0) {  // dQ, and delta for the dK / dV kernel: first
-    constexpr size_t smem = dq_smem_bytes<T, DPAD>();
-    err = cudaFuncSetAttribute(attention_bwd_dq_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+  if (a.batch * a.heads_q * a.q_len > 0) {  // dQ, and delta for the dK / dV kernel: first
     const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>((a.q_len + kBlockM - 1) / kBlockM));
-    attention_bwd_dq_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  if (a.k_len > 0) {
-    constexpr size_t smem = dkdv_smem_bytes<T, DPAD>();
-    err = cudaFuncSetAttribute(attention_bwd_dkdv_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
+    const cudaError_t err = launch_bwd_kernel(attention_bwd_dq_kernel<T, DPAD>, dq_smem_bytes<T, DPAD>(), grid, g,
+                                              vec_ok, vec_do, stream);
     if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(a.batch * a.heads_kv), static_cast<unsigned>((a.k_len + kBlockN - 1) / kBlockN));
-    attention_bwd_dkdv_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
-    err = cudaGetLastError();
   }
-  return err;
+  if (a.k_len == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(a.batch * a.heads_kv), static_cast<unsigned>((a.k_len + kBlockN - 1) / kBlockN));
+  return launch_bwd_kernel(attention_bwd_dkdv_kernel<T, DPAD>, dkdv_smem_bytes<T, DPAD>(), grid, g, vec_ok, vec_do,
+                           stream);
 }
 
 }  // namespace
