@@ -86,17 +86,21 @@ def test_the_round_set_covers_the_reduced_benchmark():
     assert check_shapes(RAW) == []
 
 
-def test_an_interrupted_bench_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
-    real = runner.run_case
-    calls = []
+def _interrupt_call(monkeypatch, module, name: str, nth: int) -> None:
+    """The nth call of module.name raises KeyboardInterrupt (Ctrl-C, a time limit's SIGINT)."""
+    real, calls = getattr(module, name), []
 
-    def second_is_interrupted(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == nth:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_case", second_is_interrupted)
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def test_an_interrupted_bench_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    _interrupt_call(monkeypatch, runner, "run_case", 2)
     code = cli.main(["bench", "--quick", "--op", "gelu", "--backend", "reference", "--seconds", "0.002",
                      "--no-plots", "--device", "cpu", "--out", str(tmp_path), "--name", "cut"])
     doc = json.loads((tmp_path / "cut.json").read_text())
@@ -107,16 +111,7 @@ def test_an_interrupted_bench_run_keeps_what_it_measured(tmp_path, monkeypatch, 
 
 
 def test_an_interrupted_check_keeps_its_rows(monkeypatch, tmp_path, capsys):
-    real = C.run_case
-    calls = []
-
-    def third_is_interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(C, "run_case", third_is_interrupted)
+    _interrupt_call(monkeypatch, C, "run_case", 3)
     out = tmp_path / "c.json"
     code = cli.main(["check", "--quick", "--op", "gelu", "--backend", "reference", "--device", "cpu",
                      "--dtype", "float32", "--json", str(out)])

@@ -19,7 +19,7 @@ import llmkit
 from llmkit import reference64 as R
 from llmkit.testing import assert_close_to_reference
 
-from test_cuda_ext import DEVICES, _leaf, _need_cuda_kernels, ext  # noqa: F401 (ext: the session fixture)
+from test_cuda_ext import DEVICES, _attention_vs_reference, _leaf, _need_cuda_kernels, ext  # noqa: F401 (ext: the session fixture)
 
 HAS_GPU = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -128,8 +128,8 @@ def _scaled(t: torch.Tensor, k: int) -> torch.Tensor:
 def test_rows_whose_squares_leave_float32s_range_match_float64(ext, device, dtype, scale, eps, op):
     """|x| above ~1.8e19 (squares overflow float32: the output was 0 instead of +-1) and
     below ~1e-19 with eps = 0 (squares underflow). The baseline is PyTorch on the same
-    rows scaled by a power of two into range (a norm is scale-invariant: out(x, eps) =
-    out(x 2^-k, eps 4^-k), dx = 2^-k dx'), forward and backward."""
+    rows scaled by 2^k into range (a norm is scale-invariant: out(x, eps) = out(x 2^k,
+    eps 4^k), dx = 2^k dx'), forward and backward."""
     _need_cuda_kernels(device)
     n = 300
     k = -round(math.log2(scale))
@@ -171,7 +171,8 @@ def test_rows_whose_squares_leave_float32s_range_match_float64(ext, device, dtyp
     ref = ref64(x64, r64)
     ref.backward(g.double())
     assert_close_to_reference(out, ref, base, f"{op} out")
-    assert_close_to_reference(xs.grad, x64.grad, _scaled(xb.grad, k), f"{op} dx")
+    # dx in the units of the scaled rows (dx 2^-k, exact), where the dtype's floor means what it says
+    assert_close_to_reference(_scaled(xs.grad, -k), x64.grad * 2.0**-k, xb.grad, f"{op} dx")
 
 
 # --------------------------------------------------------------------------------------
@@ -304,20 +305,7 @@ def test_attention_at_head_dim_and_block_edges_gpu(ext, dtype, d, sq, sk, causal
     k = torch.randn(2, 2, sk, d, device="cuda").to(dtype)
     v = torch.randn(2, 2, sk, d, device="cuda").to(dtype)
     g = torch.randn(2, 4, sq, d, device="cuda").to(dtype)
-    scale = 1 / math.sqrt(d)
-    qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
-    with llmkit.use_backend("cuda_ext"):
-        out, _ = torch.ops.llmkit.scaled_dot_product_attention(qs, ks, vs, None, 0.0, causal, scale, True, 0, 0)
-        out.backward(g)
-    q64, k64, v64 = _leaf(q.double()), _leaf(k.double()), _leaf(v.double())
-    ref = R.attention(q64, k64, v64, None, causal, scale, True)
-    ref.backward(g.double())
-    qt, kt, vt = _leaf(q), _leaf(k), _leaf(v)
-    base = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=True)
-    base.backward(g)
-    assert_close_to_reference(out, ref, base, "out")
-    for name, ours, r64, bt in (("dq", qs, q64, qt), ("dk", ks, k64, kt), ("dv", vs, v64, vt)):
-        assert_close_to_reference(ours.grad, r64.grad, bt.grad, name)
+    _attention_vs_reference(q, k, v, g, None, causal, 1 / math.sqrt(d), True)
 
 
 @gpu_only
