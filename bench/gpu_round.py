@@ -73,10 +73,12 @@ SUMMARY_RESERVE_S = 15  # the summary files and the tarball at the end
 
 # Test files by step. Everything else under tests/ runs in the step "pytest-rest", except
 # NOT_ON_GPU: compile-only checks that need no GPU and minutes of CPU (verified on CPU
-# machines), and the dry-run test of this script.
+# machines), and the dry-run test of this script. The extension's step also takes every
+# test file that uses it (see tests_using_extension): they run once it is built, never
+# building it a second time beside the build step.
 ROW_TESTS = ("test_layer_norm.py", "test_gelu.py", "test_int8_matmul.py", "test_int8_linear.py")
 ATTENTION_TESTS = ("test_attention.py", "test_decode_attention.py")
-EXT_TESTS = ("test_cuda_ext*.py", "test_nn_backends.py")  # need the built extension
+EXT_TESTS = ("test_cuda_ext*.py", "test_nn_backends.py")
 NOT_ON_GPU = ("test_compile_report.py", "test_csrc_compile.py", "test_gpu_round.py")
 SMOKE_TESTS = ("test_reference.py",)  # the dry run's real pytest run: small, pure CPU
 
@@ -356,6 +358,20 @@ def tests_matching(patterns: tuple[str, ...]) -> list[str]:
     return out
 
 
+# the `ext` fixture as a parameter or by name, or a build of the extension
+_USES_EXTENSION = re.compile(r"def \w+\([^)]*\bext\b|getfixturevalue\(\s*[\"']ext[\"']|_ext\.build\(")
+
+
+def tests_using_extension(folder: Path | None = None) -> list[str]:
+    """Test files (of ``folder``, default tests/) that load or build the C++/CUDA extension."""
+    folder = folder or ROOT / "tests"
+    out = []
+    for p in sorted(folder.glob("test_*.py")):
+        if _USES_EXTENSION.search(p.read_text(errors="replace")):
+            out.append(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p))
+    return out
+
+
 def _has_module(py: str, name: str) -> bool:
     try:
         return subprocess.run([py, "-c", f"import {name}"], capture_output=True, timeout=60).returncode == 0
@@ -463,7 +479,8 @@ def _test_steps(rnd: Round, args: argparse.Namespace, py: str, llmkit: list[str]
         pytest += [f"--timeout={args.test_timeout:.0f}"]
     has_xdist = args.xdist > 0 and _has_module(py, "xdist")
     xdist = ["-n", str(args.xdist), "--dist", "load"] if has_xdist else []
-    ignored = [f"--ignore={f}" for f in tests_matching(ROW_TESTS + ATTENTION_TESTS + EXT_TESTS + NOT_ON_GPU)]
+    ext_files = sorted(set(tests_matching(EXT_TESTS) + tests_using_extension()) - set(tests_matching(NOT_ON_GPU)))
+    ignored = [f"--ignore={f}" for f in sorted(set(tests_matching(ROW_TESTS + ATTENTION_TESTS + NOT_ON_GPU)) | set(ext_files))]
     nice = ["nice", "-n", "5"] if shutil.which("nice") else []
     kernels = [_pytest_step(rnd, f"pytest-{group}", pytest, xdist, tests_matching(files), cap_s=300, reserve_s=reserve)
                for group, files in (("rows", ROW_TESTS), ("attention", ATTENTION_TESTS))]
@@ -486,7 +503,7 @@ def _test_steps(rnd: Round, args: argparse.Namespace, py: str, llmkit: list[str]
         "kernels": kernels,
         "checks": checks,
         "rest": rest,
-        "ext_tests": _pytest_step(rnd, "pytest-ext", pytest, two, tests_matching(EXT_TESTS), cap_s=300,
+        "ext_tests": _pytest_step(rnd, "pytest-ext", pytest, two, ext_files, cap_s=300,
                                   reserve_s=reserve, extra=["-k", "not test_cli_build_ext_reports_what_it_built"]),
         "ext_check": Step("check-cuda-ext", "check", [*llmkit, "check", "--device", "cuda", "--backend", "cuda_ext",
                                                       "--json", str(ext_out)],

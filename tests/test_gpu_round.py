@@ -161,6 +161,22 @@ def test_cuda_home_is_the_toolkit_not_a_wrapper_folder(tmp_path):
     assert G.find_cuda_home({"PATH": str(wrap), "CUDA_HOME": none}, roots=(str(real),), versioned=none) == str(real)
 
 
+def test_tests_using_the_extension_run_after_its_build(tmp_path):
+    """A test that loads or builds the extension must not run beside the build step (it
+    would build it a second time into the same cache)."""
+    files = {
+        "test_a.py": "def test_x(ext, device):\n    pass\n",
+        "test_b.py": "@pytest.fixture\ndef here(request):\n    return request.getfixturevalue('ext')\n",
+        "test_c.py": "res = _ext.build(verbose=False)\n",
+        "test_d.py": "def test_next(text):\n    assert 'ext' in text\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert [Path(p).name for p in G.tests_using_extension(tmp_path)] == ["test_a.py", "test_b.py", "test_c.py"]
+    found = {Path(p).name for p in G.tests_using_extension()}
+    assert "test_cuda_ext.py" in found and "test_cuda_ext_limits.py" in found and "test_gelu.py" not in found
+
+
 @pytest.mark.parametrize(
     "nodeid, op",
     [
