@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include "common/launch_plan.h"
 #include "common/philox.h"
 #include "cpu/cpu_kernels.h"
 
@@ -181,6 +183,20 @@ Tensor philox_uniform_cpu(int64_t seed, const Tensor& offsets_in) {
   for (int64_t i = 0; i < offsets.numel(); ++i)
     u[i] = philox_uniform(static_cast<uint64_t>(seed), static_cast<uint64_t>(o[i]));
   return out;
+}
+
+// The CUDA norm forward's launch for a row length, element size, vectorizability and a
+// device's opt-in shared memory per block (launch_plan.h): [threads, vec, cache_row,
+// smem_bytes, opt_in]. Host arithmetic only, in every build, so that a machine without
+// a GPU can test which regime each device gets.
+std::vector<int64_t> norm_forward_plan_op(int64_t cols, int64_t elem_bytes, bool vectorizable,
+                                          int64_t smem_optin) {
+  TORCH_CHECK(cols >= 0, "norm_forward_plan: cols must be >= 0, got ", cols);
+  TORCH_CHECK(elem_bytes == 2 || elem_bytes == 4, "norm_forward_plan: elem_bytes must be 2 or 4, got ",
+              elem_bytes);
+  const NormForwardPlan p =
+      norm_forward_plan(cols, static_cast<int>(elem_bytes), vectorizable, smem_optin);
+  return {p.threads, p.vec, p.cache_row ? 1 : 0, p.smem_bytes, p.opt_in ? 1 : 0};
 }
 
 #ifdef LLMKIT_WITH_CUDA
@@ -471,6 +487,8 @@ TORCH_LIBRARY(llmkit_ext, m) {
         "Tensor? mask, float dropout_p, bool causal, float scale, int seed, int offset) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("philox_uniform(int seed, Tensor offsets) -> Tensor");
+  m.def("norm_forward_plan(int cols, int elem_bytes, bool vectorizable, int smem_optin) -> int[]",
+        &norm_forward_plan_op);
 }
 
 TORCH_LIBRARY_IMPL(llmkit_ext, CPU, m) {

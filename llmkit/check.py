@@ -590,12 +590,14 @@ def run_case(case: Case, backend: str, device: torch.device) -> list[Row]:
     return rows
 
 
-def targets(backends: list[str] | None) -> list[tuple[str, torch.device]]:
-    """(backend, device) pairs to check on this machine."""
+def targets(backends: list[str] | None, device: str | None = None) -> list[tuple[str, torch.device]]:
+    """(backend, device) pairs to check on this machine (only ``device``'s when given)."""
     names = backends or list(BACKEND_NAMES)
     out = []
     devices = [torch.device("cuda")] if torch.cuda.is_available() else []
     devices.append(torch.device("cpu"))
+    if device is not None:
+        devices = [d for d in devices if d.type == device]
     for name in names:
         for dev in devices:
             if BACKENDS[name].unavailable_reason(dev.type) is None:
@@ -613,6 +615,8 @@ class Plan:
 
     work: list[tuple[Case, str, torch.device]]
     notes: list[str]
+    interrupted: str | None = None
+    """Set by :func:`run_check` when Ctrl-C (or a timeout's SIGINT) stopped the run early."""
 
 
 def plan_check(
@@ -620,13 +624,14 @@ def plan_check(
     backends: list[str] | None = None,
     quick: bool = False,
     dtypes: list[str] | None = None,
+    device: str | None = None,
 ) -> Plan:
     """Every (case, backend, device) to run, and notes on what is left out."""
     cases = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not quick)
              and (dtypes is None or _fmt_dtype(c.dtype) in dtypes)]
     work: list[tuple[Case, str, torch.device]] = []
     notes: list[str] = []
-    for backend, dev in targets(backends):
+    for backend, dev in targets(backends, device):
         missing: set[str] = set()
         too_big = half_left = 0
         for c in cases:
@@ -661,13 +666,23 @@ def run_check(
     dtypes: list[str] | None = None,
     plan: Plan | None = None,
 ) -> list[Row]:
-    """Run the checker and return every row."""
-    work = (plan or plan_check(ops, backends, quick, dtypes)).work
+    """Run the checker and return every row.
+
+    Ctrl-C (KeyboardInterrupt, e.g. a time limit's SIGINT) ends the run early: the rows of
+    the cases that finished are returned and ``plan.interrupted`` says how far it got.
+    """
+    plan = plan or plan_check(ops, backends, quick, dtypes)
+    work = plan.work
     rows: list[Row] = []
     for i, (c, backend, dev) in enumerate(work):
         if progress:
             progress(i, len(work), f"{c.op} {backend} {dev.type} {_fmt_dtype(c.dtype)} {c.label}")
-        rows.extend(run_case(c, backend, dev))
+        try:
+            rows.extend(run_case(c, backend, dev))
+        except KeyboardInterrupt:
+            plan.interrupted = f"interrupted after {i} of {len(work)} cases"
+            plan.notes.append(plan.interrupted)
+            break
     if progress:
         progress(len(work), len(work), "done")
     return rows
@@ -708,6 +723,8 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
                    help="check only this dtype (repeatable): float32, float16, bfloat16, float64, int8")
     p.add_argument("--quick", action="store_true", help="only the small shapes")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="check only on this device (default: every device here, CUDA first)")
     p.add_argument("--json", metavar="FILE", help="also write every row as JSON to FILE")
     p.add_argument("--compile", action="store_true",
                    help="also compile every Triton kernel for sm_80 and sm_90 and report resources")
@@ -779,18 +796,26 @@ def run_check_cli(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"llmkit check: {s}: skipped", file=sys.stderr)
     t0 = time.perf_counter()
-    pairs = targets(args.backends)
+    device = getattr(args, "device", None)
+    if device == "cuda" and not torch.cuda.is_available():
+        skipped.append("--device cuda: no CUDA GPU is available")
+    pairs = targets(args.backends, device)
+    here = {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
     for name in args.backends or BACKEND_NAMES:
         if not any(n == name for n, _ in pairs):
-            reasons = {d: BACKENDS[name].unavailable_reason(d) for d in ("cuda", "cpu")}
+            devs = (device,) if device else ("cuda", "cpu")
+            reasons = {d: BACKENDS[name].unavailable_reason(d) if d in here else "no CUDA GPU is available"
+                       for d in devs}
             why = "; ".join(f"{d}: {r}" for d, r in reasons.items() if r)
             print(f"backend {name}: not checked ({why})")
             if args.backends:
                 skipped.append(f"backend {name} is not available here ({why})")
-    plan = plan_check(ops, args.backends, args.quick, dtypes)
+    plan = plan_check(ops, args.backends, args.quick, dtypes, device)
     for n in plan.notes:
         print(f"note: {n}")
     rows = [] if ops == [] or dtypes == [] else run_check(plan=plan, progress=progress_callback())
+    if plan.interrupted:
+        skipped.append(plan.interrupted)
     print(format_rows(rows))
     failed = any(r.status == "FAIL" for r in rows)
     compile_problems: list[str] = []

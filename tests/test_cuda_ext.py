@@ -579,6 +579,25 @@ def _sdpa_baseline(q, k, v, mask, causal, scale, gqa):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+def _attention_vs_reference(q, k, v, g, mask, causal, scale, gqa):
+    """cuda_ext attention forward and backward (output gradient g) against reference64, with
+    SDPA in the same dtype as the baseline; returns the lse."""
+    qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
+    with llmkit.use_backend("cuda_ext"):
+        out, lse = torch.ops.llmkit.scaled_dot_product_attention(qs, ks, vs, mask, 0.0, causal, scale, gqa, 0, 0)
+        out.backward(g)
+    q64, k64, v64 = _leaf(q.double()), _leaf(k.double()), _leaf(v.double())
+    ref = R.attention(q64, k64, v64, mask, causal, scale, gqa)
+    ref.backward(g.double())
+    qt, kt, vt = _leaf(q), _leaf(k), _leaf(v)
+    base = _sdpa_baseline(qt, kt, vt, mask, causal, scale, gqa)
+    base.backward(g)
+    assert_close_to_reference(out, ref, base, "out")
+    for name, ours, r64, bt in (("dq", qs, q64, qt), ("dk", ks, k64, kt), ("dv", vs, v64, vt)):
+        assert_close_to_reference(ours.grad, r64.grad, bt.grad, name)
+    return lse
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -599,20 +618,8 @@ def test_attention_forward_backward_gpu(ext, dtype, b, hq, hkv, sq, sk, d, dv, c
     scale = 1 / math.sqrt(d)
     gqa = hq != hkv
     g = torch.randn(b, hq, sq, dv, device="cuda").to(dtype)
-    qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
-    with llmkit.use_backend("cuda_ext"):
-        out, lse = torch.ops.llmkit.scaled_dot_product_attention(qs, ks, vs, mask, 0.0, causal, scale, gqa, 0, 0)
-        out.backward(g)
-    q64, k64, v64 = _leaf(q.double()), _leaf(k.double()), _leaf(v.double())
-    ref = R.attention(q64, k64, v64, mask, causal, scale, gqa)
-    ref.backward(g.double())
-    qt, kt, vt = _leaf(q), _leaf(k), _leaf(v)
-    base = _sdpa_baseline(qt, kt, vt, mask, causal, scale, gqa)
-    base.backward(g)
+    lse = _attention_vs_reference(q, k, v, g, mask, causal, scale, gqa)
     assert lse.dtype == torch.float32 and lse.shape == (b, hq, sq)
-    assert_close_to_reference(out, ref, base, "out")
-    for name, ours, r64, bt in (("dq", qs, q64, qt), ("dk", ks, k64, kt), ("dv", vs, v64, vt)):
-        assert_close_to_reference(ours.grad, r64.grad, bt.grad, name)
 
 
 @gpu_only

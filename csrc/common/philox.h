@@ -9,11 +9,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LLMKIT_HD __host__ __device__ __forceinline__
-#else
-#define LLMKIT_HD inline
-#endif
+#include "host_device.h"
 
 namespace llmkit_ext {
 

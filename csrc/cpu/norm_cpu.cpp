@@ -1,9 +1,12 @@
 // LayerNorm / RMSNorm with optional fused residual add, forward and backward, on the CPU.
-// One pass over each row computes (and rounds) the input and its sum, a second the sum
-// of squared deviations (two-pass variance), a third writes the output; the row stays
-// in a float32 scratch buffer in between, so memory is read and written once: x and
-// residual read, their sum and the output written (streaming stores for large outputs),
-// while the next row's inputs are prefetched.
+// One pass over each row computes (and rounds) the input and its sum, shifted by the
+// row's first value, a second the sum of squared deviations (two-pass variance), a third
+// writes the output; the row stays in a float32 scratch buffer in between, so memory is
+// read and written once: x and residual read, their sum and the output written
+// (streaming stores for large outputs), while the next row's inputs are prefetched.
+// Rows whose squares overflow or underflow float32 are computed again, scaled
+// (common/norm_stats.h).
+#include "../common/norm_stats.h"
 #include "cpu_kernels.h"
 #include "vec_io.h"
 
@@ -14,12 +17,20 @@ namespace llmkit_ext::cpu {
 
 namespace {
 
+// The row's first value as normalized: x[0], or x[0] + residual[0] rounded to T.
+template <typename T>
+float first_value(const T* xr, const T* rr) {
+  const float v = static_cast<float>(xr[0]);
+  return rr == nullptr ? v : static_cast<float>(static_cast<T>(v + static_cast<float>(rr[0])));
+}
+
 // Writes the float32 values of row r (x + residual, rounded to T, also stored in
-// residual_out) into buf and returns their sum. kStream: residual_out is written with
-// streaming stores (the caller checked can_stream).
+// residual_out) into buf and returns the sum of (value - shift). kStream: residual_out
+// is written with streaming stores (the caller checked can_stream).
 template <typename T, bool kStream>
-float load_row(const T* xr, const T* rr, T* rout, float* buf, int64_t cols) {
+float load_row(const T* xr, const T* rr, T* rout, float* buf, int64_t cols, float shift) {
   FVec acc0(0.f), acc1(0.f);
+  const FVec vs(shift);
   int64_t c = 0;
   for (; c + kStep <= cols; c += kStep) {
     FVec a, b;
@@ -40,8 +51,8 @@ float load_row(const T* xr, const T* rr, T* rout, float* buf, int64_t cols) {
     }
     a.store(buf + c);
     b.store(buf + c + FVec::size());
-    acc0 = acc0 + a;
-    acc1 = acc1 + b;
+    acc0 = acc0 + (a - vs);
+    acc1 = acc1 + (b - vs);
   }
   float tail = 0.f;
   for (; c < cols; ++c) {
@@ -52,7 +63,7 @@ float load_row(const T* xr, const T* rr, T* rout, float* buf, int64_t cols) {
       v = static_cast<float>(s);
     }
     buf[c] = v;
-    tail += v;
+    tail += v - shift;
   }
   return hsum(acc0 + acc1) + tail;
 }
@@ -77,6 +88,42 @@ float sum_sq_dev(const float* buf, float center, int64_t cols) {
   return hsum(acc0 + acc1) + tail;
 }
 
+// Statistics of a row whose float32 squares overflow or underflow (norm_needs_rescale),
+// computed on the row scaled by 2^-p, and its output written from them (scalar code:
+// such rows are rare). Returns false, writing nothing, for rows holding inf / NaN or
+// only zeros, whose plain statistics stand.
+template <typename T>
+bool rescaled_row(const float* buf, int64_t cols, float eps, bool rms, const float* weight,
+                  const float* bias, T* outr, float* mean, float* rstd) {
+  float amax = 0.f;
+  for (int64_t c = 0; c < cols; ++c) amax = std::fmax(amax, std::fabs(buf[c]));
+  for (int64_t c = 0; c < cols && std::isfinite(amax); ++c)
+    if (std::isnan(buf[c])) amax = NAN;
+  if (!std::isfinite(amax) || !(amax > 0.f)) return false;
+  const int p = norm_scale_exponent(amax);
+  const float down = norm_pow2(-p), up = norm_pow2(p);
+  const float n = static_cast<float>(cols);
+  const float shift = rms ? 0.f : buf[0] * down;
+  float s = 0.f;
+  for (int64_t c = 0; c < cols; ++c) s += buf[c] * down - shift;
+  const float mu = rms ? 0.f : shift + s / n;
+  float ssd = 0.f;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float d = buf[c] * down - mu;
+    ssd += d * d;
+  }
+  const float rs = 1.f / std::sqrt(ssd / n + eps * down * down);
+  if (mean != nullptr) *mean = mu * up;
+  *rstd = rs * down;
+  for (int64_t c = 0; c < cols; ++c) {
+    float v = (buf[c] * down - mu) * rs;
+    if (weight != nullptr) v *= weight[c];
+    if (bias != nullptr) v += bias[c];
+    outr[c] = static_cast<T>(v);
+  }
+  return true;
+}
+
 // Outputs of at least kStreamBytes (per output tensor; the fused op touches four such
 // tensors) are written with streaming stores when aligned: they are evicted before anyone
 // reads them back, and a streaming store does not read the line into the cache first.
@@ -96,16 +143,21 @@ void norm_forward_impl(const T* x, const T* residual, const float* weight, const
     std::vector<float> buf(static_cast<size_t>(cols));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * cols;
-      const float sum = load_row<T, kStream>(x + off, residual ? residual + off : nullptr,
-                                             residual_out ? residual_out + off : nullptr,
-                                             buf.data(), cols);
-      const float mu = (rms || cols == 0) ? 0.f : sum / static_cast<float>(cols);
+      const T* rr = residual ? residual + off : nullptr;
+      const float shift = (rms || cols == 0) ? 0.f : first_value(x + off, rr);
+      const float sum = load_row<T, kStream>(x + off, rr, residual_out ? residual_out + off : nullptr,
+                                             buf.data(), cols, shift);
+      const float mu = (rms || cols == 0) ? 0.f : shift + sum / static_cast<float>(cols);
       const float ssd = sum_sq_dev(buf.data(), mu, cols);
       const float var = ssd / static_cast<float>(cols);  // NaN for empty rows, as ATen
-      const float rs = 1.f / std::sqrt(var + eps);
-      if (mean != nullptr && !rms) mean[r] = mu;
-      rstd[r] = rs;
       T* outr = out + off;
+      float* mean_r = (mean != nullptr && !rms) ? mean + r : nullptr;
+      if (cols > 0 && norm_needs_rescale(sum, ssd, var, eps) &&
+          rescaled_row(buf.data(), cols, eps, rms, weight, bias, outr, mean_r, rstd + r))
+        continue;
+      const float rs = 1.f / std::sqrt(var + eps);
+      if (mean_r != nullptr) *mean_r = mu;
+      rstd[r] = rs;
       const FVec vm(mu), vr(rs);
       // the next row's inputs are fetched while this one is written
       const T* next_x = r + 1 < r1 ? x + off + cols : nullptr;

@@ -1,9 +1,12 @@
 // Attention backward on tensor cores (WMMA), recomputing the probabilities from the
 // saved lse: P = exp(S - lse) (zero on rows with lse = +inf), dP = dO V^T, with dropout
-// Z = keep / (1 - p): dV = (P Z)^T dO, dS = P (dP Z - delta), delta = rowsum(dO O),
-// dQ = scale dS K, dK = scale dS^T Q. Two kernels, no atomics (deterministic): one per
-// 64-key block accumulating dK and dV over every query block of every query head of
-// its GQA group, one per 64-query block accumulating dQ over the key blocks.
+// Z = keep / (1 - p): dV = (P Z)^T dO, dS = P (dP Z - delta), dQ = scale dS K,
+// dK = scale dS^T Q. delta = rowsum(dO O) is taken as rowsum(P Z dP) in float32, the
+// same sum over the float32 output before it was rounded to float16 / bfloat16: the
+// rounded O would put its rounding into every dS (dominant where |O| >> |dO|). Two
+// kernels, no atomics (deterministic): one per 64-query block that first sums delta
+// over the key blocks, writes it, then accumulates dQ; then one per 64-key block
+// accumulating dK and dV over every query block of every query head of its GQA group.
 #include "attention_common.cuh"
 
 namespace llmkit_ext::cuda {
@@ -11,18 +14,6 @@ namespace llmkit_ext::cuda {
 namespace {
 
 using namespace attn;
-
-// delta[row] = sum_d dout[row, d] * out[row, d] (one warp per row; both contiguous).
-template <typename T>
-__global__ void attention_delta_kernel(const T* dout, const T* out, float* delta, int64_t rows, int64_t dv) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= rows) return;
-  float s = 0.f;
-  for (int64_t d = threadIdx.x & 31; d < dv; d += 32)
-    s += to_float(dout[row * dv + d]) * to_float(out[row * dv + d]);
-  s = warp_sum(s);
-  if ((threadIdx.x & 31) == 0) delta[row] = s;
-}
 
 template <typename T, int DPAD>
 constexpr size_t dkdv_smem_bytes() {
@@ -122,8 +113,10 @@ constexpr size_t dq_smem_bytes() {
          static_cast<size_t>(kWarps * kFrag) * kProbLd * sizeof(T);  // dS
 }
 
+// Two blocks per SM, what its shared memory allows at DPAD 64 / 128 anyway: ptxas then keeps
+// everything in registers (with the default bound it spilled at DPAD 32 in bfloat16 on sm_80).
 template <typename T, int DPAD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBackwardArgs g, bool vec_ok, bool vec_do) {
+__global__ void __launch_bounds__(kThreads, 2) attention_bwd_dq_kernel(AttentionBackwardArgs g, bool vec_ok, bool vec_do) {
   extern __shared__ __align__(128) unsigned char smem[];
   const AttentionArgs& a = g.fwd;
   constexpr int LD = kTileLd<DPAD>;
@@ -153,30 +146,52 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
   const int r = lane >> 1, half = lane & 1;
   const int64_t i = m0 + warp * kFrag + r;
   const float lse_i = i < a.q_len ? a.lse[row_base + i] : INFINITY;
-  const float delta_i = i < a.q_len ? g.delta[row_base + i] : 0.f;
 
-  OutFrags<DPAD> dq;
-#pragma unroll
-  for (int n = 0; n < DPAD / kFrag; ++n) wmma::fill_fragment(dq[n], 0.f);
-
-  const int64_t n_end = a.causal ? (a.k_len < m0 + kBlockM ? a.k_len : m0 + kBlockM) : a.k_len;
-  for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-    __syncthreads();
+  // S = Q K^T and dP = dO V^T of the 64 keys from n0 into this warp's staging
+  auto scores = [&](int64_t n0) {
+    __syncthreads();  // the previous tile is consumed (and the Q / dO tiles are loaded)
     load_tile<T, DPAD>(k_tile, k_base, n0, a.k_len, a.k_strides[2], static_cast<int>(a.head_dim), vec_ok);
     load_tile<T, DPAD>(v_tile, v_base, n0, a.k_len, a.v_strides[2], static_cast<int>(a.head_dim_v), vec_ok);
     __syncthreads();
     scores_16x64<T, DPAD>(s_w, kScoreLd, q_tile + warp * kFrag * LD, LD, k_tile, LD);
     scores_16x64<T, DPAD>(dp_w, kScoreLd, do_tile + warp * kFrag * LD, LD, v_tile, LD);
     __syncwarp();
+  };
+  // The sum of f(c, P, dP Z) over this lane's 32 keys n0 + c of the staged tile
+  auto each_key = [&](int64_t n0, auto&& f) {
+    float sum = 0.f;
 #pragma unroll 4
     for (int c = half * 32; c < half * 32 + 32; ++c) {
       const int64_t j = n0 + c;
       const float s = masked_score(a, s_w[r * kScoreLd + c], b, h, i, j);
       const float p = s == -INFINITY ? 0.f : expf(s - lse_i);
       const float z = p > 0.f ? dropout_factor(a, b, h, i, j) : 0.f;
-      ds_w[r * kProbLd + c] = from_float<T>(p * (dp_w[r * kScoreLd + c] * z - delta_i));
+      sum += f(c, p, dp_w[r * kScoreLd + c] * z);
     }
     __syncwarp();
+    return sum;
+  };
+
+  const int64_t n_end = a.causal ? (a.k_len < m0 + kBlockM ? a.k_len : m0 + kBlockM) : a.k_len;
+  // pass 1: delta = rowsum(P Z dP) in float32, written for the dK / dV kernel
+  float delta_i = 0.f;
+  for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+    scores(n0);
+    delta_i += each_key(n0, [](int, float p, float dpz) { return p * dpz; });
+  }
+  delta_i += __shfl_xor_sync(0xffffffffu, delta_i, 1);
+  if (half == 0 && i < a.q_len) g.delta[row_base + i] = delta_i;
+
+  // pass 2: dS = P (dP Z - delta), dQ += dS K
+  OutFrags<DPAD> dq;
+#pragma unroll
+  for (int n = 0; n < DPAD / kFrag; ++n) wmma::fill_fragment(dq[n], 0.f);
+  for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+    scores(n0);
+    each_key(n0, [=](int c, float p, float dpz) {
+      ds_w[r * kProbLd + c] = from_float<T>(p * (dpz - delta_i));
+      return 0.f;
+    });
     mma_rowmajor_b<T, kBlockN, DPAD / kFrag>(dq, ds_w, kProbLd, k_tile, LD);
   }
   __syncthreads();  // the K / V tiles become staging space
@@ -185,39 +200,33 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(AttentionBac
                       0, a.q_len - (m0 + warp * kFrag), static_cast<int>(a.head_dim));
 }
 
+// kernel<<<grid, kThreads, smem>>>(g, vec_ok, vec_do), opted in to `smem` bytes of dynamic
+// shared memory.
+template <typename Kernel>
+cudaError_t launch_bwd_kernel(Kernel kernel, size_t smem, dim3 grid, const AttentionBackwardArgs& g, bool vec_ok,
+                              bool vec_do, cudaStream_t stream) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
+  return cudaGetLastError();
+}
+
 template <typename T, int DPAD>
 cudaError_t launch_backward(const AttentionBackwardArgs& g, cudaStream_t stream) {
   const AttentionArgs& a = g.fwd;
-  const int64_t rows = a.batch * a.heads_q * a.q_len;
-  if (rows > 0) {
-    const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
-    attention_delta_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(g.dout),
-                                                          static_cast<const T*>(a.out), g.delta, rows,
-                                                          a.head_dim_v);
-  }
   const bool vec_ok = attention_vec_ok(a);
   const bool vec_do = aligned16(g.dout) && a.head_dim_v % 8 == 0;
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (a.k_len > 0) {
-    constexpr size_t smem = dkdv_smem_bytes<T, DPAD>();
-    err = cudaFuncSetAttribute(attention_bwd_dkdv_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(a.batch * a.heads_kv), static_cast<unsigned>((a.k_len + kBlockN - 1) / kBlockN));
-    attention_bwd_dkdv_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  if (rows > 0) {
-    constexpr size_t smem = dq_smem_bytes<T, DPAD>();
-    err = cudaFuncSetAttribute(attention_bwd_dq_kernel<T, DPAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+  if (a.batch * a.heads_q * a.q_len > 0) {  // dQ, and delta for the dK / dV kernel: first
     const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>((a.q_len + kBlockM - 1) / kBlockM));
-    attention_bwd_dq_kernel<T, DPAD><<<grid, kThreads, smem, stream>>>(g, vec_ok, vec_do);
-    err = cudaGetLastError();
+    const cudaError_t err = launch_bwd_kernel(attention_bwd_dq_kernel<T, DPAD>, dq_smem_bytes<T, DPAD>(), grid, g,
+                                              vec_ok, vec_do, stream);
+    if (err != cudaSuccess) return err;
   }
-  return err;
+  if (a.k_len == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(a.batch * a.heads_kv), static_cast<unsigned>((a.k_len + kBlockN - 1) / kBlockN));
+  return launch_bwd_kernel(attention_bwd_dkdv_kernel<T, DPAD>, dkdv_smem_bytes<T, DPAD>(), grid, g, vec_ok, vec_do,
+                           stream);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "../common/launch_plan.h"
 #include "launchers.h"
 
 namespace llmkit_ext::cuda {
@@ -87,13 +88,6 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
   v = lane < warps ? scratch[lane] : 0.f;  // identity of sums and of max over |x|
   v = MAX ? warp_nan_max(v) : warp_sum(v);
   return v;
-}
-
-inline int threads_for_row(int64_t cols, int vec) {
-  int64_t want = (cols + vec - 1) / vec;
-  int t = 32;
-  while (t < want && t < 1024) t *= 2;
-  return t < 128 && cols > 256 ? 128 : t;
 }
 
 // ---- column sums over rows, in a fixed order (deterministic parameter gradients) ----

@@ -111,7 +111,7 @@ struct AttentionArgs {
   float scale;
   float dropout_p;
   uint64_t seed, offset;  // Philox counters, see csrc/common/philox.h
-  void* out;              // (B, Hq, Sq, Dv) contiguous; read-only in the backward
+  void* out;              // (B, Hq, Sq, Dv) contiguous; not read by the backward
   float* lse;             // (B, Hq, Sq): natural log, +inf on rows with no visible key
 };
 cudaError_t attention_forward(const AttentionArgs& args, cudaStream_t stream);
@@ -119,7 +119,8 @@ cudaError_t attention_forward(const AttentionArgs& args, cudaStream_t stream);
 struct AttentionBackwardArgs {
   AttentionArgs fwd;  // inputs, with out and lse those the forward wrote
   const void* dout;   // (B, Hq, Sq, Dv) contiguous
-  float* delta;       // (B, Hq, Sq) workspace: rowsum(dout * out)
+  float* delta;       // (B, Hq, Sq) workspace: rowsum(dout * out), from the float32
+                      // output (recomputed: rowsum(P Z dP)), not the rounded `out`
   void* dq;           // (B, Hq, Sq, D) contiguous
   void* dk;           // (B, Hkv, Sk, D) contiguous
   void* dv;           // (B, Hkv, Sk, Dv) contiguous

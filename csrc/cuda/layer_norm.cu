@@ -1,30 +1,75 @@
 // LayerNorm / RMSNorm forward and backward, with the fused residual add, on the GPU.
-// One block per row; float32 statistics (two-pass variance over a shared-memory copy
-// of the row when it fits, else over a re-read of the row); 16-byte vectorized loads
-// when the row length and pointers allow; parameter gradients by a deterministic
-// column reduction (common.cuh).
+// One block per row; float32 statistics: the mean from a sum shifted by the row's first
+// value (a constant row has variance exactly 0), two-pass variance over a shared-memory
+// copy of the row when it fits in what the device allows (common/launch_plan.h), else
+// over a re-read of the row; rows whose squares overflow or underflow float32 are
+// computed again, scaled (common/norm_stats.h). 16-byte vectorized loads when the row
+// length and pointers allow; parameter gradients by a deterministic column reduction
+// (common.cuh).
+#include <atomic>
+
+#include "../common/norm_stats.h"
 #include "common.cuh"
 
 namespace llmkit_ext::cuda {
 
 namespace {
 
-constexpr int64_t kMaxCachedFloats = 12288;  // 48 KiB of shared memory
+// The VEC values of the row at column c, as normalized: from the shared-memory copy or
+// from src (x, or the rounded x + residual this block wrote).
+template <typename T, int VEC>
+__device__ __forceinline__ void row_values(const float* row_cache, const T* src, int64_t c,
+                                           bool cache_row, float (&v)[VEC]) {
+  if (cache_row) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = row_cache[c + i];
+  } else {
+    load_floats<T, VEC>(src + c, v);
+  }
+}
+
+// Sum of squared deviations from `mean` of the row scaled by `unit` (1, or 2^-p for
+// rows whose squares leave float32's range); every thread gets it.
+template <typename T, int VEC>
+__device__ __forceinline__ float row_ssd(int64_t cols, const float* row_cache, const T* src,
+                                         bool cache_row, float unit, float mean, float* scratch) {
+  float acc = 0.f;
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += static_cast<int64_t>(blockDim.x) * VEC) {
+    float v[VEC];
+    row_values<T, VEC>(row_cache, src, c, cache_row, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float d = v[i] * unit - mean;
+      acc += d * d;
+    }
+  }
+  return block_reduce<false>(acc, scratch);
+}
 
 template <typename T, int VEC>
 __global__ void norm_forward_kernel(NormForwardArgs a, bool cache_row) {
   extern __shared__ float row_cache[];
-  __shared__ float scratch[32];
+  __shared__ float scratch[kNormScratchFloats];
   const int64_t r = blockIdx.x;
   const int64_t cols = a.cols;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  const float n = static_cast<float>(cols);
   const T* x = static_cast<const T*>(a.x) + r * cols;
   const T* res = a.residual ? static_cast<const T*>(a.residual) + r * cols : nullptr;
   T* res_out = a.residual_out ? static_cast<T*>(a.residual_out) + r * cols : nullptr;
   // the row as normalized: x, or x + residual rounded to T
   const T* src = res ? res_out : x;
 
+  // the shift: the row's first value as normalized (every thread computes it alike)
+  float shift = 0.f;
+  if (!a.rms) {
+    shift = to_float(x[0]);
+    if (res) shift = to_float(from_float<T>(shift + to_float(res[0])));
+  }
+  // pass 1: the rounded sum x + residual (written once), the row into shared memory, the
+  // sum of (value - shift)
   float sum = 0.f;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += static_cast<int64_t>(blockDim.x) * VEC) {
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += step) {
     float v[VEC];
     load_floats<T, VEC>(x + c, v);
     if (res) {
@@ -36,47 +81,61 @@ __global__ void norm_forward_kernel(NormForwardArgs a, bool cache_row) {
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      sum += v[i];
+      sum += v[i] - shift;
       if (cache_row) row_cache[c + i] = v[i];
     }
   }
-  if (res) __syncthreads();  // residual_out written by this block is re-read below
-  const float mean = a.rms ? 0.f : block_reduce<false>(sum, scratch) / static_cast<float>(cols);
-
-  float ssd = 0.f;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += static_cast<int64_t>(blockDim.x) * VEC) {
-    float v[VEC];
-    if (cache_row) {
+  if (res || cache_row) __syncthreads();  // the row is read by other threads below
+  float shifted_sum = a.rms ? 0.f : block_reduce<false>(sum, scratch);
+  float mean = a.rms ? 0.f : shift + shifted_sum / n;
+  // pass 2: two-pass variance
+  float ssd = row_ssd<T, VEC>(cols, row_cache, src, cache_row, 1.f, mean, scratch);
+  float var = ssd / n, eps = a.eps, unit = 1.f;
+  int p = 0;
+  // rare rows: again on the row scaled by 2^-p (block-uniform: every thread holds the
+  // same reduced values)
+  if (norm_needs_rescale(shifted_sum, ssd, var, eps)) {
+    float m = 0.f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += step) {
+      float v[VEC];
+      row_values<T, VEC>(row_cache, src, c, cache_row, v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) v[i] = row_cache[c + i];
-    } else {
-      load_floats<T, VEC>(src + c, v);
+      for (int i = 0; i < VEC; ++i) m = nan_max(m, fabsf(v[i]));
     }
+    const float amax = block_reduce<true>(m, scratch);
+    if (isfinite(amax) && amax > 0.f) {  // else inf / NaN / zeros: the plain statistics stand
+      p = norm_scale_exponent(amax);
+      unit = norm_pow2(-p);
+      if (!a.rms) {
+        const float s_shift = shift * unit;
+        float s = 0.f;
+        for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += step) {
+          float v[VEC];
+          row_values<T, VEC>(row_cache, src, c, cache_row, v);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float d = v[i] - mean;
-      ssd += d * d;
+          for (int i = 0; i < VEC; ++i) s += v[i] * unit - s_shift;
+        }
+        mean = s_shift + block_reduce<false>(s, scratch) / n;
+      }
+      ssd = row_ssd<T, VEC>(cols, row_cache, src, cache_row, unit, mean, scratch);
+      var = ssd / n;
+      eps = eps * unit * unit;
     }
   }
-  const float var = block_reduce<false>(ssd, scratch) / static_cast<float>(cols);
-  const float rstd = rsqrtf(var + a.eps);
+  const float rstd = rsqrtf(var + eps);
   if (threadIdx.x == 0) {
-    if (a.mean) a.mean[r] = mean;
-    a.rstd[r] = rstd;
+    if (a.mean) a.mean[r] = mean * norm_pow2(p);  // exact: powers of two
+    a.rstd[r] = rstd * unit;
   }
 
+  // pass 3: the output
   T* out = static_cast<T*>(a.out) + r * cols;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += static_cast<int64_t>(blockDim.x) * VEC) {
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += step) {
     float v[VEC];
-    if (cache_row) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) v[i] = row_cache[c + i];
-    } else {
-      load_floats<T, VEC>(src + c, v);
-    }
+    row_values<T, VEC>(row_cache, src, c, cache_row, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      float y = (v[i] - mean) * rstd;
+      float y = (v[i] * unit - mean) * rstd;
       if (a.weight) y *= a.weight[c + i];
       if (a.bias) y += a.bias[c + i];
       v[i] = y;
@@ -153,20 +212,46 @@ bool can_vectorize(int64_t cols, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// Shared memory per block with opt-in on the current device (read once per device).
+cudaError_t smem_optin(int64_t* bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices];  // 0: not read yet
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int v = dev < kDevices ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    err = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    if (dev < kDevices) cached[dev].store(v, std::memory_order_relaxed);
+  }
+  *bytes = v;
+  return cudaSuccess;
+}
+
+template <typename T, int VEC>
+cudaError_t launch_forward(const NormForwardArgs& a, const NormForwardPlan& plan, cudaStream_t stream) {
+  if (plan.opt_in) {
+    const cudaError_t err = cudaFuncSetAttribute(norm_forward_kernel<T, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  norm_forward_kernel<T, VEC><<<static_cast<unsigned>(a.rows), plan.threads, plan.smem_bytes, stream>>>(a, plan.cache_row);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t norm_forward_t(const NormForwardArgs& a, cudaStream_t stream) {
   const bool vec = can_vectorize<T>(a.cols, {a.x, a.residual, a.out, a.residual_out, a.weight, a.bias});
-  const int v = vec ? kVec16<T> : 1;
-  const int threads = threads_for_row(a.cols, v);
-  const bool cache = a.cols <= kMaxCachedFloats;
-  const size_t smem = cache ? static_cast<size_t>(a.cols) * sizeof(float) : 0;
-  const dim3 grid(static_cast<unsigned>(a.rows));
-  if (vec) {
-    norm_forward_kernel<T, kVec16<T>><<<grid, threads, smem, stream>>>(a, cache);
-  } else {
-    norm_forward_kernel<T, 1><<<grid, threads, smem, stream>>>(a, cache);
+  int64_t optin = 0;
+  // only rows past the default 48 KiB need the device's limit
+  if (a.cols * 4 + kNormStaticSmem > kDefaultSmemPerBlock) {
+    const cudaError_t err = smem_optin(&optin);
+    if (err != cudaSuccess) return err;
   }
-  return cudaGetLastError();
+  const NormForwardPlan plan = norm_forward_plan(a.cols, static_cast<int>(sizeof(T)), vec, optin);
+  if (plan.vec > 1) return launch_forward<T, kVec16<T>>(a, plan, stream);
+  return launch_forward<T, 1>(a, plan, stream);
 }
 
 template <typename T>

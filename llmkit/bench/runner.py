@@ -495,6 +495,10 @@ def run_bench(opts: Options, argv: list[str] | None = None,
         torch.set_num_threads(threads)  # set-up and output checks too, not only the timed calls
     try:
         _run_units(units, ctx, shapes, roofline, cpu_budget, cuda_budget, results, progress)
+    except KeyboardInterrupt:
+        # Ctrl-C, or a time limit's SIGINT: report (and write) what was measured
+        done = len({(r.suite, r.pass_, r.dtype, r.shape_label) for r in results})
+        skips.append(Skip("run", f"interrupted: {done} of {len(units)} cases have results"))
     finally:
         torch.set_num_threads(saved_threads)
     opt_json = dataclasses.asdict(opts) | {"compile": compile_on, "device": device.type, "backends": backends}

@@ -81,8 +81,53 @@ def load_shapes(path: str | Path | None = None) -> Shapes:
     return Shapes(str(p), int(raw["version"]), raw["suites"], raw.get("models", {}))
 
 
+MODEL_KEYS = ("layers", "hidden", "heads", "ffn", "vocab", "positions")
+"""The sizes every model shape defines (positive integers), besides its ``family``."""
+MODEL_FAMILIES = ("bert", "gpt2")
+
+
+def sequence_length(point: Point) -> tuple[int, str] | None:
+    """Tokens a model point puts through the model at once, and how: ``S``, or
+    ``prompt + new`` for generation (the prompt and every new token take a position)."""
+    if isinstance(point.get("S"), int):
+        return point["S"], "S"
+    if isinstance(point.get("prompt"), int) and isinstance(point.get("new"), int):
+        return point["prompt"] + point["new"], "prompt + new"
+    return None
+
+
+def _check_model(name: str, cfg: Any) -> list[str]:
+    if not isinstance(cfg, dict):
+        return [f"model {name}: must be an object"]
+    out = []
+    if cfg.get("family") not in MODEL_FAMILIES:
+        out.append(f"model {name}: family must be one of {', '.join(MODEL_FAMILIES)}, got {cfg.get('family')!r}")
+    for k in MODEL_KEYS:
+        v = cfg.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            out.append(f"model {name}: {k} must be a positive integer, got {v!r}")
+    return out
+
+
+def _check_model_point(where: str, pt: Point, cfg: dict[str, Any]) -> list[str]:
+    """A model point against its model's configuration: its sequence fits the positions.
+
+    Past them, HuggingFace's position embedding raises IndexError on the CPU and a
+    device-side assert on CUDA (which poisons the process: every later case fails)."""
+    limit = cfg.get("positions")
+    seq = sequence_length(pt)
+    if seq is None or not isinstance(limit, int):
+        return []
+    tokens, how = seq
+    if tokens > limit:
+        return [f"{where}: {how} = {tokens} tokens exceed the {limit} positions of model {pt['model']}"]
+    return []
+
+
 def check_shapes(raw: Any) -> list[str]:
-    """Everything wrong with a parsed shapes file (empty when it is well formed)."""
+    """Everything wrong with a parsed shapes file (empty when it is well formed): its
+    layout, every model's configuration, and every model point against its model (a
+    sequence longer than the model's positions is refused before anything runs)."""
     out: list[str] = []
     if not isinstance(raw, dict):
         return ["the top level must be an object"]
@@ -92,6 +137,8 @@ def check_shapes(raw: Any) -> list[str]:
     if not isinstance(models, dict):
         out.append("'models' must be an object")
         models = {}
+    for mname, cfg in models.items():
+        out.extend(_check_model(mname, cfg))
     suites = raw.get("suites")
     if not isinstance(suites, dict) or not suites:
         return out + ["'suites' must be a non-empty object"]
@@ -122,6 +169,8 @@ def check_shapes(raw: Any) -> list[str]:
                         continue
                     elif not isinstance(v, int) or v < 0:
                         out.append(f"{where}: {k} must be a non-negative integer, got {v!r}")
+                if isinstance(models.get(pt.get("model")), dict):
+                    out.extend(_check_model_point(where, pt, models[pt["model"]]))
     return out
 
 
