@@ -279,7 +279,7 @@ def test_cpu_preference_describes_itself():
 
 
 def test_cuda_ext_cpu_preference_table_is_what_is_registered():
-    from llmkit.ops import _cuda_ext_impls as C
+    from llmkit.backends.cuda_ext import _common as C
 
     for qualname, pref in C.CPU_DEFAULT.items():
         op, stage = qualname.split(".")

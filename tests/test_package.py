@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import llmkit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +77,13 @@ def test_a_wheel_carries_kernels_csrc_sources_and_the_bench_shapes(tmp_path):
     packaged = json.loads(zipfile.ZipFile(wheel).read("llmkit/bench/shapes.json"))
     assert packaged == json.loads((ROOT / "bench" / "shapes.json").read_text())
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """A wheel holds only the packages pyproject.toml lists: a new folder must be added there."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "llmkit").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found <= listed, sorted(found - listed)

@@ -7,7 +7,7 @@ with one float32 scale per output channel; ``forward`` runs ``llmkit.ops.int8_li
   int8 with int32 accumulation (tensor cores on the GPU, ``torch._int_mm`` on the CPU);
 * ``mode="w8a16"``: the activations stay in their dtype and the weight is dequantized
   inside the GEMM (on the CPU: a multi-term int8 split of the activations, see
-  :func:`llmkit.ops.int8_matmul.w8a16_cpu`).
+  :func:`llmkit.backends.reference.int8_matmul.w8a16_cpu`).
 """
 
 from __future__ import annotations

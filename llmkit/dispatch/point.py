@@ -1,320 +1,31 @@
-"""Backend registry and per-call dispatch.
+"""Dispatch points: one function with an implementation per backend, chosen per call.
 
-Every llmkit op has one or more *dispatch points* (``layer_norm.forward``,
-``layer_norm.backward``, ...). Each backend (``triton``, ``cuda_ext``,
-``reference``) registers an implementation of a dispatch point together with what it
-supports: the devices and dtypes it takes and a ``why_not(*args)`` function that
-returns readable reasons when it cannot take a particular call.
+A dispatch point (``layer_norm.forward``, ``layer_norm.backward``, ...) has a *call class*:
+a ``typing.NamedTuple`` of the point's arguments, named, in the order of the op's schema.
+That class is the signature, written once: the custom op's schema is derived from it
+(:func:`llmkit.ops._op.define`), every backend's implementation takes one call object
+``c`` (``fn(c)``), and so do its ``why_not(c)`` and CPU preference. Calling the point with
+positional arguments builds the call object.
 
-Selection, per call, in order of precedence:
-
-1. ``llmkit.use_backend(..., op=...)`` per-op overrides of the innermost context,
-2. ``llmkit.use_backend(name)`` for all ops,
-3. the environment variable ``LLMKIT_BACKEND`` (``triton``, ``triton,reference``,
-   or per op: ``layer_norm=reference;attention=triton``),
-4. the default order for the device of the inputs: on CUDA ``triton -> cuda_ext ->
-   reference``; on the CPU the implementations registered as preferred there
-   (``cpu_default``: always, or for the calls a predicate such as
-   :class:`CpuPreference` accepts, e.g. some dtypes from some size on) where their
-   backend is available, then ``reference``.
-
-A single backend asked for by name never falls back: if it cannot take the call,
-:class:`~llmkit.errors.BackendError` is raised with its reasons. A list of names
-(``use_backend(["triton", "reference"])``) is an explicit order in which fallback is
-allowed. When the default order falls back, the reason is logged once.
+Each backend registers an implementation with what it supports: the devices and dtypes it
+takes (of the call's first tensor argument) and ``why_not(c)``, readable reasons it cannot
+take a particular call. :meth:`DispatchPoint.select` walks the order in force
+(:mod:`.selection`, else the default order for the device) and runs the first that takes
+the call; a fallback in the default order is logged once, an explicit request never runs
+anything outside its list and raises :class:`~llmkit.errors.BackendError` with every reason.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import importlib.util
-import logging
-import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ._compat import triton_interpreter_note, triton_interpreting
-from .errors import BackendError, UnknownBackendError
-
-logger = logging.getLogger("llmkit")
-
-BACKEND_NAMES: tuple[str, ...] = ("triton", "cuda_ext", "reference")
-"""Every backend llmkit knows, in the default order on CUDA."""
-
-
-# --------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Backend:
-    """A backend: a name and a way to tell whether it can run on a device type."""
-
-    name: str
-    description: str
-    probe: Callable[[str], str | None]
-    """``probe(device_type)`` returns None when usable on that device type, else why not."""
-    details: Callable[[], dict[str, str]] = dataclasses.field(default=lambda: {})
-
-    def unavailable_reason(self, device_type: str) -> str | None:
-        """None when this backend can run on ``device_type`` ('cpu', 'cuda', ...), else why not."""
-        return self.probe(device_type)
-
-
-_lock = threading.Lock()
-_triton_probe_cache: dict[str, str | None] = {}
-
-
-def _triton_import_error() -> str | None:
-    if "import" not in _triton_probe_cache:
-        if importlib.util.find_spec("triton") is None:
-            _triton_probe_cache["import"] = "Triton is not installed (pip install triton)"
-        else:
-            try:
-                import triton  # noqa: F401
-            except Exception as exc:  # pragma: no cover - depends on the wheel
-                _triton_probe_cache["import"] = f"Triton failed to import: {exc!r}"
-            else:
-                _triton_probe_cache["import"] = None
-    return _triton_probe_cache["import"]
-
-
-def _probe_triton(device_type: str) -> str | None:
-    # The answer depends only on the device type and TRITON_INTERPRET (GPUs do not come
-    # and go within a process), so it is computed once per pair: this runs on every call.
-    key = f"{device_type}|{triton_interpreting()}"
-    if key not in _triton_probe_cache:
-        _triton_probe_cache[key] = _probe_triton_uncached(device_type)
-    return _triton_probe_cache[key]
-
-
-def _probe_triton_uncached(device_type: str) -> str | None:
-    err = _triton_import_error()
-    if err:
-        return err
-    if device_type == "cpu":
-        if triton_interpreting():
-            return None
-        return (
-            "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 "
-            "before llmkit imports its kernels"
-        )
-    if device_type == "cuda":
-        if triton_interpreting():
-            return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is available"
-        if torch.version.hip is not None:
-            return "llmkit's Triton kernels are tuned for NVIDIA GPUs; ROCm is not supported"
-        major, _minor = torch.cuda.get_device_capability()
-        if major < 8:
-            return f"llmkit's Triton kernels need compute capability >= 8.0 (got {major}.{_minor})"
-        return None
-    return f"Triton backend does not run on device type {device_type!r}"
-
-
-def _triton_details() -> dict[str, str]:
-    if _triton_import_error():
-        return {}
-    import triton
-
-    out = {"version": triton.__version__}
-    if triton_interpreting():
-        out["mode"] = "interpreter (TRITON_INTERPRET=1)"
-        out["interpreter"] = triton_interpreter_note()
-    return out
-
-
-def _probe_reference(device_type: str) -> str | None:
-    return None
-
-
-def _probe_cuda_ext(device_type: str) -> str | None:
-    # The extension module (llmkit/_ext.py) owns building and loading; it answers for
-    # itself. Until it is importable the backend is simply not built. Whatever goes
-    # wrong in there is a reason the backend is unavailable, never an error of the call:
-    # the default order goes on to the next backend, a request by name raises it.
-    try:
-        from . import _ext
-
-        return _ext.unavailable_reason(device_type)
-    except ImportError:
-        return "the C++/CUDA extension is not part of this installation"
-    except Exception as exc:  # noqa: BLE001 - a broken optional backend must not break llmkit
-        reason = f"the C++/CUDA extension failed: {type(exc).__name__}: {exc}"
-        _log_once(("cuda_ext probe", reason), f"llmkit: {reason}")
-        return reason
-
-
-def _cuda_ext_details() -> dict[str, str]:
-    try:
-        from . import _ext
-    except ImportError:
-        return {}
-    return _ext.details()
-
-
-BACKENDS: dict[str, Backend] = {
-    "triton": Backend(
-        "triton", "Triton kernels (kernels/*.py)", _probe_triton, _triton_details
-    ),
-    "cuda_ext": Backend(
-        "cuda_ext", "C++/CUDA extension (csrc/)", _probe_cuda_ext, _cuda_ext_details
-    ),
-    "reference": Backend(
-        "reference", "pure PyTorch reference paths (llmkit/ops/*.py)", _probe_reference
-    ),
-}
-
-
-def check_backend_name(name: str, source: str | None = None) -> str:
-    """Return ``name`` if it is a known backend, else raise :class:`UnknownBackendError`
-    (its message starts with ``source``, where the name came from, when given)."""
-    if name not in BACKENDS:
-        raise UnknownBackendError(
-            f"{source + ': ' if source else ''}unknown backend {name!r}: llmkit knows "
-            f"{', '.join(BACKEND_NAMES)}"
-        )
-    return name
-
-
-# --------------------------------------------------------------------------------------
-# Selection state: use_backend / LLMKIT_BACKEND
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """Backends asked for: an order, and whether falling back past it is allowed."""
-
-    order: tuple[str, ...]
-    """Backends to try, in order; nothing outside this list runs."""
-    source: str
-    """Where the request came from, for error messages."""
-
-
-def _as_request(value: str | Sequence[str], source: str) -> Request:
-    if isinstance(value, str):
-        names = tuple(v.strip() for v in value.split(",") if v.strip())
-    elif isinstance(value, (list, tuple)):
-        names = tuple(value)
-    else:
-        raise TypeError(
-            f"{source}: a backend must be given as a name ({', '.join(map(repr, BACKEND_NAMES))}), "
-            f"a comma-separated string of names or a list of names, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    if not names:
-        raise UnknownBackendError(f"{source}: empty backend list")
-    for n in names:
-        if not isinstance(n, str):
-            raise TypeError(f"{source}: backend names must be strings, got {n!r} ({type(n).__name__})")
-        check_backend_name(n, source)
-    return Request(names, source)
-
-
-# The selection is a mapping: "*" for every op, else op name -> Request.
-_selection: contextvars.ContextVar[dict[str, Request]] = contextvars.ContextVar(
-    "llmkit_backend_selection", default={}
-)
-
-_env_cache: dict[str, dict[str, Request]] = {}
-
-
-def _env_selection() -> dict[str, Request]:
-    raw = os.environ.get("LLMKIT_BACKEND", "").strip()
-    if not raw:
-        return {}
-    cached = _env_cache.get(raw)
-    if cached is not None:
-        return cached
-    sel: dict[str, Request] = {}
-    for part in raw.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" in part:
-            op, _, names = part.partition("=")
-            op = op.strip()
-            if op not in OPS:
-                raise UnknownBackendError(
-                    f"LLMKIT_BACKEND={raw!r}: unknown op {op!r}; ops are {', '.join(sorted(OPS))}"
-                )
-            sel[op] = _as_request(names, f"LLMKIT_BACKEND={raw!r} ({op})")
-        else:
-            sel["*"] = _as_request(part, f"LLMKIT_BACKEND={raw!r}")
-    _env_cache[raw] = sel
-    return sel
-
-
-def env_selection_summary() -> str | None:
-    """What ``LLMKIT_BACKEND`` asks for, in one line for ``llmkit info`` (None when unset);
-    an invalid value gives the error every op call would raise."""
-    raw = os.environ.get("LLMKIT_BACKEND", "").strip()
-    if not raw:
-        return None
-    try:
-        sel = _env_selection()
-    except (UnknownBackendError, TypeError) as exc:
-        return f"LLMKIT_BACKEND={raw!r} is invalid, every llmkit op call raises: {exc}"
-    parts = [f"{'every op' if op == '*' else op}: {', '.join(r.order)}" for op, r in sel.items()]
-    return f"LLMKIT_BACKEND={raw!r} ({'; '.join(parts)})"
-
-
-@contextlib.contextmanager
-def use_backend(
-    backend: str | Sequence[str] | None = None, /, **per_op: str | Sequence[str]
-) -> Iterator[None]:
-    """Select backends for the calls made inside the ``with`` block.
-
-    Args:
-        backend: a backend name (``"triton"``, ``"cuda_ext"``, ``"reference"``), a
-            comma-separated string or a list of names giving an order. Applies to
-            every op. A single name is strict: a call that backend cannot take raises
-            :class:`~llmkit.errors.BackendError` instead of falling back.
-        **per_op: overrides for single ops, e.g. ``attention="reference"``; op names
-            are those of ``llmkit.dispatch.OPS``.
-
-    The selection lives in a :class:`contextvars.ContextVar`, so it is local to the
-    thread or asyncio task that entered the block. Blocks nest; the inner one wins.
-    """
-    current = dict(_selection.get())
-    if backend is not None:
-        current["*"] = _as_request(backend, "use_backend")
-        # A new global choice replaces outer per-op choices only where the caller
-        # also names the op again; outer per-op overrides stay in force.
-    for op, names in per_op.items():
-        if op not in OPS:
-            raise UnknownBackendError(
-                f"use_backend: unknown op {op!r}; ops are {', '.join(sorted(OPS))}"
-            )
-        current[op] = _as_request(names, f"use_backend({op}=...)")
-    token = _selection.set(current)
-    try:
-        yield
-    finally:
-        _selection.reset(token)
-
-
-def requested(op: str) -> Request | None:
-    """The explicit backend request in force for ``op`` (None means default order)."""
-    sel = _selection.get()
-    req = sel.get(op) or sel.get("*")
-    if req is not None:
-        return req
-    env = _env_selection()
-    return env.get(op) or env.get("*")
-
-
-# --------------------------------------------------------------------------------------
-# Dispatch points
-# --------------------------------------------------------------------------------------
+from ..errors import BackendError
+from .backends import BACKEND_NAMES, BACKENDS, OPS, _log_once, check_backend_name
+from .selection import requested
 
 
 WhyNot = Callable[..., Iterable[str]]
@@ -357,7 +68,7 @@ class CpuPreference:
         """dtype -> (least, limit or None): the element counts for which it is preferred."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> bool:
-        first = args[0] if args and type(args[0]) is torch.Tensor else _first_tensor(args, kwargs)
+        first = _first_tensor(args, kwargs)
         if first is None:
             return False
         size = self.sizes.get(first.dtype)
@@ -419,24 +130,18 @@ class Impl:
 
 
 def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The first tensor argument of a call (inside a call object: its first tensor field)."""
     for a in args:
         if isinstance(a, torch.Tensor):
             return a
+        if isinstance(a, tuple) and hasattr(type(a), "_fields"):  # a call object
+            for v in a:
+                if isinstance(v, torch.Tensor):
+                    return v
     for a in kwargs.values():
         if isinstance(a, torch.Tensor):
             return a
     return None
-
-
-_logged: set[tuple[Any, ...]] = set()
-
-
-def _log_once(key: tuple[Any, ...], msg: str) -> None:
-    with _lock:
-        if key in _logged:
-            return
-        _logged.add(key)
-    logger.warning(msg)
 
 
 _CpuCache = tuple[tuple[str, ...], tuple[Callable[..., bool], ...], tuple[tuple[str, ...], ...]]
@@ -449,13 +154,16 @@ class DispatchPoint:
     """A function with one implementation per backend, chosen per call.
 
     ``op`` is the user-facing op name used by ``use_backend(op=...)`` and
-    ``LLMKIT_BACKEND``; ``stage`` tells forward from backward etc.
+    ``LLMKIT_BACKEND``; ``stage`` tells forward from backward etc. ``call`` is the call
+    class (a ``typing.NamedTuple`` of the arguments): implementations, ``why_not`` and CPU
+    preferences receive one call object. Calling the point (``point(c)``, or with the
+    arguments, ``point(x, ...)``, which builds ``call(x, ...)``) selects and runs.
     """
 
-    def __init__(self, op: str, stage: str, doc: str = ""):
+    def __init__(self, op: str, stage: str, call: type[tuple] | None = None):
         self.op = op
         self.stage = stage
-        self.doc = doc
+        self.call = call
         self.impls: dict[str, Impl] = {}
         # Computed from the registrations on first use, reset by register(); one attribute
         # replaced whole, so that a reader never mixes two registrations.
@@ -549,8 +257,17 @@ class DispatchPoint:
         self._cpu_cache = cache
         return cache
 
+    def _args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments implementations receive: ``(call object,)`` for a point with a call
+        class (built from the arguments unless one was passed), else as given."""
+        call = self.call
+        if call is None or (len(args) == 1 and not kwargs and type(args[0]) is call):
+            return args, kwargs
+        return (call(*args, **kwargs),), {}
+
     def why_not(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
         """Reasons ``backend`` cannot take this call (empty when it can)."""
+        args, kwargs = self._args(args, kwargs)
         check_backend_name(backend)
         first = _first_tensor(args, kwargs)
         device_type = first.device.type if first is not None else "cpu"
@@ -564,6 +281,10 @@ class DispatchPoint:
 
     def select(self, *args: Any, **kwargs: Any) -> Impl:
         """The implementation that takes this call; raises BackendError if none does."""
+        args, kwargs = self._args(args, kwargs)
+        return self._select(args, kwargs)
+
+    def _select(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Impl:
         first = _first_tensor(args, kwargs)
         device_type = first.device.type if first is not None else "cpu"
         req = requested(self.op)
@@ -605,10 +326,12 @@ class DispatchPoint:
         raise BackendError(f"{head}:\n{detail}", reasons)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.select(*args, **kwargs).fn(*args, **kwargs)
+        args, kwargs = self._args(args, kwargs)
+        return self._select(args, kwargs).fn(*args, **kwargs)
 
     def call_backend(self, backend: str, *args: Any, **kwargs: Any) -> Any:
         """Run one named backend's implementation, raising its reasons if it cannot."""
+        args, kwargs = self._args(args, kwargs)
         r = self.why_not(backend, *args, **kwargs)
         if r:
             raise BackendError(
@@ -617,15 +340,6 @@ class DispatchPoint:
                 {backend: r},
             )
         return self.impls[backend].fn(*args, **kwargs)
-
-
-OPS: dict[str, dict[str, DispatchPoint]] = {}
-"""Every op name -> its dispatch points by stage. Filled as ``llmkit.ops`` imports."""
-
-
-# --------------------------------------------------------------------------------------
-# Introspection
-# --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -643,7 +357,7 @@ class BackendInfo:
 
 def backend_info() -> list[BackendInfo]:
     """Which backends can run on this machine, on which devices, and why not."""
-    from . import ops as _ops  # noqa: F401  (fills OPS)
+    from .. import ops as _ops  # noqa: F401  (fills OPS)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out = []

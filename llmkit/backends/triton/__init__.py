@@ -1,0 +1,5 @@
+"""The triton backend's implementations: importing this package registers them."""
+
+from __future__ import annotations
+
+from . import gelu, int8_matmul  # noqa: F401
