@@ -57,3 +57,16 @@ def ext():
         reason = _ext.load()
     assert reason is None, reason
     return _ext
+
+
+def select_linear_path(monkeypatch, path: str) -> None:
+    """Force one of the ``linear`` dispatch point's reference paths on CPU tensors:
+    ``"onednn"`` (the default: its variants as they are), ``"bias_in_gemm"`` (no oneDNN) or
+    ``"bias_gelu"`` (neither variant: the path GPUs take, the bias inside the GELU kernel)."""
+    from llmkit.ops.linear import linear_forward
+
+    order = ["onednn", "bias_in_gemm", "bias_gelu"]
+    keep = set(order[order.index(path):])
+    for v in linear_forward.variants["reference"]:
+        if v.variant not in keep:
+            monkeypatch.setattr(v, "prefer", lambda c: False)

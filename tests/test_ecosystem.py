@@ -20,7 +20,6 @@ from torch import nn
 import llmkit
 import llmkit.nn as lnn
 from llmkit.models import GPT, GPTConfig
-from llmkit.nn import _fused
 
 D, H, FF = 32, 4, 48
 
@@ -73,7 +72,7 @@ def test_compile_fullgraph_swapped_hf_model():
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(graphs) == 1  # one graph: no breaks
-    gelu = "llmkit.gelu" if _fused.BIAS_IN_GEMM_ON_CPU else "llmkit.bias_gelu"  # CPU: the GEMM adds the bias
+    gelu = "llmkit.gelu"  # CPU: the GEMM adds the bias (the bias_in_gemm variant of the linear point)
     assert _llmkit_ops_in(graphs[0]) == {
         "llmkit.layer_norm", "llmkit.add_layer_norm", gelu, "llmkit.scaled_dot_product_attention",
     }

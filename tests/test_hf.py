@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import llmkit
+from conftest import select_linear_path
 from llmkit._compat import cache_kwarg
 from llmkit.integrations.hf import attention as hf_attention
 from llmkit.integrations.hf import fused as hf_fused
@@ -137,11 +138,8 @@ def test_attention_function_warns_for_output_attentions(caplog):
 def bias_path(request, monkeypatch):
     """Every CPU linear / GELU-bias path: oneDNN GEMM with bias and GELU fused (CPU default),
     F.linear adding the bias then the GELU, or F.linear without bias then bias_gelu (GPU)."""
-    from llmkit.nn import _fused
-
     in_gemm, onednn = request.param
-    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", in_gemm)
-    monkeypatch.setattr(_fused, "ONEDNN_LINEAR_ON_CPU", onednn)
+    select_linear_path(monkeypatch, "onednn" if onednn else "bias_in_gemm" if in_gemm else "bias_gelu")
     return request.param
 
 

@@ -60,9 +60,9 @@ def test_gpt_from_hf_gives_the_same_logits(kw):
 
 @pytest.mark.parametrize("bias_in_gemm", [True, False])
 def test_gpt_gradients_match_hf(monkeypatch, bias_in_gemm):
-    from llmkit.nn import _fused
+    from conftest import select_linear_path
 
-    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", bias_in_gemm)
+    select_linear_path(monkeypatch, "onednn" if bias_in_gemm else "bias_gelu")
     hf = hf_gpt2()
     ours = GPT.from_hf(hf)
     ids = torch.randint(0, VOCAB, (2, 9))

@@ -16,7 +16,7 @@ import llmkit
 import llmkit.nn as lnn
 from llmkit.dispatch import BACKENDS, triton_interpreting
 from llmkit.models import GPT, GPTConfig
-from llmkit.nn import _fused
+from conftest import select_linear_path
 
 from test_nn_modules import _assert_same
 
@@ -30,7 +30,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)  # fp32 kernels sum in other orders than ATen
 @pytest.fixture
 def bias_gelu_path(monkeypatch):
     """Run the GPU form (bias fused into the GELU kernel) on CPU tensors too."""
-    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", False)
+    select_linear_path(monkeypatch, "bias_gelu")
 
 
 def _backends_here() -> list[str]:

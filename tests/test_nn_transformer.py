@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmkit.nn as lnn
+from conftest import select_linear_path
 from llmkit.nn import _fused
 
 from test_nn_modules import TOL, _assert_same
@@ -201,7 +202,7 @@ def test_seeded_transformer_has_torchs_weights():
 @pytest.mark.parametrize("bias", [True, False])
 def test_encoder_layer_bias_gelu_path_matches_torch(monkeypatch, norm_first, activation, bias):
     """The bias_gelu fusion that GPUs take, forced on the CPU."""
-    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", False)
+    select_linear_path(monkeypatch, "bias_gelu")
     test_encoder_layer_matches_torch(True, norm_first, activation, bias, "kpm")
 
 
@@ -209,11 +210,12 @@ def test_encoder_layer_bias_gelu_path_matches_torch(monkeypatch, norm_first, act
 def test_layers_use_fused_ops(monkeypatch, bias_in_gemm):
     """Post-norm layer: two add+LayerNorm, one bias+GELU, one attention call.
 
-    On the CPU the bias goes into the GEMM and the GELU runs alone (BIAS_IN_GEMM_ON_CPU).
+    On the CPU the bias goes into the GEMM and the GELU runs alone (the ``bias_in_gemm`` variant of
+    the ``linear`` point).
     """
     import llmkit
 
-    monkeypatch.setattr(_fused, "BIAS_IN_GEMM_ON_CPU", bias_in_gemm)
+    select_linear_path(monkeypatch, "bias_in_gemm" if bias_in_gemm else "bias_gelu")
     gelu_op = "gelu" if bias_in_gemm else "bias_gelu"
 
     counts: dict[str, int] = {}

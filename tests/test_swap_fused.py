@@ -18,7 +18,11 @@ import torch
 
 import llmkit
 from llmkit.integrations import hf as hf_integration
+from conftest import select_linear_path
+from llmkit._compat import ONEDNN_LINEAR
+from llmkit.backends.reference.linear import onednn_applies
 from llmkit.nn import _fused
+from llmkit.ops.linear import LinearCall, linear_forward
 
 from test_hf import VOCAB, _padded_batch, bert, gpt2
 
@@ -33,7 +37,8 @@ def _gelu64(x: torch.Tensor, approximate: str) -> torch.Tensor:
 
 @pytest.fixture(params=[True, False], ids=["onednn", "f_linear"])
 def onednn(request, monkeypatch):
-    monkeypatch.setattr(_fused, "ONEDNN_LINEAR_ON_CPU", request.param)
+    if not request.param:
+        select_linear_path(monkeypatch, "bias_in_gemm")
     return request.param
 
 
@@ -73,24 +78,27 @@ def test_dense_bfloat16_and_mixed_dtypes_take_f_linear():
     w = torch.randn(4, 8, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(_fused.dense(x, w, None), torch.nn.functional.linear(x, w))
-    assert not _fused._onednn_ok(torch.randn(3, 8), torch.randn(4, 8, dtype=torch.float64), None)
+    assert not onednn_applies(LinearCall(torch.randn(3, 8), torch.randn(4, 8, dtype=torch.float64), None, None))
 
 
 def test_dense_takes_onednn_from_two_rows(onednn):
     w, b = torch.randn(7, 16), torch.randn(7)
-    available = onednn and _fused._ONEDNN_LINEAR is not None
-    assert not _fused._onednn_ok(torch.randn(1, 1, 16), w, b)  # one row: a decode step
-    assert not _fused._onednn_ok(torch.randn(2, 0), torch.randn(7, 0), b)  # nothing to reduce
-    assert _fused._onednn_ok(torch.randn(2, 16), w, b) == available
-    assert _fused._onednn_ok(torch.randn(2, 1, 16), w, None) == available
+    available = ONEDNN_LINEAR is not None
+    assert not onednn_applies(LinearCall(torch.randn(1, 1, 16), w, b, None))  # one row: a decode step
+    assert not onednn_applies(LinearCall(torch.randn(2, 0), torch.randn(7, 0), b, None))  # nothing to reduce
+    assert onednn_applies(LinearCall(torch.randn(2, 16), w, b, None)) == available
+    assert onednn_applies(LinearCall(torch.randn(2, 1, 16), w, None, None)) == available
+    x = torch.randn(2, 16)
+    took = linear_forward.select(x, w, b, None)
+    assert took.name == ("reference:onednn" if available and onednn else "reference:bias_in_gemm")
 
 
 def test_dense_under_autocast_runs_in_the_autocast_dtype():
     """Under CPU autocast F.linear computes in bfloat16; dense must not keep it float32."""
     x, w, b = torch.randn(5, 16), torch.randn(7, 16), torch.randn(7)
-    assert _fused._onednn_ok(x, w, b) == (_fused._ONEDNN_LINEAR is not None and _fused.ONEDNN_LINEAR_ON_CPU)
+    assert onednn_applies(LinearCall(x, w, b, None)) == (ONEDNN_LINEAR is not None)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _fused._onednn_ok(x, w, b)
+        assert not onednn_applies(LinearCall(x, w, b, None))
         got = _fused.dense(x, w, b, "tanh")
         want = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
     assert got.dtype == want.dtype == torch.bfloat16

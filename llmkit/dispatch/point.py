@@ -114,6 +114,14 @@ class Impl:
     cpu_default: CpuDefault = False
     """On CPU tensors, take precedence over the reference path (where measured faster):
     always (True), never (False), or for the calls a predicate accepts (:data:`CpuDefault`)."""
+    variant: str | None = None
+    """For a variant (a faster way of the same backend for some calls): its name."""
+    prefer: Callable[..., bool] | None = None
+    """For a variant: a predicate of the call; the variant runs only for calls it accepts."""
+
+    @property
+    def name(self) -> str:
+        return self.backend if self.variant is None else f"{self.backend}:{self.variant}"
 
     def reasons(self, device_type: str, first: torch.Tensor | None, args, kwargs) -> list[str]:
         out: list[str] = []
@@ -160,11 +168,17 @@ class DispatchPoint:
     arguments, ``point(x, ...)``, which builds ``call(x, ...)``) selects and runs.
     """
 
-    def __init__(self, op: str, stage: str, call: type[tuple] | None = None):
+    def __init__(self, op: str, stage: str, call: type[tuple] | None = None, composite: bool = False):
         self.op = op
         self.stage = stage
         self.call = call
+        self.composite = composite
+        """A composite point's implementations compose other llmkit ops, which dispatch
+        themselves: a backend chosen for every op does not apply to it (only ``use_backend``
+        / ``LLMKIT_BACKEND`` for this op by name, and not while ``torch.compile`` traces)."""
         self.impls: dict[str, Impl] = {}
+        self.variants: dict[str, list[Impl]] = {}
+        """backend -> its variants, tried in order before its implementation (see register)."""
         # Computed from the registrations on first use, reset by register(); one attribute
         # replaced whole, so that a reader never mixes two registrations.
         self._cpu_cache: _CpuCache | None = None
@@ -182,14 +196,23 @@ class DispatchPoint:
         dtypes: Sequence[torch.dtype] | None = None,
         why_not: WhyNot | None = None,
         cpu_default: CpuDefault = False,
+        variant: str | None = None,
+        prefer: Callable[..., bool] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``fn`` as ``backend``'s implementation of this point.
 
         ``cpu_default``: whether the default order on CPU tensors tries this
         implementation before ``reference``: a bool, or a predicate of the call's
         arguments such as :class:`CpuPreference` (see :data:`CpuDefault`).
+
+        ``variant`` (with ``prefer``): registers a faster way of the same backend for the
+        calls ``prefer(c)`` accepts and ``why_not(c)`` does not refuse; variants are tried
+        in registration order before the backend's implementation, wherever the backend
+        is selected (by default or by name), and never count as a fallback.
         """
         check_backend_name(backend)
+        if (variant is None) != (prefer is None):
+            raise TypeError(f"{self.qualname}: a variant needs both a name and a prefer predicate")
         if not isinstance(cpu_default, bool) and not callable(cpu_default):
             raise TypeError(
                 f"{self.qualname}: cpu_default must be a bool or a predicate of the call's "
@@ -197,15 +220,22 @@ class DispatchPoint:
             )
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.impls[backend] = Impl(
+            impl = Impl(
                 backend,
                 fn,
                 tuple(devices) if devices is not None else None,
                 tuple(dtypes) if dtypes is not None else None,
                 why_not,
                 cpu_default,
+                variant,
+                prefer,
             )
-            self._cpu_cache = None
+            if variant is None:
+                self.impls[backend] = impl
+                self._cpu_cache = None
+            else:
+                variants = self.variants.setdefault(backend, [])
+                variants[:] = [v for v in variants if v.variant != variant] + [impl]
             return fn
 
         return deco
@@ -287,7 +317,9 @@ class DispatchPoint:
     def _select(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Impl:
         first = _first_tensor(args, kwargs)
         device_type = first.device.type if first is not None else "cpu"
-        req = requested(self.op)
+        # a composite point runs while torch.compile traces (no custom op hides it): there,
+        # the default order, without reading the selection's context variable
+        req = None if self.composite and torch.compiler.is_compiling() else requested(self.op, self.composite)
         if req is not None:
             order = req.order
         else:
@@ -304,6 +336,9 @@ class DispatchPoint:
             if impl is None:
                 reasons[name] = [f"no {name} implementation of {self.qualname}"]
                 continue
+            for v in self.variants.get(name, ()):
+                if v.prefer(*args, **kwargs) and not v.reasons(device_type, first, args, kwargs):  # type: ignore[misc]
+                    return v
             r = impl.reasons(device_type, first, args, kwargs)
             if r:
                 reasons[name] = r
@@ -339,6 +374,11 @@ class DispatchPoint:
                 + "; ".join(r),
                 {backend: r},
             )
+        first = _first_tensor(args, kwargs)
+        device_type = first.device.type if first is not None else "cpu"
+        for v in self.variants.get(backend, ()):
+            if v.prefer(*args, **kwargs) and not v.reasons(device_type, first, args, kwargs):  # type: ignore[misc]
+                return v.fn(*args, **kwargs)
         return self.impls[backend].fn(*args, **kwargs)
 
 

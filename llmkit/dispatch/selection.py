@@ -131,11 +131,12 @@ def use_backend(
         _selection.reset(token)
 
 
-def requested(op: str) -> Request | None:
-    """The explicit backend request in force for ``op`` (None means default order)."""
+def requested(op: str, per_op_only: bool = False) -> Request | None:
+    """The explicit backend request in force for ``op`` (None means default order);
+    ``per_op_only``: ignore choices made for every op (a composite point's)."""
     sel = _selection.get()
-    req = sel.get(op) or sel.get("*")
+    req = sel.get(op) or (None if per_op_only else sel.get("*"))
     if req is not None:
         return req
     env = _env_selection()
-    return env.get(op) or env.get("*")
+    return env.get(op) or (None if per_op_only else env.get("*"))

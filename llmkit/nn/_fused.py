@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .._compat import ONEDNN_LINEAR
 from ..ops import _fastpath as FP
 from ..ops.gelu import gelu_forward as _gelu_point
 from ..ops.layer_norm import add_layer_norm_forward as _add_ln_point
-from ..ops.layer_norm import layer_norm_forward_reference as _layer_norm_reference
+from ..ops.layer_norm import layer_norm_forward as _layer_norm_point
+from ..ops.linear import LinearCall, linear_forward
 from .activation import GELU
 from .normalization import LayerNorm, RMSNorm
 
@@ -116,8 +116,8 @@ def add_norm_into(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor
         and (module.bias is None or module.bias.dtype == x.dtype)
     ):
         total = x.add_(residual)
-        out, _, _ = _layer_norm_reference(total, list(module.normalized_shape), module.weight, module.bias,
-                                         module.eps)
+        out, _, _ = _layer_norm_point.call_backend("reference", total, list(module.normalized_shape), module.weight,
+                                                   module.bias, module.eps)
         return out, total
     return add_norm(x, residual, module)
 
@@ -135,62 +135,16 @@ def gelu_approximate(activation: object) -> str | None:
     return None
 
 
-BIAS_IN_GEMM_ON_CPU = True
-"""On CPU tensors, let the GEMM add a GELU's bias (``addmm``) instead of ``bias_gelu``.
-
-The CPU GEMM adds the bias while it writes its output, at no cost, so ``gelu(linear(x, W,
-b))`` is one pass fewer than ``bias_gelu(linear(x, W), b)`` there (measured: the fused form
-made a swapped BERT-base a few percent slower on CPU). On GPUs the bias is fused into the
-GELU kernel. Tests set this to False to run the ``bias_gelu`` path on the CPU too."""
-
-
-_ONEDNN_LINEAR = ONEDNN_LINEAR
-ONEDNN_LINEAR_ON_CPU = True
-"""Run the linears of swapped blocks through oneDNN on plain float32 CPU tensors.
-
-torch's ``F.linear`` on the CPU calls MKL's sgemm, which on the AMD Zen 5 CPUs this was
-measured on runs its AVX2 code: oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
-the op ``torch.compile``'s CPU backend uses) took 23.3 ms against 51.9 ms for a
-2048x768 @ 768x3072 GEMM on 2 threads, and fuses the bias and a GELU into the GEMM's
-epilogue (no extra pass over the output). It is used only where autograd, compile, export,
-tensor modes and autocast are not involved (:func:`llmkit.ops._fastpath.eager_ok`), for float32
-inputs, parameters of the same dtype and inputs of two rows or more; results agree with ``F.linear`` to
-float32 rounding (a different summation order). False (tests set it) gives ``F.linear``."""
-
-
-def _onednn_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    return (
-        ONEDNN_LINEAR_ON_CPU
-        and _ONEDNN_LINEAR is not None
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and x.dim() >= 2
-        # two rows or more: for one row (a decode step) MKL's GEMV is as fast, and faster
-        # against a transposed (Conv1D) weight (121 vs 210 us, 768x3072, 1 thread)
-        and x.numel() >= 2 * x.shape[-1] > 0
-        and weight.dim() == 2
-        and FP.eager_ok(x, weight, optional=(bias,))
-        # under autocast F.linear runs in the autocast dtype; the oneDNN op would stay float32
-        and not torch.is_autocast_enabled(x.device.type)
-    )
-
-
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str | None = None) -> Tensor:
     """``x @ weight^T + bias``, then ``gelu(., approximate=gelu)`` when ``gelu`` is given.
 
     ``x``: ``(*, in)``, ``weight``: ``(out, in)`` (any strides), ``bias``: ``(out,)`` or
-    None; returns a fresh ``(*, out)`` tensor. On plain float32 CPU tensors outside autograd
-    (see :data:`ONEDNN_LINEAR_ON_CPU`) one oneDNN GEMM adds the bias and applies the GELU in
-    its epilogue; otherwise ``F.linear`` and, for a GELU, :func:`gelu_after` on its output
-    (the bias added by the GEMM).
+    None; returns a fresh ``(*, out)`` tensor. Runs the ``linear`` dispatch point
+    (:mod:`llmkit.ops.linear`): one oneDNN GEMM with the bias and GELU in its epilogue on
+    float32 CPU inference, the GEMM adding the bias on other CPU calls, ``bias_gelu`` on a
+    GPU.
     """
-    if _onednn_ok(x, weight, bias):
-        if gelu is None:
-            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], gelu)
-    out = F.linear(x, weight, bias)
-    return out if gelu is None else gelu_after(out, gelu)
+    return linear_forward(LinearCall(x, weight, bias, gelu))
 
 
 def linear(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
@@ -203,18 +157,15 @@ def linear(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
 def linear_act(x: Tensor, linear: nn.Module, activation: Callable[[Tensor], Tensor]) -> Tensor:
     """``activation(linear(x))``; for a GELU the bias add is fused into the activation.
 
-    ``x``: ``(*, in_features)``; returns ``(*, out_features)``. With a GELU and a
-    biased ``nn.Linear`` this is ``bias_gelu(x @ W^T, b)``: the pre-activation is
-    never rounded or written to memory before the GELU. On the CPU the GEMM adds the
-    bias (:data:`BIAS_IN_GEMM_ON_CPU`), and on float32 outside autograd one oneDNN GEMM
-    does the bias and the GELU (:func:`dense`).
+    ``x``: ``(*, in_features)``; returns ``(*, out_features)``. With a GELU and an exact
+    ``nn.Linear`` this is :func:`dense` with the GELU: on a GPU ``bias_gelu(x @ W^T, b)``
+    (the pre-activation never rounded or written before the GELU), on the CPU the GEMM's
+    own bias add (and on float32 inference one oneDNN GEMM with the GELU in its epilogue).
     """
     approx = gelu_approximate(activation)
     if approx is None or type(linear) not in _LINEARS or _hooked(linear):
         return activation(linear(x))
-    if linear.bias is None or (BIAS_IN_GEMM_ON_CPU and x.device.type == "cpu"):
-        return dense(x, linear.weight, linear.bias, approx)
-    return ops.bias_gelu(F.linear(x, linear.weight), linear.bias, approx)
+    return dense(x, linear.weight, linear.bias, approx)
 
 
 def is_causal_hint_mask(mask: Tensor | None, is_causal: bool | None, size: int | None) -> bool:

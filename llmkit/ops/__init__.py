@@ -13,6 +13,7 @@ from .attention import decode_attention, scaled_dot_product_attention
 from .gelu import bias_gelu, gelu
 from .int8_matmul import dequantize_int8, int8_linear, int8_matmul, quantize_int8
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
+from .linear import linear_forward  # noqa: F401  (internal: the linears of llmkit.nn and swapped blocks)
 
 __all__ = [
     "layer_norm",

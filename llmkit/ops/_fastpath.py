@@ -71,7 +71,7 @@ def selects_reference(point: DispatchPoint) -> bool:
     every call). Conservative: when another backend comes first and would refuse the
     call, dispatch falls back to the reference but this says False.
     """
-    req = requested(point.op)
+    req = requested(point.op, point.composite)
     order = req.order if req is not None else point._default_order("cpu")
     for name in order:
         if name == "reference":

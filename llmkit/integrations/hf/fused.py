@@ -12,12 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ... import ops
 from ..._compat import attn_implementation, cache_kwarg, pop_cache
-from ...nn import _fused
 from ...nn._fused import _hooked, add_norm, add_norm_into, dense, gelu_approximate, linear, linear_act, norm
 from .attention import NAME, attention_function
 
@@ -33,16 +30,12 @@ def from_transformers(cls: type, *families: str) -> bool:
 
 
 def conv1d_act(x: Tensor, conv: nn.Module, activation: Callable[[Tensor], Tensor]) -> Tensor:
-    """``activation(conv(x))`` for transformers' ``Conv1D`` (weight ``(in, out)``), bias fused into a GELU.
-
-    On the CPU the GEMM adds the bias (see ``llmkit.nn._fused.BIAS_IN_GEMM_ON_CPU``).
-    """
+    """``activation(conv(x))`` for transformers' ``Conv1D`` (weight ``(in, out)``), the bias fused
+    into a GELU (:func:`llmkit.nn._fused.dense` on the transposed weight, a view)."""
     approx = gelu_approximate(activation)
     if approx is None or not _plain_conv1d(conv):
         return activation(conv(x))
-    if _fused.BIAS_IN_GEMM_ON_CPU and x.device.type == "cpu":
-        return dense(x, conv.weight.t(), conv.bias, approx)
-    return ops.bias_gelu(torch.matmul(x, conv.weight), conv.bias, approx)
+    return dense(x, conv.weight.t(), conv.bias, approx)
 
 
 def _plain_conv1d(conv: nn.Module) -> bool:
