@@ -78,3 +78,24 @@ def test_quantized_model_with_a_one_feature_input_stays_close(mode):
         # int8 weights (and w8a8 activations): errors of a few 1/127 of the magnitudes, not 470
         assert (out.double() - want).abs().max().item() <= 0.05 * scale + 1e-3
     assert torch.equal(got[0], got[1])
+
+
+def test_cuda_ext_declines_rows_past_the_cuda_grid():
+    """The CUDA int8 GEMM puts row blocks of 64 on grid axis y (at most 65,535): a call with more
+    rows is declined with the reason (the next backend takes it), never launched."""
+    from llmkit.backends.cuda_ext import int8_matmul as X
+    from llmkit.ops.int8_matmul import Int8LinearCall, Int8MatmulCall
+
+    k = 16
+    b = torch.zeros(k, 8, dtype=torch.int8)
+    fits = torch.zeros(1, k, dtype=torch.int8).expand(65_535 * 64, k)  # no real memory
+    too_many = torch.zeros(1, k, dtype=torch.int8).expand(65_535 * 64 + 1, k)
+    assert list(X.grid_reasons(65_535 * 64)) == []
+    impl = X.int8_matmul_forward.impls["cuda_ext"]
+    assert list(impl.why_not(Int8MatmulCall(fits, b, None, None, None, None))) == []
+    reasons = list(impl.why_not(Int8MatmulCall(too_many, b, None, None, None, None)))
+    assert reasons and "grid axis y" in reasons[0] and "65535" in reasons[0].replace(",", "")
+    w = torch.zeros(8, k, dtype=torch.int8)
+    x = torch.zeros(1, 1, k).expand(2, 65_535 * 32 + 1, k)
+    linear = X.int8_linear_forward.impls["cuda_ext"]
+    assert any("grid axis y" in r for r in linear.why_not(Int8LinearCall(x, w, torch.ones(8), None, "w8a8", "none")))

@@ -19,6 +19,17 @@ from ...ops.int8_matmul import (
 from ._common import BACKEND, CPU_DEFAULT, FLOAT_DTYPES, ext_ops, rows
 
 _ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+GEMM_BLOCK_M = 64
+"""Rows of ``a`` per block of the CUDA int8 GEMM (csrc/cuda/int8_matmul.cu ``kBM``): row blocks
+sit on grid axis y, at most 65,535 of them."""
+GRID_Y_MAX = 65_535
+
+
+def grid_reasons(rows: int) -> Iterator[str]:
+    """Why the CUDA GEMM cannot launch for ``rows`` rows of ``a`` (grid y holds the row blocks)."""
+    blocks = -(-rows // GEMM_BLOCK_M)
+    if blocks > GRID_Y_MAX:
+        yield f"{rows} rows need {blocks} row blocks on grid axis y, more than CUDA's {GRID_Y_MAX}"
 
 
 @quantize_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["quantize_int8.forward"])
@@ -30,7 +41,11 @@ def quantize_int8_cuda_ext(c: QuantizeInt8Call) -> tuple[Tensor, Tensor]:
     return q, scale.reshape(xt.shape[:-1])
 
 
-@int8_matmul_forward.register(BACKEND, devices=("cuda",))
+def _rows_of(t: Tensor) -> int:
+    return t.numel() // t.shape[-1] if t.shape[-1] else 0
+
+
+@int8_matmul_forward.register(BACKEND, devices=("cuda",), why_not=lambda c: grid_reasons(_rows_of(c.a)))
 def int8_matmul_cuda_ext(c: Int8MatmulCall) -> Tensor:
     """Tensor-core int8 GEMM, int32 accumulation, scale/bias epilogue fused."""
     lead = list(c.a.shape[:-1])
@@ -46,6 +61,7 @@ def int8_matmul_cuda_ext(c: Int8MatmulCall) -> Tensor:
 def _int8_linear_why_not(c: Int8LinearCall) -> Iterator[str]:
     if c.mode != "w8a8":
         yield f"implements mode='w8a8' only, got mode={c.mode!r}"
+    yield from grid_reasons(_rows_of(c.input))
 
 
 @int8_linear_forward.register(BACKEND, devices=("cuda",), why_not=_int8_linear_why_not)
