@@ -40,14 +40,12 @@ from torch import Tensor
 
 # The op modules by name: llmkit.ops re-exports functions under the same names.
 _attn = importlib.import_module(f"{__package__}.attention")
-_ln = importlib.import_module(f"{__package__}.layer_norm")
 
 BACKEND = "cuda_ext"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 
-from ..backends.cuda_ext._common import CPU_DEFAULT  # noqa: E402
 
 
 def _ops():
@@ -73,152 +71,6 @@ def _param_grad(g: Tensor, p: Tensor | None, need: bool, like: Tensor) -> Tensor
     if not need:
         return torch.empty_like(p)
     return g.reshape(p.shape).to(p.dtype)
-
-
-# --------------------------------------------------------------------------------------
-# LayerNorm, RMSNorm, add + LayerNorm
-# --------------------------------------------------------------------------------------
-
-
-def _norm_why_not(input: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
-    if math.prod(normalized_shape) == 0:
-        yield "rows of length 0 are left to the reference path"
-
-
-def _norm_rows(input: Tensor, normalized_shape: Sequence[int]) -> tuple[Tensor, torch.Size]:
-    n = math.prod(normalized_shape)
-    lead = input.shape[: input.dim() - len(normalized_shape)]
-    return _shaped(input, (math.prod(lead), n)), lead
-
-
-def _flat(p: Tensor | None) -> Tensor | None:
-    if p is None or p.dim() == 1:
-        return p
-    return p.reshape(-1)
-
-
-@_ln.layer_norm_forward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["layer_norm.forward"]
-)
-def layer_norm_forward_cuda_ext(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm forward: one kernel per row block, float32 statistics."""
-    x2, lead = _norm_rows(input, normalized_shape)
-    out, _, mean, rstd = _ops().norm_fwd(x2, None, _flat(weight), _flat(bias), eps, False)
-    return _shaped(out, input.shape), _shaped(mean, lead), _shaped(rstd, lead)
-
-
-def _ln_bwd_why_not(grad_out: Tensor, input: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
-    return _norm_why_not(input, normalized_shape)
-
-
-@_ln.layer_norm_backward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["layer_norm.backward"]
-)
-def layer_norm_backward_cuda_ext(
-    grad_out: Tensor,
-    input: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    output_mask: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm backward from the saved statistics; d weight / d bias reduced in float32."""
-    return _ln_backward(grad_out, None, input, normalized_shape, weight, bias, mean, rstd, output_mask)
-
-
-def _ln_backward(grad_out, grad_residual_out, x, normalized_shape, weight, bias, mean, rstd, output_mask):
-    """(dx [+ grad_residual_out], d weight, d bias) of LayerNorm in the op's conventions."""
-    x2, _ = _norm_rows(x, normalized_shape)
-    dy2, _ = _norm_rows(grad_out, normalized_shape)
-    dr2 = None if grad_residual_out is None else _norm_rows(grad_residual_out, normalized_shape)[0]
-    need_w = bool(output_mask[1]) and weight is not None
-    need_b = bool(output_mask[2]) and bias is not None
-    dx, dw, db = _ops().norm_bwd(
-        dy2, x2, _flat(weight), _flat(mean), _flat(rstd), dr2, need_w, need_b, False
-    )
-    return _shaped(dx, x.shape), _param_grad(dw, weight, need_w, x), _param_grad(db, bias, need_b, x)
-
-
-@_ln.rms_norm_forward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_norm_why_not, cpu_default=CPU_DEFAULT["rms_norm.forward"]
-)
-def rms_norm_forward_cuda_ext(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """RMSNorm forward, float32 rstd."""
-    x2, lead = _norm_rows(input, normalized_shape)
-    out, _, _, rstd = _ops().norm_fwd(x2, None, _flat(weight), None, eps, True)
-    return _shaped(out, input.shape), _shaped(rstd, lead)
-
-
-@_ln.rms_norm_backward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_ln_bwd_why_not, cpu_default=CPU_DEFAULT["rms_norm.backward"]
-)
-def rms_norm_backward_cuda_ext(
-    grad_out: Tensor,
-    input: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None,
-    rstd: Tensor,
-    output_mask: Sequence[bool],
-) -> tuple[Tensor, Tensor]:
-    """RMSNorm backward from the saved rstd."""
-    x2, _ = _norm_rows(input, normalized_shape)
-    dy2, _ = _norm_rows(grad_out, normalized_shape)
-    need_w = bool(output_mask[1]) and weight is not None
-    dx, dw, _ = _ops().norm_bwd(dy2, x2, _flat(weight), None, _flat(rstd), None, need_w, False, True)
-    return _shaped(dx, input.shape), _param_grad(dw, weight, need_w, input)
-
-
-def _aln_why_not(input: Tensor, residual: Tensor, normalized_shape: Sequence[int], *rest) -> Iterator[str]:
-    return _norm_why_not(input, normalized_shape)
-
-
-@_ln.add_layer_norm_forward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_why_not, cpu_default=CPU_DEFAULT["add_layer_norm.forward"]
-)
-def add_layer_norm_forward_cuda_ext(
-    input: Tensor,
-    residual: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused residual add (float32, rounded to the dtype) + LayerNorm of the rounded sum."""
-    x2, lead = _norm_rows(input, normalized_shape)
-    r2, _ = _norm_rows(residual, normalized_shape)
-    out, res_out, mean, rstd = _ops().norm_fwd(x2, r2, _flat(weight), _flat(bias), eps, False)
-    return _shaped(out, input.shape), _shaped(res_out, input.shape), _shaped(mean, lead), _shaped(rstd, lead)
-
-
-def _aln_bwd_why_not(grad_out: Tensor, grad_residual_out: Tensor, residual_out: Tensor,
-                     normalized_shape: Sequence[int], *rest) -> Iterator[str]:
-    return _norm_why_not(residual_out, normalized_shape)
-
-
-@_ln.add_layer_norm_backward.register(
-    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_bwd_why_not, cpu_default=CPU_DEFAULT["add_layer_norm.backward"]
-)
-def add_layer_norm_backward_cuda_ext(
-    grad_out: Tensor,
-    grad_residual_out: Tensor,
-    residual_out: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    output_mask: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One gradient for input and residual: LayerNorm's dx + grad_residual_out (float32 add)."""
-    return _ln_backward(
-        grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd, output_mask
-    )
 
 
 # --------------------------------------------------------------------------------------
