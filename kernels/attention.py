@@ -1,6 +1,7 @@
 """Triton FlashAttention-style attention: tiled forward and race-free backward.
 
-Kernels (grid axes in brackets):
+Kernels (in brackets what their one grid axis enumerates, fastest first; one axis because
+``B x H`` may pass the 65,535 limit of axes y and z):
 
 * ``_attn_fwd_kernel`` [query blocks, Hq, B]: one program owns ``BLOCK_M`` query rows
   of one head and streams the keys/values in blocks of ``BLOCK_N``, with an online
@@ -53,6 +54,7 @@ import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -94,6 +96,20 @@ def _store_tile(ptrs, x, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: t
         tl.store(ptrs, x, mask=rows[:, None] < n_rows)
     else:
         tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+
+
+@triton.jit
+def _program_ids(n_blocks, n_heads):
+    """(block, head, batch) of this program on a one-axis grid of ``n_blocks * n_heads * B``.
+
+    Everything goes on grid axis x (up to 2**31 - 1 programs; y and z stop at 65535, which
+    B x H passes). Blocks vary fastest, then heads, then the batch: the order in which a
+    ``(blocks, heads, B)`` grid runs, so programs that share K / V run together.
+    """
+    pid = tl.program_id(0)
+    block = pid % n_blocks
+    bh = pid // n_blocks
+    return block, bh % n_heads, bh // n_heads
 
 
 @triton.jit
@@ -268,11 +284,10 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """out[b, h, rows] and lse[b, h, rows] for one block of BLOCK_M query rows."""
-    pid_m = tl.program_id(0)
+    m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m, h, b = _program_ids(m_blocks, num_heads)
     if IS_CAUSAL:  # the longest rows first: better balance of the last wave
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+        pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -378,11 +393,10 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """delta = rowsum(dO * O) and dQ for one block of BLOCK_M query rows."""
-    pid_m = tl.program_id(0)
+    m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m, h, b = _program_ids(m_blocks, num_heads)
     if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+        pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -506,9 +520,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head, summed over the heads of its query group."""
-    pid_n = tl.program_id(0)
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_n, kvh, b = _program_ids(tl.cdiv(k_len, BLOCK_N), num_heads // group_size)
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -657,11 +669,10 @@ INTERPRETER_BWD = BackwardConfig(TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4,
 
 
 def device_arch(device: torch.device) -> int | None:
-    """Compute capability as an int (80, 86, 90, ...) of a CUDA device; None for CPU."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    """Compute capability as an int (80, 86, 90, ...) that launches on ``device`` plan for;
+    None for the interpreter (see :func:`~llmkit.kernels._launch.device_target`)."""
+    target = device_target(device)
+    return target.arch if target is not None else None
 
 
 def _smem_limit(arch: int) -> int:
@@ -869,8 +880,8 @@ def attention_forward(
     p, inv_keep = _dropout_args(dropout_p)
     cfg = config or forward_config(d, dv, query.dtype, device_arch(query.device),
                                    masked=mask.kind != MASK_NONE, dropout=p > 0.0)
-    grid = (triton.cdiv(sq, cfg.block_m), hq, b)
-    _attn_fwd_kernel[grid](
+    launch(
+        _attn_fwd_kernel, (triton.cdiv(sq, cfg.block_m) * hq * b,),
         q, k, v, o, lse, mask.tensor,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask.strides,
         hq, sq, sk, hq // hkv,
@@ -919,14 +930,16 @@ def attention_backward(
                                     masked=mask.kind != MASK_NONE, dropout=p > 0.0)
     consts = _common_constexprs(d, dv, is_causal, mask, p > 0.0, q)
     scalars = (hq, sq, sk, hq // hkv, scale, scale * 1.4426950408889634, p, inv_keep, int(seed), int(offset))
-    _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg.dq.block_m), hq, b)](
+    launch(
+        _attn_bwd_dq_kernel, (triton.cdiv(sq, cfg.dq.block_m) * hq * b,),
         q, k, v, o, do, lse, delta, dq, mask.tensor,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *mask.strides, *scalars,
         BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, **consts,
         num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg.dkdv.block_n), hkv, b)](
+    launch(
+        _attn_bwd_dkdv_kernel, (triton.cdiv(sk, cfg.dkdv.block_n) * hkv * b,),
         q, k, v, do, lse, delta, dk, dvv, mask.tensor,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dvv.stride()[:3], *mask.strides, *scalars,

@@ -8,7 +8,8 @@ positions ``L_b - T .. L_b - 1``). With ``is_causal`` token ``t`` sees keys
 
 Kernels:
 
-* ``_decode_split_kernel`` [KV splits, Hkv x row blocks, B]: the cache length is cut
+* ``_decode_split_kernel`` [KV splits, Hkv x row blocks, B], all on grid axis x (fastest
+  first; ``B x Hkv`` may pass the 65,535 limit of axes y and z): the cache length is cut
   into splits so that a small batch still fills the GPU (flash-decoding). One program
   reads one split of one K/V head once and serves every query head of its GQA group
   and every new token: its rows are the ``G * T`` (query head, token) pairs, so K/V are
@@ -24,7 +25,6 @@ cache capacity, never the lengths, so there is no device-to-host sync).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -32,9 +32,10 @@ import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 from .attention import (
-    _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax, _store_tile,
-    device_arch, kernel_signature, padded_head_dim, stride_align,
+    _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax,
+    _program_ids, _store_tile, kernel_signature, padded_head_dim, stride_align,
 )
 
 MAX_ROWS_PER_PROGRAM = 64
@@ -55,10 +56,9 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """One split of the cache of one K/V head against BLOCK_M (query head, token) rows."""
-    split = tl.program_id(0)
-    kvh = tl.program_id(1) // row_blocks
-    row_block = tl.program_id(1) % row_blocks
-    b = tl.program_id(2)
+    split, head_rows, b = _program_ids(num_splits, (num_heads // group_size) * row_blocks)
+    kvh = head_rows // row_blocks
+    row_block = head_rows % row_blocks
     stride_qb, stride_qh, stride_qt = _align_strides(stride_qb, stride_qh, stride_qt, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -177,11 +177,6 @@ class DecodeConfig:
     num_stages: int
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _rows_block(n_rows: int, padded_dim: int) -> int:
     """(query head, token) rows per program: all of a GQA group where they fit (16..64)."""
     cap = MAX_ROWS_PER_PROGRAM if padded_dim <= 128 else MAX_ROWS_PER_PROGRAM // 2
@@ -269,8 +264,8 @@ def decode_attention(
     q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in (query, key_cache, value_cache))
     group = hq // hkv
     n_rows = group * t
-    arch = device_arch(query.device)
-    sms = INTERPRETER_NUM_SMS if arch is None else _num_sms(query.device.index or 0)
+    target = device_target(query.device)
+    arch, sms = (target.arch, target.sms) if target is not None else (None, INTERPRETER_NUM_SMS)
     align = stride_align(q, k, v, out)
     cfg = decode_config(b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits)
     row_blocks = triton.cdiv(n_rows, cfg.block_m)
@@ -281,7 +276,8 @@ def decode_attention(
         part_out = _empty((b, hq, t, cfg.num_splits, dv), torch.float32, query.device)
         part_lse = _empty((b, hq, t, cfg.num_splits), torch.float32, query.device)
     seqlens = cache_seqlens.contiguous()
-    _decode_split_kernel[(cfg.num_splits, hkv * row_blocks, b)](
+    launch(
+        _decode_split_kernel, (cfg.num_splits * hkv * row_blocks * b,),
         q, k, v, seqlens, out, part_out, part_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         hq, t, group, row_blocks, cfg.split_size, cfg.num_splits, scale * 1.4426950408889634,
@@ -292,7 +288,8 @@ def decode_attention(
     )
     if not single:
         n_out_rows = b * hq * t
-        _decode_combine_kernel[(triton.cdiv(n_out_rows, COMBINE_ROWS),)](
+        launch(
+            _decode_combine_kernel, (triton.cdiv(n_out_rows, COMBINE_ROWS),),
             part_out, part_lse, out, *out.stride()[:3], n_out_rows, hq, t, cfg.num_splits,
             HEAD_DV=dv, BLOCK_DV=padded_head_dim(dv), BLOCK_R=COMBINE_ROWS,
             DOT_PRECISION=_dot_precision(query.dtype, query.device),

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import launch
 from .layer_norm import (
     _empty,
     _round_to,
@@ -173,7 +174,8 @@ def gelu_forward(x: Tensor, bias: Tensor | None, approximate_tanh: bool) -> Tens
     col_blocks = triton.cdiv(n, cfg.block_n)
     b = bias.contiguous() if bias is not None else None
     with device_guard(x):
-        _gelu_fwd_kernel[(triton.cdiv(m, cfg.block_m) * col_blocks,)](
+        launch(
+            _gelu_fwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
             xs, b, out, m, n, inner_rows, so, si, col_blocks,
             APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -200,7 +202,8 @@ def gelu_backward(
     b = bias.contiguous() if bias is not None else None
     parts = _empty((cfg.groups, n), torch.float32, x.device) if b is not None else None
     with device_guard(x):
-        _gelu_bwd_kernel[(cfg.groups * col_blocks,)](
+        launch(
+            _gelu_bwd_kernel, (cfg.groups * col_blocks,),
             dys, xs, b, dx, parts, m, n, inner_rows, dy_so, dy_si, x_so, x_si,
             cfg.rows_per_group, col_blocks,
             APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 
 # Activation codes shared with the host wrappers.
 ACT_NONE = 0
@@ -209,8 +210,8 @@ def _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_s
                          b_scale_ptr, b_scale_stride, bias_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                          INTERPRETER: tl.constexpr):
     """Store ``acc * a_scale[m] * b_scale[n] + bias[n]``, activated, in out's dtype."""
-    a_scale = tl.load(a_scale_ptr + offs_m * a_scale_stride, mask=offs_m < M, other=0.0)
-    b_scale = tl.load(b_scale_ptr + offs_n * b_scale_stride, mask=offs_n < N, other=0.0)
+    a_scale = tl.load(a_scale_ptr + offs_m.to(tl.int64) * a_scale_stride, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n.to(tl.int64) * b_scale_stride, mask=offs_n < N, other=0.0)
     c = acc.to(tl.float32) * a_scale[:, None]
     c = c * b_scale[None, :]
     if HAS_BIAS:
@@ -281,7 +282,8 @@ def _int8_gemm_kernel(
     """One (BLOCK_M, BLOCK_N) tile of int8 A @ int8 B, int32 accumulation, fused epilogue.
 
     ALIGNED (checked by the host): 0 no alignment known; 1 A and B 16-byte aligned with
-    rows of A and columns of B contiguous along K; 2 the same with B's rows contiguous.
+    rows of A and columns of B contiguous along K; 2 the same with B's rows contiguous and
+    N a multiple of 16.
     INTERPRETER: running under the Triton interpreter (see :func:`_cast_out`).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -297,8 +299,8 @@ def _int8_gemm_kernel(
         a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [16, 16]), [1, BLOCK_K])
         if ALIGNED == 1:
             b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [BLOCK_K, 1])
-        else:
-            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, BLOCK_N])
+        else:  # columns wrap at N (a multiple of 16 here): runs of 16 contiguous bytes, no more
+            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, 16])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -389,7 +391,7 @@ def _w8a16_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     w_rows = (offs_n % N).to(tl.int64)
-    x_rows = offs_m % M
+    x_rows = (offs_m % M).to(tl.int64)
     w_ptrs = w_ptr + w_rows[:, None] * w_n_stride + (k_start + offs_k)[None, :] * w_k_stride
     x_ptrs = x_ptr + x_rows[None, :] * x_row_stride + (k_start + offs_k)[:, None] * x_k_stride
     if ALIGNED:
@@ -411,10 +413,10 @@ def _w8a16_gemv_kernel(
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
         c = _column_epilogue(acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 0)
-        out_ptrs = out_ptr + offs_m[None, :] * out_row_stride + offs_n[:, None]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * out_row_stride + offs_n[:, None]
         tl.store(out_ptrs, _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     else:
-        part_ptrs = partial_ptr + (pid_k * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
+        part_ptrs = partial_ptr + (pid_k.to(tl.int64) * M + offs_m[None, :]) * N + offs_n[:, None]
         tl.store(part_ptrs, acc, mask=mask)
 
 
@@ -431,7 +433,7 @@ def _splitk_epilogue_kernel(
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):
-        acc += tl.load(partial_ptr + (s * M + m).to(tl.int64) * N + offs_n, mask=n_mask, other=0.0)
+        acc += tl.load(partial_ptr + (m.to(tl.int64) + s * M) * N + offs_n, mask=n_mask, other=0.0)
     c = _column_epilogue(acc[None, :], offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 1)
     tl.store(out_ptr + m.to(tl.int64) * out_row_stride + offs_n[None, :],
              _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=n_mask[None, :])
@@ -543,16 +545,19 @@ def w8a16_gemv_config(n: int, k: int, x_dtype: torch.dtype, sm_count: int, align
 
 
 def _arch(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return major * 10 + minor
-    return 80  # the interpreter runs the sm_80 configurations
+    """The compute capability launches on ``device`` plan for; the interpreter runs the sm_80
+    configurations."""
+    target = device_target(device)
+    return target.arch if target is not None else 80
+
+
+INTERPRETER_SM_COUNT = 1
+"""Multiprocessors assumed under the interpreter (one: the GEMV splits K only for small N)."""
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    target = device_target(device)
+    return target.sms if target is not None else INTERPRETER_SM_COUNT
 
 
 def _k_rows_aligned(t: torch.Tensor) -> bool:
@@ -561,12 +566,16 @@ def _k_rows_aligned(t: torch.Tensor) -> bool:
 
 
 def _b_alignment(b: torch.Tensor) -> int:
-    """``_int8_gemm_kernel``'s ALIGNED code for ``b (K, N)``, ignoring A."""
+    """``_int8_gemm_kernel``'s ALIGNED code for ``b (K, N)``, ignoring A.
+
+    Code 2 (rows of B contiguous) also needs N % 16 == 0: the kernel wraps column indices
+    past N to 0 and declares 16-byte vectors along N, which must not straddle the wrap.
+    """
     if b.data_ptr() % 16:
         return 0
     if b.stride(0) == 1 and b.stride(1) % 16 == 0:
         return 1
-    if b.stride(1) == 1 and b.stride(0) % 16 == 0:
+    if b.stride(1) == 1 and b.stride(0) % 16 == 0 and b.shape[1] % 16 == 0:
         return 2
     return 0
 
@@ -632,7 +641,8 @@ def quantize_rows(
         q2 = q_tmp
     cfg = quantize_config(n_cols)
     rows = x2.shape[0]
-    _quantize_rows_kernel[(triton.cdiv(rows, cfg.BLOCK_ROWS),)](
+    launch(
+        _quantize_rows_kernel, (triton.cdiv(rows, cfg.BLOCK_ROWS),),
         x2, q2, scale,
         rows, n_cols,
         x2.stride(0), x2.stride(1), q2.stride(0), q2.stride(1),
@@ -683,8 +693,8 @@ def int8_gemm(
         a_scale_stride = b_scale_stride = 0
     if bias is not None:
         bias = bias.contiguous()
-    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
-    _int8_gemm_kernel[grid](
+    launch(
+        _int8_gemm_kernel, (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
         a, b, out, a_scale, b_scale, bias if bias is not None else out,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
@@ -745,7 +755,8 @@ def w8a16_linear(
         k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
         split = max(1, triton.cdiv(k, k_per_split))
         partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        _w8a16_gemv_kernel[(triton.cdiv(n, cfg.BLOCK_N), split)](
+        launch(
+            _w8a16_gemv_kernel, (triton.cdiv(n, cfg.BLOCK_N), split),
             x, weight, out, partial, weight_scale, bias_arg,
             m, n, k, k_per_split,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
@@ -755,7 +766,8 @@ def w8a16_linear(
         )
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))
-            _splitk_epilogue_kernel[(m, triton.cdiv(n, block))](
+            launch(
+                _splitk_epilogue_kernel, (m, triton.cdiv(n, block)),
                 partial, out, weight_scale, bias_arg, m, n, out.stride(0),
                 HAS_BIAS=bias is not None, ACTIVATION=act, SPLIT_K=split, INTERPRETER=interpreter, BLOCK_N=block,
                 num_warps=4,
@@ -765,8 +777,8 @@ def w8a16_linear(
         cfg = config
     else:
         cfg = w8a16_gemm_config(m, x.dtype, _arch(x.device), aligned)
-    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
-    _w8a16_gemm_kernel[grid](
+    launch(
+        _w8a16_gemm_kernel, (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
         x, weight, out, weight_scale, bias_arg,
         m, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from ._common import INTERPRETING
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 
 # --------------------------------------------------------------------------------------
 # launch heuristics
@@ -66,17 +66,11 @@ CPU_PROGRAM_SLOTS = 2
 interpreter runs them one after the other), still several row groups and rows per program."""
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def program_slots(device: torch.device) -> int:
-    """Number of SMs of a CUDA device (the interpreter gets a small fixed stand-in)."""
-    if device.type != "cuda":
-        return CPU_PROGRAM_SLOTS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
+    """Number of SMs launches on ``device`` plan for (see
+    :func:`~llmkit.kernels._launch.device_target`); the interpreter gets a small fixed stand-in."""
+    target = device_target(device)
+    return target.sms if target is not None else CPU_PROGRAM_SLOTS
 
 
 def num_warps_for(elements: int) -> int:
@@ -502,7 +496,8 @@ def sum_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
     g, n = partials.shape
     out = _empty((n,), dtype, partials.device)
     block_g, block_n, warps = sum_partials_config(g, n, program_slots(partials.device))
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+    launch(
+        _sum_partials_kernel, (triton.cdiv(n, block_n),),
         partials, out, g, n, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps
     )
     return out
@@ -565,11 +560,11 @@ def norm_forward(
     flags = dict(IS_RMS=rms, HAS_RES=residual is not None, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None)
     with device_guard(x):
         if cfg.looped:
-            _norm_fwd_looped_kernel[(m,)](*args, **flags, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+            launch(_norm_fwd_looped_kernel, (m,), *args, **flags, BLOCK_N=cfg.block_n,
+                   num_warps=cfg.num_warps)
         else:
-            _norm_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-                *args, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps
-            )
+            launch(_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, **flags, BLOCK_M=cfg.block_m,
+                   BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     return out, res_out, mean, rstd
 
 
@@ -634,13 +629,14 @@ def norm_backward(
     mean_arg = mean.reshape(-1) if mean is not None else rstd_arg
     with device_guard(x):
         if cfg.looped and want_dx:
-            _norm_bwd_row_sums_kernel[(m,)](
-                dys, xs, w, mean_arg, rstd_arg, row_sums, n, layout.inner_rows,
+            launch(
+                _norm_bwd_row_sums_kernel, (m,), dys, xs, w, mean_arg, rstd_arg, row_sums, n, layout.inner_rows,
                 dy_so, dy_si, x_so, x_si, IS_RMS=rms, HAS_WEIGHT=w is not None,
                 BLOCK_N=LOOP_BLOCK_N, num_warps=num_warps_for(LOOP_BLOCK_N),
             )
         col_blocks = triton.cdiv(n, cfg.block_n)
-        _norm_bwd_kernel[(cfg.groups * col_blocks,)](
+        launch(
+            _norm_bwd_kernel, (cfg.groups * col_blocks,),
             dys, xs, w, mean_arg, rstd_arg, row_sums, dres, dx, dw_part, db_part,
             m, n, layout.inner_rows, dy_so, dy_si, x_so, x_si, dr_so, dr_si,
             cfg.rows_per_group, col_blocks,
