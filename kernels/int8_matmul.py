@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -517,26 +518,29 @@ def w8a16_gemm_config(m: int, x_dtype: torch.dtype, arch: int, aligned: bool = T
         return GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=2)
     if x_dtype == torch.float32:
         return GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
-    if m <= 64:
-        return GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=_stages(arch, 4, 3))
+    if m <= 64:  # sm_80: 4 warps spill with a GELU epilogue (168 registers)
+        return GemmConfig(64, 128, 64, 8, num_warps=4 if arch >= 90 else 8, num_stages=_stages(arch, 4, 3))
     if arch >= 90:
         return GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3)
     return GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
 
 
 def w8a16_gemv_config(n: int, k: int, x_dtype: torch.dtype, sm_count: int, aligned: bool = True) -> GemvConfig:
-    """Default skinny-M tile; K is split until about 4 programs per SM are in flight."""
+    """Default skinny-M tile; K is split until about 4 programs per SM are in flight.
+
+    8 warps: on 4, ptxas spills a loop-carried offset on sm_80 for some specializations of M
+    (Triton 3.6 and 3.9). float32 activations (three TF32 parts per tile) take 64-wide K steps
+    (128 spills on sm_80).
+    """
     block_n = 64
-    if not aligned:
-        block_k = 64
-    else:
-        block_k = 128 if x_dtype == torch.float32 else 256
+    fp32 = x_dtype == torch.float32
+    block_k = 64 if fp32 or not aligned else 256
     tiles_n = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(max(k, 1), block_k)
     split = 1
     while tiles_n * split < 4 * sm_count and split * 2 <= k_blocks and split < 16:
         split *= 2
-    return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=4 if aligned else 2)
+    return GemvConfig(block_n, block_k, split, num_warps=8, num_stages=4 if aligned else 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -793,163 +797,83 @@ def w8a16_linear(
 # compile report
 # --------------------------------------------------------------------------------------
 
-_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "i32": torch.int32}
 
 
-def _quantize_spec(name: str, x_ty: str, n_cols: int) -> CompileSpec:
-    cfg = quantize_config(n_cols)
-    return CompileSpec(
-        name=name,
-        kernel=_quantize_rows_kernel,
-        signature={
-            "x_ptr": f"*{x_ty}", "q_ptr": "*i8", "scale_ptr": "*fp32",
-            "n_rows": "i32", "n_cols": "i32",
-            "x_row_stride": "i32", "x_col_stride": "constexpr",
-            "q_row_stride": "i32", "q_col_stride": "constexpr",
-            "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "SINGLE_PASS": "constexpr",
-        },
-        constexprs={"x_col_stride": 1, "q_col_stride": 1, "BLOCK_ROWS": cfg.BLOCK_ROWS,
-                    "BLOCK_COLS": cfg.BLOCK_COLS, "SINGLE_PASS": cfg.SINGLE_PASS},
-        num_warps=cfg.num_warps,
-        num_stages=1,
-    )
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None,
-                    activation: str, aligned: int = 1) -> CompileSpec:
-    def config(arch: int) -> GemmConfig:
-        return int8_gemm_config(m, arch, aligned != 0, activation)
-
-    def constexprs(arch: int) -> dict:
-        cfg = config(arch)
-        return {"a_k_stride": 1, "b_k_stride": 1 if aligned != 2 else "b_k_stride",
-                "HAS_SCALE": has_scale, "HAS_BIAS": bias_ty is not None,
-                "ACTIVATION": ACTIVATION_CODES[activation], "EVEN_K": aligned != 0, "ALIGNED": aligned,
-                "INTERPRETER": False,
-                "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
-
-    signature = {
-        "a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": f"*{out_ty}",
-        "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": f"*{bias_ty or 'fp32'}",
-        "M": "i32", "N": "i32", "K": "i32",
-        "a_row_stride": "i32", "a_k_stride": "constexpr", "b_k_stride": "constexpr",
-        "b_n_stride": "i32", "out_row_stride": "i32", "a_scale_stride": "i32", "b_scale_stride": "i32",
-        "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "EVEN_K": "constexpr",
-        "ALIGNED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-        "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-    }
-    if aligned == 2:  # B's rows contiguous: the N stride is the unit one
-        signature["b_k_stride"] = "i32"
-        signature["b_n_stride"] = "constexpr"
-
-        def constexprs_n_major(arch: int, _base=constexprs) -> dict:
-            c = _base(arch)
-            del c["b_k_stride"]
-            c["b_n_stride"] = 1
-            return c
-
-        return CompileSpec(name, _int8_gemm_kernel, signature, constexprs_n_major,
-                           num_warps=lambda arch: config(arch).num_warps,
-                           num_stages=lambda arch: config(arch).num_stages, matrix=True)
-    return CompileSpec(name, _int8_gemm_kernel, signature, constexprs,
-                       num_warps=lambda arch: config(arch).num_warps,
-                       num_stages=lambda arch: config(arch).num_stages, matrix=True)
+def _quantize_spec(name: str, x_ty: str, n_cols: int, rows: int = 4096) -> CompileSpec:
+    return CompileSpec(name, _quantize_rows_kernel,
+                       lambda: quantize_rows(_meta(rows, n_cols, dtype=_DTYPE_OF[x_ty]), 1))
 
 
-def _w8a16_gemm_spec(name: str, m: int, x_ty: str, has_bias: bool, activation: str,
-                     aligned: bool = True) -> CompileSpec:
-    x_dtype = _DTYPE_OF[x_ty]
-
-    def config(arch: int) -> GemmConfig:
-        return w8a16_gemm_config(m, x_dtype, arch, aligned)
-
-    def constexprs(arch: int) -> dict:
-        cfg = config(arch)
-        return {"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias, "ACTIVATION": ACTIVATION_CODES[activation],
-                "EVEN_K": aligned, "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": cfg.BLOCK_M,
-                "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
-
-    return CompileSpec(
-        name=name,
-        kernel=_w8a16_gemm_kernel,
-        signature={
-            "x_ptr": f"*{x_ty}", "w_ptr": "*i8", "out_ptr": f"*{x_ty}", "w_scale_ptr": "*fp32",
-            "bias_ptr": f"*{x_ty}",
-            "M": "i32", "N": "i32", "K": "i32",
-            "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
-            "out_row_stride": "i32",
-            "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "EVEN_K": "constexpr", "ALIGNED": "constexpr",
-            "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr",
-        },
-        constexprs=constexprs,
-        num_warps=lambda arch: config(arch).num_warps,
-        num_stages=lambda arch: config(arch).num_stages,
-        matrix=True,
-    )
+def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None, activation: str,
+                    b_layout: str = "weight", k: int = 4096, n: int = 4096) -> CompileSpec:
+    """``b_layout``: "weight" (``b`` the transpose of an (N, K) weight: K contiguous) or "rows"
+    (``b`` an (K, N) row-major matrix)."""
+    def call():
+        a = _meta(m, k, dtype=torch.int8)
+        b = _meta(n, k, dtype=torch.int8).t() if b_layout == "weight" else _meta(k, n, dtype=torch.int8)
+        if not has_scale:
+            return int8_gemm(a, b, None, None, None, None)
+        bias = _meta(n, dtype=_DTYPE_OF[bias_ty]) if bias_ty else None
+        return int8_gemm(a, b, _meta(m, dtype=torch.float32), _meta(n, dtype=torch.float32), bias,
+                         _DTYPE_OF[out_ty], activation)
+    return CompileSpec(name, _int8_gemm_kernel, call, matrix=True)
 
 
-def _w8a16_gemv_spec(name: str, x_ty: str, split_k: int, has_bias: bool, activation: str,
-                     aligned: bool = True) -> CompileSpec:
-    cfg = w8a16_gemv_config(8192, 8192, _DTYPE_OF[x_ty], 132, aligned)
-    return CompileSpec(
-        name=name,
-        kernel=_w8a16_gemv_kernel,
-        signature={
-            "x_ptr": f"*{x_ty}", "w_ptr": "*i8", "out_ptr": f"*{x_ty}", "partial_ptr": "*fp32",
-            "w_scale_ptr": "*fp32", "bias_ptr": f"*{x_ty}",
-            "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
-            "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
-            "out_row_stride": "i32",
-            "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr", "EVEN_K": "constexpr",
-            "ALIGNED": "constexpr", "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr",
-        },
-        constexprs={"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias,
-                    "ACTIVATION": ACTIVATION_CODES[activation], "SPLIT_K": split_k, "EVEN_K": aligned,
-                    "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": SKINNY_M, "BLOCK_N": cfg.BLOCK_N,
-                    "BLOCK_K": cfg.BLOCK_K},
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        matrix=True,
-    )
+def _w8a16_call(m: int, x_ty: str, has_bias: bool, activation: str, k: int = 4096,
+                n: int = 4096) -> Callable[[], torch.Tensor]:
+    def call():
+        x = _meta(m, k, dtype=_DTYPE_OF[x_ty])
+        bias = _meta(n, dtype=_DTYPE_OF[x_ty]) if has_bias else None
+        return w8a16_linear(x, _meta(n, k, dtype=torch.int8), _meta(n, dtype=torch.float32), bias, activation)
+    return call
 
 
 @functools.cache
 def compile_specs() -> list[CompileSpec]:
-    """The default launch configurations of every kernel in this file, per architecture.
-
-    GEMMs appear twice: aligned operands (the usual case: 16-byte aligned rows, K a
-    multiple of the tile) and unaligned ones (odd K), which take smaller tiles.
+    """Every kernel of this file as launched for representative shapes (K = N = 4096 unless
+    said): quantization of short, long and two-pass rows; the W8A8 GEMM with int32 output,
+    every epilogue, a row-major B and an odd K (operands not 16-byte aligned, smaller tiles);
+    the W8A16 GEMM; rows and columns not multiples of 16 (Triton specializes less); the W8A16
+    GEMV for one decode token on a GPT-2-sized vocabulary (no split) and for 1, 4 and 16 tokens
+    (the three specializations of M: 1, runtime, divisible by 16) with K split across
+    programs, then the split-K epilogue.
     """
     return [
         _quantize_spec("quantize_rows[bf16,K=64]", "bf16", 64),
         _quantize_spec("quantize_rows[fp16,K=4096]", "fp16", 4096),
         _quantize_spec("quantize_rows[fp32,K=16384]", "fp32", 16384),
-        _quantize_spec("quantize_rows[fp32,K>16384,two-pass]", "fp32", MAX_SINGLE_PASS_COLS + 1),
+        _quantize_spec("quantize_rows[fp32,K>16384,two-pass]", "fp32", MAX_SINGLE_PASS_COLS + 1, rows=64),
         _int8_gemm_spec("int8_gemm[int32,M>64]", 4096, "i32", False, None, "none"),
         _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M>64]", 4096, "bf16", True, "bf16", "gelu"),
         _int8_gemm_spec("int8_gemm[fp16,bias,M<=64]", 64, "fp16", True, "fp16", "none"),
         _int8_gemm_spec("int8_gemm[fp32,gelu_tanh,M<=64]", 64, "fp32", True, None, "gelu_tanh"),
-        _int8_gemm_spec("int8_gemm[int32,B rows contiguous]", 4096, "i32", False, None, "none", aligned=2),
-        _int8_gemm_spec("int8_gemm[fp16,bias,gelu,unaligned]", 4096, "fp16", True, "fp32", "gelu", aligned=0),
-        _w8a16_gemm_spec("w8a16_gemm[bf16,bias,M>64]", 4096, "bf16", True, "none"),
-        _w8a16_gemm_spec("w8a16_gemm[fp16,gelu,M<=64]", 64, "fp16", False, "gelu"),
-        _w8a16_gemm_spec("w8a16_gemm[fp32,bias]", 4096, "fp32", True, "none"),
-        _w8a16_gemm_spec("w8a16_gemm[bf16,bias,unaligned]", 4096, "bf16", True, "none", aligned=False),
-        _w8a16_gemv_spec("w8a16_gemv[bf16,bias,gelu_tanh]", "bf16", 1, True, "gelu_tanh"),
-        _w8a16_gemv_spec("w8a16_gemv[fp16,split-k]", "fp16", 4, False, "none"),
-        _w8a16_gemv_spec("w8a16_gemv[fp32,split-k]", "fp32", 4, True, "none"),
-        _w8a16_gemv_spec("w8a16_gemv[bf16,unaligned]", "bf16", 4, True, "none", aligned=False),
-        CompileSpec(
-            name="splitk_epilogue[bf16,bias,gelu]",
-            kernel=_splitk_epilogue_kernel,
-            signature={"partial_ptr": "*fp32", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                       "M": "i32", "N": "i32", "out_row_stride": "i32",
-                       "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr",
-                       "INTERPRETER": "constexpr", "BLOCK_N": "constexpr"},
-            constexprs={"HAS_BIAS": True, "ACTIVATION": ACT_GELU, "SPLIT_K": 4, "INTERPRETER": False, "BLOCK_N": 1024},
-            num_warps=4,
-            num_stages=1,
-        ),
+        _int8_gemm_spec("int8_gemm[int32,B rows contiguous]", 4096, "i32", False, None, "none", b_layout="rows"),
+        _int8_gemm_spec("int8_gemm[fp16,bias,gelu,unaligned]", 4096, "fp16", True, "fp32", "gelu", k=4095),
+        _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M=1000,N=1000]", 1000, "bf16", True, "bf16", "gelu", n=1000),
+        CompileSpec("w8a16_gemm[bf16,bias,M>64]", _w8a16_gemm_kernel, _w8a16_call(4096, "bf16", True, "none"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[fp16,gelu,M<=64]", _w8a16_gemm_kernel, _w8a16_call(64, "fp16", False, "gelu"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[fp32,bias]", _w8a16_gemm_kernel, _w8a16_call(4096, "fp32", True, "none"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[bf16,bias,M=1000,N=1000]", _w8a16_gemm_kernel,
+                    _w8a16_call(1000, "bf16", True, "none", n=1000), matrix=True),
+        CompileSpec("w8a16_gemm[bf16,bias,unaligned]", _w8a16_gemm_kernel,
+                    _w8a16_call(4096, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("w8a16_gemv[bf16,bias,gelu_tanh,M=1,N=50257]", _w8a16_gemv_kernel,
+                    _w8a16_call(1, "bf16", True, "gelu_tanh", k=768, n=50257), matrix=True),
+        *[CompileSpec(f"w8a16_gemv[{ty},{'bias,' if bias else ''}split-k,M={m}]", _w8a16_gemv_kernel,
+                      _w8a16_call(m, ty, bias, "none"), matrix=True)
+          for ty, bias in (("bf16", True), ("fp16", False), ("fp32", True)) for m in (1, 4, 16)],
+        CompileSpec("w8a16_gemv[bf16,bias,unaligned,M=1]", _w8a16_gemv_kernel,
+                    _w8a16_call(1, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("w8a16_gemv[bf16,bias,unaligned,M=16]", _w8a16_gemv_kernel,
+                    _w8a16_call(16, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("splitk_epilogue[bf16,bias,gelu,M=16]", _splitk_epilogue_kernel,
+                    _w8a16_call(16, "bf16", True, "gelu")),
     ]
