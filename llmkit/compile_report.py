@@ -1,8 +1,11 @@
 """Compile every Triton kernel for sm_80 and sm_90 without a GPU and report its resources.
 
 For each :class:`~llmkit.kernels._compile.CompileSpec` that a kernel module lists
-in ``compile_specs()``, this compiles the kernel with ``triton.compile`` for
-``GPUTarget("cuda", arch, 32)`` and reads the cubin with the ``cuobjdump`` and
+in ``compile_specs()``, this records the launch its launcher makes for that shape on an
+sm_80 (108 SMs) / sm_90 (132 SMs) GPU, compiles it with ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)`` with the argument specializations Triton's JIT derives
+at launch (16-byte divisibility of pointers and integers, integers equal to 1) and the
+launch's options, and reads the cubin with the ``cuobjdump`` and
 ``nvdisasm`` that ship in the Triton wheel: registers, stack, local memory (any
 local memory or stack in a Triton kernel is register spilling), shared memory, and
 for matrix kernels which tensor-core instructions appear in the SASS (HMMA / IMMA
@@ -51,6 +54,8 @@ class KernelReport:
     matrix: bool = False
     sass_matrix: list[str] = dataclasses.field(default_factory=list)
     ptx_matrix: list[str] = dataclasses.field(default_factory=list)
+    sass_memory: list[str] = dataclasses.field(default_factory=list)
+    """The global load / store instructions in the SASS (``LDG.E.128``: 16-byte vectors)."""
     compile_s: float = 0.0
 
     @property
@@ -88,20 +93,27 @@ def kernel_modules() -> list[str]:
 
 
 def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
-    """Compile one spec for one architecture and read its resources."""
+    """Compile one spec for one architecture and read its resources.
+
+    The spec's launch (its launcher's call, recorded for that architecture) is compiled with
+    what Triton's JIT would derive from its arguments (:func:`llmkit._compat.triton_launch_specialization`)
+    and with its launch options.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs, num_warps, num_stages = spec.for_arch(arch)
-    rep = KernelReport(module, spec.name, arch, ok=False, num_warps=num_warps, num_stages=num_stages,
-                       matrix=spec.matrix)
+    from llmkit._compat import triton_launch_specialization
+
+    rep = KernelReport(module, spec.name, arch, ok=False, matrix=spec.matrix)
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=constexprs)
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        launch = spec.launch(arch)
+        rep.num_warps = int(launch.options.get("num_warps", 4))
+        rep.num_stages = int(launch.options.get("num_stages", 3))
+        signature, constexprs, attrs = triton_launch_specialization(launch.kernel, launch.args, launch.options, arch)
+        src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     except Exception as exc:  # report, do not stop the whole run
         rep.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         rep.compile_s = time.perf_counter() - t0
@@ -128,12 +140,15 @@ def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
     rep.shared_static = usage.get("SHARED", 0)
     words = set(re.findall(r"\b([A-Z]+MMA)\b", sass.stdout))
     rep.sass_matrix = sorted(w for w in words if w in MATRIX_SASS)
+    rep.sass_memory = sorted(set(re.findall(r"\b((?:LDG|STG)\.E[.\w]*)", sass.stdout)))
     rep.ok = True
     return rep
 
 
-def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None) -> list[KernelReport]:
-    """Compile every spec of every kernel module (or of ``modules``) for ``archs``."""
+def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None,
+            only: str | None = None) -> list[KernelReport]:
+    """Compile every spec of every kernel module (or of ``modules``; only the specs whose name
+    contains ``only``) for ``archs``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile report cannot run with TRITON_INTERPRET set; use run_report()")
     reports: list[KernelReport] = []
@@ -152,6 +167,8 @@ def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None)
             reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
             continue
         for spec in specs:
+            if only and only not in spec.name:
+                continue
             for arch in archs:
                 if arch in spec.archs:
                     reports.append(compile_spec(name, spec, arch))
@@ -212,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    p.add_argument("--module", nargs="+", help="only these kernel modules (e.g. attention int8_matmul)")
+    p.add_argument("--only", help="only the specs whose name contains this text")
     args = p.parse_args(argv)
-    reports = collect(tuple(args.arch))
+    modules = [m if m.startswith("llmkit.kernels.") else f"llmkit.kernels.{m}" for m in args.module or []]
+    reports = collect(tuple(args.arch), modules or None, args.only)
     bad = problems(reports)
     if args.json:
         with open(args.json, "w") as f:
