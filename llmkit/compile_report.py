@@ -146,9 +146,11 @@ def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
 
 
 def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None,
-            only: str | None = None) -> list[KernelReport]:
+            only: str | None = None, shard: tuple[int, int] = (0, 1)) -> list[KernelReport]:
     """Compile every spec of every kernel module (or of ``modules``; only the specs whose name
-    contains ``only``) for ``archs``."""
+    contains ``only``) for ``archs``. ``shard=(i, n)``: only every n-th compile, from the i-th
+    (what one of n worker processes compiles)."""
+    index = -1
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile report cannot run with TRITON_INTERPRET set; use run_report()")
     reports: list[KernelReport] = []
@@ -156,7 +158,8 @@ def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None,
         try:
             mod = importlib.import_module(name)
         except Exception as exc:
-            reports.append(KernelReport(name, "<import>", 0, ok=False, error=repr(exc)))
+            if shard[0] == 0:  # said once, by the first worker
+                reports.append(KernelReport(name, "<import>", 0, ok=False, error=repr(exc)))
             continue
         specs_fn = getattr(mod, "compile_specs", None)
         if specs_fn is None:
@@ -164,14 +167,17 @@ def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None,
         try:
             specs = list(specs_fn())
         except Exception as exc:  # one broken module must not hide the others' reports
-            reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
+            if shard[0] == 0:
+                reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
             continue
         for spec in specs:
             if only and only not in spec.name:
                 continue
             for arch in archs:
                 if arch in spec.archs:
-                    reports.append(compile_spec(name, spec, arch))
+                    index += 1
+                    if index % shard[1] == shard[0]:
+                        reports.append(compile_spec(name, spec, arch))
     return reports
 
 
@@ -208,20 +214,43 @@ def format_table(reports: list[KernelReport]) -> str:
     return "\n".join(lines)
 
 
-def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800) -> list[KernelReport]:
-    """Run the report in a fresh interpreter without TRITON_INTERPRET and return it."""
+def default_jobs() -> int:
+    """Worker processes of :func:`run_report`: ``LLMKIT_COMPILE_JOBS``, else the CPUs available."""
+    env = os.environ.get("LLMKIT_COMPILE_JOBS")
+    if env:
+        return max(1, int(env))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800, jobs: int | None = None,
+               modules: list[str] | None = None, only: str | None = None) -> list[KernelReport]:
+    """Run the report without TRITON_INTERPRET in ``jobs`` fresh interpreters (each compiles a
+    shard of the specs: compiling is CPU-bound and single-threaded) and return it, in spec order."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    jobs = jobs or default_jobs()
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "llmkit.compile_report", "--json", path, "--quiet",
-               "--arch", *[str(a) for a in archs]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if not os.path.exists(path):
-            raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        with open(path) as f:
-            data = json.load(f)
-    return [KernelReport(**{k: v for k, v in d.items() if k in KernelReport.__dataclass_fields__}) for d in data["kernels"]]
+        paths = [os.path.join(tmp, f"report{i}.json") for i in range(jobs)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "llmkit.compile_report", "--json", path, "--quiet", "--shard", f"{i}/{jobs}",
+                 "--arch", *[str(a) for a in archs], *(["--module", *modules] if modules else []),
+                 *(["--only", only] if only else [])],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for i, path in enumerate(paths)
+        ]
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+        shards = []
+        for proc, path, err in zip(procs, paths, errors):
+            if not os.path.exists(path):
+                raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{err[-2000:]}")
+            with open(path) as f:
+                shards.append(json.load(f)["kernels"])
+    merged = [d for i in range(max(map(len, shards), default=0)) for shard in shards if i < len(shard)
+              for d in [shard[i]]]
+    return [KernelReport(**{k: v for k, v in d.items() if k in KernelReport.__dataclass_fields__}) for d in merged]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
     p.add_argument("--module", nargs="+", help="only these kernel modules (e.g. attention int8_matmul)")
     p.add_argument("--only", help="only the specs whose name contains this text")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="compile only every N-th spec, from the I-th")
     args = p.parse_args(argv)
+    shard_i, _, shard_n = args.shard.partition("/")
     modules = [m if m.startswith("llmkit.kernels.") else f"llmkit.kernels.{m}" for m in args.module or []]
-    reports = collect(tuple(args.arch), modules or None, args.only)
+    reports = collect(tuple(args.arch), modules or None, args.only, (int(shard_i), int(shard_n or 1)))
     bad = problems(reports)
     if args.json:
         with open(args.json, "w") as f:

@@ -144,3 +144,14 @@ def test_memory_bound_kernels_use_128bit_accesses(reports):
     assert set(found) == set(names)
     for name, ops in found.items():
         assert "LDG.E.128" in ops and "STG.E.128" in ops, (name, ops)
+
+
+def test_sharded_report_compiles_the_same_specs_in_the_same_order():
+    """run_report splits the compiles over worker processes; merged, they are the one-process
+    report's compiles, in spec order."""
+    kw = dict(archs=(80,), modules=["llmkit.kernels.gelu"], only="fwd")
+    one = C.run_report(jobs=1, **kw)
+    two = C.run_report(jobs=2, **kw)
+    assert len(one) >= 2 and all(r.ok for r in one)
+    assert [(r.module, r.name, r.arch) for r in two] == [(r.module, r.name, r.arch) for r in one]
+    assert [r.registers for r in two] == [r.registers for r in one]
