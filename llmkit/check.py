@@ -392,7 +392,7 @@ def _attention_cases() -> Iterable[Case]:
                 return {"out": R.decode_attention(q, k, v, d["lens"], None, True)}
 
             def base_d(d):
-                from .ops.attention import decode_mask
+                from .ops.decode_attention import decode_mask
 
                 q = d["q"]
                 m = decode_mask(d["lens"], q.shape[2], d["k"].shape[2], True)

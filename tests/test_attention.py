@@ -476,9 +476,9 @@ def test_dropout_forward_and_backward_on_different_backends(fwd, bwd):
     b, h, sq, sk, d, p = 1, 2, 21, 26, 32, 0.4
     q, k, v = _qkv(b, h, h, sq, sk, d, d, torch.bfloat16)
     seed, offset, scale = 2**40 + 17, 123, 0.2
-    out, lse = A.sdpa_forward.call_backend(fwd, q, k, v, None, p, True, scale, False, seed, offset)
+    out, lse = A.attention_forward.call_backend(fwd, q, k, v, None, p, True, scale, False, seed, offset)
     g = torch.randn_like(out)
-    dq, dk, dv, _ = A.sdpa_backward.call_backend(bwd, g, q, k, v, out, lse, None, p, True, scale, False,
+    dq, dk, dv, _ = A.attention_backward.call_backend(bwd, g, q, k, v, out, lse, None, p, True, scale, False,
                                                  seed, offset, False)
     keep = dropout_keep_mask(seed, offset, b, h, sq, sk, p, q.device)
     q64, k64, v64 = (_leaf(t, F64) for t in (q, k, v))

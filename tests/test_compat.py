@@ -92,7 +92,7 @@ def test_cpu_flash_attention_exists_and_matches_the_math():
 
 def test_reference_attention_without_cpu_flash_attention(monkeypatch):
     import llmkit
-    from llmkit.ops import attention as A
+    from llmkit.backends.reference import attention as A
 
     q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
     with llmkit.use_backend("reference"):

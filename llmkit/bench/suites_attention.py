@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as L
-from ..ops.attention import decode_mask
+from ..ops.decode_attention import decode_mask
 from . import formulas
 from .suite import Case, Context, Impl, OpCall, Suite, elem_size, optional_module, register, standard_impls
 
