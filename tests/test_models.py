@@ -72,7 +72,7 @@ def test_gpt_gradients_match_hf(monkeypatch, bias_in_gemm):
     base = hf.transformer
     torch.testing.assert_close(ours.wte.weight.grad, base.wte.weight.grad, **TOL)
     torch.testing.assert_close(ours.wpe.weight.grad, base.wpe.weight.grad, **TOL)
-    for mine, theirs in zip(ours.h, base.h):
+    for mine, theirs in zip(ours.h, base.h, strict=True):
         torch.testing.assert_close(mine.attn.c_attn.weight.grad, theirs.attn.c_attn.weight.grad.t(), **TOL)
         torch.testing.assert_close(mine.mlp.c_fc.bias.grad, theirs.mlp.c_fc.bias.grad, **TOL)
         torch.testing.assert_close(mine.ln_1.weight.grad, theirs.ln_1.weight.grad, **TOL)
@@ -184,7 +184,7 @@ def test_top_k_restricts_the_support():
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
         tok = GPT._pick(logits, True, 1.5, 5, g)
-        assert all(t in row for t, row in zip(tok.tolist(), allowed.tolist()))
+        assert all(t in row for t, row in zip(tok.tolist(), allowed.tolist(), strict=True))
 
 
 @pytest.mark.parametrize("bad,match", [
