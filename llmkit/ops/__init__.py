@@ -29,5 +29,5 @@ __all__ = [
     "int8_linear",
 ]
 
-from . import _cuda_ext_impls  # noqa: F401, E402
 from .. import backends  # noqa: F401, E402  (registers every backend's implementations)
+from . import _cuda_ext_impls  # noqa: F401, E402
