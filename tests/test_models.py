@@ -212,6 +212,22 @@ def test_cache_overflow_and_config_errors():
         KVCache(model.config, 1, 33, dtype=torch.float32, device="cpu")
 
 
+def test_cache_step_methods_outside_a_step_say_so():
+    model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    cache = model.new_cache(1, 4)
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(RuntimeError, match=r"KVCache.end: no step in progress; call begin\(t\) first"):
+        cache.end()
+    with pytest.raises(RuntimeError, match=r"KVCache.attend: no step in progress"):
+        cache.attend(0, q, q, q)
+    cache.begin(1)
+    cache.attend(0, q, q, q)
+    cache.end()
+    assert cache.lengths.tolist() == [1]
+    with pytest.raises(RuntimeError, match="KVCache.end: no step in progress"):
+        cache.end()  # a step ends once
+
+
 def test_gpt2_small_default_shape():
     with torch.device("meta"):
         model = GPT()

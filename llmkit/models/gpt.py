@@ -133,9 +133,14 @@ class KVCache:
         self._step = (t, None if start is not None else positions, self.lengths + t)
         return positions
 
+    def _current_step(self, method: str) -> tuple[int, Tensor | None, Tensor]:
+        if self._step is None:
+            raise RuntimeError(f"KVCache.{method}: no step in progress; call begin(t) first")
+        return self._step
+
     def end(self) -> None:
         """Finish the step: every sequence is ``t`` tokens longer."""
-        t, _, seqlens = self._step
+        t, _, seqlens = self._current_step("end")
         self.lengths = seqlens
         if self._uniform is not None:
             self._uniform += t
@@ -148,7 +153,7 @@ class KVCache:
         otherwise :func:`llmkit.ops.decode_attention` reads the cache with each
         sequence's own length.
         """
-        t, positions, seqlens = self._step
+        t, positions, seqlens = self._current_step("attend")
         kc, vc = self.keys[layer], self.values[layer]
         start = self._uniform
         if start is not None:
