@@ -335,7 +335,10 @@ def _interpreter_index_is_broken() -> bool:
     )
 
 
-INTERPRETER_FIX = "Triton < 3.7 interpreter: scalar __index__ patched to go through .item() (numpy >= 2.4 refuses int() of a 1-element array, 1.25 - 2.3 warn)"
+INTERPRETER_FIX = (
+    "Triton < 3.7 interpreter: scalar __index__ patched to go through .item() "
+    "(numpy >= 2.4 refuses int() of a 1-element array, 1.25 - 2.3 warn)"
+)
 
 
 def triton_interpreter_note() -> str:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from llmkit import _compat as C
 
-
 # -- torch ----------------------------------------------------------------------------------
 
 
@@ -86,7 +85,7 @@ def test_cpu_flash_attention_exists_and_matches_the_math():
     g = torch.randn_like(want)
     dq, dk, dv = torch.autograd.grad(want, (q, k, v), g)
     got = C.cpu_flash_attention_backward(g, q.detach(), k.detach(), v.detach(), out, lse, True, None, None)
-    for x, y in zip(got, (dq, dk, dv)):
+    for x, y in zip(got, (dq, dk, dv), strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 

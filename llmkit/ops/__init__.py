@@ -33,3 +33,4 @@ __all__ = [
 ]
 
 from .. import backends  # noqa: F401, E402  (registers every backend's implementations)
+from . import _cuda_ext_impls  # noqa: F401, E402
