@@ -392,8 +392,10 @@ def _jit_binder() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
     return make, pack
 
 
-HAS_TRITON_JIT_BINDER = _jit_binder() is not None
-"""Triton's JIT binder is reachable (Triton >= 3.3); without it the rules are applied here."""
+def has_triton_jit_binder() -> bool:
+    """Triton's JIT binder is reachable (Triton >= 3.3); without it the rules are applied here.
+    A function, not a flag: importing llmkit must not import Triton."""
+    return _jit_binder() is not None
 
 
 def _specialize_by_rule(kernel: Any, args: dict[str, Any]) -> tuple[dict, dict, dict]:

@@ -33,4 +33,3 @@ __all__ = [
 ]
 
 from .. import backends  # noqa: F401, E402  (registers every backend's implementations)
-from . import _cuda_ext_impls  # noqa: F401, E402

@@ -161,8 +161,8 @@ def check_mask(op: str, attn_mask: Tensor | None, query: Tensor, key: Tensor) ->
             f"{' or '.join(allowed)} (bool: True = attend; float: added to the scores)"
         )
     target = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    ok = attn_mask.dim() <= 4 and all(
-        m == 1 or m == t for m, t in zip(reversed(attn_mask.shape), reversed(target))
+    ok = attn_mask.dim() <= 4 and all(  # a mask may have fewer dims: zip stops at its first
+        m == 1 or m == t for m, t in zip(reversed(attn_mask.shape), reversed(target), strict=False)
     )
     if not ok:
         raise ValueError(
@@ -252,7 +252,8 @@ def as_query_layout(out: Tensor, query: Tensor) -> Tensor:
     (the strides are compared without allocating)."""
     if out.stride() == _layout_strides(tuple(out.shape), out_layout(query)):
         return out
-    return empty_like_query(*out.shape, query=query).copy_(out)
+    b, h, s, d = out.shape
+    return empty_like_query(b, h, s, d, query).copy_(out)
 
 
 # --------------------------------------------------------------------------------------

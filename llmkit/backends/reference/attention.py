@@ -45,6 +45,7 @@ def _dead_rows(
     if attn_mask is None:
         return None
     allowed = allowed_keys(attn_mask, is_causal, q_len, k_len, device)
+    assert allowed is not None  # a mask was given
     return ~allowed.any(-1)
 
 
@@ -156,7 +157,8 @@ def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
 @attention_backward.register("reference")
 def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (and d mask for a float mask) recomputing the probabilities from lse."""
-    grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset, mask_grad = c
+    grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale = c[:10]
+    seed, offset, mask_grad = c.seed, c.offset, c.mask_grad
     b, hq, sq, _ = query.shape
     hkv, sk = key.shape[1], key.shape[2]
     groups = hq // hkv if hkv else 1

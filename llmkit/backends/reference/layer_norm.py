@@ -3,7 +3,6 @@ for float64 input); saved statistics float32 with the input's leading shape."""
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -85,8 +84,8 @@ def layer_norm_backward_reference(c: LayerNormBackwardCall) -> tuple[Tensor, Ten
         mask,
     )
     dx = dx.to(input.dtype).contiguous() if mask[0] else torch.zeros_like(input, memory_format=torch.contiguous_format)
-    dw = dw.to(weight.dtype) if mask[1] else empty_param_grad(weight, input)
-    db = db.to(bias.dtype) if mask[2] else empty_param_grad(bias, input)
+    dw = dw.to(weight.dtype) if mask[1] and weight is not None else empty_param_grad(weight, input)
+    db = db.to(bias.dtype) if mask[2] and bias is not None else empty_param_grad(bias, input)
     return dx, dw, db
 
 
