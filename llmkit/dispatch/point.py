@@ -141,7 +141,9 @@ def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor |
     for a in args:
         if isinstance(a, torch.Tensor):
             return a
-        if isinstance(a, tuple) and hasattr(type(a), "_fields"):  # a call object
+        # a call object (a NamedTuple); no hasattr on its class: torch 2.11's Dynamo
+        # cannot trace that
+        if isinstance(a, tuple):
             for v in a:
                 if isinstance(v, torch.Tensor):
                     return v
