@@ -76,6 +76,22 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     return gelu(x + bias, approximate)
 
 
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x), sigmoid(x) = 1 / (1 + exp(-x)) (torch.sigmoid: finite gradients where
+    exp(-x) overflows)."""
+    return x * torch.sigmoid(x)
+
+
+def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(gate) * up."""
+    return gelu(gate, approximate) * up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up."""
+    return silu(gate) * up
+
+
 def attention(
     q: Tensor,
     k: Tensor,

@@ -223,6 +223,24 @@ def check_gelu(mesh) -> None:
                  (x, bias), (S(2), Rep), S(2), label=f"bias_gelu {dtype} replicated bias")
 
 
+# -- GeGLU / SwiGLU ---------------------------------------------------------------------
+
+
+def check_glu(mesh) -> None:
+    S, Rep, _ = _placements()
+    for dtype in DTYPES:
+        gate, up = torch.randn(3, 5, 12, dtype=dtype) * 3, torch.randn(3, 5, 12, dtype=dtype)
+        for d in range(3):  # elementwise: any dim, the hidden one (ColwiseParallel's output) included
+            run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(d), S(d)), S(d), label=f"swiglu {dtype} Shard({d})")
+            for approx in ("none", "tanh"):
+                run_case(mesh, lambda g, u: ops.geglu(g, u, approx), lambda g, u: R64.geglu(g, u, approx),
+                         (gate, up), (S(d), S(d)), S(d), label=f"geglu {approx} {dtype} Shard({d})")
+    # gate and up placed differently: redistributed to one placement, never computed mixed
+    gate, up = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(0), S(2)), None, label="swiglu mixed placements")
+    run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(1), Rep), None, label="swiglu one replicated")
+
+
 # -- attention --------------------------------------------------------------------------
 
 
@@ -412,6 +430,7 @@ CHECKS = {
     "ops_triton_backend_on_shards": check_triton_backend_on_shards,
     "ops_strategy_cache_keys_on_values": check_strategy_cache_keys_on_values,
     "ops_gelu": check_gelu,
+    "ops_glu": check_glu,
     "ops_attention": check_attention,
     "ops_attention_gqa": check_attention_gqa,
     "ops_attention_dropout_replicates": check_attention_dropout_replicates,

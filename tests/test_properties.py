@@ -58,6 +58,35 @@ def test_bias_gelu_any_shape(lead, n, dtype, seed, approx):
 
 
 @SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
+       act=st.sampled_from(["silu", "none", "tanh"]), halves=st.booleans())
+def test_glu_any_shape_forward_and_backward(lead, n, dtype, seed, act, halves):
+    """swiglu / geglu on any shape, gate and up contiguous or the two halves of one
+    projection, forward and both gradients."""
+    if halves:
+        h = _x(lead + [2 * n], dtype, seed) * 3
+        gate, up = h[..., :n], h[..., n:]
+    else:
+        gate, up = _x(lead + [n], dtype, seed) * 3, _x(lead + [n], dtype, seed + 1)
+    dy = _x(lead + [n], dtype, seed + 2)
+
+    def run(g, u, fused):
+        if act == "silu":
+            return ops.swiglu(g, u) if fused else (R.swiglu(g, u) if g.dtype == torch.float64 else F.silu(g) * u)
+        if fused:
+            return ops.geglu(g, u, act)
+        return R.geglu(g, u, act) if g.dtype == torch.float64 else F.gelu(g, approximate=act) * u
+
+    results = []
+    for g, u, fused in ((gate, up, True), (gate.double(), up.double(), False), (gate, up, False)):
+        g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+        out = run(g, u, fused)
+        results.append((out, *torch.autograd.grad(out, [g, u], dy.to(out.dtype))))
+    for got, ref, base in zip(*results):
+        assert_close_to_reference(got, ref, base)
+
+
+@SETTINGS
 @given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 3), sq=st.integers(1, 40),
        sk=st.integers(1, 40), d=st.sampled_from([1, 8, 24]), causal=st.booleans(), dtype=DTYPES,
        seed=st.integers(0, 2**31))

@@ -118,6 +118,16 @@ def bias_gelu(m: int, n: int, elem: int, backward: bool = False) -> Work:
     return Work(9.0 * m * n, elem * (2 * m * n + n))
 
 
+def glu(numel: int, elem: int, activation: str, backward: bool = False) -> Work:
+    """``act(gate) * up`` of ``numel`` elements each (SwiGLU: ``activation="silu"``, GeGLU:
+    ``"gelu"``): forward reads gate, up and writes out; backward reads dy, gate, up and writes
+    d gate, d up. Flops: the activation's (SiLU 5, GELU 8; backward 9 / 12) and the products."""
+    act_fwd, act_bwd = (5.0, 9.0) if activation == "silu" else (8.0, 12.0)
+    if backward:
+        return Work((act_bwd + 4.0) * numel, elem * 5 * numel)
+    return Work((act_fwd + 1.0) * numel, elem * 3 * numel)
+
+
 # -- attention -------------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ The rules, per op family:
 * ``gelu``: any dim. ``bias_gelu``: any dim before the last with the bias replicated
   (``dbias`` Partial), or the last dim with the bias sharded alike (``ColwiseParallel``'s
   output and bias).
+* ``geglu``, ``swiglu`` (and their backward): any dim, ``gate``, ``up`` and every output
+  sharded alike (elementwise).
 * ``scaled_dot_product_attention``: batch (dim 0) or heads (dim 1) of query, key, value,
   ``out``, ``lse`` alike, the mask sharded alike where it has that dim and replicated where
   it broadcasts; heads only when each shard holds whole GQA groups (the number of key/value
@@ -146,6 +148,16 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             out.append(([S(last), S(0)], [S(last), S(last), S(0), None]))
         return out
 
+    # -- GeGLU / SwiGLU: elementwise over two inputs of one shape -------------------------
+
+    def glu(gate, up, *scalars) -> Rule:
+        out = [replicated(1, (gate, up, *scalars))]
+        return out + [([S(d)], [S(d), S(d)] + [None] * len(scalars)) for d in range(gate.ndim)]
+
+    def glu_backward(grad_out, gate, up, *scalars) -> Rule:
+        out = [replicated(2, (grad_out, gate, up, *scalars))]
+        return out + [([S(d)] * 2, [S(d)] * 3 + [None] * len(scalars)) for d in range(gate.ndim)]
+
     # -- attention ----------------------------------------------------------------------
 
     def mask_p(mask: Spec | None, dim: int) -> Any:
@@ -258,6 +270,10 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         "gelu_backward": (gelu_backward, None),
         "bias_gelu": (bias_gelu, None),
         "bias_gelu_backward": (bias_gelu_backward, None),
+        "geglu": (glu, None),
+        "geglu_backward": (glu_backward, None),
+        "swiglu": (glu, None),
+        "swiglu_backward": (glu_backward, None),
         "scaled_dot_product_attention": (sdpa, whole_groups(1)),
         "scaled_dot_product_attention_backward": (sdpa_backward, whole_groups(2)),
         "decode_attention": (decode, whole_groups(1)),

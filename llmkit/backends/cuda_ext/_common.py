@@ -40,6 +40,10 @@ CPU_DEFAULT: dict[str, CpuDefault] = {
     "bias_gelu.forward": True,
     "bias_gelu.backward": True,
     "quantize_int8.forward": True,
+    "geglu.forward": True,
+    "geglu.backward": True,
+    "swiglu.forward": CpuPreference({**_HALF, torch.float32: 1 << 18}),
+    "swiglu.backward": True,
 }
 """Dispatch point (``op.stage``) -> the ``cpu_default`` of its cuda_ext implementation: where
 the C++ CPU kernels come before the reference in the default CPU order, per dtype and size
