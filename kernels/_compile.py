@@ -1,4 +1,4 @@
-"""Declarations of kernel launch configurations for the compile report."""
+"""Declarations of kernel launches for the compile report."""
 
 from __future__ import annotations
 
@@ -6,29 +6,36 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from ._launch import STANDARD_TARGETS, Launch, planning_for, recording
+
 
 @dataclasses.dataclass
 class CompileSpec:
-    """One kernel at one launch configuration, compiled ahead of time for a report.
+    """One kernel at the launch its launcher makes for one call, compiled ahead of time.
 
-    ``signature`` maps every argument name to a Triton type string (``"*fp16"``,
-    ``"*fp32"``, ``"i32"``, ``"i64"``, ``"fp32"``, or ``"constexpr"``); ``constexprs``
-    gives the constexpr values, either as a dict or as a function of the target
-    architecture (80, 90, ...) for kernels whose configuration depends on it.
+    ``call`` runs a launcher (``attention_forward``, ``norm_backward``...) on ``meta``
+    tensors of the spec's shapes; :meth:`launch` records what that call launches when it
+    plans for an sm_80 GPU with 108 SMs or an sm_90 GPU with 132 SMs, and keeps its (first)
+    launch of ``kernel``. The compile report compiles that launch's arguments
+    with the specializations Triton derives from them (16-byte divisible pointers and
+    integers, integers equal to 1 as constants), its constexprs and launch options: what a
+    real launch of that shape compiles.
     """
 
     name: str
     kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any] | Callable[[int], dict[str, Any]]
-    num_warps: int | Callable[[int], int] = 4
-    num_stages: int | Callable[[int], int] = 3
+    call: Callable[[], Any]
     matrix: bool = False
     """A matrix kernel: the report says which tensor-core instructions it uses."""
     archs: tuple[int, ...] = (80, 90)
 
-    def for_arch(self, arch: int) -> tuple[dict[str, Any], int, int]:
-        c = self.constexprs(arch) if callable(self.constexprs) else dict(self.constexprs)
-        w = self.num_warps(arch) if callable(self.num_warps) else self.num_warps
-        s = self.num_stages(arch) if callable(self.num_stages) else self.num_stages
-        return c, w, s
+    def launch(self, arch: int) -> Launch:
+        """The launch of ``kernel`` that ``call`` makes planning for ``arch``."""
+        with planning_for(STANDARD_TARGETS[arch]), recording() as launches:
+            self.call()
+        mine = [rec for rec in launches if rec.kernel is self.kernel]
+        if not mine:
+            made = ", ".join(rec.name for rec in launches) or "nothing"
+            raise ValueError(f"compile spec {self.name}: the call launched {made}, "
+                             f"not {getattr(self.kernel, 'fn', self.kernel).__name__}")
+        return mine[0]

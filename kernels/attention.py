@@ -1,6 +1,7 @@
 """Triton FlashAttention-style attention: tiled forward and race-free backward.
 
-Kernels (grid axes in brackets):
+Kernels (in brackets what their one grid axis enumerates, fastest first; one axis because
+``B x H`` may pass the 65,535 limit of axes y and z):
 
 * ``_attn_fwd_kernel`` [query blocks, Hq, B]: one program owns ``BLOCK_M`` query rows
   of one head and streams the keys/values in blocks of ``BLOCK_N``, with an online
@@ -44,7 +45,6 @@ for sm_80 and sm_90 (``python -m llmkit.compile_report``).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -53,6 +53,7 @@ import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -94,6 +95,20 @@ def _store_tile(ptrs, x, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: t
         tl.store(ptrs, x, mask=rows[:, None] < n_rows)
     else:
         tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+
+
+@triton.jit
+def _program_ids(n_blocks, n_heads):
+    """(block, head, batch) of this program on a one-axis grid of ``n_blocks * n_heads * B``.
+
+    Everything goes on grid axis x (up to 2**31 - 1 programs; y and z stop at 65535, which
+    B x H passes). Blocks vary fastest, then heads, then the batch: the order in which a
+    ``(blocks, heads, B)`` grid runs, so programs that share K / V run together.
+    """
+    pid = tl.program_id(0)
+    block = pid % n_blocks
+    bh = pid // n_blocks
+    return block, bh % n_heads, bh // n_heads
 
 
 @triton.jit
@@ -268,11 +283,10 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """out[b, h, rows] and lse[b, h, rows] for one block of BLOCK_M query rows."""
-    pid_m = tl.program_id(0)
+    m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m, h, b = _program_ids(m_blocks, num_heads)
     if IS_CAUSAL:  # the longest rows first: better balance of the last wave
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+        pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -378,11 +392,10 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """delta = rowsum(dO * O) and dQ for one block of BLOCK_M query rows."""
-    pid_m = tl.program_id(0)
+    m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m, h, b = _program_ids(m_blocks, num_heads)
     if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+        pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -506,9 +519,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head, summed over the heads of its query group."""
-    pid_n = tl.program_id(0)
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_n, kvh, b = _program_ids(tl.cdiv(k_len, BLOCK_N), num_heads // group_size)
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -612,24 +623,25 @@ class _Entry:
 
 # 16-bit inputs (rows are always 16-byte aligned, see _aligned_rows), by architecture
 # (80: A100 class, 90: H100 class) and padded head dim. Chosen so that every kernel compiles with
-# no register spills (python -m llmkit.compile_report) while keeping tiles large:
-# 128-row query tiles on 8 warps (two wgmma warpgroups on sm_90) where they fit. These
-# are starting points until measured on the GPUs (bench/).
+# no register spills on Triton 3.6 and 3.9, for lengths divisible by 16 and not, with and
+# without GQA (python -m llmkit.compile_report) while keeping tiles large: 128-row query
+# tiles on 8 warps (two wgmma warpgroups on sm_90) where they fit. These are starting
+# points until measured on the GPUs (bench/).
 _TABLE_16BIT: dict[int, dict[int, _Entry]] = {
     90: {
         64: _Entry(T(128, 128, 8, 3), T(128, 64, 8, 3),
-                   BackwardConfig(T(128, 64, 8, 3), T(64, 128, 8, 3)),
+                   BackwardConfig(T(128, 64, 8, 3), T(32, 128, 8, 3)),
                    BackwardConfig(T(128, 32, 8, 3), T(32, 128, 8, 3))),
-        128: _Entry(T(128, 128, 8, 2), T(128, 32, 8, 3),
+        128: _Entry(T(128, 128, 8, 2), T(64, 32, 8, 3),
                     BackwardConfig(T(128, 64, 8, 2), T(32, 128, 8, 2)),
                     BackwardConfig(T(128, 32, 8, 3), T(16, 64, 8, 3))),
-        256: _Entry(T(64, 32, 8, 2), T(64, 16, 4, 2),
+        256: _Entry(T(64, 32, 8, 2), T(64, 16, 8, 2),
                     BackwardConfig(T(64, 16, 8, 2), T(32, 32, 8, 2)),
                     BackwardConfig(T(32, 16, 8, 2), T(16, 32, 8, 2))),
     },
     80: {
         64: _Entry(T(128, 64, 8, 3), T(64, 64, 8, 3),
-                   BackwardConfig(T(128, 64, 8, 2), T(32, 128, 8, 2)),
+                   BackwardConfig(T(128, 64, 8, 2), T(16, 128, 8, 2)),
                    BackwardConfig(T(64, 32, 8, 3), T(16, 64, 4, 3))),
         128: _Entry(T(128, 32, 8, 3), T(64, 32, 8, 3),
                     BackwardConfig(T(64, 64, 8, 2), T(32, 64, 8, 2)),
@@ -648,7 +660,7 @@ _TABLE_FP32: dict[int, _Entry] = {
                BackwardConfig(T(32, 16, 4, 1), T(16, 16, 2, 1))),
     128: _Entry(T(16, 16, 8, 1), T(16, 16, 8, 1),
                 BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1)),
-                BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1))),
+                BackwardConfig(T(16, 16, 8, 1), T(16, 16, 8, 1))),
 }
 FP32_MAX_HEAD_DIM = 128
 # The Triton interpreter (CPU tensors): small tiles so that tests cover many blocks.
@@ -657,11 +669,10 @@ INTERPRETER_BWD = BackwardConfig(TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4,
 
 
 def device_arch(device: torch.device) -> int | None:
-    """Compute capability as an int (80, 86, 90, ...) of a CUDA device; None for CPU."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    """Compute capability as an int (80, 86, 90, ...) that launches on ``device`` plan for;
+    None for the interpreter (see :func:`~llmkit.kernels._launch.device_target`)."""
+    target = device_target(device)
+    return target.arch if target is not None else None
 
 
 def _smem_limit(arch: int) -> int:
@@ -869,8 +880,8 @@ def attention_forward(
     p, inv_keep = _dropout_args(dropout_p)
     cfg = config or forward_config(d, dv, query.dtype, device_arch(query.device),
                                    masked=mask.kind != MASK_NONE, dropout=p > 0.0)
-    grid = (triton.cdiv(sq, cfg.block_m), hq, b)
-    _attn_fwd_kernel[grid](
+    launch(
+        _attn_fwd_kernel, (triton.cdiv(sq, cfg.block_m) * hq * b,),
         q, k, v, o, lse, mask.tensor,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask.strides,
         hq, sq, sk, hq // hkv,
@@ -919,14 +930,16 @@ def attention_backward(
                                     masked=mask.kind != MASK_NONE, dropout=p > 0.0)
     consts = _common_constexprs(d, dv, is_causal, mask, p > 0.0, q)
     scalars = (hq, sq, sk, hq // hkv, scale, scale * 1.4426950408889634, p, inv_keep, int(seed), int(offset))
-    _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg.dq.block_m), hq, b)](
+    launch(
+        _attn_bwd_dq_kernel, (triton.cdiv(sq, cfg.dq.block_m) * hq * b,),
         q, k, v, o, do, lse, delta, dq, mask.tensor,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *mask.strides, *scalars,
         BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, **consts,
         num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg.dkdv.block_n), hkv, b)](
+    launch(
+        _attn_bwd_dkdv_kernel, (triton.cdiv(sk, cfg.dkdv.block_n) * hkv * b,),
         q, k, v, do, lse, delta, dk, dvv, mask.tensor,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dvv.stride()[:3], *mask.strides, *scalars,
@@ -941,97 +954,76 @@ def attention_backward(
 # --------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FLOAT_SCALARS = ("qk_scale", "scale", "dropout_p", "inv_keep")
-_I64_SCALARS = ("seed", "rng_offset")
+SPEC_SEED = 0x2545F4914F6CDD1D
+"""A dropout seed as the op draws them (below 2**62: an i64 kernel argument); 0 without dropout."""
 
 
-def kernel_signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
-    """Triton signature of ``kernel``: ``pointers`` gives each ``*_ptr`` type, ints are i32."""
-    sig = {}
-    # the Python signature: a JITFunction and the interpreter's InterpretedFunction both wrap .fn
-    for name, param in inspect.signature(getattr(kernel, "fn", kernel)).parameters.items():
-        if str(param.annotation).endswith("constexpr"):
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name in _FLOAT_SCALARS:
-            sig[name] = "fp32"
-        elif name in _I64_SCALARS:
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    return sig
+def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``meta`` tensor: shapes, strides and a (16-byte aligned) address, no memory."""
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _spec_constexprs(d: int, is_causal: bool, mask_kind: int, row_bcast: bool, dropout: bool,
-                     dtype: torch.dtype, tile, stride_align: int) -> Callable[[int], dict]:
-    def constexprs(arch: int) -> dict:
-        t = tile(arch)
-        return dict(
-            HEAD_D=d, HEAD_DV=d, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(d),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-            MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=dropout,
-            DOT_PRECISION=_dot_precision(dtype, torch.device("cuda")), STRIDE_ALIGN=stride_align,
-        )
-    return constexprs
+def _attention_call(backward: bool, dtype: torch.dtype, d: int, causal: bool, mask_kind: int, row_bcast: bool,
+                    dropout: bool, b: int = 2, hq: int = 16, hkv: int = 16, sq: int = 1024,
+                    sk: int = 1024) -> Callable[[], object]:
+    """The launcher call of one compile spec: contiguous (B, H, S, D) meta tensors."""
+    def call():
+        q, k, v = meta(b, hq, sq, d, dtype=dtype), meta(b, hkv, sk, d, dtype=dtype), meta(b, hkv, sk, d, dtype=dtype)
+        mask = None
+        if mask_kind == MASK_BOOL:
+            mask = meta(b, 1, sq, sk, dtype=torch.bool)
+        elif mask_kind == MASK_FLOAT:
+            mask = meta(b, 1, 1 if row_bcast else sq, sk, dtype=torch.float32)
+        p, seed = (0.1, SPEC_SEED) if dropout else (0.0, 0)
+        if not backward:
+            return attention_forward(q, k, v, mask, p, causal, d ** -0.5, seed, 0)
+        o, do, lse = meta(b, hq, sq, d, dtype=dtype), meta(b, hq, sq, d, dtype=dtype), meta(b, hq, sq, dtype=torch.float32)
+        return attention_backward(do, q, k, v, o, lse, mask, p, causal, d ** -0.5, seed, 0)
+    return call
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Forward, dQ and dK/dV kernels at their default configurations.
+    """Forward, dQ and dK/dV kernels as launched for (2, 16, 1024, D) inputs: every entry of
+    the tile tables (architecture x padded head dim x plain / "heavy") at least once.
 
     bfloat16 for every padded head-dim class (64, 128 and the padded 80 / 96 / 160 / 256),
-    causal and not; float16 at D = 128; the bool-mask, float key-padding-vector and
-    dropout variants (which take the tables' smaller "heavy" tiles) at one head dim each;
-    float32 (exact fp32 products on FMA units) at D = 64 and, with a bool mask, D = 128.
+    causal and not; float16 at D = 128; the bool-mask, float key-padding-vector and dropout
+    variants (which take the tables' smaller "heavy" tiles); float32 (exact fp32 products on
+    FMA units) at D = 64 and 128, plain and heavy. The causal, masked and float32 cases are
+    also compiled as "ragged_gqa": 1000 tokens (no length divisible by 16) with 32 query
+    heads on 8 K/V heads, which Triton specializes less (a real launch of such a shape
+    compiles its own kernel, usually with more registers).
     """
     specs: list[CompileSpec] = []
-    cases = [(torch.bfloat16, d, c, MASK_NONE, False, False) for d in (64, 128, 80, 96, 160, 256) for c in (False, True)]
-    cases += [
-        (torch.float16, 128, False, MASK_NONE, False, False),
+    ragged = dict(hq=32, hkv=8, sq=1000, sk=1000)
+    plain = [(torch.bfloat16, d, c, MASK_NONE, False, False) for d in (64, 128, 80, 96, 160, 256) for c in (False, True)]
+    plain.append((torch.float16, 128, False, MASK_NONE, False, False))
+    both = [  # also compiled as "ragged_gqa"
+        (torch.bfloat16, 64, True, MASK_NONE, False, False),
+        (torch.bfloat16, 128, True, MASK_NONE, False, False),
+        (torch.bfloat16, 256, True, MASK_NONE, False, False),
         (torch.bfloat16, 128, True, MASK_BOOL, False, False),
+        (torch.bfloat16, 256, True, MASK_BOOL, False, False),
         (torch.bfloat16, 64, False, MASK_FLOAT, True, False),
         (torch.bfloat16, 128, True, MASK_NONE, False, True),
         (torch.float32, 64, False, MASK_NONE, False, False),
+        (torch.float32, 64, True, MASK_BOOL, False, False),
+        (torch.float32, 128, True, MASK_NONE, False, False),
         (torch.float32, 128, True, MASK_BOOL, False, False),
     ]
+    cases = [c + ({},) for c in plain if c not in both] + [c + ({},) for c in both] + [c + (ragged,) for c in both]
     bwd_dims = (64, 128, 80, 256)
-    for dtype, d, causal, mask_kind, row_bcast, dropout in cases:
+    for dtype, d, causal, mask_kind, row_bcast, dropout, shape in cases:
         ty = _TRITON_DTYPE[dtype]
-        mask_ty = {MASK_NONE: f"*{ty}", MASK_BOOL: "*u8", MASK_FLOAT: "*fp32"}[mask_kind]
         tag = f"{ty}_d{d}{'_causal' if causal else ''}" + ("", "_boolmask", "_floatmask")[mask_kind] \
-            + ("_keyvec" if row_bcast else "") + ("_dropout" if dropout else "")
-        heavy = dict(masked=mask_kind != MASK_NONE, dropout=dropout)
-
-        def fwd_tile(arch, d=d, dtype=dtype, heavy=heavy):
-            return forward_config(d, d, dtype, arch, **heavy)
-
-        ptrs = {n: f"*{ty}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
-        specs.append(CompileSpec(
-            f"fwd_{tag}", _attn_fwd_kernel,
-            kernel_signature(_attn_fwd_kernel, ptrs | {"lse_ptr": "*fp32", "mask_ptr": mask_ty}),
-            _spec_constexprs(d, causal, mask_kind, row_bcast, dropout, dtype, fwd_tile, 16 // dtype.itemsize),
-            num_warps=lambda arch, f=fwd_tile: f(arch).num_warps,
-            num_stages=lambda arch, f=fwd_tile: f(arch).num_stages,
-            matrix=dtype != torch.float32,
-        ))
+            + ("_keyvec" if row_bcast else "") + ("_dropout" if dropout else "") + ("_ragged_gqa" if shape else "")
+        variant = (dtype, d, causal, mask_kind, row_bcast, dropout)
+        specs.append(CompileSpec(f"fwd_{tag}", _attn_fwd_kernel, _attention_call(False, *variant, **shape),
+                                 matrix=dtype != torch.float32))
         if dtype == torch.float16 or (dtype == torch.bfloat16 and mask_kind == MASK_NONE and not dropout
                                       and d not in bwd_dims):
             continue  # backward: one float16 case is enough; not every padded class
-
-        def dq_tile(arch, d=d, dtype=dtype, heavy=heavy):
-            return backward_config(d, d, dtype, arch, **heavy).dq
-
-        def dkdv_tile(arch, d=d, dtype=dtype, heavy=heavy):
-            return backward_config(d, d, dtype, arch, **heavy).dkdv
-
-        bptrs = {n: f"*{ty}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
-        bptrs |= {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "mask_ptr": mask_ty}
-        for name, kernel, tile in (("bwd_dq", _attn_bwd_dq_kernel, dq_tile), ("bwd_dkdv", _attn_bwd_dkdv_kernel, dkdv_tile)):
-            specs.append(CompileSpec(
-                f"{name}_{tag}", kernel, kernel_signature(kernel, bptrs),
-                _spec_constexprs(d, causal, mask_kind, row_bcast, dropout, dtype, tile, 16 // dtype.itemsize),
-                num_warps=lambda arch, f=tile: f(arch).num_warps,
-                num_stages=lambda arch, f=tile: f(arch).num_stages,
-                matrix=dtype != torch.float32,
-            ))
+        bwd = _attention_call(True, *variant, **shape)
+        specs.append(CompileSpec(f"bwd_dq_{tag}", _attn_bwd_dq_kernel, bwd, matrix=dtype != torch.float32))
+        specs.append(CompileSpec(f"bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel, bwd, matrix=dtype != torch.float32))
     return specs

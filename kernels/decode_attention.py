@@ -8,7 +8,8 @@ positions ``L_b - T .. L_b - 1``). With ``is_causal`` token ``t`` sees keys
 
 Kernels:
 
-* ``_decode_split_kernel`` [KV splits, Hkv x row blocks, B]: the cache length is cut
+* ``_decode_split_kernel`` [KV splits, Hkv x row blocks, B], all on grid axis x (fastest
+  first; ``B x Hkv`` may pass the 65,535 limit of axes y and z): the cache length is cut
   into splits so that a small batch still fills the GPU (flash-decoding). One program
   reads one split of one K/V head once and serves every query head of its GQA group
   and every new token: its rows are the ``G * T`` (query head, token) pairs, so K/V are
@@ -24,7 +25,7 @@ cache capacity, never the lengths, so there is no device-to-host sync).
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -32,9 +33,10 @@ import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 from .attention import (
-    _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax, _store_tile,
-    device_arch, kernel_signature, padded_head_dim, stride_align,
+    _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax,
+    _program_ids, _store_tile, meta, padded_head_dim, stride_align,
 )
 
 MAX_ROWS_PER_PROGRAM = 64
@@ -55,10 +57,9 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """One split of the cache of one K/V head against BLOCK_M (query head, token) rows."""
-    split = tl.program_id(0)
-    kvh = tl.program_id(1) // row_blocks
-    row_block = tl.program_id(1) % row_blocks
-    b = tl.program_id(2)
+    split, head_rows, b = _program_ids(num_splits, (num_heads // group_size) * row_blocks)
+    kvh = head_rows // row_blocks
+    row_block = head_rows % row_blocks
     stride_qb, stride_qh, stride_qt = _align_strides(stride_qb, stride_qh, stride_qt, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -177,11 +178,6 @@ class DecodeConfig:
     num_stages: int
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _rows_block(n_rows: int, padded_dim: int) -> int:
     """(query head, token) rows per program: all of a GQA group where they fit (16..64)."""
     cap = MAX_ROWS_PER_PROGRAM if padded_dim <= 128 else MAX_ROWS_PER_PROGRAM // 2
@@ -222,7 +218,9 @@ def decode_config(
     if arch is None:
         warps, stages = 4, 1
     else:
-        warps = 8 if block_m * bd >= 64 * 128 else 4  # many packed rows x a wide head: 8 warps
+        # many packed rows x a wide head: 8 warps; float32 too (FMA products: on 4 warps
+        # Triton 3.6 spills hundreds of bytes on sm_90)
+        warps = 8 if block_m * bd >= 64 * 128 or dtype == torch.float32 else 4
         stages = 4 if arch >= 90 and bd <= 128 else 3 if bd <= 128 else 2
     return DecodeConfig(block_m, block_n, num_splits, split_size, warps, stages)
 
@@ -269,8 +267,8 @@ def decode_attention(
     q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in (query, key_cache, value_cache))
     group = hq // hkv
     n_rows = group * t
-    arch = device_arch(query.device)
-    sms = INTERPRETER_NUM_SMS if arch is None else _num_sms(query.device.index or 0)
+    target = device_target(query.device)
+    arch, sms = (target.arch, target.sms) if target is not None else (None, INTERPRETER_NUM_SMS)
     align = stride_align(q, k, v, out)
     cfg = decode_config(b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits)
     row_blocks = triton.cdiv(n_rows, cfg.block_m)
@@ -281,7 +279,8 @@ def decode_attention(
         part_out = _empty((b, hq, t, cfg.num_splits, dv), torch.float32, query.device)
         part_lse = _empty((b, hq, t, cfg.num_splits), torch.float32, query.device)
     seqlens = cache_seqlens.contiguous()
-    _decode_split_kernel[(cfg.num_splits, hkv * row_blocks, b)](
+    launch(
+        _decode_split_kernel, (cfg.num_splits * hkv * row_blocks * b,),
         q, k, v, seqlens, out, part_out, part_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         hq, t, group, row_blocks, cfg.split_size, cfg.num_splits, scale * 1.4426950408889634,
@@ -292,7 +291,8 @@ def decode_attention(
     )
     if not single:
         n_out_rows = b * hq * t
-        _decode_combine_kernel[(triton.cdiv(n_out_rows, COMBINE_ROWS),)](
+        launch(
+            _decode_combine_kernel, (triton.cdiv(n_out_rows, COMBINE_ROWS),),
             part_out, part_lse, out, *out.stride()[:3], n_out_rows, hq, t, cfg.num_splits,
             HEAD_DV=dv, BLOCK_DV=padded_head_dim(dv), BLOCK_R=COMBINE_ROWS,
             DOT_PRECISION=_dot_precision(query.dtype, query.device),
@@ -306,44 +306,43 @@ def decode_attention(
 # --------------------------------------------------------------------------------------
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Split and combine kernels at their default configurations.
+def _decode_call(dtype: torch.dtype, d: int, n_rows: int, aligned: bool, b: int = 4, hkv: int = 8,
+                 s_max: int = 4096) -> Callable[[], object]:
+    """The launcher call of one compile spec: ``n_rows`` = G x T (query heads per K/V head x new
+    tokens) on a (B, Hkv, S_max, D) cache; an unaligned cache is a view at an odd element offset."""
+    t = 1 if n_rows <= 16 else 4
+    group = max(1, n_rows // t)
 
-    bfloat16, causal, head dims 64 / 128 / 256 with 16 rows per program (T = 1, no GQA)
-    and 64 rows (GQA groups times new tokens); a cache whose rows are not 16-byte
-    aligned; float32 at D = 128; the combine kernel per value head dim.
+    def call():
+        q = meta(b, hkv * group, t, d, dtype=dtype)
+        if aligned:
+            k, v = meta(b, hkv, s_max, d, dtype=dtype), meta(b, hkv, s_max, d, dtype=dtype)
+        else:
+            k, v = (meta(b * hkv * s_max * d + 1, dtype=dtype)[1:].view(b, hkv, s_max, d) for _ in range(2))
+        seqlens = meta(b, dtype=torch.int32)
+        return decode_attention(q, k, v, seqlens, d ** -0.5, True)
+    return call
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Split and combine kernels as launched for a batch of 4 with 8 K/V heads and a 4096-token
+    cache: bfloat16, causal, head dims 64 / 128 / 256 with 16 rows per program (T = 1, no GQA)
+    and 64 rows (GQA groups of 16 times 4 new tokens); a cache whose rows are not 16-byte
+    aligned; float32 at D = 128; the combine kernel per value head dim; and a batch of 128,
+    for which the heuristics pick a single split (the kernel then writes the output itself),
+    without and with GQA (groups of 4).
     """
     specs = []
-    cases = [(torch.bfloat16, d, rows, True) for d in (64, 128, 256) for rows in (1, 64)]
-    cases += [(torch.bfloat16, 128, 8, False), (torch.float32, 128, 4, True)]
-    for dtype, d, n_rows, aligned in cases:
+    cases = [(torch.bfloat16, d, rows, True, 4) for d in (64, 128, 256) for rows in (1, 64)]
+    cases += [(torch.bfloat16, 128, 8, False, 4), (torch.float32, 128, 4, True, 4)]
+    cases += [(torch.bfloat16, 128, 1, True, 128), (torch.bfloat16, 128, 4, True, 128)]
+    for dtype, d, n_rows, aligned, batch in cases:
         ty = _TRITON_DTYPE[dtype]
-
-        def cfg(arch, d=d, n_rows=n_rows, dtype=dtype, aligned=aligned):
-            return decode_config(4, 8, n_rows, 4096, d, d, dtype, arch, 132 if arch >= 90 else 108, aligned)
-
-        def constexprs(arch, d=d, dtype=dtype, aligned=aligned, cfg=cfg):
-            c = cfg(arch)
-            return dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(d),
-                        BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_CAUSAL=True, SINGLE_SPLIT=False,
-                        DOT_PRECISION=_dot_precision(dtype, torch.device("cuda")),
-                        STRIDE_ALIGN=16 // dtype.itemsize if aligned else 1)
-
-        ptrs = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "out_ptr": f"*{ty}",
-                "seqlens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
-        specs.append(CompileSpec(
-            f"split_{ty}_d{d}_rows{cfg(90).block_m}{'' if aligned else '_unaligned'}", _decode_split_kernel,
-            kernel_signature(_decode_split_kernel, ptrs), constexprs,
-            num_warps=lambda arch, cfg=cfg: cfg(arch).num_warps,
-            num_stages=lambda arch, cfg=cfg: cfg(arch).num_stages,
-            matrix=dtype != torch.float32,
-        ))
-    for dv in (64, 128, 256):
-        specs.append(CompileSpec(
-            f"combine_bf16_dv{dv}", _decode_combine_kernel,
-            kernel_signature(_decode_combine_kernel, {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-                                                      "out_ptr": "*bf16"}),
-            dict(HEAD_DV=dv, BLOCK_DV=dv, BLOCK_R=COMBINE_ROWS, DOT_PRECISION="tf32"),
-            num_warps=4, num_stages=2,
-        ))
+        rows = _rows_block(n_rows, padded_head_dim(d))
+        call = _decode_call(dtype, d, n_rows, aligned, b=batch)
+        tag = ("" if aligned else "_unaligned") + ("" if batch == 4 else f"_gqa{n_rows}_b{batch}")
+        specs.append(CompileSpec(f"split_{ty}_d{d}_rows{rows}{tag}", _decode_split_kernel, call,
+                                 matrix=dtype != torch.float32))
+        if dtype == torch.bfloat16 and n_rows == 1 and aligned and batch == 4:
+            specs.append(CompileSpec(f"combine_bf16_dv{d}", _decode_combine_kernel, call))
     return specs

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import launch
 from .layer_norm import (
     _empty,
     _round_to,
@@ -173,7 +174,8 @@ def gelu_forward(x: Tensor, bias: Tensor | None, approximate_tanh: bool) -> Tens
     col_blocks = triton.cdiv(n, cfg.block_n)
     b = bias.contiguous() if bias is not None else None
     with device_guard(x):
-        _gelu_fwd_kernel[(triton.cdiv(m, cfg.block_m) * col_blocks,)](
+        launch(
+            _gelu_fwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
             xs, b, out, m, n, inner_rows, so, si, col_blocks,
             APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -200,7 +202,8 @@ def gelu_backward(
     b = bias.contiguous() if bias is not None else None
     parts = _empty((cfg.groups, n), torch.float32, x.device) if b is not None else None
     with device_guard(x):
-        _gelu_bwd_kernel[(cfg.groups * col_blocks,)](
+        launch(
+            _gelu_bwd_kernel, (cfg.groups * col_blocks,),
             dys, xs, b, dx, parts, m, n, inner_rows, dy_so, dy_si, x_so, x_si,
             cfg.rows_per_group, col_blocks,
             APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,
@@ -215,38 +218,27 @@ def gelu_backward(
 # --------------------------------------------------------------------------------------
 
 
+def _gelu_call(backward: bool, m: int, n: int, dtype: torch.dtype, has_bias: bool, tanh: bool):
+    def call():
+        x = torch.empty(m, n, dtype=dtype, device="meta")
+        bias = torch.empty(n, dtype=dtype, device="meta") if has_bias else None
+        if backward:
+            return gelu_backward(torch.empty_like(x), x, bias, tanh)
+        return gelu_forward(x, bias, tanh)
+    return call
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Both kernels at the configurations :func:`gelu_config` picks on an H100 (132 SMs):
-    a flat contiguous tensor, rows of 4096 with a bias (and its gradient), and short rows."""
-    slots = 132
+    """Both kernels as launched on an A100 / H100: a flat contiguous tensor, rows of 4096 with
+    a bias (and its gradient), and short rows."""
     specs: list[CompileSpec] = []
-    shapes = [("flat", 1, 4096 * 4096, False), ("bias_n4096", 8192, 4096, True), ("bias_n64", 8192, 64, True)]
+    shapes = [("flat", 4096, 4096, False), ("bias_n4096", 8192, 4096, True), ("bias_n64", 8192, 64, True)]
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for name, m, n, has_bias in shapes:
         for tanh in (False, True):
             for dt in (("bf16", "fp32") if name == "bias_n4096" else ("bf16",)):
                 tag = f"{name}_{'tanh' if tanh else 'erf'}_{dt}"
-                fcfg = gelu_config(m, n, slots)
-                p = f"*{dt}"
-                specs.append(CompileSpec(
-                    f"gelu_fwd_{tag}", _gelu_fwd_kernel,
-                    {"x_ptr": p, "b_ptr": p, "out_ptr": p, "M": "i32", "N": "i32", "inner_rows": "constexpr",
-                     "x_stride_outer": "i32", "x_stride_inner": "i32", "col_blocks": "i32",
-                     "APPROX_TANH": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr"},
-                    dict(inner_rows=1, APPROX_TANH=tanh, HAS_BIAS=has_bias, BLOCK_M=fcfg.block_m,
-                         BLOCK_N=fcfg.block_n),
-                    num_warps=fcfg.num_warps, num_stages=1,
-                ))
-                bcfg = gelu_config(m, n, slots, bias_grad=has_bias)
-                specs.append(CompileSpec(
-                    f"gelu_bwd_{tag}", _gelu_bwd_kernel,
-                    {"dy_ptr": p, "x_ptr": p, "b_ptr": p, "dx_ptr": p, "db_part_ptr": "*fp32",
-                     "M": "i32", "N": "i32", "inner_rows": "constexpr", "dy_stride_outer": "i32",
-                     "dy_stride_inner": "i32", "x_stride_outer": "i32", "x_stride_inner": "i32",
-                     "rows_per_group": "i32", "col_blocks": "i32", "APPROX_TANH": "constexpr",
-                     "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                    dict(inner_rows=1, APPROX_TANH=tanh, HAS_BIAS=has_bias, BLOCK_M=bcfg.block_m,
-                         BLOCK_N=bcfg.block_n),
-                    num_warps=bcfg.num_warps, num_stages=1,
-                ))
+                for backward, kernel in ((False, _gelu_fwd_kernel), (True, _gelu_bwd_kernel)):
+                    specs.append(CompileSpec(f"gelu_{'bwd' if backward else 'fwd'}_{tag}", kernel,
+                                             _gelu_call(backward, m, n, dtypes[dt], has_bias, tanh)))
     return specs

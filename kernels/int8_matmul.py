@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -39,6 +40,7 @@ import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 
 # Activation codes shared with the host wrappers.
 ACT_NONE = 0
@@ -209,8 +211,8 @@ def _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_s
                          b_scale_ptr, b_scale_stride, bias_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                          INTERPRETER: tl.constexpr):
     """Store ``acc * a_scale[m] * b_scale[n] + bias[n]``, activated, in out's dtype."""
-    a_scale = tl.load(a_scale_ptr + offs_m * a_scale_stride, mask=offs_m < M, other=0.0)
-    b_scale = tl.load(b_scale_ptr + offs_n * b_scale_stride, mask=offs_n < N, other=0.0)
+    a_scale = tl.load(a_scale_ptr + offs_m.to(tl.int64) * a_scale_stride, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n.to(tl.int64) * b_scale_stride, mask=offs_n < N, other=0.0)
     c = acc.to(tl.float32) * a_scale[:, None]
     c = c * b_scale[None, :]
     if HAS_BIAS:
@@ -281,7 +283,8 @@ def _int8_gemm_kernel(
     """One (BLOCK_M, BLOCK_N) tile of int8 A @ int8 B, int32 accumulation, fused epilogue.
 
     ALIGNED (checked by the host): 0 no alignment known; 1 A and B 16-byte aligned with
-    rows of A and columns of B contiguous along K; 2 the same with B's rows contiguous.
+    rows of A and columns of B contiguous along K; 2 the same with B's rows contiguous and
+    N a multiple of 16.
     INTERPRETER: running under the Triton interpreter (see :func:`_cast_out`).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -297,8 +300,8 @@ def _int8_gemm_kernel(
         a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [16, 16]), [1, BLOCK_K])
         if ALIGNED == 1:
             b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [BLOCK_K, 1])
-        else:
-            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, BLOCK_N])
+        else:  # columns wrap at N (a multiple of 16 here): runs of 16 contiguous bytes, no more
+            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, 16])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -389,7 +392,7 @@ def _w8a16_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     w_rows = (offs_n % N).to(tl.int64)
-    x_rows = offs_m % M
+    x_rows = (offs_m % M).to(tl.int64)
     w_ptrs = w_ptr + w_rows[:, None] * w_n_stride + (k_start + offs_k)[None, :] * w_k_stride
     x_ptrs = x_ptr + x_rows[None, :] * x_row_stride + (k_start + offs_k)[:, None] * x_k_stride
     if ALIGNED:
@@ -411,10 +414,10 @@ def _w8a16_gemv_kernel(
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
         c = _column_epilogue(acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 0)
-        out_ptrs = out_ptr + offs_m[None, :] * out_row_stride + offs_n[:, None]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * out_row_stride + offs_n[:, None]
         tl.store(out_ptrs, _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     else:
-        part_ptrs = partial_ptr + (pid_k * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
+        part_ptrs = partial_ptr + (pid_k.to(tl.int64) * M + offs_m[None, :]) * N + offs_n[:, None]
         tl.store(part_ptrs, acc, mask=mask)
 
 
@@ -431,7 +434,7 @@ def _splitk_epilogue_kernel(
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):
-        acc += tl.load(partial_ptr + (s * M + m).to(tl.int64) * N + offs_n, mask=n_mask, other=0.0)
+        acc += tl.load(partial_ptr + (m.to(tl.int64) + s * M) * N + offs_n, mask=n_mask, other=0.0)
     c = _column_epilogue(acc[None, :], offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 1)
     tl.store(out_ptr + m.to(tl.int64) * out_row_stride + offs_n[None, :],
              _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=n_mask[None, :])
@@ -515,26 +518,29 @@ def w8a16_gemm_config(m: int, x_dtype: torch.dtype, arch: int, aligned: bool = T
         return GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=2)
     if x_dtype == torch.float32:
         return GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
-    if m <= 64:
-        return GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=_stages(arch, 4, 3))
+    if m <= 64:  # sm_80: 4 warps spill with a GELU epilogue (168 registers)
+        return GemmConfig(64, 128, 64, 8, num_warps=4 if arch >= 90 else 8, num_stages=_stages(arch, 4, 3))
     if arch >= 90:
         return GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3)
     return GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
 
 
 def w8a16_gemv_config(n: int, k: int, x_dtype: torch.dtype, sm_count: int, aligned: bool = True) -> GemvConfig:
-    """Default skinny-M tile; K is split until about 4 programs per SM are in flight."""
+    """Default skinny-M tile; K is split until about 4 programs per SM are in flight.
+
+    8 warps: on 4, ptxas spills a loop-carried offset on sm_80 for some specializations of M
+    (Triton 3.6 and 3.9). float32 activations (three TF32 parts per tile) take 64-wide K steps
+    (128 spills on sm_80).
+    """
     block_n = 64
-    if not aligned:
-        block_k = 64
-    else:
-        block_k = 128 if x_dtype == torch.float32 else 256
+    fp32 = x_dtype == torch.float32
+    block_k = 64 if fp32 or not aligned else 256
     tiles_n = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(max(k, 1), block_k)
     split = 1
     while tiles_n * split < 4 * sm_count and split * 2 <= k_blocks and split < 16:
         split *= 2
-    return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=4 if aligned else 2)
+    return GemvConfig(block_n, block_k, split, num_warps=8, num_stages=4 if aligned else 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -543,16 +549,19 @@ def w8a16_gemv_config(n: int, k: int, x_dtype: torch.dtype, sm_count: int, align
 
 
 def _arch(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return major * 10 + minor
-    return 80  # the interpreter runs the sm_80 configurations
+    """The compute capability launches on ``device`` plan for; the interpreter runs the sm_80
+    configurations."""
+    target = device_target(device)
+    return target.arch if target is not None else 80
+
+
+INTERPRETER_SM_COUNT = 1
+"""Multiprocessors assumed under the interpreter (one: the GEMV splits K only for small N)."""
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    target = device_target(device)
+    return target.sms if target is not None else INTERPRETER_SM_COUNT
 
 
 def _k_rows_aligned(t: torch.Tensor) -> bool:
@@ -561,12 +570,16 @@ def _k_rows_aligned(t: torch.Tensor) -> bool:
 
 
 def _b_alignment(b: torch.Tensor) -> int:
-    """``_int8_gemm_kernel``'s ALIGNED code for ``b (K, N)``, ignoring A."""
+    """``_int8_gemm_kernel``'s ALIGNED code for ``b (K, N)``, ignoring A.
+
+    Code 2 (rows of B contiguous) also needs N % 16 == 0: the kernel wraps column indices
+    past N to 0 and declares 16-byte vectors along N, which must not straddle the wrap.
+    """
     if b.data_ptr() % 16:
         return 0
     if b.stride(0) == 1 and b.stride(1) % 16 == 0:
         return 1
-    if b.stride(1) == 1 and b.stride(0) % 16 == 0:
+    if b.stride(1) == 1 and b.stride(0) % 16 == 0 and b.shape[1] % 16 == 0:
         return 2
     return 0
 
@@ -632,7 +645,8 @@ def quantize_rows(
         q2 = q_tmp
     cfg = quantize_config(n_cols)
     rows = x2.shape[0]
-    _quantize_rows_kernel[(triton.cdiv(rows, cfg.BLOCK_ROWS),)](
+    launch(
+        _quantize_rows_kernel, (triton.cdiv(rows, cfg.BLOCK_ROWS),),
         x2, q2, scale,
         rows, n_cols,
         x2.stride(0), x2.stride(1), q2.stride(0), q2.stride(1),
@@ -683,8 +697,8 @@ def int8_gemm(
         a_scale_stride = b_scale_stride = 0
     if bias is not None:
         bias = bias.contiguous()
-    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
-    _int8_gemm_kernel[grid](
+    launch(
+        _int8_gemm_kernel, (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
         a, b, out, a_scale, b_scale, bias if bias is not None else out,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
@@ -745,7 +759,8 @@ def w8a16_linear(
         k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
         split = max(1, triton.cdiv(k, k_per_split))
         partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        _w8a16_gemv_kernel[(triton.cdiv(n, cfg.BLOCK_N), split)](
+        launch(
+            _w8a16_gemv_kernel, (triton.cdiv(n, cfg.BLOCK_N), split),
             x, weight, out, partial, weight_scale, bias_arg,
             m, n, k, k_per_split,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
@@ -755,7 +770,8 @@ def w8a16_linear(
         )
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))
-            _splitk_epilogue_kernel[(m, triton.cdiv(n, block))](
+            launch(
+                _splitk_epilogue_kernel, (m, triton.cdiv(n, block)),
                 partial, out, weight_scale, bias_arg, m, n, out.stride(0),
                 HAS_BIAS=bias is not None, ACTIVATION=act, SPLIT_K=split, INTERPRETER=interpreter, BLOCK_N=block,
                 num_warps=4,
@@ -765,8 +781,8 @@ def w8a16_linear(
         cfg = config
     else:
         cfg = w8a16_gemm_config(m, x.dtype, _arch(x.device), aligned)
-    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
-    _w8a16_gemm_kernel[grid](
+    launch(
+        _w8a16_gemm_kernel, (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
         x, weight, out, weight_scale, bias_arg,
         m, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
@@ -781,163 +797,83 @@ def w8a16_linear(
 # compile report
 # --------------------------------------------------------------------------------------
 
-_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "i32": torch.int32}
 
 
-def _quantize_spec(name: str, x_ty: str, n_cols: int) -> CompileSpec:
-    cfg = quantize_config(n_cols)
-    return CompileSpec(
-        name=name,
-        kernel=_quantize_rows_kernel,
-        signature={
-            "x_ptr": f"*{x_ty}", "q_ptr": "*i8", "scale_ptr": "*fp32",
-            "n_rows": "i32", "n_cols": "i32",
-            "x_row_stride": "i32", "x_col_stride": "constexpr",
-            "q_row_stride": "i32", "q_col_stride": "constexpr",
-            "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "SINGLE_PASS": "constexpr",
-        },
-        constexprs={"x_col_stride": 1, "q_col_stride": 1, "BLOCK_ROWS": cfg.BLOCK_ROWS,
-                    "BLOCK_COLS": cfg.BLOCK_COLS, "SINGLE_PASS": cfg.SINGLE_PASS},
-        num_warps=cfg.num_warps,
-        num_stages=1,
-    )
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None,
-                    activation: str, aligned: int = 1) -> CompileSpec:
-    def config(arch: int) -> GemmConfig:
-        return int8_gemm_config(m, arch, aligned != 0, activation)
-
-    def constexprs(arch: int) -> dict:
-        cfg = config(arch)
-        return {"a_k_stride": 1, "b_k_stride": 1 if aligned != 2 else "b_k_stride",
-                "HAS_SCALE": has_scale, "HAS_BIAS": bias_ty is not None,
-                "ACTIVATION": ACTIVATION_CODES[activation], "EVEN_K": aligned != 0, "ALIGNED": aligned,
-                "INTERPRETER": False,
-                "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
-
-    signature = {
-        "a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": f"*{out_ty}",
-        "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": f"*{bias_ty or 'fp32'}",
-        "M": "i32", "N": "i32", "K": "i32",
-        "a_row_stride": "i32", "a_k_stride": "constexpr", "b_k_stride": "constexpr",
-        "b_n_stride": "i32", "out_row_stride": "i32", "a_scale_stride": "i32", "b_scale_stride": "i32",
-        "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "EVEN_K": "constexpr",
-        "ALIGNED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-        "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-    }
-    if aligned == 2:  # B's rows contiguous: the N stride is the unit one
-        signature["b_k_stride"] = "i32"
-        signature["b_n_stride"] = "constexpr"
-
-        def constexprs_n_major(arch: int, _base=constexprs) -> dict:
-            c = _base(arch)
-            del c["b_k_stride"]
-            c["b_n_stride"] = 1
-            return c
-
-        return CompileSpec(name, _int8_gemm_kernel, signature, constexprs_n_major,
-                           num_warps=lambda arch: config(arch).num_warps,
-                           num_stages=lambda arch: config(arch).num_stages, matrix=True)
-    return CompileSpec(name, _int8_gemm_kernel, signature, constexprs,
-                       num_warps=lambda arch: config(arch).num_warps,
-                       num_stages=lambda arch: config(arch).num_stages, matrix=True)
+def _quantize_spec(name: str, x_ty: str, n_cols: int, rows: int = 4096) -> CompileSpec:
+    return CompileSpec(name, _quantize_rows_kernel,
+                       lambda: quantize_rows(_meta(rows, n_cols, dtype=_DTYPE_OF[x_ty]), 1))
 
 
-def _w8a16_gemm_spec(name: str, m: int, x_ty: str, has_bias: bool, activation: str,
-                     aligned: bool = True) -> CompileSpec:
-    x_dtype = _DTYPE_OF[x_ty]
-
-    def config(arch: int) -> GemmConfig:
-        return w8a16_gemm_config(m, x_dtype, arch, aligned)
-
-    def constexprs(arch: int) -> dict:
-        cfg = config(arch)
-        return {"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias, "ACTIVATION": ACTIVATION_CODES[activation],
-                "EVEN_K": aligned, "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": cfg.BLOCK_M,
-                "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
-
-    return CompileSpec(
-        name=name,
-        kernel=_w8a16_gemm_kernel,
-        signature={
-            "x_ptr": f"*{x_ty}", "w_ptr": "*i8", "out_ptr": f"*{x_ty}", "w_scale_ptr": "*fp32",
-            "bias_ptr": f"*{x_ty}",
-            "M": "i32", "N": "i32", "K": "i32",
-            "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
-            "out_row_stride": "i32",
-            "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "EVEN_K": "constexpr", "ALIGNED": "constexpr",
-            "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr",
-        },
-        constexprs=constexprs,
-        num_warps=lambda arch: config(arch).num_warps,
-        num_stages=lambda arch: config(arch).num_stages,
-        matrix=True,
-    )
+def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None, activation: str,
+                    b_layout: str = "weight", k: int = 4096, n: int = 4096) -> CompileSpec:
+    """``b_layout``: "weight" (``b`` the transpose of an (N, K) weight: K contiguous) or "rows"
+    (``b`` an (K, N) row-major matrix)."""
+    def call():
+        a = _meta(m, k, dtype=torch.int8)
+        b = _meta(n, k, dtype=torch.int8).t() if b_layout == "weight" else _meta(k, n, dtype=torch.int8)
+        if not has_scale:
+            return int8_gemm(a, b, None, None, None, None)
+        bias = _meta(n, dtype=_DTYPE_OF[bias_ty]) if bias_ty else None
+        return int8_gemm(a, b, _meta(m, dtype=torch.float32), _meta(n, dtype=torch.float32), bias,
+                         _DTYPE_OF[out_ty], activation)
+    return CompileSpec(name, _int8_gemm_kernel, call, matrix=True)
 
 
-def _w8a16_gemv_spec(name: str, x_ty: str, split_k: int, has_bias: bool, activation: str,
-                     aligned: bool = True) -> CompileSpec:
-    cfg = w8a16_gemv_config(8192, 8192, _DTYPE_OF[x_ty], 132, aligned)
-    return CompileSpec(
-        name=name,
-        kernel=_w8a16_gemv_kernel,
-        signature={
-            "x_ptr": f"*{x_ty}", "w_ptr": "*i8", "out_ptr": f"*{x_ty}", "partial_ptr": "*fp32",
-            "w_scale_ptr": "*fp32", "bias_ptr": f"*{x_ty}",
-            "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
-            "x_row_stride": "i32", "x_k_stride": "constexpr", "w_n_stride": "i32", "w_k_stride": "constexpr",
-            "out_row_stride": "i32",
-            "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr", "EVEN_K": "constexpr",
-            "ALIGNED": "constexpr", "INTERPRETER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr",
-        },
-        constexprs={"x_k_stride": 1, "w_k_stride": 1, "HAS_BIAS": has_bias,
-                    "ACTIVATION": ACTIVATION_CODES[activation], "SPLIT_K": split_k, "EVEN_K": aligned,
-                    "ALIGNED": aligned, "INTERPRETER": False, "BLOCK_M": SKINNY_M, "BLOCK_N": cfg.BLOCK_N,
-                    "BLOCK_K": cfg.BLOCK_K},
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        matrix=True,
-    )
+def _w8a16_call(m: int, x_ty: str, has_bias: bool, activation: str, k: int = 4096,
+                n: int = 4096) -> Callable[[], torch.Tensor]:
+    def call():
+        x = _meta(m, k, dtype=_DTYPE_OF[x_ty])
+        bias = _meta(n, dtype=_DTYPE_OF[x_ty]) if has_bias else None
+        return w8a16_linear(x, _meta(n, k, dtype=torch.int8), _meta(n, dtype=torch.float32), bias, activation)
+    return call
 
 
 @functools.cache
 def compile_specs() -> list[CompileSpec]:
-    """The default launch configurations of every kernel in this file, per architecture.
-
-    GEMMs appear twice: aligned operands (the usual case: 16-byte aligned rows, K a
-    multiple of the tile) and unaligned ones (odd K), which take smaller tiles.
+    """Every kernel of this file as launched for representative shapes (K = N = 4096 unless
+    said): quantization of short, long and two-pass rows; the W8A8 GEMM with int32 output,
+    every epilogue, a row-major B and an odd K (operands not 16-byte aligned, smaller tiles);
+    the W8A16 GEMM; rows and columns not multiples of 16 (Triton specializes less); the W8A16
+    GEMV for one decode token on a GPT-2-sized vocabulary (no split) and for 1, 4 and 16 tokens
+    (the three specializations of M: 1, runtime, divisible by 16) with K split across
+    programs, then the split-K epilogue.
     """
     return [
         _quantize_spec("quantize_rows[bf16,K=64]", "bf16", 64),
         _quantize_spec("quantize_rows[fp16,K=4096]", "fp16", 4096),
         _quantize_spec("quantize_rows[fp32,K=16384]", "fp32", 16384),
-        _quantize_spec("quantize_rows[fp32,K>16384,two-pass]", "fp32", MAX_SINGLE_PASS_COLS + 1),
+        _quantize_spec("quantize_rows[fp32,K>16384,two-pass]", "fp32", MAX_SINGLE_PASS_COLS + 1, rows=64),
         _int8_gemm_spec("int8_gemm[int32,M>64]", 4096, "i32", False, None, "none"),
         _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M>64]", 4096, "bf16", True, "bf16", "gelu"),
         _int8_gemm_spec("int8_gemm[fp16,bias,M<=64]", 64, "fp16", True, "fp16", "none"),
         _int8_gemm_spec("int8_gemm[fp32,gelu_tanh,M<=64]", 64, "fp32", True, None, "gelu_tanh"),
-        _int8_gemm_spec("int8_gemm[int32,B rows contiguous]", 4096, "i32", False, None, "none", aligned=2),
-        _int8_gemm_spec("int8_gemm[fp16,bias,gelu,unaligned]", 4096, "fp16", True, "fp32", "gelu", aligned=0),
-        _w8a16_gemm_spec("w8a16_gemm[bf16,bias,M>64]", 4096, "bf16", True, "none"),
-        _w8a16_gemm_spec("w8a16_gemm[fp16,gelu,M<=64]", 64, "fp16", False, "gelu"),
-        _w8a16_gemm_spec("w8a16_gemm[fp32,bias]", 4096, "fp32", True, "none"),
-        _w8a16_gemm_spec("w8a16_gemm[bf16,bias,unaligned]", 4096, "bf16", True, "none", aligned=False),
-        _w8a16_gemv_spec("w8a16_gemv[bf16,bias,gelu_tanh]", "bf16", 1, True, "gelu_tanh"),
-        _w8a16_gemv_spec("w8a16_gemv[fp16,split-k]", "fp16", 4, False, "none"),
-        _w8a16_gemv_spec("w8a16_gemv[fp32,split-k]", "fp32", 4, True, "none"),
-        _w8a16_gemv_spec("w8a16_gemv[bf16,unaligned]", "bf16", 4, True, "none", aligned=False),
-        CompileSpec(
-            name="splitk_epilogue[bf16,bias,gelu]",
-            kernel=_splitk_epilogue_kernel,
-            signature={"partial_ptr": "*fp32", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                       "M": "i32", "N": "i32", "out_row_stride": "i32",
-                       "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "SPLIT_K": "constexpr",
-                       "INTERPRETER": "constexpr", "BLOCK_N": "constexpr"},
-            constexprs={"HAS_BIAS": True, "ACTIVATION": ACT_GELU, "SPLIT_K": 4, "INTERPRETER": False, "BLOCK_N": 1024},
-            num_warps=4,
-            num_stages=1,
-        ),
+        _int8_gemm_spec("int8_gemm[int32,B rows contiguous]", 4096, "i32", False, None, "none", b_layout="rows"),
+        _int8_gemm_spec("int8_gemm[fp16,bias,gelu,unaligned]", 4096, "fp16", True, "fp32", "gelu", k=4095),
+        _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M=1000,N=1000]", 1000, "bf16", True, "bf16", "gelu", n=1000),
+        CompileSpec("w8a16_gemm[bf16,bias,M>64]", _w8a16_gemm_kernel, _w8a16_call(4096, "bf16", True, "none"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[fp16,gelu,M<=64]", _w8a16_gemm_kernel, _w8a16_call(64, "fp16", False, "gelu"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[fp32,bias]", _w8a16_gemm_kernel, _w8a16_call(4096, "fp32", True, "none"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[bf16,bias,M=1000,N=1000]", _w8a16_gemm_kernel,
+                    _w8a16_call(1000, "bf16", True, "none", n=1000), matrix=True),
+        CompileSpec("w8a16_gemm[bf16,bias,unaligned]", _w8a16_gemm_kernel,
+                    _w8a16_call(4096, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("w8a16_gemv[bf16,bias,gelu_tanh,M=1,N=50257]", _w8a16_gemv_kernel,
+                    _w8a16_call(1, "bf16", True, "gelu_tanh", k=768, n=50257), matrix=True),
+        *[CompileSpec(f"w8a16_gemv[{ty},{'bias,' if bias else ''}split-k,M={m}]", _w8a16_gemv_kernel,
+                      _w8a16_call(m, ty, bias, "none"), matrix=True)
+          for ty, bias in (("bf16", True), ("fp16", False), ("fp32", True)) for m in (1, 4, 16)],
+        CompileSpec("w8a16_gemv[bf16,bias,unaligned,M=1]", _w8a16_gemv_kernel,
+                    _w8a16_call(1, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("w8a16_gemv[bf16,bias,unaligned,M=16]", _w8a16_gemv_kernel,
+                    _w8a16_call(16, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("splitk_epilogue[bf16,bias,gelu,M=16]", _splitk_epilogue_kernel,
+                    _w8a16_call(16, "bf16", True, "gelu")),
     ]

@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from ._common import INTERPRETING
 from ._compile import CompileSpec
+from ._launch import device_target, launch
 
 # --------------------------------------------------------------------------------------
 # launch heuristics
@@ -66,17 +66,11 @@ CPU_PROGRAM_SLOTS = 2
 interpreter runs them one after the other), still several row groups and rows per program."""
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def program_slots(device: torch.device) -> int:
-    """Number of SMs of a CUDA device (the interpreter gets a small fixed stand-in)."""
-    if device.type != "cuda":
-        return CPU_PROGRAM_SLOTS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
+    """Number of SMs launches on ``device`` plan for (see
+    :func:`~llmkit.kernels._launch.device_target`); the interpreter gets a small fixed stand-in."""
+    target = device_target(device)
+    return target.sms if target is not None else CPU_PROGRAM_SLOTS
 
 
 def num_warps_for(elements: int) -> int:
@@ -502,7 +496,8 @@ def sum_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
     g, n = partials.shape
     out = _empty((n,), dtype, partials.device)
     block_g, block_n, warps = sum_partials_config(g, n, program_slots(partials.device))
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+    launch(
+        _sum_partials_kernel, (triton.cdiv(n, block_n),),
         partials, out, g, n, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps
     )
     return out
@@ -565,11 +560,11 @@ def norm_forward(
     flags = dict(IS_RMS=rms, HAS_RES=residual is not None, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None)
     with device_guard(x):
         if cfg.looped:
-            _norm_fwd_looped_kernel[(m,)](*args, **flags, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+            launch(_norm_fwd_looped_kernel, (m,), *args, **flags, BLOCK_N=cfg.block_n,
+                   num_warps=cfg.num_warps)
         else:
-            _norm_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-                *args, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps
-            )
+            launch(_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, **flags, BLOCK_M=cfg.block_m,
+                   BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     return out, res_out, mean, rstd
 
 
@@ -634,13 +629,14 @@ def norm_backward(
     mean_arg = mean.reshape(-1) if mean is not None else rstd_arg
     with device_guard(x):
         if cfg.looped and want_dx:
-            _norm_bwd_row_sums_kernel[(m,)](
-                dys, xs, w, mean_arg, rstd_arg, row_sums, n, layout.inner_rows,
+            launch(
+                _norm_bwd_row_sums_kernel, (m,), dys, xs, w, mean_arg, rstd_arg, row_sums, n, layout.inner_rows,
                 dy_so, dy_si, x_so, x_si, IS_RMS=rms, HAS_WEIGHT=w is not None,
                 BLOCK_N=LOOP_BLOCK_N, num_warps=num_warps_for(LOOP_BLOCK_N),
             )
         col_blocks = triton.cdiv(n, cfg.block_n)
-        _norm_bwd_kernel[(cfg.groups * col_blocks,)](
+        launch(
+            _norm_bwd_kernel, (cfg.groups * col_blocks,),
             dys, xs, w, mean_arg, rstd_arg, row_sums, dres, dx, dw_part, db_part,
             m, n, layout.inner_rows, dy_so, dy_si, x_so, x_si, dr_so, dr_si,
             cfg.rows_per_group, col_blocks,
@@ -658,116 +654,87 @@ def norm_backward(
 # --------------------------------------------------------------------------------------
 
 
-def _fwd_signature(dt: str) -> dict[str, str]:
-    p = f"*{dt}"
-    return {
-        "x_ptr": p, "res_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": p, "res_out_ptr": p,
-        "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "M": "i32", "N": "i32", "inner_rows": "constexpr",
-        "x_stride_outer": "i32", "x_stride_inner": "i32", "res_stride_outer": "i32",
-        "res_stride_inner": "i32", "eps": "fp32",
-        "IS_RMS": "constexpr", "HAS_RES": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-    }
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _bwd_signature(dt: str) -> dict[str, str]:
-    p = f"*{dt}"
-    return {
-        "dy_ptr": p, "x_ptr": p, "w_ptr": p, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-        "row_sums_ptr": "*fp32", "dres_ptr": p, "dx_ptr": p, "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
-        "M": "i32", "N": "i32", "inner_rows": "constexpr",
-        "dy_stride_outer": "i32", "dy_stride_inner": "i32", "x_stride_outer": "i32",
-        "x_stride_inner": "i32", "dres_stride_outer": "i32", "dres_stride_inner": "i32",
-        "rows_per_group": "i32", "col_blocks": "i32",
-        "IS_RMS": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_DRES": "constexpr", "STORE_DX": "constexpr",
-        "DW": "constexpr", "DB": "constexpr", "ROW_SUMS_GIVEN": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-    }
+def _meta(*shape: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _fwd_spec(name: str, m: int, n: int, dt: str, rms: bool, res: bool, slots: int) -> CompileSpec:
-    cfg = forward_config(m, n, 4 if dt == "fp32" else 2, slots)
-    flags = dict(IS_RMS=rms, HAS_RES=res, HAS_WEIGHT=True, HAS_BIAS=not rms, BLOCK_N=cfg.block_n)
-    sig = _fwd_signature(dt)
-    if cfg.looped:
-        del sig["BLOCK_M"]
-        sig["inner_rows"] = "i32"
-        return CompileSpec(f"{name}_fwd_looped_{dt}_n{n}", _norm_fwd_looped_kernel, sig, flags,
-                           num_warps=cfg.num_warps, num_stages=1)
-    return CompileSpec(f"{name}_fwd_{dt}_n{n}", _norm_fwd_kernel, sig,
-                       dict(flags, inner_rows=1, BLOCK_M=cfg.block_m), num_warps=cfg.num_warps, num_stages=1)
+def _rows(m: int, n: int, dtype: torch.dtype, two_strides: bool) -> Tensor:
+    """``m`` rows of ``n``: contiguous, or a (S, B, n) transpose of a (B, S, n) tensor (B = 8),
+    whose rows take two strides (``inner_rows`` a runtime argument)."""
+    if two_strides:
+        return _meta(8, m // 8, n, dtype=dtype).transpose(0, 1)
+    return _meta(m, n, dtype=dtype)
 
 
-def _bwd_spec(name: str, m: int, n: int, dt: str, rms: bool, dres: bool, slots: int) -> CompileSpec:
-    cfg = backward_config(m, n, 4 if dt == "fp32" else 2, slots)
-    kind = "tiled" if cfg.looped else "fused"
+def _fwd_spec(name: str, m: int, n: int, dt: str, rms: bool, res: bool, two_strides: bool = False) -> CompileSpec:
+    dtype = _DTYPES[dt]
+
+    def call():
+        x = _rows(m, n, dtype, two_strides)
+        residual = _meta(*x.shape, dtype=dtype) if res else None
+        bias = None if rms else _meta(n, dtype=dtype)
+        return norm_forward(x, residual, 1, _meta(n, dtype=dtype), bias, 1e-5, rms)
+
+    looped = n > MAX_FUSED_FWD_BYTES // dtype.itemsize
+    kernel = _norm_fwd_looped_kernel if looped else _norm_fwd_kernel
+    tag = "_two_strides" if two_strides else ""
+    return CompileSpec(f"{name}_fwd{'_looped' if looped else ''}_{dt}_n{n}{tag}", kernel, call)
+
+
+def _bwd_call(m: int, n: int, dt: str, rms: bool, dres: bool, two_strides: bool = False) -> Callable[[], object]:
+    dtype = _DTYPES[dt]
+
+    def call():
+        x = _rows(m, n, dtype, two_strides)
+        dy = _meta(*x.shape, dtype=dtype)
+        stats = _meta(*x.shape[:-1], dtype=torch.float32)
+        bias = None if rms else _meta(n, dtype=dtype)
+        return norm_backward(dy, x, 1, _meta(n, dtype=dtype), bias, None if rms else stats, stats,
+                             [True, True, not rms], _meta(*x.shape, dtype=dtype) if dres else None, rms)
+    return call
+
+
+def _bwd_spec(name: str, m: int, n: int, dt: str, rms: bool, dres: bool, two_strides: bool = False) -> CompileSpec:
+    kind = "tiled" if n > MAX_FUSED_BWD_BYTES // _DTYPES[dt].itemsize else "fused"
     return CompileSpec(
-        f"{name}_bwd_{kind}_{dt}_n{n}" + ("_dres" if dres else ""), _norm_bwd_kernel, _bwd_signature(dt),
-        dict(inner_rows=1, IS_RMS=rms, HAS_WEIGHT=True, HAS_DRES=dres, STORE_DX=True, DW=True,
-             DB=not rms, ROW_SUMS_GIVEN=cfg.looped, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
-        num_warps=cfg.num_warps, num_stages=1,
+        f"{name}_bwd_{kind}_{dt}_n{n}" + ("_dres" if dres else "") + ("_two_strides" if two_strides else ""),
+        _norm_bwd_kernel, _bwd_call(m, n, dt, rms, dres, two_strides),
     )
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every kernel of this module at the configurations the heuristics pick on an H100
-    (132 SMs) for representative shapes: short rows several per program, 1024 up to the
-    largest register block (forward 16384 bf16 / 8192 fp32, backward 8192 / 4096), and the
-    looped / tiled paths just past it and at 262144."""
-    slots = 132
-    specs = [
-        _fwd_spec(name, 4096, n, dt, rms, res, slots)
-        for name, n, dt, rms, res in [
-            ("ln", 128, "bf16", False, False),
-            ("ln", 1024, "bf16", False, False),
-            ("ln", 4096, "bf16", False, False),
-            ("ln", 16384, "bf16", False, False),
-            ("ln", 8192, "fp32", False, False),
-            ("rms", 4096, "bf16", True, False),
-            ("rms", 8192, "fp32", True, False),
-            ("add_ln", 4096, "fp16", False, True),
-            ("add_ln", 8192, "fp32", False, True),
-            ("ln", 262144, "bf16", False, False),
-            ("rms", 262144, "bf16", True, False),
-            ("add_ln", 16384, "fp32", False, True),
-        ]
+    """Every kernel of this module as launched for 4096 rows (fewer for the longest) on an
+    A100 / H100: short rows several per program, 1024 up to the largest register block
+    (forward 16384 bf16 / 8192 fp32, backward 8192 / 4096), the looped / tiled paths just past
+    it and at 262144, rows taking two strides (a transposed (S, B, N) view), rows of 1000 (no
+    length divisible by 16: Triton's specializations cannot vectorize), and the sums of partial
+    rows."""
+    table = [  # (kind, name, n, dtype, rms, residual / grad_residual); 4096 rows, 256 of 262144
+        ("fwd", "ln", 128, "bf16", False, False), ("fwd", "ln", 1024, "bf16", False, False),
+        ("fwd", "ln", 4096, "bf16", False, False), ("fwd", "ln", 16384, "bf16", False, False),
+        ("fwd", "ln", 8192, "fp32", False, False), ("fwd", "rms", 4096, "bf16", True, False),
+        ("fwd", "rms", 8192, "fp32", True, False), ("fwd", "add_ln", 4096, "fp16", False, True),
+        ("fwd", "add_ln", 8192, "fp32", False, True), ("fwd", "ln", 262144, "bf16", False, False),
+        ("fwd", "rms", 262144, "bf16", True, False), ("fwd", "add_ln", 16384, "fp32", False, True),
+        ("bwd", "ln", 128, "bf16", False, False), ("bwd", "ln", 1024, "bf16", False, False),
+        ("bwd", "ln", 8192, "bf16", False, False), ("bwd", "ln", 4096, "fp32", False, True),
+        ("bwd", "rms", 8192, "bf16", True, False), ("bwd", "ln", 16384, "bf16", False, True),
+        ("bwd", "rms", 8192, "fp32", True, False),
     ]
-    # rows addressed through two strides (a transposed (S, B, N) view): inner_rows at run time
-    for spec in (specs[2], _bwd_spec("ln", 4096, 4096, "bf16", False, False, slots)):
-        spec = dataclasses.replace(spec, name=spec.name + "_two_strides",
-                                   signature=dict(spec.signature, inner_rows="i32"),
-                                   constexprs={k: v for k, v in spec.constexprs.items() if k != "inner_rows"})
-        specs.append(spec)
-    specs += [
-        _bwd_spec(name, 4096, n, dt, rms, dres, slots)
-        for name, n, dt, rms, dres in [
-            ("ln", 128, "bf16", False, False),
-            ("ln", 1024, "bf16", False, False),
-            ("ln", 8192, "bf16", False, False),
-            ("ln", 4096, "fp32", False, True),
-            ("rms", 8192, "bf16", True, False),
-            ("ln", 16384, "bf16", False, True),
-            ("rms", 8192, "fp32", True, False),
-        ]
-    ]
-    sums_sig = {
-        "dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-        "row_sums_ptr": "*fp32", "N": "i32", "inner_rows": "i32", "dy_stride_outer": "i32",
-        "dy_stride_inner": "i32", "x_stride_outer": "i32", "x_stride_inner": "i32",
-        "IS_RMS": "constexpr", "HAS_WEIGHT": "constexpr", "BLOCK_N": "constexpr",
-    }
+    specs = [(_fwd_spec if kind == "fwd" else _bwd_spec)(name, 256 if n > 65536 else 4096, n, dt, rms, flag)
+             for kind, name, n, dt, rms, flag in table]
+    specs += [_fwd_spec("ln", 4096, 4096, "bf16", False, False, two_strides=True),
+              _bwd_spec("ln", 4096, 4096, "bf16", False, False, two_strides=True),
+              _fwd_spec("ln", 4000, 1000, "bf16", False, False), _bwd_spec("ln", 4000, 1000, "bf16", False, False)]
     for rms in (False, True):
-        specs.append(CompileSpec(
-            f"{'rms' if rms else 'ln'}_bwd_row_sums_bf16", _norm_bwd_row_sums_kernel, sums_sig,
-            dict(IS_RMS=rms, HAS_WEIGHT=True, BLOCK_N=LOOP_BLOCK_N),
-            num_warps=num_warps_for(LOOP_BLOCK_N), num_stages=1,
-        ))
+        specs.append(CompileSpec(f"{'rms' if rms else 'ln'}_bwd_row_sums_bf16_n16384", _norm_bwd_row_sums_kernel,
+                                 _bwd_call(4096, 16384, "bf16", rms, False)))
     for g, n, dt in ((264, 1024, "fp32"), (264, 8192, "bf16"), (8, 262144, "bf16")):
-        block_g, block_n, warps = sum_partials_config(g, n, slots)
         specs.append(CompileSpec(
             f"sum_partials_{dt}_g{g}_n{n}", _sum_partials_kernel,
-            {"part_ptr": "*fp32", "out_ptr": f"*{dt}", "G": "i32", "N": "i32",
-             "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
-            dict(BLOCK_G=block_g, BLOCK_N=block_n), num_warps=warps, num_stages=1,
+            lambda g=g, n=n, dt=dt: sum_partials(_meta(g, n, dtype=torch.float32), _DTYPES[dt]),
         ))
     return specs

@@ -14,7 +14,9 @@ torch
     ``RuntimeSchemaInfo``, ``expand_to_full_mesh_op_strategy``).
 Triton
     a fix for the interpreter of Triton < 3.7 under numpy >= 1.25
-    (``triton.runtime.interpreter._patch_lang_tensor``).
+    (``triton.runtime.interpreter._patch_lang_tensor``); the JIT's launch-time specialization
+    (``triton.runtime.jit.create_function_from_signature``, ``JITFunction._pack_args``) for the
+    compile report.
 transformers
     ``config._attn_implementation``, ``PreTrainedModel._can_set_attn_implementation``,
     and the name of the cache argument of attention modules (``past_key_values`` before
@@ -364,6 +366,97 @@ def fix_triton_interpreter() -> str | None:
     interpreter._patch_lang_tensor = _patch_lang_tensor
     logger.info("llmkit: %s", INTERPRETER_FIX)
     return INTERPRETER_FIX
+
+
+_TRITON_POINTER_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+    torch.bool: "u1",
+}
+
+
+def _jit_binder() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """Triton's own launch-time specialization: ``create_function_from_signature`` (the
+    argument binder a JITFunction builds) and ``JITFunction._pack_args``; None where absent."""
+    try:
+        from triton.runtime import jit
+    except ImportError:
+        return None
+    make = getattr(jit, "create_function_from_signature", None)
+    pack = getattr(getattr(jit, "JITFunction", None), "_pack_args", None)
+    if make is None or pack is None:
+        return None
+    return make, pack
+
+
+HAS_TRITON_JIT_BINDER = _jit_binder() is not None
+"""Triton's JIT binder is reachable (Triton >= 3.3); without it the rules are applied here."""
+
+
+def _specialize_by_rule(kernel: Any, args: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """The JIT's specialization rules, written out: a constexpr parameter or a None argument is
+    a constant; an integer equal to 1 is the constant 1; integers are i32 (i64 outside its
+    range), marked divisible by 16 when they are; pointers are marked 16-byte aligned when
+    their address is. ``do_not_specialize`` turns both marks off for a parameter,
+    ``do_not_specialize_on_alignment`` the divisibility mark."""
+    fn = getattr(kernel, "fn", kernel)
+    no_spec = set(getattr(kernel, "do_not_specialize", None) or ())
+    no_align = set(getattr(kernel, "do_not_specialize_on_alignment", None) or ())
+    signature: dict[str, str] = {}
+    constexprs: dict[tuple[int, ...], Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, (name, param) in enumerate(inspect.signature(fn).parameters.items()):
+        value = args[name]
+        specialize = name not in no_spec and i not in no_spec
+        align = specialize and name not in no_align and i not in no_align
+        divisible = False
+        if "constexpr" in str(param.annotation) or value is None:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+            continue
+        if isinstance(value, bool):
+            signature[name] = "u1"
+        elif isinstance(value, int):
+            if specialize and value == 1:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else ("i64" if value < 2**63 else "u64")
+            divisible = align and value % 16 == 0
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif hasattr(value, "data_ptr"):
+            signature[name] = "*" + _TRITON_POINTER_TYPES[value.dtype]
+            divisible = align and value.data_ptr() % 16 == 0
+        else:
+            raise TypeError(f"no Triton specialization rule for argument {name}={value!r}")
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def triton_launch_specialization(kernel: Any, args: dict[str, Any], options: dict[str, Any],
+                                 arch: int) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` that Triton's JIT compiles for a launch of ``kernel``
+    (a JITFunction) with ``args`` (every parameter by name, tensors or any object with
+    ``data_ptr()`` and ``dtype``) and launch ``options`` on ``sm_<arch>``: the arguments of
+    ``triton.compiler.ASTSource``.
+
+    Through the JIT's own binder where it exists (the same code a launch runs, so the same
+    result on every Triton version), else by :func:`_specialize_by_rule`.
+    """
+    binder = _jit_binder()
+    if binder is None or not hasattr(kernel, "params"):  # no binder, or an interpreted kernel
+        return _specialize_by_rule(kernel, args)
+    make, pack = binder
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = {**args, **options}
+    bound, specialization, opts = make(kernel.signature, kernel.params, backend)(**kwargs)
+    _, signature, constexprs, attrs = pack(kernel, backend, kwargs, bound, specialization, opts)
+    return signature, constexprs, {k: v for k, v in attrs.items() if v}
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Compile every Triton kernel for sm_80 and sm_90 without a GPU and report its resources.
 
 For each :class:`~llmkit.kernels._compile.CompileSpec` that a kernel module lists
-in ``compile_specs()``, this compiles the kernel with ``triton.compile`` for
-``GPUTarget("cuda", arch, 32)`` and reads the cubin with the ``cuobjdump`` and
+in ``compile_specs()``, this records the launch its launcher makes for that shape on an
+sm_80 (108 SMs) / sm_90 (132 SMs) GPU, compiles it with ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)`` with the argument specializations Triton's JIT derives
+at launch (16-byte divisibility of pointers and integers, integers equal to 1) and the
+launch's options, and reads the cubin with the ``cuobjdump`` and
 ``nvdisasm`` that ship in the Triton wheel: registers, stack, local memory (any
 local memory or stack in a Triton kernel is register spilling), shared memory, and
 for matrix kernels which tensor-core instructions appear in the SASS (HMMA / IMMA
@@ -51,6 +54,8 @@ class KernelReport:
     matrix: bool = False
     sass_matrix: list[str] = dataclasses.field(default_factory=list)
     ptx_matrix: list[str] = dataclasses.field(default_factory=list)
+    sass_memory: list[str] = dataclasses.field(default_factory=list)
+    """The global load / store instructions in the SASS (``LDG.E.128``: 16-byte vectors)."""
     compile_s: float = 0.0
 
     @property
@@ -88,20 +93,27 @@ def kernel_modules() -> list[str]:
 
 
 def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
-    """Compile one spec for one architecture and read its resources."""
+    """Compile one spec for one architecture and read its resources.
+
+    The spec's launch (its launcher's call, recorded for that architecture) is compiled with
+    what Triton's JIT would derive from its arguments (:func:`llmkit._compat.triton_launch_specialization`)
+    and with its launch options.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs, num_warps, num_stages = spec.for_arch(arch)
-    rep = KernelReport(module, spec.name, arch, ok=False, num_warps=num_warps, num_stages=num_stages,
-                       matrix=spec.matrix)
+    from llmkit._compat import triton_launch_specialization
+
+    rep = KernelReport(module, spec.name, arch, ok=False, matrix=spec.matrix)
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=constexprs)
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        launch = spec.launch(arch)
+        rep.num_warps = int(launch.options.get("num_warps", 4))
+        rep.num_stages = int(launch.options.get("num_stages", 3))
+        signature, constexprs, attrs = triton_launch_specialization(launch.kernel, launch.args, launch.options, arch)
+        src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     except Exception as exc:  # report, do not stop the whole run
         rep.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         rep.compile_s = time.perf_counter() - t0
@@ -128,12 +140,17 @@ def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
     rep.shared_static = usage.get("SHARED", 0)
     words = set(re.findall(r"\b([A-Z]+MMA)\b", sass.stdout))
     rep.sass_matrix = sorted(w for w in words if w in MATRIX_SASS)
+    rep.sass_memory = sorted(set(re.findall(r"\b((?:LDG|STG)\.E[.\w]*)", sass.stdout)))
     rep.ok = True
     return rep
 
 
-def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None) -> list[KernelReport]:
-    """Compile every spec of every kernel module (or of ``modules``) for ``archs``."""
+def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None,
+            only: str | None = None, shard: tuple[int, int] = (0, 1)) -> list[KernelReport]:
+    """Compile every spec of every kernel module (or of ``modules``; only the specs whose name
+    contains ``only``) for ``archs``. ``shard=(i, n)``: only every n-th compile, from the i-th
+    (what one of n worker processes compiles)."""
+    index = -1
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile report cannot run with TRITON_INTERPRET set; use run_report()")
     reports: list[KernelReport] = []
@@ -141,7 +158,8 @@ def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None)
         try:
             mod = importlib.import_module(name)
         except Exception as exc:
-            reports.append(KernelReport(name, "<import>", 0, ok=False, error=repr(exc)))
+            if shard[0] == 0:  # said once, by the first worker
+                reports.append(KernelReport(name, "<import>", 0, ok=False, error=repr(exc)))
             continue
         specs_fn = getattr(mod, "compile_specs", None)
         if specs_fn is None:
@@ -149,12 +167,17 @@ def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None)
         try:
             specs = list(specs_fn())
         except Exception as exc:  # one broken module must not hide the others' reports
-            reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
+            if shard[0] == 0:
+                reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
             continue
         for spec in specs:
+            if only and only not in spec.name:
+                continue
             for arch in archs:
                 if arch in spec.archs:
-                    reports.append(compile_spec(name, spec, arch))
+                    index += 1
+                    if index % shard[1] == shard[0]:
+                        reports.append(compile_spec(name, spec, arch))
     return reports
 
 
@@ -191,20 +214,43 @@ def format_table(reports: list[KernelReport]) -> str:
     return "\n".join(lines)
 
 
-def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800) -> list[KernelReport]:
-    """Run the report in a fresh interpreter without TRITON_INTERPRET and return it."""
+def default_jobs() -> int:
+    """Worker processes of :func:`run_report`: ``LLMKIT_COMPILE_JOBS``, else the CPUs available."""
+    env = os.environ.get("LLMKIT_COMPILE_JOBS")
+    if env:
+        return max(1, int(env))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800, jobs: int | None = None,
+               modules: list[str] | None = None, only: str | None = None) -> list[KernelReport]:
+    """Run the report without TRITON_INTERPRET in ``jobs`` fresh interpreters (each compiles a
+    shard of the specs: compiling is CPU-bound and single-threaded) and return it, in spec order."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    jobs = jobs or default_jobs()
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "llmkit.compile_report", "--json", path, "--quiet",
-               "--arch", *[str(a) for a in archs]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if not os.path.exists(path):
-            raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        with open(path) as f:
-            data = json.load(f)
-    return [KernelReport(**{k: v for k, v in d.items() if k in KernelReport.__dataclass_fields__}) for d in data["kernels"]]
+        paths = [os.path.join(tmp, f"report{i}.json") for i in range(jobs)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "llmkit.compile_report", "--json", path, "--quiet", "--shard", f"{i}/{jobs}",
+                 "--arch", *[str(a) for a in archs], *(["--module", *modules] if modules else []),
+                 *(["--only", only] if only else [])],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for i, path in enumerate(paths)
+        ]
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+        shards = []
+        for proc, path, err in zip(procs, paths, errors):
+            if not os.path.exists(path):
+                raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{err[-2000:]}")
+            with open(path) as f:
+                shards.append(json.load(f)["kernels"])
+    merged = [d for i in range(max(map(len, shards), default=0)) for shard in shards if i < len(shard)
+              for d in [shard[i]]]
+    return [KernelReport(**{k: v for k, v in d.items() if k in KernelReport.__dataclass_fields__}) for d in merged]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    p.add_argument("--module", nargs="+", help="only these kernel modules (e.g. attention int8_matmul)")
+    p.add_argument("--only", help="only the specs whose name contains this text")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="compile only every N-th spec, from the I-th")
     args = p.parse_args(argv)
-    reports = collect(tuple(args.arch))
+    shard_i, _, shard_n = args.shard.partition("/")
+    modules = [m if m.startswith("llmkit.kernels.") else f"llmkit.kernels.{m}" for m in args.module or []]
+    reports = collect(tuple(args.arch), modules or None, args.only, (int(shard_i), int(shard_n or 1)))
     bad = problems(reports)
     if args.json:
         with open(args.json, "w") as f:

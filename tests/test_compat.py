@@ -269,6 +269,38 @@ def test_interpreter_runs_a_loop_over_a_runtime_scalar_on_this_stack():
     assert res.stdout.strip() == str(needs_fix), (triton.__version__, np.__version__)
 
 
+def _specialization_probe(x_ptr, y_ptr, w_ptr, n, m, k, big, seed, f, flag, BLOCK):
+    pass
+
+
+def test_triton_launch_specialization_is_what_the_jit_derives(monkeypatch):
+    """What a launch compiles: 16-byte aligned pointers and integers divisible by 16 marked,
+    integers equal to 1 and None arguments as constants, i64 past the int32 range,
+    ``do_not_specialize`` honoured. Through Triton's own binder, and by the fallback rules."""
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    _specialization_probe.__annotations__["BLOCK"] = tl.constexpr
+    kernel = JITFunction(_specialization_probe, do_not_specialize=["seed"])
+    x = torch.empty(64, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, y_ptr=x[1:], w_ptr=None, n=1, m=32, k=17, big=2**33, seed=48, f=0.5, flag=True, BLOCK=64)
+    want_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "constexpr", "n": "constexpr", "m": "i32", "k": "i32",
+                "big": "i64", "seed": "i32", "f": "fp32", "flag": "u1", "BLOCK": "constexpr"}
+    want_const = {(2,): None, (3,): 1, (10,): 64}
+    want_attrs = {(0,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (6,): [["tt.divisibility", 16]]}
+    assert C.HAS_TRITON_JIT_BINDER, "Triton's JIT binder moved: the compile report now applies the rules itself"
+    options = {"num_warps": 4}
+    for label, got in (("jit", C.triton_launch_specialization(kernel, args, options, 90)),
+                       ("rules", C._specialize_by_rule(kernel, args))):
+        sig, const, attrs = got
+        assert sig == want_sig, label
+        assert {k: (v.value if hasattr(v, "value") else v) for k, v in const.items()} == want_const, label
+        assert {k: v for k, v in attrs.items() if v} == want_attrs, label
+    monkeypatch.setattr(C, "_jit_binder", lambda: None)
+    assert C.triton_launch_specialization(kernel, args, options, 90) == C._specialize_by_rule(kernel, args)
+
+
 def test_version_parsing():
     assert C._version("3.6.0") == (3, 6, 0)
     assert C._version("2.11.0+cu130") == (2, 11, 0)
