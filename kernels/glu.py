@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
 from ._compile import CompileSpec
+from ._launch import launch
 from .gelu import _rows, gelu_config
 from .layer_norm import _empty, _round_to, device_guard, program_slots
 
@@ -126,7 +127,8 @@ def glu_forward(gate: Tensor, up: Tensor, act: int) -> Tensor:
     cfg = gelu_config(m, n, program_slots(gate.device))
     col_blocks = triton.cdiv(n, cfg.block_n)
     with device_guard(gate):
-        _glu_fwd_kernel[(triton.cdiv(m, cfg.block_m) * col_blocks,)](
+        launch(
+            _glu_fwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
             gs, us, out, m, n, inner_rows, g_so, g_si, u_so, u_si, col_blocks,
             ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
@@ -147,7 +149,8 @@ def glu_backward(grad_out: Tensor, gate: Tensor, up: Tensor, act: int) -> tuple[
     cfg = gelu_config(m, n, program_slots(gate.device))
     col_blocks = triton.cdiv(n, cfg.block_n)
     with device_guard(gate):
-        _glu_bwd_kernel[(triton.cdiv(m, cfg.block_m) * col_blocks,)](
+        launch(
+            _glu_bwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
             dys, gs, us, dgate, dup, m, n, inner_rows, dy_so, dy_si, g_so, g_si, u_so, u_si, col_blocks,
             ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
@@ -159,32 +162,30 @@ def glu_backward(grad_out: Tensor, gate: Tensor, up: Tensor, act: int) -> tuple[
 # --------------------------------------------------------------------------------------
 
 
+def _glu_call(backward: bool, m: int, n: int, dtype: torch.dtype, halves: bool, act: int):
+    def call():
+        if halves:  # the two halves of one (m, 2n) projection: strided rows
+            h = torch.empty(m, 2 * n, dtype=dtype, device="meta")
+            gate, up = h[:, :n], h[:, n:]
+        else:
+            gate, up = (torch.empty(m, n, dtype=dtype, device="meta") for _ in range(2))
+        if backward:
+            return glu_backward(torch.empty(m, n, dtype=dtype, device="meta"), gate, up, act)
+        return glu_forward(gate, up, act)
+    return call
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Both kernels at the configurations an H100 (132 SMs) gets: a flat contiguous tensor,
-    and the two halves of a ``(8192, 2 x 11008)`` projection (strided rows), per activation."""
+    """Both kernels as launched on an A100 / H100, per activation: contiguous gate and up
+    (one flat row), and the two halves of a ``(8192, 2 x 11008)`` projection (strided rows)."""
     specs: list[CompileSpec] = []
-    shapes = [("flat", 1, 4096 * 11008), ("halves_n11008", 8192, 11008)]
-    for name, m, n in shapes:
-        cfg = gelu_config(m, n, 132)
+    shapes = [("flat", 4096, 11008, False), ("halves_n11008", 8192, 11008, True)]
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    for name, m, n, halves in shapes:
         for act, act_name in ((SILU, "silu"), (GELU_ERF, "gelu"), (GELU_TANH, "gelu_tanh")):
             for dt in (("bf16", "fp32") if name == "flat" else ("bf16",)):
                 tag = f"{name}_{act_name}_{dt}"
-                p = f"*{dt}"
-                strides = {"g_stride_outer": "i32", "g_stride_inner": "i32", "u_stride_outer": "i32",
-                           "u_stride_inner": "i32"}
-                consts = dict(inner_rows=1, ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                specs.append(CompileSpec(
-                    f"glu_fwd_{tag}", _glu_fwd_kernel,
-                    {"g_ptr": p, "u_ptr": p, "out_ptr": p, "M": "i32", "N": "i32", "inner_rows": "constexpr",
-                     **strides, "col_blocks": "i32", "ACT": "constexpr", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr"},
-                    consts, num_warps=cfg.num_warps, num_stages=1,
-                ))
-                specs.append(CompileSpec(
-                    f"glu_bwd_{tag}", _glu_bwd_kernel,
-                    {"dy_ptr": p, "g_ptr": p, "u_ptr": p, "dg_ptr": p, "du_ptr": p, "M": "i32", "N": "i32",
-                     "inner_rows": "constexpr", "dy_stride_outer": "i32", "dy_stride_inner": "i32", **strides,
-                     "col_blocks": "i32", "ACT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                    consts, num_warps=cfg.num_warps, num_stages=1,
-                ))
+                for backward, kernel in ((False, _glu_fwd_kernel), (True, _glu_bwd_kernel)):
+                    specs.append(CompileSpec(f"glu_{'bwd' if backward else 'fwd'}_{tag}", kernel,
+                                             _glu_call(backward, m, n, dtypes[dt], halves, act)))
     return specs
