@@ -57,6 +57,32 @@ def test_bias_gelu_any_shape(lead, n, dtype, seed, approx):
     assert_close_to_reference(out, ref, F.gelu(x + b, approximate=approx))
 
 
+def _model_rms(x, w, offset, cast):
+    """RMSNorm as Llama (cast) or Gemma write it, in x's dtype."""
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (w + offset) * h.to(x.dtype) if cast else (h * (offset + w.float())).to(x.dtype)
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31), offset=st.sampled_from([0.0, 1.0]),
+       cast=st.booleans(), fp32_residual=st.booleans())
+def test_add_rms_norm_any_shape_and_options(lead, n, dtype, seed, offset, cast, fp32_residual):
+    """add_rms_norm with Gemma's offset, Llama's casting order and a float32 residual stream on
+    any shape: the normed output and the residual stream against float64."""
+    x = _x(lead + [n], dtype, seed)
+    half = dtype != torch.float32
+    rdt = torch.float32 if fp32_residual and half else dtype
+    r = _x(lead + [n], rdt, seed + 1, shift=2.0)
+    w = _x([n], dtype, seed + 2)
+    out, s = ops.add_rms_norm(x, r, [n], w, 1e-6, offset=offset, cast_before_weight=cast,
+                              residual_in_fp32=fp32_residual)
+    ref, ref_s = R.add_rms_norm(x.double(), r.double(), [n], w.double(), 1e-6, offset, dtype if cast else None, rdt)
+    base_s = x.to(rdt) + r
+    assert out.dtype == dtype and s.dtype == rdt
+    assert_close_to_reference(s, ref_s, base_s)
+    assert_close_to_reference(out, ref, _model_rms(base_s, w, offset, cast).to(dtype))
+
+
 @SETTINGS
 @given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
        act=st.sampled_from(["silu", "none", "tanh"]), halves=st.booleans())

@@ -99,6 +99,13 @@ def add_layer_norm(m: int, n: int, elem: int, backward: bool = False) -> Work:
     return Work(8.0 * m * n, elem * (4 * m * n + 2 * n) + 2 * STATS_BYTES * m)
 
 
+def add_rms_norm(m: int, n: int, elem: int, backward: bool = False) -> Work:
+    """Fused residual add + RMSNorm: :func:`add_layer_norm` without bias and mean."""
+    if backward:
+        return Work(10.0 * m * n, elem * (4 * m * n + 2 * n) + STATS_BYTES * m)
+    return Work(5.0 * m * n, elem * (4 * m * n + n) + STATS_BYTES * m)
+
+
 # -- activations -----------------------------------------------------------------------
 # Nominal flops per element: GELU forward 8, backward 12; the bias adds 1 (its backward
 # reduction 1 more).

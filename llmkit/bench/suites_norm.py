@@ -1,5 +1,5 @@
-"""Row-wise, memory-bound op suites: layer_norm, rms_norm, add_layer_norm, gelu, bias_gelu,
-swiglu, geglu.
+"""Row-wise, memory-bound op suites: layer_norm, rms_norm, add_layer_norm, add_rms_norm, gelu,
+bias_gelu, swiglu, geglu.
 
 Each case is ``x (M, N)`` in the benchmark dtype with fresh random data, forward or
 backward. Implementations: PyTorch eager (the unfused sequence: ``x + residual`` then
@@ -81,6 +81,18 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
                 lambda x, w: L.rms_norm(x, [n], w, RMS_EPS),
             ) + _liger_impls(ctx, call, kind, n, w, None)
             work = formulas.rms_norm(m, n, elem_size(dtype), bwd)
+        elif kind == "add_rms_norm":  # the unfused eager sequence is add, then rms_norm
+
+            def eager_rms(x, r, w):
+                s = x + r
+                return F.rms_norm(s, (n,), w, RMS_EPS), s
+
+            call = OpCall([x, r, w], pass_, wrt=(0, 1, 2), grads=[d["dy"], d["ds"]])
+            impls = standard_impls(
+                ctx, kind, call, eager_rms,
+                lambda x, r, w: L.add_rms_norm(x, r, [n], w, RMS_EPS),
+            )
+            work = formulas.add_rms_norm(m, n, elem_size(dtype), bwd)
         else:  # add_layer_norm: the unfused eager sequence is add, then layer_norm
 
             def eager(x, r, w, b):
@@ -182,6 +194,7 @@ for _kind, _desc in (
     ("layer_norm", "LayerNorm over the last dim of x (M, N)"),
     ("rms_norm", "RMSNorm over the last dim of x (M, N)"),
     ("add_layer_norm", "fused residual add + LayerNorm vs eager add then F.layer_norm"),
+    ("add_rms_norm", "fused residual add + RMSNorm vs eager add then F.rms_norm"),
 ):
     register(Suite(_kind, "op", ("fwd", "bwd"), _norm_builder(_kind), _desc))
 register(Suite("gelu", "op", ("fwd", "bwd"), _gelu_builder(False), "exact (erf) GELU of x (M, N)"))
