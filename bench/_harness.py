@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from llmkit.bench.runner import compare_outputs
-from llmkit.errors import BackendError
 from llmkit.bench.shapes import load_shapes, point_label
 from llmkit.bench.suite import BASELINE, SUITES, Case, Context, available_backends
+from llmkit.errors import BackendError
 
 SET_NAME = os.environ.get("LLMKIT_BENCH_SET", "cpu")
 THREADS = int(os.environ.get("LLMKIT_BENCH_THREADS", "0") or 0)
@@ -41,7 +41,8 @@ TARGETS: list[tuple[str, str, dict[str, Any], str, float, str]] = [
     ("add_layer_norm", "bwd", {}, "llmkit[", 1.3, "issue 7: fused add+LayerNorm >= 1.3x unfused eager"),
     ("bias_gelu", "fwd", {}, "llmkit[", 1.3, "issue 7: fused bias+GELU >= 1.3x unfused eager"),
     ("bias_gelu", "bwd", {}, "llmkit[", 1.3, "issue 7: fused bias+GELU >= 1.3x unfused eager"),
-    ("int8_w8a8", "fwd", {"M": 512, "K": 4096}, "Int8Linear[w8a8]", 3.0, "issue 5: W8A8 Int8Linear >= 3x fp32 nn.Linear"),
+    ("int8_w8a8", "fwd", {"M": 512, "K": 4096}, "Int8Linear[w8a8]", 3.0,
+     "issue 5: W8A8 Int8Linear >= 3x fp32 nn.Linear"),
     ("int8_w8a16", "fwd", {}, "Int8Linear[w8a16]", 1.0, "issue 5: W8A16 at M=1..16 >= 1.0x fp32 nn.Linear"),
     ("bert", "prefill", {}, "hf+swap", 1.0, "issue 6: swapped BERT-base >= 1.0x unswapped"),
     ("gpt2_decode", "decode", {}, "llmkit.models.GPT", 1.0, "issue 6: llmkit GPT decode >= 1.0x HF GPT-2 tokens/s"),

@@ -237,7 +237,9 @@ class Round:
             elif step.status != "ok" and not step.note:
                 step.note = _tail(step.log, 1)[:200]
             tail = _tail(step.log, 3)
-            self.say(f"{step.name}: {step.status} (rc {rc}) in {step.seconds:.0f} s" + (f"\n      {tail}" if tail else ""))
+            self.say(
+                f"{step.name}: {step.status} (rc {rc}) in {step.seconds:.0f} s" + (f"\n      {tail}" if tail else "")
+            )
             self.snapshot()
 
     def wait(self, *steps: Step) -> None:
@@ -480,7 +482,9 @@ def _test_steps(rnd: Round, args: argparse.Namespace, py: str, llmkit: list[str]
     has_xdist = args.xdist > 0 and _has_module(py, "xdist")
     xdist = ["-n", str(args.xdist), "--dist", "load"] if has_xdist else []
     ext_files = sorted(set(tests_matching(EXT_TESTS) + tests_using_extension()) - set(tests_matching(NOT_ON_GPU)))
-    ignored = [f"--ignore={f}" for f in sorted(set(tests_matching(ROW_TESTS + ATTENTION_TESTS + NOT_ON_GPU)) | set(ext_files))]
+    ignored = [
+        f"--ignore={f}" for f in sorted(set(tests_matching(ROW_TESTS + ATTENTION_TESTS + NOT_ON_GPU)) | set(ext_files))
+    ]
     nice = ["nice", "-n", "5"] if shutil.which("nice") else []
     kernels = [_pytest_step(rnd, f"pytest-{group}", pytest, xdist, tests_matching(files), cap_s=300, reserve_s=reserve)
                for group, files in (("rows", ROW_TESTS), ("attention", ATTENTION_TESTS))]

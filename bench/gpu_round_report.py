@@ -132,7 +132,7 @@ def speed_summary(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for s in out.values():
         s["devices"] = sorted(d for d in s["devices"] if d)
         for impls in s["passes"].values():
-            for name, v in impls.items():
+            for v in impls.values():
                 v["geomean_vs_eager"] = math.exp(sum(math.log(x) for x in v["ratios"]) / len(v["ratios"]))
                 v["best_roofline"] = max(v["roof"]) if v["roof"] else None
     return out
@@ -262,7 +262,9 @@ def format_summary(doc: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     for r in doc["ops"]:
         ran = ("yes (" + ", ".join(r["evidence"]) + ")") if r["ran_on_gpu"] else "no"
-        lines.append(f"| {r['op']} | {ran} | {_tests_cell(r['tests'])} | {_check_cell(r['check'])} | {r['speed_text']} |")
+        lines.append(
+            f"| {r['op']} | {ran} | {_tests_cell(r['tests'])} | {_check_cell(r['check'])} | {r['speed_text']} |"
+        )
     lines += ["", "| step | status | seconds | timeout | note |", "|---|---|---|---|---|"]
     for s in doc["steps"]:
         rc = "" if s["rc"] in (None, 0) else f" (rc {s['rc']})"

@@ -8,6 +8,7 @@ plain PyTorch int8 paths (``torch._int_mm`` + separate dequant; dequant + ``F.li
 from __future__ import annotations
 
 import pytest
+
 from _harness import params, run_benchmark
 
 

@@ -9,6 +9,7 @@ of ``llmkit.models.GPT`` (same weights via ``from_hf``) vs HuggingFace ``generat
 from __future__ import annotations
 
 import pytest
+
 from _harness import params, run_benchmark
 
 

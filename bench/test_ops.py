@@ -8,6 +8,7 @@ pytest-benchmark groups the implementations of one case together.
 from __future__ import annotations
 
 import pytest
+
 from _harness import params, run_benchmark
 
 SUITES = ("add_layer_norm", "bias_gelu", "layer_norm", "rms_norm", "gelu", "attention", "decode_attention",

@@ -72,7 +72,7 @@ _PLAN: contextvars.ContextVar[Target | None] = contextvars.ContextVar("llmkit_ke
 _RECORD: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("llmkit_kernels_record", default=None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_target(index: int) -> Target:
     major, minor = torch.cuda.get_device_capability(index)
     return Target(major * 10 + minor, torch.cuda.get_device_properties(index).multi_processor_count)
@@ -122,13 +122,13 @@ def check_grid(kernel: Any, grid: tuple[int, ...]) -> tuple[int, int, int]:
     """``grid`` padded to three dims; a ValueError naming the kernel when CUDA could not launch it."""
     dims = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     limits = (MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ)
-    if len(dims) != 3 or any(g < 1 or g > lim for g, lim in zip(dims, limits)):
+    if len(dims) != 3 or any(g < 1 or g > lim for g, lim in zip(dims, limits, strict=True)):
         name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
         raise ValueError(
             f"{name}: grid {dims} is outside CUDA's limits (x in [1, {MAX_GRID_X}], y and z in "
             f"[1, {MAX_GRID_YZ}]); the input is too large for one launch"
         )
-    return dims  # type: ignore[return-value]
+    return dims[0], dims[1], dims[2]
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
@@ -139,7 +139,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         kernel[dims](*args, **kwargs)
         return
     names = _parameters(kernel)
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))  # trailing arguments may come by keyword
     options = {}
     for key, value in kwargs.items():
         if key in names:

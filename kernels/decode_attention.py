@@ -35,8 +35,19 @@ from . import _common  # noqa: F401  (Triton interpreter fixes, applied on impor
 from ._compile import CompileSpec
 from ._launch import device_target, launch
 from .attention import (
-    _TRITON_DTYPE, _align_strides, _aligned_ptr, _cast, _dot_precision, _load_tile, _mma, _online_softmax,
-    _program_ids, _store_tile, meta, padded_head_dim, stride_align,
+    _TRITON_DTYPE,
+    _align_strides,
+    _aligned_ptr,
+    _cast,
+    _dot_precision,
+    _load_tile,
+    _mma,
+    _online_softmax,
+    _program_ids,
+    _store_tile,
+    meta,
+    padded_head_dim,
+    stride_align,
 )
 
 MAX_ROWS_PER_PROGRAM = 64

@@ -209,7 +209,7 @@ def gelu_backward(
             APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
-        dbias = sum_partials(parts, bias.dtype) if bias is not None else None
+        dbias = sum_partials(parts, bias.dtype) if bias is not None and parts is not None else None
     return dx, dbias
 
 

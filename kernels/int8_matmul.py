@@ -687,7 +687,7 @@ def int8_gemm(
         return out
     aligned = _b_alignment(b) if _k_rows_aligned(a) else 0
     cfg = config or int8_gemm_config(m, _arch(a.device), aligned != 0, activation)
-    if has_scale:
+    if a_scale is not None and b_scale is not None:
         a_scale = a_scale.reshape(-1)
         b_scale = b_scale.reshape(-1)
         a_scale_stride = 0 if a_scale.numel() == 1 else a_scale.stride(0)
@@ -777,18 +777,15 @@ def w8a16_linear(
                 num_warps=4,
             )
         return out
-    if isinstance(config, GemmConfig):
-        cfg = config
-    else:
-        cfg = w8a16_gemm_config(m, x.dtype, _arch(x.device), aligned)
+    gemm = config if isinstance(config, GemmConfig) else w8a16_gemm_config(m, x.dtype, _arch(x.device), aligned)
     launch(
-        _w8a16_gemm_kernel, (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
+        _w8a16_gemm_kernel, (triton.cdiv(m, gemm.BLOCK_M) * triton.cdiv(n, gemm.BLOCK_N),),
         x, weight, out, weight_scale, bias_arg,
         m, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, ACTIVATION=act, EVEN_K=k % cfg.BLOCK_K == 0, ALIGNED=aligned,
-        INTERPRETER=interpreter, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=bias is not None, ACTIVATION=act, EVEN_K=k % gemm.BLOCK_K == 0, ALIGNED=aligned,
+        INTERPRETER=interpreter, BLOCK_M=gemm.BLOCK_M, BLOCK_N=gemm.BLOCK_N, BLOCK_K=gemm.BLOCK_K, GROUP_M=gemm.GROUP_M,
+        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
     )
     return out
 

@@ -4,15 +4,14 @@ Public API: :mod:`llmkit.ops` (functional ops), :func:`use_backend`,
 :func:`backend_info`; the CLI is ``llmkit`` (``info``, ``check``).
 """
 
+from . import distributed as _distributed
+from . import models, nn, ops
 from ._version import __version__
 from .dispatch import backend_info, use_backend
 from .errors import BackendError, LLMKitError, UnknownBackendError
-from . import ops
-from . import nn, models
-from .swap import swap, unswap
-from .quantize import quantize, calibrate
 from .integrations import hf as _hf
-from . import distributed as _distributed
+from .quantize import calibrate, quantize
+from .swap import swap, unswap
 
 # Registers attn_implementation="llmkit" with transformers when transformers loads
 # (at once if it already has); never imports transformers itself. See llmkit.integrations.hf.

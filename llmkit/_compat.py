@@ -335,7 +335,10 @@ def _interpreter_index_is_broken() -> bool:
     )
 
 
-INTERPRETER_FIX = "Triton < 3.7 interpreter: scalar __index__ patched to go through .item() (numpy >= 2.4 refuses int() of a 1-element array, 1.25 - 2.3 warn)"
+INTERPRETER_FIX = (
+    "Triton < 3.7 interpreter: scalar __index__ patched to go through .item() "
+    "(numpy >= 2.4 refuses int() of a 1-element array, 1.25 - 2.3 warn)"
+)
 
 
 def triton_interpreter_note() -> str:
@@ -389,8 +392,10 @@ def _jit_binder() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
     return make, pack
 
 
-HAS_TRITON_JIT_BINDER = _jit_binder() is not None
-"""Triton's JIT binder is reachable (Triton >= 3.3); without it the rules are applied here."""
+def has_triton_jit_binder() -> bool:
+    """Triton's JIT binder is reachable (Triton >= 3.3); without it the rules are applied here.
+    A function, not a flag: importing llmkit must not import Triton."""
+    return _jit_binder() is not None
 
 
 def _specialize_by_rule(kernel: Any, args: dict[str, Any]) -> tuple[dict, dict, dict]:

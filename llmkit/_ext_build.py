@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -276,7 +277,7 @@ def build(
     isa = cpu_isa()
     src = sources or csrc_dir()
     directory = build_dir_for(want_cuda, root, archs, src)
-    config = {
+    config: dict[str, Any] = {
         "name": f"{LIBRARY_NAMESPACE}_{source_hash(src)}",
         "directory": str(directory),
         "sources": [str(p) for p in _compiled_sources(src, want_cuda)],
@@ -388,7 +389,7 @@ def _file_sha256(path: Path) -> str:
 def _up_to_date(directory: Path, key: str, sources: Path) -> bool:
     """True when ``directory`` holds a build with fingerprint ``key`` whose library checks out."""
     info = _read_json(directory / _INFO_FILE)
-    return bool(info) and info.get("build_key") == key and verify_build(directory, info, sources) is None
+    return info is not None and info.get("build_key") == key and verify_build(directory, info, sources) is None
 
 
 def _read_json(path: Path) -> dict | None:

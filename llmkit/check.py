@@ -16,9 +16,9 @@ empty tensors, float32 / float16 / bfloat16 (and float64 where the op takes it).
 On a machine without a GPU the reference backend runs on CPU tensors and Triton
 kernels run through the interpreter (``TRITON_INTERPRET=1``, which the CLI sets); the
 interpreter runs the cases marked ``interp`` (the largest shapes run on a GPU only, and
-the table says how many were left out); with ``--quick`` it runs float32 and bfloat16. Exit code: 0 all passed, 1 a failure, 2
-nothing was checked, 3 something asked for was skipped (unknown op, backend not
-available here).
+the table says how many were left out); with ``--quick`` it runs float32 and bfloat16.
+Exit code: 0 all passed, 1 a failure, 2 nothing was checked, 3 something asked for was
+skipped (unknown op, backend not available here).
 """
 
 from __future__ import annotations
@@ -106,7 +106,10 @@ def _grads(out: Tensor, grad: Tensor, named: dict[str, Tensor | None]) -> Output
     """Backpropagate ``grad`` through ``out`` into every named leaf that requires grad."""
     leaves = {k: v for k, v in named.items() if v is not None and v.requires_grad}
     gs = torch.autograd.grad(out, list(leaves.values()), grad.to(out.dtype), allow_unused=True)
-    return {f"grad_{k}": (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), gs)}
+    return {
+        f"grad_{k}": (g if g is not None else torch.zeros_like(v))
+        for (k, v), g in zip(leaves.items(), gs, strict=True)
+    }
 
 
 def _names(dt: torch.dtype) -> str:
@@ -392,7 +395,7 @@ def _attention_cases() -> Iterable[Case]:
                 return {"out": R.decode_attention(q, k, v, d["lens"], None, True)}
 
             def base_d(d):
-                from .ops.attention import decode_mask
+                from .ops.decode_attention import decode_mask
 
                 q = d["q"]
                 m = decode_mask(d["lens"], q.shape[2], d["k"].shape[2], True)
@@ -530,7 +533,9 @@ def _fmt_dtype(dt: torch.dtype) -> str:
     return _names(dt)
 
 
-def _judge(case: Case, name: str, out: Tensor, r: Tensor, baseline: Outputs | None) -> tuple[float, float, float, str, str]:
+def _judge(
+    case: Case, name: str, out: Tensor, r: Tensor, baseline: Outputs | None
+) -> tuple[float, float, float, str, str]:
     """(max abs err, rel err, tolerance, status, note) of one output."""
     if case.exact:
         if out.shape != r.shape or out.dtype != r.dtype:
@@ -554,7 +559,9 @@ def _judge(case: Case, name: str, out: Tensor, r: Tensor, baseline: Outputs | No
 def run_case(case: Case, backend: str, device: torch.device) -> list[Row]:
     """Run one case on one backend and device; one row per output."""
     t0 = time.perf_counter()
-    base = dict(op=case.op, backend=backend, device=device.type, dtype=_fmt_dtype(case.dtype), shape=case.label)
+    base: dict[str, Any] = dict(
+        op=case.op, backend=backend, device=device.type, dtype=_fmt_dtype(case.dtype), shape=case.label
+    )
 
     def one(status: str, note: str, output: str = "-") -> list[Row]:
         return [Row(**base, output=output, max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,

@@ -198,7 +198,8 @@ def problems(reports: list[KernelReport]) -> list[str]:
 
 def format_table(reports: list[KernelReport]) -> str:
     """A plain-text table of the reports."""
-    head = f"{'kernel':44} {'arch':>5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>6} {'smem KB':>8} {'matrix':>14} {'s':>5}"
+    head = (f"{'kernel':44} {'arch':>5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>6} {'smem KB':>8} "
+            f"{'matrix':>14} {'s':>5}")
     lines = [head, "-" * len(head)]
     for r in reports:
         if not r.ok:
@@ -243,7 +244,7 @@ def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800, jobs: i
         ]
         errors = [p.communicate(timeout=timeout)[1] for p in procs]
         shards = []
-        for proc, path, err in zip(procs, paths, errors):
+        for proc, path, err in zip(procs, paths, errors, strict=True):
             if not os.path.exists(path):
                 raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{err[-2000:]}")
             with open(path) as f:

@@ -40,7 +40,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options (used by ``llmkit demo`` and ``python -m llmkit.demo``)."""
     p.add_argument("--model", choices=("gpt2", "bert"), default="gpt2", help="which model (default gpt2)")
-    p.add_argument("--size", default=None, help="gpt2: small (default) / medium / large / xl; bert: base (default) / large")
+    p.add_argument(
+        "--size", default=None, help="gpt2: small (default) / medium / large / xl; bert: base (default) / large"
+    )
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--seq-len", type=int, default=32, help="prompt / input length in tokens (default 32)")
@@ -139,7 +141,7 @@ def _randomize_(model: torch.nn.Module, std: float = 0.02) -> None:
                 p.fill_(1.0)
 
 
-def _hf_without_init(cls: Any, config: Any) -> torch.nn.Module:
+def _hf_without_init(cls: Any, config: Any) -> Any:
     """A transformers model whose weights ``_randomize_`` will draw (skips HF's slower init).
 
     Built on the CPU with transformers' ``no_init_weights`` where it exists, so that
@@ -165,7 +167,7 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     if args.seq_len + args.new_tokens > cfg.n_positions:
         raise SystemExit(f"llmkit demo: --seq-len + --new-tokens must be <= {cfg.n_positions}")
     use_hf = _hf_available(args)
-    hf = None
+    hf: Any = None  # a transformers GPT2LMHeadModel (transformers is imported only here)
     if use_hf:
         import transformers
 
@@ -229,7 +231,8 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         ))
     head = (
         f"GPT-2 {size} shape: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, "
-        f"vocab {cfg.vocab_size}, random weights{' (HF GPT2LMHeadModel and llmkit GPT share them)' if hf is not None else ''}\n"
+        f"vocab {cfg.vocab_size}, random weights"
+        f"{' (HF GPT2LMHeadModel and llmkit GPT share them)' if hf is not None else ''}\n"
         f"batch {args.batch}, prompt {args.seq_len} tokens, {n} greedy new tokens; "
         "tokens/s = batch x new tokens / generate time (its prompt prefill included)"
     )
@@ -246,7 +249,7 @@ def _token_check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.
                   dtype != torch.float32)
 
 
-def _swapped_copy_of(model: torch.nn.Module) -> torch.nn.Module:
+def _swapped_copy_of(model: Any) -> Any:
     import copy
 
     import llmkit
@@ -328,7 +331,8 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+        lines.append("  ".join(cells))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -30,7 +30,7 @@ import dataclasses
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -56,9 +56,15 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """``module.weight`` of a Linear, a Conv1D or a norm (``nn.Module`` types its attributes
+    ``Tensor | Module``)."""
+    return cast(Tensor, module.weight)
+
+
 def _features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or Conv1D."""
-    w = module.weight
+    w = _weight(module)
     return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
 
 
@@ -106,7 +112,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _format_bytes(n: int) -> str:
+def _format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -116,9 +122,9 @@ def _format_bytes(n: int) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     out = [line, "-" * len(line)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return out
 
 
@@ -252,11 +258,13 @@ def quantize(
     report = QuantizeReport(mode, model_bytes_before=_tensor_bytes(model))
 
     linears: dict[str, nn.Module] = {}
+    kinds: dict[str, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         if not name:
             continue
-        if _kind(m) is not None:
-            linears[name] = m
+        kind = _kind(m)
+        if kind is not None:
+            linears[name], kinds[name] = m, kind
         elif isinstance(m, nn.Linear):
             report.skipped.append(SkippedLayer(
                 name, type(m).__name__,
@@ -265,11 +273,11 @@ def quantize(
 
     replaced: dict[int, Int8Linear] = {}
     for name, m in linears.items():
-        kind = _kind(m)
+        kind = kinds[name]
         reason = None
         pattern = _skip_match(name, patterns)
         in_f, out_f = _features(m)
-        w = m.weight
+        w = _weight(m)
         if pattern is not None:
             reason = f"named in skip ({pattern!r})"
         elif name in heads:
@@ -413,12 +421,12 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 def _weight_in_channels(module: nn.Module) -> Tensor:
     """Per-input-channel absmax of a Linear / Conv1D weight, float32 ``(K,)``."""
-    w = module.weight.detach().to(torch.float32)
+    w = _weight(module).detach().to(torch.float32)
     return w.abs().amax(dim=1) if is_conv1d(module) else w.abs().amax(dim=0)
 
 
 def _scale_in_channels_(module: nn.Module, s: Tensor) -> None:
-    w = module.weight
+    w = _weight(module)
     ws = w.detach().to(torch.float32)
     ws = ws * (s[:, None] if is_conv1d(module) else s[None, :])
     w.data.copy_(ws.to(w.dtype))
@@ -491,8 +499,7 @@ def calibrate(
     for n, m in linears.items():
         handles.append(m.register_forward_pre_hook(linear_pre_hook(n)))
         handles.append(m.register_forward_hook(linear_hook))
-    first_out = None
-    first_batch = None
+    first: tuple[Any, Tensor] | None = None  # the first batch and the model's float output on it
     count = 0
     was_training = model.training
     model.eval()  # dropout off: the statistics and the folding check need a deterministic model
@@ -500,15 +507,15 @@ def calibrate(
         with _ConsumerWatch(state):
             for batch in batches:
                 out = _run(model, batch)
-                if first_batch is None:
-                    first_batch, first_out = batch, _float_leaves(out)
+                if first is None:
+                    first = batch, _float_leaves(out)
                 count += 1
                 state.norm_outputs.clear()
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if count == 0:
+    if first is None:
         raise ValueError("calibrate: batches gave no batch to run")
 
     report = CalibrationReport(float(alpha), count)
@@ -520,7 +527,7 @@ def calibrate(
         elif None in feeds or len(feeds) > 1:
             report.left.append((name, "its input is not (always) a norm's output"))
         else:
-            groups.setdefault(next(iter(feeds)), []).append(name)
+            groups.setdefault(cast(str, next(iter(feeds))), []).append(name)  # one norm, not None
     saved: list[tuple[Tensor, Tensor]] = []
     for norm_name, members in groups.items():
         why = None
@@ -537,12 +544,13 @@ def calibrate(
         usable = (act > 0) & (wmax > 0)
         s = torch.where(usable, act.clamp_min(1e-30).pow(alpha) / wmax.clamp_min(1e-30).pow(1.0 - alpha),
                         torch.ones_like(act)).clamp(1e-5, 1e5)
-        norm_params = [norm.weight] + ([norm.bias] if isinstance(getattr(norm, "bias", None), Tensor) else [])
-        saved += [(p, p.detach().clone()) for p in norm_params + [linears[n].weight for n in members]]
+        bias = getattr(norm, "bias", None)
+        norm_params = [_weight(norm)] + ([bias] if isinstance(bias, Tensor) else [])
+        saved += [(p, p.detach().clone()) for p in norm_params + [_weight(linears[n]) for n in members]]
         for p in norm_params:
             p.data.copy_((p.detach().to(torch.float32) / s.to(p.device)).to(p.dtype))
         for n in members:
-            _scale_in_channels_(linears[n], s.to(linears[n].weight.device))
+            _scale_in_channels_(linears[n], s.to(_weight(linears[n]).device))
         after = act / s
         report.smoothed.append(SmoothedGroup(norm_name, members, float(act.max()), float(after.max()),
                                              _ratio(act), _ratio(after)))
@@ -550,7 +558,7 @@ def calibrate(
     if report.smoothed:
         model.eval()
         try:
-            report.output_cosine = _cosine(first_out, _float_leaves(_run(model, first_batch)))
+            report.output_cosine = _cosine(first[1], _float_leaves(_run(model, first[0])))
         finally:
             model.train(was_training)
         if not report.output_cosine >= min_cosine:

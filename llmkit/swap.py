@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -53,6 +53,9 @@ from ._compat import attn_implementation, can_set_attn_implementation
 from .integrations import hf
 from .nn._fused import gelu_approximate
 from .nn.transformer import TORCH_TO_LLMKIT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["swap", "unswap", "SwapReport", "SwapEntry", "KINDS"]
 
@@ -122,7 +125,7 @@ class SwapReport:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [head]
         for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 12)
         return "\n".join(lines)
@@ -147,9 +150,11 @@ class _Undo:
             for parent, attr in self.where:
                 setattr(parent, attr, self.value)
             return SwapEntry(self.name, self.kind, now, type(self.value).__name__)
-        now = attn_implementation(self.target.config)
+        current = attn_implementation(self.target.config)
         self.target.set_attn_implementation(self.value)
-        return SwapEntry(self.name, self.kind, f"attn_implementation={now!r}", f"attn_implementation={self.value!r}")
+        return SwapEntry(
+            self.name, self.kind, f"attn_implementation={current!r}", f"attn_implementation={self.value!r}"
+        )
 
 
 def _check_kinds(kinds: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -248,6 +253,7 @@ def swap(
         elif plan.action == "reclass":
             later.append((name, module, plan))  # after their children are swapped
         else:
+            assert plan.make is not None  # a "replace" plan builds the new module
             new = plan.make()
             where = tuple(parents.get(id(module), ()))
             for parent, attr in where:
@@ -264,6 +270,7 @@ def swap(
                 f"its {missing[0]} is not an llmkit GELU (swap kind 'gelu' too to fuse it)",
             ))
             continue
+        assert plan.new_class is not None  # a "reclass" plan names the class
         module.__class__ = plan.new_class
         undo.append(_Undo("class", module, cls, name=name, kind=plan.kind))
         report.swapped.append(SwapEntry(name, plan.kind, cls.__name__, plan.note))
@@ -272,7 +279,7 @@ def swap(
     return report
 
 
-def _swap_hf_attention(prefix: str, model: nn.Module, report: SwapReport, undo: list[_Undo]) -> None:
+def _swap_hf_attention(prefix: str, model: PreTrainedModel, report: SwapReport, undo: list[_Undo]) -> None:
     """Switch a transformers model (at ``prefix``) to ``attn_implementation="llmkit"``."""
     hf.ensure_registered()
     cls = type(model)
@@ -295,7 +302,8 @@ def _swap_hf_attention(prefix: str, model: nn.Module, report: SwapReport, undo: 
     for name, m in model.named_modules(prefix=prefix):
         config = getattr(m, "config", None)
         if type(m).__name__.endswith("Attention") and attn_implementation(config) == hf.NAME:
-            report.swapped.append(SwapEntry(name, "attention", type(m).__name__, "llmkit attention (AttentionInterface)"))
+            entry = SwapEntry(name, "attention", type(m).__name__, "llmkit attention (AttentionInterface)")
+            report.swapped.append(entry)
 
 
 def unswap(model: nn.Module) -> SwapReport:

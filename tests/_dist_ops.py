@@ -44,7 +44,10 @@ def run_case(
     label: str = "",
 ) -> None:
     """``fn(*args)`` on DTensors (``placements[i]`` for tensor ``args[i]``) against ``fn``
-    on the whole tensors and ``ref`` in float64; forward, then backward when ``grad``."""
+    on the whole tensors and ``ref`` in float64; forward, then backward when ``grad``.
+
+    ``fn`` and ``ref`` are called here and not kept, so the checks below may pass closures
+    over their loop variables (the ``noqa: B023``): each call sees its own iteration's values."""
     from torch.distributed.tensor import distribute_tensor
 
     def leaf(a: object) -> object:
@@ -59,7 +62,7 @@ def run_case(
     dts = [
         distribute_tensor(a.detach(), mesh, many(p)).requires_grad_(grad and a.is_floating_point())
         if isinstance(a, Tensor) else a
-        for a, p in zip(args, placements)
+        for a, p in zip(args, placements, strict=True)
     ]
     out_whole, out_dt = fn(*whole), fn(*dts)
     single = isinstance(out_whole, Tensor)
@@ -73,18 +76,18 @@ def run_case(
         args64 = [a.detach().to(F64).requires_grad_(grad) if _floating(a) else a for a in args]
         refs = ref(*args64)
         refs = (refs,) if isinstance(refs, Tensor) else tuple(refs)
-    for i, (g, w) in enumerate(zip(got, out_whole)):
+    for i, (g, w) in enumerate(zip(got, out_whole, strict=True)):
         _agree(f"{label} output {i}", g, w, None if refs is None else refs[i])
     if not grad:
         return
     diff = [i for i, o in enumerate(out_whole) if o.requires_grad]
     g_out = [torch.randn_like(out_whole[i]) for i in diff]
     torch.autograd.backward([out_whole[i] for i in diff], g_out)
-    torch.autograd.backward([out_dt[i] for i in diff],
-                            [distribute_tensor(g, mesh, list(out_dt[i].placements)) for i, g in zip(diff, g_out)])
+    g_dt = [distribute_tensor(g, mesh, list(out_dt[i].placements)) for i, g in zip(diff, g_out, strict=True)]
+    torch.autograd.backward([out_dt[i] for i in diff], g_dt)
     if refs is not None:
         torch.autograd.backward([refs[i] for i in diff], [g.to(F64) for g in g_out])
-    for i, (d, w) in enumerate(zip(dts, whole)):
+    for i, (d, w) in enumerate(zip(dts, whole, strict=True)):
         if not _floating(w):
             continue
         want64 = None if args64 is None else args64[i].grad
@@ -130,7 +133,7 @@ def check_norms(mesh) -> None:
             return ops.add_layer_norm(x, r, [24], w, b, 1e-5)
 
         def aln64(x, r, w, b):
-            return R64.add_layer_norm(x, r, [24], w, b, 1e-5, round_to=dtype)
+            return R64.add_layer_norm(x, r, [24], w, b, 1e-5, round_to=dtype)  # noqa: B023 (see run_case)
 
         for d in (0, 1):  # rows: batch, sequence (SequenceParallel)
             tag = f"{dtype} Shard({d})"
@@ -225,8 +228,8 @@ def check_strategy_cache_keys_on_values(mesh) -> None:
     bias = torch.randn(10)
     for act in ("none", "gelu"):
         expect = _placements()[2] if act == "none" else None  # row-wise only without activation
-        run_case(mesh, lambda x, w, s, b: ops.int8_linear(x, w, s, b, mode="w8a16", activation=act),
-                 lambda x, w, s, b: R64.int8_linear(x, w, s, b, "w8a16", act),
+        run_case(mesh, lambda x, w, s, b: ops.int8_linear(x, w, s, b, mode="w8a16", activation=act),  # noqa: B023
+                 lambda x, w, s, b: R64.int8_linear(x, w, s, b, "w8a16", act),  # noqa: B023
                  (xi, wq, ws, bias), (S(2), S(1), Rep, Rep), expect, grad=False, label=f"int8_linear w8a16 {act}")
     # dropout_p is checked in check_attention_dropout_replicates
 
@@ -242,13 +245,15 @@ def check_gelu(mesh) -> None:
         for approx in ("none", "tanh"):
             tag = f"{dtype} {approx}"
             for d in range(3):  # pointwise: any dim, the hidden one included
-                run_case(mesh, lambda x: ops.gelu(x, approx), lambda x: R64.gelu(x, approx),
+                run_case(mesh, lambda x: ops.gelu(x, approx), lambda x: R64.gelu(x, approx),  # noqa: B023
                          (x,), (S(d),), S(d), label=f"gelu {tag} Shard({d})")
             for d in (0, 1):
-                run_case(mesh, lambda x, b: ops.bias_gelu(x, b, approx), lambda x, b: R64.bias_gelu(x, b, approx),
+                run_case(mesh, lambda x, b: ops.bias_gelu(x, b, approx),  # noqa: B023
+                         lambda x, b: R64.bias_gelu(x, b, approx),  # noqa: B023
                          (x, bias), (S(d), Rep), S(d), label=f"bias_gelu {tag} Shard({d})")
             # ColwiseParallel's output and bias: the hidden dim with the bias sharded alike
-            run_case(mesh, lambda x, b: ops.bias_gelu(x, b, approx), lambda x, b: R64.bias_gelu(x, b, approx),
+            run_case(mesh, lambda x, b: ops.bias_gelu(x, b, approx),  # noqa: B023
+                     lambda x, b: R64.bias_gelu(x, b, approx),  # noqa: B023
                      (x, bias), (S(2), S(0)), S(2), label=f"bias_gelu {tag} hidden sharded")
         # hidden dim sharded but the bias replicated: the bias is split to match
         run_case(mesh, lambda x, b: ops.bias_gelu(x, b), lambda x, b: R64.bias_gelu(x, b),
@@ -354,7 +359,7 @@ def check_attention_dropout_replicates(mesh) -> None:
     ops.scaled_dot_product_attention(*leaves, dropout_p=0.3).sum().backward()
     torch.manual_seed(7)
     ops.scaled_dot_product_attention(*plain, dropout_p=0.3).sum().backward()
-    for a, b in zip(leaves, plain):
+    for a, b in zip(leaves, plain, strict=True):
         torch.testing.assert_close(a.grad.full_tensor(), b.grad, atol=1e-6, rtol=1e-5)
 
 
@@ -382,7 +387,7 @@ def check_int8(mesh) -> None:
     S, Rep, P = _placements()
     x = torch.randn(5, 6, 8)
     for d, dim in ((0, -1), (1, -1), (2, 0)):
-        run_case(mesh, lambda x: ops.quantize_int8(x, dim), lambda x: R64.quantize_int8(x, dim),
+        run_case(mesh, lambda x: ops.quantize_int8(x, dim), lambda x: R64.quantize_int8(x, dim),  # noqa: B023
                  (x,), (S(d),), S(d), grad=False, label=f"quantize_int8 Shard({d}) dim {dim}")
     run_case(mesh, lambda x: ops.quantize_int8(x, -1), lambda x: R64.quantize_int8(x, -1),
              (x,), (S(2),), Rep, grad=False, label="quantize_int8 along the sharded dim")
@@ -410,10 +415,10 @@ def check_int8(mesh) -> None:
     lb = torch.randn(10)
     for mode in ("w8a8", "w8a16"):
         def lin(x, w, s, b):
-            return ops.int8_linear(x, w, s, b, mode=mode, activation="gelu")
+            return ops.int8_linear(x, w, s, b, mode=mode, activation="gelu")  # noqa: B023
 
         def lin64(x, w, s, b):
-            return R64.int8_linear(x, w, s, b, mode, "gelu")
+            return R64.int8_linear(x, w, s, b, mode, "gelu")  # noqa: B023
 
         run_case(mesh, lin, lin64, (xi, wq, ws, lb), (S(1), Rep, Rep, Rep), S(1), grad=False,
                  label=f"int8_linear {mode} rows")
@@ -421,10 +426,10 @@ def check_int8(mesh) -> None:
                  label=f"int8_linear {mode} column-wise")
 
         def plain(x, w, s, b):
-            return ops.int8_linear(x, w, s, b, mode=mode)
+            return ops.int8_linear(x, w, s, b, mode=mode)  # noqa: B023
 
         def plain64(x, w, s, b):
-            return R64.int8_linear(x, w, s, b, mode, "none")
+            return R64.int8_linear(x, w, s, b, mode, "none")  # noqa: B023
 
         # row-wise: W8A16 gives partial sums; W8A8 needs each input row whole (its absmax)
         run_case(mesh, plain, plain64, (xi, wq, ws, lb), (S(2), S(1), Rep, Rep), P if mode == "w8a16" else None,

@@ -45,10 +45,15 @@ def _poison_kernel_outputs(monkeypatch):
     real = K._empty
     monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
     for name in LAUNCHES:
-        def counted(*args, _fn=getattr(K, name), _name=name, **kwargs):
-            LAUNCHES[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(K, name, counted)
+        monkeypatch.setattr(K, name, _counted(getattr(K, name), name))
+
+
+def _counted(fn, name):
+    def counted(*args, **kwargs):
+        LAUNCHES[name] += 1
+        return fn(*args, **kwargs)
+
+    return counted
 
 
 # --------------------------------------------------------------------------------------
@@ -112,9 +117,9 @@ class Baselines:
 
     def __init__(self, q, k, v, mask=None, causal=False, scale=None, gqa=False, mask_grad=False):
         self.runs = []
-        for math in (True, False):
+        for use_math in (True, False):
             leaves = [_leaf(t) for t in (q, k, v)] + [_leaf(mask) if mask_grad else mask]
-            self.runs.append((_baseline(*leaves, causal, scale, gqa, math), leaves))
+            self.runs.append((_baseline(*leaves, causal, scale, gqa, use_math), leaves))
 
     def _worst(self, values, ref):
         errs = [max_abs_error(t, ref) for t in values]
@@ -416,7 +421,7 @@ def test_triton_backward_deterministic():
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         _backward("triton", out, grad.to(out.device, out.dtype))
         grads.append((qq.grad, kk.grad, vv.grad))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
 
@@ -476,9 +481,9 @@ def test_dropout_forward_and_backward_on_different_backends(fwd, bwd):
     b, h, sq, sk, d, p = 1, 2, 21, 26, 32, 0.4
     q, k, v = _qkv(b, h, h, sq, sk, d, d, torch.bfloat16)
     seed, offset, scale = 2**40 + 17, 123, 0.2
-    out, lse = A.sdpa_forward.call_backend(fwd, q, k, v, None, p, True, scale, False, seed, offset)
+    out, lse = A.attention_forward.call_backend(fwd, q, k, v, None, p, True, scale, False, seed, offset)
     g = torch.randn_like(out)
-    dq, dk, dv, _ = A.sdpa_backward.call_backend(bwd, g, q, k, v, out, lse, None, p, True, scale, False,
+    dq, dk, dv, _ = A.attention_backward.call_backend(bwd, g, q, k, v, out, lse, None, p, True, scale, False,
                                                  seed, offset, False)
     keep = dropout_keep_mask(seed, offset, b, h, sq, sk, p, q.device)
     q64, k64, v64 = (_leaf(t, F64) for t in (q, k, v))

@@ -21,7 +21,7 @@ from llmkit.bench.plot import matplotlib_missing
 from llmkit.bench.progress import ProgressBar
 from llmkit.bench.report import fmt_time, format_markdown, format_table, report_json
 from llmkit.bench.roofline import Roofline, fraction, measure_roofline, roof_for
-from llmkit.bench.runner import Options, Report, Result, Skip, Truth, compare_outputs, page_fault_note, plan, run_bench
+from llmkit.bench.runner import Options, Report, Result, Skip, Truth, compare_outputs, page_fault_note, plan
 from llmkit.bench.schema import SCHEMA, validate
 from llmkit.bench.shapes import check_shapes, group_key, load_shapes, point_label
 from llmkit.bench.suite import SUITES, Context, Impl, OpCall, in_backend
@@ -300,7 +300,7 @@ def test_baseline_truth_is_the_eager_computation_in_float64(pass_):
     y64 = reference64.layer_norm(x64, [n], w64, b64, 1e-5)
     want = [y64] if pass_ == "fwd" else list(torch.autograd.grad(y64, (x64, w64, b64), dy.double()))
     assert len(got) == len(want)
-    for g, e in zip(got, want):
+    for g, e in zip(got, want, strict=True):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, e.detach(), rtol=1e-9, atol=1e-9)
 
@@ -376,7 +376,9 @@ def test_plot_of_a_gpu_report_draws_the_roofline(tmp_path, monkeypatch):
 
     lines = []
     real = matplotlib.axes.Axes.axhline
-    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, *a, **k: lines.append(y) or real(self, y, *a, **k))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "axhline", lambda self, y, *a, **k: lines.append(y) or real(self, y, *a, **k)
+    )
     files, why = write_plots(_hand_report(), tmp_path)
     assert why is None
     assert [f.name for f in files] == ["layer_norm-fwd-bfloat16.png"]

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit import cli
 from llmkit import check as C
-from llmkit.bench import runner
-from llmkit.bench import suites_models
+from llmkit import cli
+from llmkit.bench import runner, suites_models
 from llmkit.bench.shapes import ShapesError, check_shapes, load_shapes
 
 RAW = json.loads(Path(load_shapes().path).read_text())

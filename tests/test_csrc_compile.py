@@ -25,7 +25,9 @@ import pytest
 from llmkit import _ext
 
 ARCHS = ("80", "90")
-NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+NVCC = shutil.which("nvcc") or (
+    os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+)
 CSRC = _ext.csrc_dir()
 CU_FILES = sorted(p.name for p in (CSRC / "cuda").glob("*.cu"))
 
@@ -94,7 +96,8 @@ def compiled(tmp_path_factory):
     results = {}
     for target in [f"{cu}.sm{a}.o" for cu in CU_FILES for a in ARCHS] + ["bindings_cuda.ok"]:
         log = out / f"{target}.log"
-        results[target] = ((out / target).exists(), log.read_text(errors="replace") if log.exists() else proc.stdout[-4000:])
+        text = log.read_text(errors="replace") if log.exists() else proc.stdout[-4000:]
+        results[target] = ((out / target).exists(), text)
     print(f"\ncsrc compile check: {len(results)} targets, {seconds:.1f} s with -j {jobs}")
     return out, results
 
@@ -127,7 +130,9 @@ def test_kernels_use_tensor_cores(compiled, cu, instruction, arch):
         pytest.skip("cuobjdump (shipped in the Triton wheel) is not available")
     out, results = compiled
     assert results[f"{cu}.sm{arch}.o"][0]
-    sass = subprocess.run([tool, "-sass", str(out / f"{cu}.sm{arch}.o")], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run(
+        [tool, "-sass", str(out / f"{cu}.sm{arch}.o")], capture_output=True, text=True, check=True
+    ).stdout
     assert f"sm_{arch}" in sass
     found = re.findall(rf"\b{instruction}\.\S+", sass)
     assert found, f"no {instruction} instruction in the SASS of {cu} for sm_{arch}"

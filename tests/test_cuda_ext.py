@@ -174,11 +174,15 @@ def test_builds_for_a_wider_isa_than_this_cpu_are_never_loaded(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "log, expected",
     [
-        ("[1/3] c++ -c a.cpp\nFAILED: a.o\n/x/a.cpp:3:5: error: 'foo' was not declared\n", "/x/a.cpp:3:5: error: 'foo'"),
+        ("[1/3] c++ -c a.cpp\nFAILED: a.o\n/x/a.cpp:3:5: error: 'foo' was not declared\n",
+         "/x/a.cpp:3:5: error: 'foo'"),
         ("/x/k.cu(12): error: identifier \"bar\" is undefined\n1 error detected", "/x/k.cu(12): error: identifier"),
-        ("x.o: In function f:\nx.cpp:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1", "x.cpp:(.text+0x1): undefined reference"),
-        ("In file included from a.h:1,\na.h:2:10: fatal error: nope.h: No such file or directory\n", "a.h:2:10: fatal error: nope.h"),
-        ("OSError: /c/llmkit_ext.so: undefined symbol: _ZN2at3vec5AVX5121fE\n", "OSError: /c/llmkit_ext.so: undefined symbol"),
+        ("x.o: In function f:\nx.cpp:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1",
+         "x.cpp:(.text+0x1): undefined reference"),
+        ("In file included from a.h:1,\na.h:2:10: fatal error: nope.h: No such file or directory\n",
+         "a.h:2:10: fatal error: nope.h"),
+        ("OSError: /c/llmkit_ext.so: undefined symbol: _ZN2at3vec5AVX5121fE\n",
+         "OSError: /c/llmkit_ext.so: undefined symbol"),
         ("all good\n", None),
     ],
 )
@@ -522,7 +526,9 @@ def _special_rows(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, dim", [((7, 33), -1), ((6, 1023), -1), ((9, 1500), 0), ((3, 6, 17), 1), ((0, 5), -1), ((5, 0), -1)])
+@pytest.mark.parametrize(
+    "shape, dim", [((7, 33), -1), ((6, 1023), -1), ((9, 1500), 0), ((3, 6, 17), 1), ((0, 5), -1), ((5, 0), -1)]
+)
 def test_quantize_int8_bit_exact(ext, device, dtype, shape, dim):
     _need_cuda_kernels(device)
     x = _special_rows(torch.randn(*shape, device=device) * 5).to(dtype)
@@ -602,7 +608,8 @@ def _attention_vs_reference(q, k, v, g, mask, causal, scale, gqa):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "b, hq, hkv, sq, sk, d, dv",
-    [(1, 1, 1, 1, 1, 16, 16), (2, 3, 3, 7, 33, 64, 64), (1, 4, 2, 130, 77, 128, 128), (2, 8, 1, 65, 200, 40, 72), (1, 2, 2, 257, 257, 96, 96)],
+    [(1, 1, 1, 1, 1, 16, 16), (2, 3, 3, 7, 33, 64, 64), (1, 4, 2, 130, 77, 128, 128), (2, 8, 1, 65, 200, 40, 72),
+     (1, 2, 2, 257, 257, 96, 96)],
 )
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
@@ -678,7 +685,8 @@ def test_int8_linear_w8a8_gpu(ext, activation, dtype):
         base = llmkit.ops.int8_linear(x, w, ws, bias, "w8a8", activation)
     # same quantization, exact int32 GEMM, same float32 epilogue: only the final rounding may differ
     assert out.shape == (3, 37, 150) and out.dtype == dtype
-    torch.testing.assert_close(out, base, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-2 if dtype != torch.float32 else 1e-5)
+    half = dtype != torch.float32
+    torch.testing.assert_close(out, base, rtol=2e-2 if half else 1e-5, atol=1e-2 if half else 1e-5)
 
 
 @gpu_only

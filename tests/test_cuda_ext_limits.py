@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import llmkit
 from llmkit import reference64 as R
 from llmkit.testing import assert_close_to_reference
-
 from test_cuda_ext import DEVICES, _attention_vs_reference, _leaf, _need_cuda_kernels
 
 try:  # the session fixture `ext`, where test_cuda_ext.py defines it rather than conftest.py

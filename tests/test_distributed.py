@@ -67,8 +67,9 @@ def _worker(rank: int, port: int, seed: int, out_dir: str, names: list[str]) -> 
 
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory) -> dict[str, list[dict]]:
-    import conftest
     import torch.multiprocessing as mp
+
+    import conftest
 
     # only the checks whose tests were selected (-k), in their order
     names = [item.callspec.params["name"] for item in request.session.items

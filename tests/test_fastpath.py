@@ -207,11 +207,11 @@ def test_selects_reference_follows_use_backend_and_env(monkeypatch):
 
     A = importlib.import_module("llmkit.ops.attention")
     L = importlib.import_module("llmkit.ops.layer_norm")
-    assert FP.selects_reference(A.sdpa_forward)  # no backend is CPU-preferred for attention
+    assert FP.selects_reference(A.attention_forward)  # no backend is CPU-preferred for attention
     with llmkit.use_backend("triton"):
-        assert not FP.selects_reference(A.sdpa_forward)
+        assert not FP.selects_reference(A.attention_forward)
     with llmkit.use_backend(attention="reference"), llmkit.use_backend("triton"):
-        assert FP.selects_reference(A.sdpa_forward)
+        assert FP.selects_reference(A.attention_forward)
     monkeypatch.setenv("LLMKIT_BACKEND", "triton,reference")
     assert not FP.selects_reference(L.layer_norm_forward)
     monkeypatch.setenv("LLMKIT_BACKEND", "layer_norm=reference")

@@ -63,7 +63,8 @@ def test_dry_run_writes_its_summary_in_a_few_flat_files(tmp_path):
         assert steps[name]["status"] == "not run", steps[name]
         assert steps[name]["command"], name  # what a GPU run would start, listed
     for name in SMOKE_STEPS:
-        assert steps[name]["status"] == "ok", (steps[name], (tmp_path / "work" / steps[name]["log"]).read_text()[-3000:])
+        log = (tmp_path / "work" / steps[name]["log"]).read_text()
+        assert steps[name]["status"] == "ok", (steps[name], log[-3000:])
     assert re.fullmatch(r"\d+ tests collected", steps["pytest-collect"]["note"])
     # the GPU commands: real kernels, CUDA, the reduced bf16 benchmark set without torch.compile
     assert "--device cuda --backend triton" in steps["check-triton-rows"]["command"]
@@ -90,7 +91,7 @@ def test_dry_run_writes_its_summary_in_a_few_flat_files(tmp_path):
     assert any(n.endswith("-bench-smoke.log") for n in names)
 
 
-def _round(tmp_path: Path, budget: float = 120) -> "G.Round":
+def _round(tmp_path: Path, budget: float = 120) -> G.Round:
     return G.Round(tmp_path / "out", tmp_path / "work", budget, dry_run=False, env=dict(os.environ))
 
 

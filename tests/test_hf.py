@@ -24,7 +24,6 @@ from llmkit._compat import cache_kwarg
 from llmkit.integrations.hf import attention as hf_attention
 from llmkit.integrations.hf import fused as hf_fused
 from llmkit.nn import _fused
-
 from test_models import _widen_
 
 transformers = pytest.importorskip("transformers")
@@ -287,6 +286,7 @@ def test_swapping_a_swapped_hf_model_says_so():
     model = gpt2()
     first = llmkit.swap(model)
     second = llmkit.swap(model)
+    assert len(first) > 0 and first.already == 0
     assert len(second) == 0 and second.already > 0
     assert "already llmkit's" in str(second)
 

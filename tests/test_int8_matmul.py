@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 import llmkit
 from llmkit import reference64 as R
+from llmkit.backends.reference.int8_matmul import W8A16_CPU_TERMS, w8a16_cpu
 from llmkit.dispatch import triton_interpreting
 from llmkit.errors import BackendError
 from llmkit.kernels import int8_matmul as K
 from llmkit.ops import int8_linear, int8_matmul, quantize_int8
-from llmkit.backends.reference.int8_matmul import W8A16_CPU_TERMS, w8a16_cpu
 from llmkit.ops.int8_matmul import MAX_K
-from llmkit.testing import assert_close_to_reference, max_abs_error, poison_
+from llmkit.testing import assert_close_to_reference, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -149,7 +150,7 @@ def huge():
     made = []
 
     def make(shape, strides, dtype, offset=0):
-        numel = offset + 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+        numel = offset + 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
         try:
             buf = torch.empty(numel, dtype=dtype)
         except RuntimeError as exc:  # no address space for it on this machine
@@ -190,7 +191,7 @@ def test_attention_offsets_past_2_31_elements(huge):
     grads = A.attention_backward(g, q, k, v, out, lse, None, 0.0, True, d ** -0.5, 0, 0)
     ref = A.attention_backward(g, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, None, 0.0, True,
                                d ** -0.5, 0, 0)
-    for name, x, y in zip(("dq", "dk", "dv"), grads, ref):
+    for name, x, y in zip(("dq", "dk", "dv"), grads, ref, strict=True):
         _same(x, y, name)
 
 
@@ -234,7 +235,7 @@ def test_quantize_norm_and_gelu_offsets_past_2_31_elements(huge):
     _same(s, s_ref, "quantize scale")
     w, bias = torch.randn(96).bfloat16(), torch.randn(96).bfloat16()
     for got, want in zip(N.norm_forward(x, None, 1, w, bias, 1e-5, False),
-                         N.norm_forward(x.contiguous(), None, 1, w, bias, 1e-5, False)):
+                         N.norm_forward(x.contiguous(), None, 1, w, bias, 1e-5, False), strict=True):
         if got is not None:
             _same(got, want, "layer_norm")
     _same(G.gelu_forward(x, bias, False), G.gelu_forward(x.contiguous(), bias, False), "bias_gelu")
@@ -294,7 +295,7 @@ def test_decode_splits_at_h100_and_a100_sizes(shape):
     """Splits fill each GPU with 2-4 programs per SM where the cache is long enough, never
     leave a split empty, and stop splitting once the batch alone fills the GPU."""
     b, hkv, n_rows, s_max, d = shape
-    for (arch, sms), want in zip(((90, 132), (80, 108)), DECODE_EXPECTED[shape]):
+    for (arch, sms), want in zip(((90, 132), (80, 108)), DECODE_EXPECTED[shape], strict=True):
         cfg = D.decode_config(b, hkv, n_rows, s_max, d, d, torch.bfloat16, arch, sms)
         assert cfg.num_splits == want, (shape, arch, cfg)
         programs = b * hkv * triton.cdiv(n_rows, cfg.block_m)
@@ -328,7 +329,7 @@ def test_norm_and_gelu_programs_at_h100_and_a100_sizes(shape):
     """Forward: several short rows per program while >= 4 programs per SM remain; backward:
     about 2 row groups per SM (x column tiles for long rows), each owning >= 1 row block."""
     m, n, elem = shape
-    for sms, (rows, groups) in zip((132, 108), NORM_EXPECTED[shape]):
+    for sms, (rows, groups) in zip((132, 108), NORM_EXPECTED[shape], strict=True):
         f = N.forward_config(m, n, elem, sms)
         bw = N.backward_config(m, n, elem, sms)
         assert (f.block_m, bw.groups) == (rows, groups), (shape, sms, f, bw)
@@ -356,7 +357,7 @@ GEMV_EXPECTED = {
 @pytest.mark.parametrize("shape", list(GEMV_EXPECTED))
 def test_w8a16_gemv_split_k_at_h100_and_a100_sizes(shape):
     n, k, dtype = shape
-    for sms, want in zip((132, 108), GEMV_EXPECTED[shape]):
+    for sms, want in zip((132, 108), GEMV_EXPECTED[shape], strict=True):
         cfg = Q.w8a16_gemv_config(n, k, dtype, sms)
         tiles = triton.cdiv(n, cfg.BLOCK_N)
         assert cfg.SPLIT_K == want, (shape, sms, cfg)
@@ -364,10 +365,11 @@ def test_w8a16_gemv_split_k_at_h100_and_a100_sizes(shape):
         assert cfg.SPLIT_K * cfg.BLOCK_K <= max(k, cfg.BLOCK_K)  # every split has K to sum
         x = meta(1, k, dtype=dtype)
         for arch in (80, 90):
-            gemv = [r for r in record(lambda: Q.w8a16_linear(x, meta(n, k, dtype=torch.int8),
-                                                             meta(n, dtype=torch.float32), None, "none"), arch)]
+            gemv = record(partial(Q.w8a16_linear, x, meta(n, k, dtype=torch.int8), meta(n, dtype=torch.float32),
+                                  None, "none"), arch)
             split, per_split = gemv[0].grid[1], gemv[0].args["k_per_split"]
-            assert split == gemv[0].args["SPLIT_K"] <= Q.w8a16_gemv_config(n, k, dtype, L.STANDARD_TARGETS[arch].sms).SPLIT_K
+            planned = Q.w8a16_gemv_config(n, k, dtype, L.STANDARD_TARGETS[arch].sms).SPLIT_K
+            assert split == gemv[0].args["SPLIT_K"] <= planned
             assert (split - 1) * per_split < k <= split * per_split and per_split % gemv[0].args["BLOCK_K"] == 0
 
 
@@ -385,7 +387,9 @@ def rows_16(t: torch.Tensor, unit_dim: int = -1) -> bool:
     if t.shape[unit_dim] > 1 and t.stride(unit_dim) != 1:
         return False
     return t.data_ptr() % 16 == 0 and all(
-        (st * t.element_size()) % 16 == 0 for d, (n, st) in enumerate(zip(t.shape, t.stride())) if d != unit_dim and n > 1
+        (st * t.element_size()) % 16 == 0
+        for d, (n, st) in enumerate(zip(t.shape, t.stride(), strict=True))
+        if d != unit_dim and n > 1
     )
 
 
@@ -438,9 +442,9 @@ def test_attention_alignment_promises_hold_for_odd_views(dtype, d):
         for kvn in ("contiguous", qn, "odd_offset"):
             k = v = views[kvn]
             for arch in (None, 90):
-                fwd = record(lambda: A.attention_forward(q, k, v, None, 0.0, False, 0.1, 0, 0), arch)
+                fwd = record(partial(A.attention_forward, q, k, v, None, 0.0, False, 0.1, 0, 0), arch)
                 lse = meta(*shape[:3], dtype=torch.float32)
-                bwd = record(lambda: A.attention_backward(q, q, k, v, q, lse, None, 0.0, True, 0.1, 0, 0), arch)
+                bwd = record(partial(A.attention_backward, q, q, k, v, q, lse, None, 0.0, True, 0.1, 0, 0), arch)
                 for rec in fwd + bwd:
                     assert _check_stride_align(rec), (qn, kvn, rec.name)  # unaligned inputs are copied
 
@@ -453,7 +457,7 @@ def test_decode_alignment_promises_match_the_16_byte_rule():
             for kn, k in views.items():
                 for qn in ("contiguous", "odd_offset", "bshd_transposed"):
                     q = _views((2, 4, 1, d), dtype)[qn]
-                    rec = record(lambda: D.decode_attention(q, k, k, meta(2, dtype=torch.int32), 0.1, True), 90)[0]
+                    rec = record(partial(D.decode_attention, q, k, k, meta(2, dtype=torch.int32), 0.1, True), 90)[0]
                     made += _check_stride_align(rec)
                     tensors = [rec.args[f"{n}_ptr"] for n in PROMISED[rec.name]]
                     assert _check_stride_align(rec) == all(rows_16(t) for t in tensors), (dtype, d, kn, qn)
@@ -483,7 +487,7 @@ def test_int8_gemm_alignment_promise_matches_the_16_byte_rule(m, k, n):
     vector otherwise). Anything else must be 0."""
     for name, (a, b) in _int8_operands(m, k, n).items():
         for arch in (None, 80, 90):
-            rec = [r for r in record(lambda: Q.int8_gemm(a, b, None, None, None, None), arch)][0]
+            rec = record(partial(Q.int8_gemm, a, b, None, None, None, None), arch)[0]
             pa, pb = rec.args["a_ptr"], rec.args["b_ptr"]
             a_ok = rows_16(pa, 1)
             want = 1 if a_ok and rows_16(pb, 0) else 2 if a_ok and rows_16(pb, 1) and pb.shape[1] % 16 == 0 else 0
@@ -501,8 +505,7 @@ def test_w8a16_alignment_promise_matches_the_16_byte_rule(m):
             ws = {"contiguous": meta(48, k, dtype=torch.int8), "sliced": meta(48, k + 8, dtype=torch.int8)[:, 8:],
                   "odd_offset": meta(48 * k + 3, dtype=torch.int8)[3:].view(48, k)}
             for (xn, x), (wn, w) in ((x, w) for x in xs.items() for w in ws.items()):
-                call = lambda: Q.w8a16_linear(x, w, meta(48, dtype=torch.float32), None, "none")  # noqa: E731
-                rec = record(call, 90)[0]
+                rec = record(partial(Q.w8a16_linear, x, w, meta(48, dtype=torch.float32), None, "none"), 90)[0]
                 got, rule = rec.args["ALIGNED"], rows_16(rec.args["x_ptr"], 1) and rows_16(rec.args["w_ptr"], 1)
                 assert rule or not got, (xn, wn, k, dtype)  # never promises what the rule does not give
                 if m > 1 or xn != "transposed":  # a one-row x with a non-16-byte row stride may be declined
@@ -534,7 +537,7 @@ def test_gpu_attention_and_decode_with_batch_beyond_65535():
         base = torch.nn.functional.scaled_dot_product_attention(q[sl], k[sl], v[sl], is_causal=True)
         _close(out[sl], ref, base, f"out[{i}]")
         grads = torch.autograd.grad(ref, (q64, k64, v64), g[sl].double())
-        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads, strict=True):
             assert (got[sl].double() - want).abs().max() <= 0.05 * want.abs().max() + 1e-2, (name, i)
     cache = torch.randn(b, 1, 64, d, device="cuda", dtype=torch.bfloat16)
     lens = torch.randint(1, 65, (b,), device="cuda", dtype=torch.int32)
@@ -563,7 +566,7 @@ def test_gpu_offsets_past_2_31_elements():
     base = torch.nn.functional.scaled_dot_product_attention(q[last], k[last], v[last], is_causal=True)
     _close(out[last], ref, base, "out of the last head")
     grads = torch.autograd.grad(ref, (q64, k64, v64), g[last].double())
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads, strict=True):
         assert (got[last].double() - want).abs().max() <= 0.05 * want.abs().max() + 1e-2, name
     del q, k, v, out, lse, g, dq, dk, dv
     torch.cuda.empty_cache()

@@ -67,7 +67,7 @@ def _grads(outs, ins, gouts):
 
 
 def _check_all(names, outs, refs, bases, floors=None):
-    for name, o, r, b in zip(names, outs, refs, bases):
+    for name, o, r, b in zip(names, outs, refs, bases, strict=True):
         if o is None and r is None:
             continue
         assert o is not None and r is not None, name
@@ -351,7 +351,7 @@ def test_empty(op, shape, ns):
                 params = [x, r, w, b]
             (outs[0].sum() + (outs[1].sum() if op == "add_layer_norm" else 0)).backward()
         results[backend] = [o.detach() for o in outs] + [p.grad for p in params]
-    for a, b in zip(results["reference"], results["triton"]):
+    for a, b in zip(results["reference"], results["triton"], strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
 
@@ -369,7 +369,7 @@ def test_backward_is_deterministic():
         assert K.backward_config(m, n, 2).groups > 1
         first = K.norm_backward(dy, res_out, 1, w, b, mean, rstd, [True, True, True], grad_residual=dres)
         again = K.norm_backward(dy, res_out, 1, w, b, mean, rstd, [True, True, True], grad_residual=dres)
-        for a, c in zip(first, again):
+        for a, c in zip(first, again, strict=True):
             assert torch.equal(a.view(torch.int16), c.view(torch.int16))
 
 
@@ -402,7 +402,7 @@ def test_statistics_conventions():
     for backend in BACKENDS:
         with llmkit.use_backend(backend):
             stats[backend] = torch.ops.llmkit.layer_norm(x, [50], w, b, 1e-5)
-    for out, mean, rstd in stats.values():
+    for _out, mean, rstd in stats.values():
         assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (2, 3)
     assert torch.allclose(stats["triton"][1], stats["reference"][1], atol=1e-6)
     assert torch.allclose(stats["triton"][2], stats["reference"][2], rtol=1e-5)
@@ -411,7 +411,7 @@ def test_statistics_conventions():
         _, mean, rstd = stats[fwd]
         with llmkit.use_backend(bwd):
             grads[fwd] = torch.ops.llmkit.layer_norm_backward(dy, x, [50], w, b, mean, rstd, [True, True, True])
-    for a, c in zip(grads["reference"], grads["triton"]):
+    for a, c in zip(grads["reference"], grads["triton"], strict=True):
         assert torch.allclose(a.float(), c.float(), atol=3e-2, rtol=2e-2)
     with llmkit.use_backend("reference"):
         _, mean, rstd = torch.ops.llmkit.layer_norm(x.double(), [50], None, None, 1e-5)
@@ -544,7 +544,8 @@ def test_triton_refuses_float64():
             got = call()
         with llmkit.use_backend("reference"):
             want = call()
-        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        got, want = (t if isinstance(t, tuple) else (t,) for t in (got, want))
+        for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
 
 

@@ -72,7 +72,7 @@ def test_gpt_gradients_match_hf(monkeypatch, bias_in_gemm):
     base = hf.transformer
     torch.testing.assert_close(ours.wte.weight.grad, base.wte.weight.grad, **TOL)
     torch.testing.assert_close(ours.wpe.weight.grad, base.wpe.weight.grad, **TOL)
-    for mine, theirs in zip(ours.h, base.h):
+    for mine, theirs in zip(ours.h, base.h, strict=True):
         torch.testing.assert_close(mine.attn.c_attn.weight.grad, theirs.attn.c_attn.weight.grad.t(), **TOL)
         torch.testing.assert_close(mine.mlp.c_fc.bias.grad, theirs.mlp.c_fc.bias.grad, **TOL)
         torch.testing.assert_close(mine.ln_1.weight.grad, theirs.ln_1.weight.grad, **TOL)
@@ -184,7 +184,7 @@ def test_top_k_restricts_the_support():
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
         tok = GPT._pick(logits, True, 1.5, 5, g)
-        assert all(t in row for t, row in zip(tok.tolist(), allowed.tolist()))
+        assert all(t in row for t, row in zip(tok.tolist(), allowed.tolist(), strict=True))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -210,6 +210,22 @@ def test_cache_overflow_and_config_errors():
         GPTConfig(n_embd=10, n_head=3)
     with pytest.raises(ValueError, match="n_positions"):
         KVCache(model.config, 1, 33, dtype=torch.float32, device="cpu")
+
+
+def test_cache_step_methods_outside_a_step_say_so():
+    model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    cache = model.new_cache(1, 4)
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(RuntimeError, match=r"KVCache.end: no step in progress; call begin\(t\) first"):
+        cache.end()
+    with pytest.raises(RuntimeError, match=r"KVCache.attend: no step in progress"):
+        cache.attend(0, q, q, q)
+    cache.begin(1)
+    cache.attend(0, q, q, q)
+    cache.end()
+    assert cache.lengths.tolist() == [1]
+    with pytest.raises(RuntimeError, match="KVCache.end: no step in progress"):
+        cache.end()  # a step ends once
 
 
 def test_gpt2_small_default_shape():

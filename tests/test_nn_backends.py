@@ -14,10 +14,9 @@ from torch import nn
 
 import llmkit
 import llmkit.nn as lnn
+from conftest import select_linear_path
 from llmkit.dispatch import BACKENDS, triton_interpreting
 from llmkit.models import GPT, GPTConfig
-from conftest import select_linear_path
-
 from test_nn_modules import _assert_same
 
 TRITON_CPU = pytest.mark.skipif(
@@ -37,13 +36,15 @@ def _backends_here() -> list[str]:
     return [b for b in ("triton", "cuda_ext") if BACKENDS[b].unavailable_reason("cpu") is None]
 
 
-@pytest.mark.parametrize("backend", _backends_here() or [pytest.param("none", marks=pytest.mark.skip("no kernel backend"))])
+@pytest.mark.parametrize(
+    "backend", _backends_here() or [pytest.param("none", marks=pytest.mark.skip("no kernel backend"))]
+)
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_on_kernel_backends(backend, norm_first, bias_gelu_path):
     d, h = 16, 2
     ref = nn.TransformerEncoderLayer(d, h, 24, 0.0, "gelu", batch_first=True, norm_first=norm_first)
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for p in ref.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.3)
     ours = lnn.TransformerEncoderLayer(d, h, 24, 0.0, "gelu", batch_first=True, norm_first=norm_first)

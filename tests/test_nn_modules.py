@@ -13,7 +13,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import llmkit
@@ -43,7 +42,7 @@ def _assert_same(a: nn.Module, b: nn.Module, make_inputs, call, tol=TOL):
     out_a, out_b = call(a, *xa), call(b, *xb)
     torch.testing.assert_close(out_b, out_a, **tol)
     g = torch.randn_like(out_a)
-    for ga, gb in zip(_grads(a, xa, out_a, g), _grads(b, xb, out_b, g)):
+    for ga, gb in zip(_grads(a, xa, out_a, g), _grads(b, xb, out_b, g), strict=True):
         if ga is None or gb is None:
             assert ga is None and gb is None
         else:
@@ -53,7 +52,9 @@ def _assert_same(a: nn.Module, b: nn.Module, make_inputs, call, tol=TOL):
 # -- norms and GELU -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,normalized", [((3, 7, 33), (33,)), ((1, 1023), (1023,)), ((2, 5, 6, 7), (6, 7)), ((0, 9), (9,))])
+@pytest.mark.parametrize(
+    "shape,normalized", [((3, 7, 33), (33,)), ((1, 1023), (1023,)), ((2, 5, 6, 7), (6, 7)), ((0, 9), (9,))]
+)
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
 def test_layer_norm_matches_torch(shape, normalized, affine, bias):
     ref = nn.LayerNorm(normalized, eps=1e-6, elementwise_affine=affine, bias=bias)
@@ -159,7 +160,7 @@ def _mha_pair(**kw):
     return ref, _twin(ref, lnn.MultiheadAttention, E, H, **kw)
 
 
-def _masks(kind: str, b: int, l: int, s: int):
+def _masks(kind: str, b: int, sq: int, s: int):
     """(attn_mask, key_padding_mask, is_causal) of one kind, torch.nn conventions."""
     gen_pad = torch.zeros(b, s, dtype=torch.bool)
     gen_pad[:, s - 2 :] = True  # the last two keys are padding; every query keeps a key
@@ -170,28 +171,30 @@ def _masks(kind: str, b: int, l: int, s: int):
     if kind == "kpm_float":
         return None, torch.zeros(b, s).masked_fill(gen_pad, float("-inf")) + torch.randn(b, s), False
     if kind == "mask_bool":
-        m = torch.rand(l, s) < 0.3
+        m = torch.rand(sq, s) < 0.3
         m[:, 0] = False
         return m, None, False
     if kind == "mask_float":
-        return torch.randn(l, s), None, False
+        return torch.randn(sq, s), None, False
     if kind == "mask3d_float":
-        return torch.randn(b * H, l, s), None, False
+        return torch.randn(b * H, sq, s), None, False
     if kind == "causal":
-        return nn.Transformer.generate_square_subsequent_mask(l), None, True
+        return nn.Transformer.generate_square_subsequent_mask(sq), None, True
     if kind == "causal_kpm":
-        m = torch.ones(l, s, dtype=torch.bool).triu(1)
+        m = torch.ones(sq, s, dtype=torch.bool).triu(1)
         kpm = torch.zeros(b, s, dtype=torch.bool)
-        kpm[:, -1] = l == s and s > 1
+        kpm[:, -1] = sq == s and s > 1
         return m, kpm, True
     if kind == "both_bool":
-        m = torch.rand(l, s) < 0.3
+        m = torch.rand(sq, s) < 0.3
         m[:, 0] = False
         return m, gen_pad & (torch.arange(s) > 0), False
     raise AssertionError(kind)
 
 
-MASK_KINDS = ["none", "kpm_bool", "kpm_float", "mask_bool", "mask_float", "mask3d_float", "causal", "causal_kpm", "both_bool"]
+MASK_KINDS = [
+    "none", "kpm_bool", "kpm_float", "mask_bool", "mask_float", "mask3d_float", "causal", "causal_kpm", "both_bool"
+]
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -199,16 +202,16 @@ MASK_KINDS = ["none", "kpm_bool", "kpm_float", "mask_bool", "mask_float", "mask3
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("attn_kind", ["self", "cross_kv_same", "cross"])
 def test_mha_matches_torch(batch_first, bias, mask_kind, attn_kind):
-    b, l = 3, 7
-    s = l if attn_kind == "self" or mask_kind.startswith("causal") else 9
+    b, sq = 3, 7
+    s = sq if attn_kind == "self" or mask_kind.startswith("causal") else 9
     ref, ours = _mha_pair(bias=bias, batch_first=batch_first)
-    attn_mask, kpm, is_causal = _masks(mask_kind, b, l, s)
+    attn_mask, kpm, is_causal = _masks(mask_kind, b, sq, s)
 
     def shape(n):
         return (b, n, E) if batch_first else (n, b, E)
 
     def make():
-        q = torch.randn(shape(l), requires_grad=True)
+        q = torch.randn(shape(sq), requires_grad=True)
         if attn_kind == "self":
             return [q]
         k = torch.randn(shape(s), requires_grad=True)

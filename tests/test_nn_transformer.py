@@ -16,7 +16,6 @@ from torch import nn
 import llmkit.nn as lnn
 from conftest import select_linear_path
 from llmkit.nn import _fused
-
 from test_nn_modules import TOL, _assert_same
 
 D, H, FF = 20, 4, 36  # d_model, heads, feed-forward width
@@ -55,7 +54,8 @@ def _layer_masks(kind: str, b: int, s: int):
     if kind == "causal":
         return nn.Transformer.generate_square_subsequent_mask(s), None, True
     if kind == "causal_kpm":
-        return nn.Transformer.generate_square_subsequent_mask(s), torch.zeros(b, s).masked_fill(kpm, float("-inf")), True
+        kpm_float = torch.zeros(b, s).masked_fill(kpm, float("-inf"))
+        return nn.Transformer.generate_square_subsequent_mask(s), kpm_float, True
     raise AssertionError(kind)
 
 
@@ -129,7 +129,7 @@ def test_encoder_stack_matches_torch_with_causal_detection(batch_first, norm):
     ours = lnn.TransformerEncoder(lnn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", batch_first=batch_first), 3,
                                   lnn.LayerNorm(D) if norm else None, enable_nested_tensor=False)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    assert all(type(l) is lnn.TransformerEncoderLayer for l in ours.layers)
+    assert all(type(layer) is lnn.TransformerEncoderLayer for layer in ours.layers)
     causal = nn.Transformer.generate_square_subsequent_mask(6)  # is_causal=None: detected
     shape = (2, 6, D) if batch_first else (6, 2, D)
     _assert_same(ref, ours, lambda: [torch.randn(shape, requires_grad=True)], lambda m, x: m(x, mask=causal))
@@ -255,5 +255,7 @@ def test_is_causal_detection_matches_torch():
     cases = [(causal, None, 5), (causal, None, 4), (causal.bool(), None, 5), (torch.zeros(5, 5), None, 5),
              (None, None, 5), (torch.zeros(5, 5), True, 5), (causal, False, 5)]
     for mask, hint, size in cases:
-        ref_mask = mask if mask is None or mask.dtype != torch.bool else torch.zeros(5, 5).masked_fill(mask, float("-inf"))
+        ref_mask = mask
+        if mask is not None and mask.dtype == torch.bool:
+            ref_mask = torch.zeros(5, 5).masked_fill(mask, float("-inf"))
         assert _fused.is_causal_hint_mask(mask, hint, size) == _detect_is_causal_mask(ref_mask, hint, size)

@@ -66,7 +66,8 @@ def test_a_wheel_carries_kernels_csrc_sources_and_the_bench_shapes(tmp_path):
 
     src = tmp_path / "src"  # a copy, so the build leaves no build/ folder in the checkout
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"))
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks",
+        ".mypy_cache", ".ruff_cache"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

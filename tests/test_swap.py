@@ -58,7 +58,8 @@ def test_swap_torch_model_forward_backward_and_unswap_bit_identical():
 
     report = llmkit.swap(model)
     assert report.counts() == {"norm": 7, "gelu": 1, "attention": 3, "transformer": 3}
-    assert type(model.encoder) is lnn.TransformerEncoder and type(model.encoder.layers[1]) is lnn.TransformerEncoderLayer
+    assert type(model.encoder) is lnn.TransformerEncoder
+    assert type(model.encoder.layers[1]) is lnn.TransformerEncoderLayer
     assert type(model.mha) is lnn.MultiheadAttention and type(model.rms) is lnn.RMSNorm
     assert type(model.head[0]) is nn.Linear  # nothing else touched
     assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects

@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import llmkit
-from llmkit.integrations import hf as hf_integration
 from conftest import select_linear_path
 from llmkit._compat import ONEDNN_LINEAR
 from llmkit.backends.reference.linear import onednn_applies
+from llmkit.integrations import hf as hf_integration
 from llmkit.nn import _fused
 from llmkit.ops.linear import LinearCall, linear_forward
-
 from test_hf import VOCAB, _padded_batch, bert, gpt2
 
 transformers = pytest.importorskip("transformers")
@@ -148,9 +147,10 @@ def test_swapped_bert_pickles_and_copies(how):
               "deepcopy": copy.deepcopy}[how](model)
     layer = copied.encoder.layer[0]
     assert type(layer.output) is type(model.encoder.layer[0].output)  # the same fused class
-    assert hf_integration.fused_original(type(layer.attention.self)) is transformers.models.bert.modeling_bert.BertSelfAttention
+    modeling_bert = transformers.models.bert.modeling_bert
+    assert hf_integration.fused_original(type(layer.attention.self)) is modeling_bert.BertSelfAttention
     assert copied.config._attn_implementation == "llmkit"
-    assert all(p is not q for p, q in zip(copied.parameters(), model.parameters()))
+    assert all(p is not q for p, q in zip(copied.parameters(), model.parameters(), strict=True))
     with torch.no_grad():
         assert torch.equal(copied(ids, attention_mask=mask).last_hidden_state, swapped)
     report = llmkit.unswap(copied)  # the copy's swaps are undone on the copy

@@ -84,8 +84,9 @@ BAD = {
                               ValueError, ["a_scale and b_scale"]),
     "int8_matmul scale shape": (lambda: ops.int8_matmul(i8(2, 3), i8(3, 4), torch.ones(3), torch.ones(4)),
                                 ValueError, ["a_scale", "[3]", "[2]"]),
-    "int8_matmul scale dtype": (lambda: ops.int8_matmul(i8(2, 3), i8(3, 4), torch.ones(2), torch.ones(4, dtype=torch.float16)),
-                                TypeError, ["b_scale", "float16", "float32"]),
+    "int8_matmul scale dtype": (
+        lambda: ops.int8_matmul(i8(2, 3), i8(3, 4), torch.ones(2), torch.ones(4, dtype=torch.float16)),
+        TypeError, ["b_scale", "float16", "float32"]),
     "int8_linear K mismatch": (lambda: ops.int8_linear(r(2, 5), i8(4, 6), torch.ones(4)),
                                ValueError, ["K mismatch", "5", "6"]),
     "int8_linear float weight": (lambda: ops.int8_linear(r(2, 5), r(4, 5), torch.ones(4)),
@@ -110,7 +111,9 @@ def test_bad_input_gets_a_clear_error(name, backend, monkeypatch):
     from llmkit.dispatch import DispatchPoint
 
     original = DispatchPoint.__call__
-    monkeypatch.setattr(DispatchPoint, "__call__", lambda self, *a, **k: launched.append(self.qualname) or original(self, *a, **k))
+    monkeypatch.setattr(
+        DispatchPoint, "__call__", lambda self, *a, **k: launched.append(self.qualname) or original(self, *a, **k)
+    )
     with use_backend(backend), pytest.raises(exc_type) as info:
         call()
     message = str(info.value)

@@ -64,11 +64,11 @@ def write_plots(report: Report, folder: Path) -> tuple[list[Path], str | None]:
         cols = min(n, 2)
         nrows = math.ceil(n / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.2 * nrows), squeeze=False)
-        for ax, (group, impls) in zip(axes.flat, series.items()):
-            xs_all = []
+        for ax, (group, impls) in zip(axes.flat, series.items(), strict=False):
+            xs_all: list[float] = []
             for impl, pts in impls.items():
                 pts.sort()
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=True)
                 xs_all += xs
                 ax.plot(xs, ys, marker="o", label=impl)
             if roof is not None:

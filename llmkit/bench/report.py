@@ -95,9 +95,9 @@ def format_table(report: Report) -> str:
             last = r.shape_label
         widths = [max(len(head[i]), *(len(c[i]) for c in cells)) for i in range(len(head) - 1)]
         lines.append(section_title(key, rows))
-        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1])
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + "  " + head[-1])
         for c in cells:
-            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + c[-1])
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(c, widths, strict=False)) + "  " + c[-1])
         lines.append("")
     lines.extend(_footer_lines(report))
     return "\n".join(lines)
@@ -147,7 +147,8 @@ def format_markdown(report: Report) -> str:
               "threads"):
         v = e.get(k)
         lines.append(f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |")
-    lines.append(f"| shapes | {Path(report.shapes_file or '-').name} v{report.shapes_version}, set `{report.shape_set}` |")
+    shapes = Path(report.shapes_file or "-").name
+    lines.append(f"| shapes | {shapes} v{report.shapes_version}, set `{report.shape_set}` |")
     if report.roofline is not None:
         rf = report.roofline
         lines.append(f"| roofline | copy {_num(rf.copy_gbps)} GB/s, bf16 matmul {_num(rf.bf16_tflops)} TFLOP/s, "

@@ -18,6 +18,7 @@ kind", and can exceed 1 slightly. This is a CUDA-only measurement.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -69,6 +70,13 @@ def fraction(achieved: float | None, bound: str, dtype: torch.dtype, roofline: R
     return formulas.fraction_of_roofline(achieved, roofline.roof(kind) if kind else None)
 
 
+def _sample(fn: Callable[..., object], *inputs: torch.Tensor, budget: CudaBudget) -> Sample:
+    """Time ``fn(*inputs)``; the inputs are freed when this returns, before the next ceiling
+    allocates its own."""
+    s, _ = measure_cuda(lambda: fn(*inputs), budget, graph=False)
+    return s
+
+
 def measure_roofline(copy_bytes: int, matmul_size: int, budget: CudaBudget) -> Roofline:
     """Measure the three ceilings on the current CUDA device (see module doc)."""
     if not torch.cuda.is_available():
@@ -76,26 +84,21 @@ def measure_roofline(copy_bytes: int, matmul_size: int, budget: CudaBudget) -> R
     dev = torch.device("cuda")
     out = Roofline(copy_bytes=copy_bytes, matmul_size=matmul_size)
 
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=dev).uniform_()
-    dst = torch.empty_like(src)
-    s, _ = measure_cuda(lambda: dst.copy_(src), budget, graph=False)
+    numel = copy_bytes // 4
+    src = torch.empty(numel, dtype=torch.float32, device=dev).uniform_()
+    s = _sample(torch.Tensor.copy_, torch.empty_like(src), src, budget=budget)  # dst.copy_(src)
+    del src
     out.samples["copy"] = s
-    out.copy_gbps = formulas.copy(src.numel() * 4).gbps(s.median_s)
-    del src, dst
+    out.copy_gbps = formulas.copy(numel * 4).gbps(s.median_s)
 
     n = matmul_size
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    s, _ = measure_cuda(lambda: torch.matmul(a, b), budget, graph=False)
+    s = _sample(torch.matmul, *(torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2)), budget=budget)
     out.samples["bf16_matmul"] = s
     out.bf16_tflops = formulas.linear(n, n, n, 2, bias=False).tflops(s.median_s)
-    del a, b
 
-    a8 = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
-    b8 = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
-    s, _ = measure_cuda(lambda: int_mm(a8, b8), budget, graph=False)
+    s = _sample(int_mm, *(torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8) for _ in range(2)),
+                budget=budget)
     out.samples["int8_int_mm"] = s
     out.int8_tops = formulas.linear(n, n, n, 1, bias=False).tflops(s.median_s)
-    del a8, b8
     torch.cuda.empty_cache()
     return out

@@ -28,14 +28,12 @@ import torch
 
 from ..errors import BackendError
 from ..testing import sqnr_db
+from . import suites_attention, suites_int8, suites_models, suites_norm  # noqa: F401  (importing registers them)
 from .env import environment
 from .roofline import Roofline, fraction, measure_roofline, roof_for
 from .shapes import Shapes, group_key, load_shapes, point_label
 from .suite import BASELINE, SUITES, Case, Context, Impl, available_backends
 from .timing import CpuBudget, CudaBudget, Sample, cuda_peak_bytes, measure_cpu_interleaved, measure_cuda
-
-# importing the suite modules registers them
-from . import suites_attention, suites_int8, suites_models, suites_norm  # noqa: F401,E402
 
 SCHEMA_ID = "llmkit-bench/1"
 CUDA_ONLY = ("roofline",)
@@ -222,7 +220,7 @@ def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype,
     if len(got) != len(want):
         return False, f"{len(got)} output tensors where the baseline has {len(want)}"
     worst, worst_rel = "", -1.0
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if g.shape != w.shape:
             return False, f"output {i} has shape {list(g.shape)}, the baseline {list(w.shape)}"
         gd, wd = g.detach().double().cpu(), w.detach().double().cpu()

@@ -57,7 +57,7 @@ class Impl:
     against float64 is at most twice the baseline's own, plus a floor)."""
 
     @classmethod
-    def skipped(cls, name: str, reason: str) -> "Impl":
+    def skipped(cls, name: str, reason: str) -> Impl:
         return cls(name, skip=reason)
 
     def run_once(self) -> tuple[Callable[[], Any], Any]:
@@ -206,7 +206,7 @@ class OpCall:
         """:func:`pass_impl` of ``f`` on these inputs."""
         return pass_impl(name, f, self.inputs, self.pass_, self.wrt, self.grads, backend, **kw)
 
-    def float64(self) -> "OpCall":
+    def float64(self) -> OpCall:
         """The same call with every floating-point tensor (inputs and gradients) in float64."""
 
         def up(t: Any) -> Any:
@@ -251,8 +251,8 @@ def optional_module(name: str) -> Any | None:
     return importlib.import_module(name)
 
 
-def llmkit_attr(path: str) -> tuple[Any | None, str | None]:
-    """``llmkit.<path>`` (e.g. 'nn.Int8Linear', 'swap') or (None, 'llmkit.<path> is missing')."""
+def llmkit_attr(path: str) -> tuple[Any, str | None]:
+    """(``llmkit.<path>``, None) (e.g. 'nn.Int8Linear', 'swap') or (None, 'llmkit.<path> is missing')."""
     mod_name, _, attr = ("llmkit." + path).rpartition(".")
     try:
         mod = importlib.import_module(mod_name)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as L
-from ..ops.attention import decode_mask
+from ..ops.decode_attention import decode_mask
 from . import formulas
 from .suite import Case, Context, Impl, OpCall, Suite, elem_size, optional_module, register, standard_impls
 
@@ -74,7 +74,8 @@ def _flash_attn_impls(ctx: Context, call: OpCall, causal: bool) -> list[Impl]:
         return []
 
     def f(q, k, v):  # flash-attn takes (B, S, H, D)
-        return fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+        out = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
 
     return [call.impl("flash-attn", f)]
 
@@ -98,7 +99,11 @@ def _build_attention(ctx: Context, point: dict[str, Any], pass_: str, dtype: tor
     # torch.compile's baseline is the compiled written-out reference, not compiled SDPA
     impls = [i for i in impls if i.name != "torch.compile"]
     if ctx.compile:
-        impls.insert(1, call.impl("torch.compile", torch.compile(lambda q, k, v: reference_attention(q, k, v, causal))))
+
+        def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return reference_attention(q, k, v, causal)
+
+        impls.insert(1, call.impl("torch.compile", torch.compile(reference)))
     impls[1:1] = _sdpa_impls(ctx, call, causal, gqa)
     impls += _flash_attn_impls(ctx, call, causal)
     work = formulas.attention(b, h, s, s, d, elem_size(dtype), causal, pass_ == "bwd", hkv=hkv)

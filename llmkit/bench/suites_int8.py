@@ -50,7 +50,7 @@ def _module_impl(call: OpCall, mode: str, weight: torch.Tensor, bias: torch.Tens
     cls, why = llmkit_attr("nn.Int8Linear")
     name = f"Int8Linear[{mode}]"
     if cls is None:
-        return Impl.skipped(name, why)
+        return Impl.skipped(name, why or "missing")
 
     def make() -> Any:
         lin = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=dtype)
@@ -101,20 +101,26 @@ def _int8_builder(mode: str):
         )
         # the float baseline is not compiled here; the compiled baseline is the int8 one
         impls = [i for i in impls if i.name != "torch.compile"]
-        kw = {"check": "sqnr", "min_sqnr_db": MIN_SQNR_DB[mode]}
+        kw: dict[str, Any] = {"check": "sqnr", "min_sqnr_db": MIN_SQNR_DB[mode]}
         if mode == "w8a8":
             wq_t = wq.t()
-            impls.append(call.impl("torch._int_mm+dequant", lambda x: _int_mm_dequant(x, wq_t, ws, bias), **kw))
+
+            def int_mm_dequant(x: torch.Tensor) -> torch.Tensor:
+                return _int_mm_dequant(x, wq_t, ws, bias)
+
+            impls.append(call.impl("torch._int_mm+dequant", int_mm_dequant, **kw))
             if ctx.compile:
-                impls.append(call.impl("torch.compile(_int_mm+dequant)",
-                                       torch.compile(lambda x: _int_mm_dequant(x, wq_t, ws, bias)), **kw))
+                impls.append(call.impl("torch.compile(_int_mm+dequant)", torch.compile(int_mm_dequant), **kw))
             impls += _bnb_impls(ctx, call, weight, bias)
             work, bound = formulas.int8_linear_w8a8(m, n, k, elem_size(dtype)), "int8"
         else:
-            impls.append(call.impl("dequant+F.linear", lambda x: _dequant_linear(x, wq, ws, bias), **kw))
+
+            def dequant_linear(x: torch.Tensor) -> torch.Tensor:
+                return _dequant_linear(x, wq, ws, bias)
+
+            impls.append(call.impl("dequant+F.linear", dequant_linear, **kw))
             if ctx.compile:
-                impls.append(call.impl("torch.compile(dequant+F.linear)",
-                                       torch.compile(lambda x: _dequant_linear(x, wq, ws, bias)), **kw))
+                impls.append(call.impl("torch.compile(dequant+F.linear)", torch.compile(dequant_linear), **kw))
             work, bound = formulas.int8_linear_w8a16(m, n, k, elem_size(dtype)), "memory"
         impls.append(_module_impl(call, mode, weight, bias, dtype))
         return Case(f"int8_{mode}", pass_, point, dtype, work, bound, impls, cuda_graph=None)

@@ -37,6 +37,8 @@ def hf_model(family: str, cfg: dict[str, Any], device: torch.device, dtype: torc
     """A HuggingFace BERT or GPT-2 with random weights of the given shape."""
     import transformers as tf
 
+    config: Any  # (transformers' classes, imported here)
+    model: Any
     if family == "bert":
         config = tf.BertConfig(
             vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
@@ -160,8 +162,8 @@ def _model_builder(family: str, pass_kind: str):
             def make_compiled() -> Callable[[], Any]:
                 return forward(torch.compile(base))
 
-            impls.append(Impl("torch.compile", make=make_compiled,
-                              **({} if dtype == torch.float32 else {"check": "cosine", "min_cosine": 0.995})))
+            compiled_check: dict[str, Any] = {} if dtype == torch.float32 else {"check": "cosine", "min_cosine": 0.995}
+            impls.append(Impl("torch.compile", make=make_compiled, **compiled_check))
         for name, make_model, why, quantized in _variants(ctx, family, base):
             if make_model is None:
                 impls.append(Impl.skipped(name, why or "missing"))
@@ -172,6 +174,7 @@ def _model_builder(family: str, pass_kind: str):
                 made[impl_name] = model
                 return timed(model, generate)
 
+            check: dict[str, Any]
             if quantized:
                 check = {"check": "cosine", "min_cosine": 0.98}
             elif dtype != torch.float32:  # half precision through many layers: direction, not digits

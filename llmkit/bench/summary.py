@@ -97,7 +97,8 @@ def summarize_file(path: Path, root: Path) -> list[str]:
 
         m, mvs = cell(mine)
         o, ovs = cell(other)
-        frac = "-" if not mine or mine.get("fraction_of_roofline") is None else f"{100 * mine['fraction_of_roofline']:.0f}%"
+        roof = None if not mine else mine.get("fraction_of_roofline")
+        frac = "-" if roof is None else f"{100 * roof:.0f}%"
         lines.append(f"| {suite} {pass_} {dtype} {label} | {_fmt_time(eager['median_s']) if eager else '-'} | "
                      f"{m} | {mvs} | {frac} | {o} | {ovs} |")
     errors = [r for r in doc["results"] if r["status"] == "error"]

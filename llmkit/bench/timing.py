@@ -2,8 +2,9 @@
 
 CPU: the implementations of one case are timed *interleaved*: round after round, each
 implementation runs one block of calls (``torch.utils.benchmark.Timer.timeit`` with the
-run's torch threads; calls of 50 ms or more one at a time), the order rotating every round, so that load from other processes
-on a shared machine falls on all of them alike and the ratios between them stay honest.
+run's torch threads; calls of 50 ms or more one at a time), the order rotating every round,
+so that load from other processes on a shared machine falls on all of them alike and the
+ratios between them stay honest.
 Each round gives one per-call time; a :class:`Sample` keeps them all with their median
 and spread.
 
@@ -27,7 +28,7 @@ import torch
 try:  # Unix: minor page faults per timed call
     import resource as _resource
 except ImportError:  # pragma: no cover - Windows
-    _resource = None
+    _resource = None  # type: ignore[assignment]  # the module or None, checked before each use
 
 LAUNCH_BOUND_S = 50e-6
 """Below this median (CUDA), a case is re-measured with CUDA graphs."""

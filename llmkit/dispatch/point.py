@@ -27,7 +27,6 @@ from ..errors import BackendError
 from .backends import BACKEND_NAMES, BACKENDS, OPS, _log_once, check_backend_name
 from .selection import requested
 
-
 WhyNot = Callable[..., Iterable[str]]
 
 CpuDefault = bool | Callable[..., bool]

@@ -12,7 +12,8 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 
 from ..errors import UnknownBackendError
 from .backends import BACKEND_NAMES, OPS, check_backend_name
@@ -48,9 +49,10 @@ def _as_request(value: str | Sequence[str], source: str) -> Request:
     return Request(names, source)
 
 
-# The selection is a mapping: "*" for every op, else op name -> Request.
-_selection: contextvars.ContextVar[dict[str, Request]] = contextvars.ContextVar(
-    "llmkit_backend_selection", default={}
+# The selection is a mapping: "*" for every op, else op name -> Request. Read-only: use_backend
+# sets a new one, so the default shared by every context can never be changed in place.
+_selection: contextvars.ContextVar[Mapping[str, Request]] = contextvars.ContextVar(
+    "llmkit_backend_selection", default=MappingProxyType({})
 )
 
 _env_cache: dict[str, dict[str, Request]] = {}

@@ -46,6 +46,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..ops.attention import AttentionBackwardCall, AttentionCall
+
 __all__ = ["rules"]
 
 Spec = Any  # torch.distributed.tensor._dtensor_spec.DTensorSpec (imported lazily)
@@ -202,40 +204,39 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         p = mask_p(mask, dim)
         return P if p == R else p  # a broadcast mask's gradient sums over the shards
 
-    def sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed, offset) -> Rule:
-        out = [replicated(2, (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed,
-                              offset))]
-        if dropout_p > 0.0:
+    def sdpa(*args: Any) -> Rule:
+        c = AttentionCall(*args)
+        out = [replicated(2, c)]
+        if c.dropout_p > 0.0:
             return out
         tail = [None] * 6
         for d in (0, 1):
-            out.append(([S(d), S(d)], [S(d), S(d), S(d), mask_p(attn_mask, d)] + tail))
-        if not is_causal:
-            out.append(([S(2), S(2)], [S(2), R, R, mask_p(attn_mask, 2)] + tail))
+            out.append(([S(d), S(d)], [S(d), S(d), S(d), mask_p(c.attn_mask, d)] + tail))
+        if not c.is_causal:
+            out.append(([S(2), S(2)], [S(2), R, R, mask_p(c.attn_mask, 2)] + tail))
         return out
 
-    def sdpa_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
-                      enable_gqa, seed, offset, mask_grad) -> Rule:
-        rule = [replicated(4, (grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
-                                 enable_gqa, seed, offset, mask_grad))]
-        if dropout_p > 0.0:
+    def sdpa_backward(*args: Any) -> Rule:
+        c = AttentionBackwardCall(*args)
+        rule = [replicated(4, c)]
+        if c.dropout_p > 0.0:
             return rule
         tail = [None] * 7
         for d in (0, 1):
             rule.append((
-                [S(d), S(d), S(d), dmask_p(attn_mask, d, mask_grad)],
-                [S(d)] * 6 + [mask_p(attn_mask, d)] + tail,
+                [S(d), S(d), S(d), dmask_p(c.attn_mask, d, c.mask_grad)],
+                [S(d)] * 6 + [mask_p(c.attn_mask, d)] + tail,
             ))
-        if not is_causal:
+        if not c.is_causal:
             rule.append((
-                [S(2), P, P, dmask_p(attn_mask, 2, mask_grad)],
-                [S(2), S(2), R, R, S(2), S(2), mask_p(attn_mask, 2)] + tail,
+                [S(2), P, P, dmask_p(c.attn_mask, 2, c.mask_grad)],
+                [S(2), S(2), R, R, S(2), S(2), mask_p(c.attn_mask, 2)] + tail,
             ))
         return rule
 
-    def decode(query, key_cache, value_cache, cache_seqlens, scale, is_causal) -> Rule:
+    def decode(*args: Any) -> Rule:
         return [
-            replicated(1, (query, key_cache, value_cache, cache_seqlens, scale, is_causal)),
+            replicated(1, args),
             ([S(0)], [S(0), S(0), S(0), S(0), None, None]),
             ([S(1)], [S(1), S(1), S(1), R, None, None]),
         ]

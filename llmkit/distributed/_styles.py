@@ -14,16 +14,19 @@ by DTensor first (correct, and as costly as a replicated layer).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+if TYPE_CHECKING:  # at run time imported lazily, by _int8_linear_class
+    from ..nn import Int8Linear
+
 __all__ = ["Int8ColwiseParallel", "Int8RowwiseParallel"]
 
 
-def _int8_linear_class() -> type:
+def _int8_linear_class() -> type[Int8Linear]:
     from ..nn import Int8Linear
 
     return Int8Linear
@@ -75,7 +78,9 @@ class _Int8Parallel(ParallelStyle):
             raise TypeError(f"{type(self).__name__}: expected llmkit.nn.Int8Linear, got {type(module).__name__}")
         return distribute_module(
             module, device_mesh, self._partition,
-            lambda mod, inputs, mesh: self._input(mod, inputs, mesh),
+            # torch types input_fn as returning None, but registers it as a forward pre-hook,
+            # whose return value replaces the inputs
+            lambda mod, inputs, mesh: self._input(mod, inputs, mesh),  # type: ignore[arg-type]
             lambda mod, output, mesh: self._output(mod, output, mesh),
         )
 

@@ -5,12 +5,14 @@ transformers is imported only here, when a conversion is asked for.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["gpt2_to_llmkit", "bert_to_llmkit"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _load(model: Any, class_name: str) -> nn.Module:
@@ -33,8 +35,9 @@ def _load(model: Any, class_name: str) -> nn.Module:
     return getattr(transformers, class_name).from_pretrained(model)
 
 
-def _inner(model: nn.Module, attr: str, class_suffix: str) -> nn.Module:
-    """The base model inside a head model (``GPT2LMHeadModel.transformer``, ``BertFor*.bert``)."""
+def _inner(model: nn.Module, attr: str, class_suffix: str) -> Any:
+    """The base model inside a head model (``GPT2LMHeadModel.transformer``, ``BertFor*.bert``);
+    typed ``Any``: a transformers model, read by attribute (its config, its submodules)."""
     if type(model).__name__.endswith(class_suffix):
         return model
     inner = getattr(model, attr, None)
@@ -57,7 +60,7 @@ def _copy_(dst: Tensor, src: Tensor) -> None:
 
 
 @torch.no_grad()
-def gpt2_to_llmkit(gpt_cls: type, model: Any, **overrides: Any) -> nn.Module:
+def gpt2_to_llmkit(gpt_cls: type[M], model: Any, **overrides: Any) -> M:
     """Build ``gpt_cls`` (llmkit GPT) from a HuggingFace GPT-2 model, name or path."""
     from .gpt import GPTConfig
 
@@ -82,13 +85,13 @@ def gpt2_to_llmkit(gpt_cls: type, model: Any, **overrides: Any) -> nn.Module:
     })
     p = base.wte.weight
     with torch.device("meta"):
-        out = gpt_cls(config)
+        out: Any = gpt_cls(config)  # llmkit's GPT, its blocks read by attribute below
     out = out.to_empty(device=p.device).to(p.dtype)
     if tied:
         out.lm_head.weight = out.wte.weight
     _copy_(out.wte.weight, base.wte.weight)
     _copy_(out.wpe.weight, base.wpe.weight)
-    for ours, theirs in zip(out.h, base.h):
+    for ours, theirs in zip(out.h, base.h, strict=True):
         for name in ("ln_1", "ln_2"):
             _copy_(getattr(ours, name).weight, getattr(theirs, name).weight)
             _copy_(getattr(ours, name).bias, getattr(theirs, name).bias)
@@ -98,13 +101,13 @@ def gpt2_to_llmkit(gpt_cls: type, model: Any, **overrides: Any) -> nn.Module:
             _copy_(ours_lin.bias, theirs_conv.bias)
     _copy_(out.ln_f.weight, base.ln_f.weight)
     _copy_(out.ln_f.bias, base.ln_f.bias)
-    if not tied:
+    if head is not None and not tied:  # (untied means there is a head)
         _copy_(out.lm_head.weight, head.weight)
     return out.train(src.training)
 
 
 @torch.no_grad()
-def bert_to_llmkit(bert_cls: type, model: Any, **overrides: Any) -> nn.Module:
+def bert_to_llmkit(bert_cls: type[M], model: Any, **overrides: Any) -> M:
     """Build ``bert_cls`` (llmkit BERT) from a HuggingFace BERT model, name or path."""
     from .bert import _ACTIVATIONS, BERTConfig
 

@@ -22,7 +22,6 @@ import typing
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -134,9 +133,14 @@ class KVCache:
         self._step = (t, None if start is not None else positions, self.lengths + t)
         return positions
 
+    def _current_step(self, method: str) -> tuple[int, Tensor | None, Tensor]:
+        if self._step is None:
+            raise RuntimeError(f"KVCache.{method}: no step in progress; call begin(t) first")
+        return self._step
+
     def end(self) -> None:
         """Finish the step: every sequence is ``t`` tokens longer."""
-        t, _, seqlens = self._step
+        t, _, seqlens = self._current_step("end")
         self.lengths = seqlens
         if self._uniform is not None:
             self._uniform += t
@@ -149,7 +153,7 @@ class KVCache:
         otherwise :func:`llmkit.ops.decode_attention` reads the cache with each
         sequence's own length.
         """
-        t, positions, seqlens = self._step
+        t, positions, seqlens = self._current_step("attend")
         kc, vc = self.keys[layer], self.values[layer]
         start = self._uniform
         if start is not None:
@@ -164,7 +168,7 @@ class KVCache:
         return ops.decode_attention(q, kc, vc, seqlens, is_causal=True)
 
 
-def input_major_(linear: nn.Module) -> None:
+def input_major_(linear: nn.Linear | nn.Embedding) -> None:
     """Lay ``linear.weight`` ``(out, in)`` out input-major in memory: strides ``(1, out)``.
 
     ``F.linear`` then multiplies by ``weight.t()``, a row-major ``(in, out)`` matrix, as
@@ -249,12 +253,13 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
+        blocks = [GPTBlock(config) for _ in range(config.n_layer)]
+        self.h = nn.ModuleList(blocks)
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        for block in self.h:
-            for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-                input_major_(linear)
+        for block in blocks:
+            for proj in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                input_major_(proj)
         # The output projection too (the largest GEMV of a decode step); tied, that is the
         # token embedding, whose lookup then gathers strided rows (cheap for a few tokens).
         input_major_(self.wte if config.tie_word_embeddings else self.lm_head)
@@ -276,7 +281,9 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
 
-    def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None, position_ids: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self, input_ids: Tensor, cache: KVCache | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
         """The final-LayerNorm hidden states ``(B, T, n_embd)``."""
         if input_ids.dim() != 2:
             raise ValueError(f"GPT: input_ids must be (batch, tokens), got shape {list(input_ids.shape)}")
@@ -291,7 +298,7 @@ class GPT(nn.Module):
             positions = position_ids
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
         pending = None  # the previous block's MLP output, added inside the next LayerNorm
-        for i, block in enumerate(self.h):
+        for i, block in enumerate(typing.cast("list[GPTBlock]", self.h)):
             if pending is None:
                 h = norm(x, block.ln_1)
             else:
@@ -353,12 +360,12 @@ class GPT(nn.Module):
         cache.set_lengths(lengths)
         # logits of each prompt's last token only: (B, V), not (B, T, V)
         last = self.lm_head(hidden[torch.arange(b, device=ids.device), lengths.to(torch.int64) - 1])
-        pad = eos_token_id if pad_token_id is None else pad_token_id
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         new_tokens = []
         for step in range(max_new_tokens):
             token = self._pick(last, do_sample, temperature, top_k, generator)
             if eos_token_id is not None:
+                pad = eos_token_id if pad_token_id is None else pad_token_id
                 token = torch.where(done, torch.full_like(token, pad), token)
                 done |= token == eos_token_id
             new_tokens.append(token)

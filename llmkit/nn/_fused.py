@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,29 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _fusable_layer_norm(module: object) -> bool:
-    return type(module) in _LAYER_NORMS and not _hooked(module)  # type: ignore[arg-type]
+# Exactly these classes (a subclass may have its own forward) and no hooks: the module
+# computes what the op computes. TypeGuards, so the attributes read next are typed.
+def _fusable_layer_norm(module: object) -> TypeGuard[nn.LayerNorm | LayerNorm]:
+    return type(module) in _LAYER_NORMS and not _hooked(cast(nn.Module, module))
+
+
+def _fusable_rms_norm(module: object) -> TypeGuard[nn.RMSNorm | RMSNorm]:
+    return type(module) in _RMS_NORMS and not _hooked(cast(nn.Module, module))
+
+
+def _fusable_linear(module: object) -> TypeGuard[nn.Linear]:
+    return type(module) in _LINEARS and not _hooked(cast(nn.Module, module))
+
+
+def _fusable_gelu(module: object) -> TypeGuard[nn.GELU | GELU]:
+    return type(module) in (nn.GELU, GELU) and not _hooked(cast(nn.Module, module))
 
 
 def norm(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
     """``module(x)``; a ``LayerNorm`` / ``RMSNorm`` runs as the llmkit op."""
     if _fusable_layer_norm(module):
         return ops.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    if type(module) in _RMS_NORMS and not _hooked(module):
+    if _fusable_rms_norm(module):
         return ops.rms_norm(x, module.normalized_shape, module.weight, module.eps,
                             offset=getattr(module, "offset", 0.0),
                             cast_before_weight=getattr(module, "cast_before_weight", False))
@@ -90,8 +105,8 @@ def add_norm(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) ->
         )
     rms = rms_args(module, x.dtype) if same else None
     if rms is not None:
-        ns, weight, eps, offset, cast = rms
-        return ops.add_rms_norm(x, residual, ns, weight, eps, offset=offset, cast_before_weight=cast)
+        ns, weight, eps, offset, cast_first = rms
+        return ops.add_rms_norm(x, residual, ns, weight, eps, offset=offset, cast_before_weight=cast_first)
     total = x + residual
     return norm(total, module), total
 
@@ -152,8 +167,8 @@ def gelu_approximate(activation: object) -> str | None:
     """``"none"`` / ``"tanh"`` when ``activation`` is a GELU llmkit can fuse, else None."""
     if activation is F.gelu:
         return "none"
-    if type(activation) in (nn.GELU, GELU) and not _hooked(activation):  # type: ignore[arg-type]
-        return activation.approximate  # type: ignore[union-attr]
+    if _fusable_gelu(activation):
+        return activation.approximate
     if isinstance(activation, functools.partial) and activation.func is F.gelu and not activation.args:
         approx = activation.keywords.get("approximate", "none")
         if set(activation.keywords) <= {"approximate"} and approx in ("none", "tanh"):
@@ -212,7 +227,7 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str | None = Non
 
 def linear(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
     """``module(x)``; an exact ``nn.Linear`` without hooks runs as :func:`dense`."""
-    if type(module) in _LINEARS and not _hooked(module):  # type: ignore[arg-type]
+    if _fusable_linear(module):
         return dense(x, module.weight, module.bias)
     return module(x)
 
@@ -226,7 +241,7 @@ def linear_act(x: Tensor, linear: nn.Module, activation: Callable[[Tensor], Tens
     own bias add (and on float32 inference one oneDNN GEMM with the GELU in its epilogue).
     """
     approx = gelu_approximate(activation)
-    if approx is None or type(linear) not in _LINEARS or _hooked(linear):
+    if approx is None or not _fusable_linear(linear):
         return activation(linear(x))
     return dense(x, linear.weight, linear.bias, approx)
 

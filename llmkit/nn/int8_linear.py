@@ -13,7 +13,7 @@ with one float32 scale per output channel; ``forward`` runs ``llmkit.ops.int8_li
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,9 @@ class Int8Linear(nn.Module):
     """
 
     __constants__ = ["in_features", "out_features", "mode", "activation"]
+    weight: Tensor  # int8 buffer
+    weight_scale: Tensor  # float32 buffer
+    bias: Tensor | None
 
     def __init__(
         self,
@@ -105,7 +108,7 @@ class Int8Linear(nn.Module):
         """
         _check_mode(mode, activation)
         if is_conv1d(module):
-            weight = module.weight.detach().t()  # (in, out) -> (out, in)
+            weight = cast(Tensor, module.weight).detach().t()  # (in, out) -> (out, in)
         elif isinstance(module, nn.Linear):
             weight = module.weight.detach()
         else:
@@ -117,11 +120,11 @@ class Int8Linear(nn.Module):
         if weight.device.type == "meta":
             raise ValueError("Int8Linear.from_float: the weight is on the meta device (not materialized)")
         out_features, in_features = weight.shape
-        bias = module.bias
+        bias = cast("Tensor | None", module.bias)
         layer = cls(in_features, out_features, bias=bias is not None, mode=mode, activation=activation,
                     device=weight.device, dtype=bias.dtype if bias is not None else None)
         layer.set_float_weight(weight)
-        if bias is not None:
+        if bias is not None and layer.bias is not None:  # (the layer has a bias when the module has)
             layer.bias.data.copy_(bias.detach())
         return layer
 

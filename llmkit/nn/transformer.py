@@ -202,7 +202,7 @@ class TransformerEncoder(nn.TransformerEncoder):
             output = layer(
                 output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask
             )
-        if zero_padding:
+        if zero_padding and src_key_padding_mask is not None:  # (nesting needs a padding mask)
             output = output.masked_fill(_padding_positions(src_key_padding_mask)[..., None], 0.0)
         if self.norm is not None:
             output = norm(output, self.norm)

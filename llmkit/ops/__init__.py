@@ -3,13 +3,16 @@
 Each op is a ``torch.library`` custom op in the ``llmkit`` namespace (so
 ``torch.compile(fullgraph=True)`` and ``torch.export`` see it as one node), with a
 fake implementation, autograd where differentiable, and a dispatch point per stage
-that picks a backend per call (see :mod:`llmkit.dispatch`). One file per op family:
+that picks a backend per call (see :mod:`llmkit.dispatch`). One file per op family, holding
+what defines the ops (call classes, validation, custom ops, autograd, the functions):
 ``layer_norm.py`` (layer_norm, rms_norm, add_layer_norm, add_rms_norm), ``gelu.py`` (gelu,
-bias_gelu), ``glu.py`` (geglu, swiglu), ``attention.py`` (scaled_dot_product_attention, decode_attention),
-``int8_matmul.py`` (quantize_int8, int8_matmul, int8_linear).
+bias_gelu), ``glu.py`` (geglu, swiglu), ``attention.py`` (scaled_dot_product_attention),
+``decode_attention.py``, ``int8_matmul.py`` (quantize_int8, dequantize_int8, int8_matmul,
+int8_linear), and the internal ``linear.py``. The implementations are in :mod:`llmkit.backends`.
 """
 
-from .attention import decode_attention, scaled_dot_product_attention
+from .attention import scaled_dot_product_attention
+from .decode_attention import decode_attention
 from .gelu import bias_gelu, gelu
 from .glu import geglu, swiglu
 from .int8_matmul import dequantize_int8, int8_linear, int8_matmul, quantize_int8
@@ -33,5 +36,4 @@ __all__ = [
     "int8_linear",
 ]
 
-from . import _cuda_ext_impls  # noqa: F401, E402
 from .. import backends  # noqa: F401, E402  (registers every backend's implementations)

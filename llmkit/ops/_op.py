@@ -67,14 +67,22 @@ class Op(Generic[C]):
             schema's defaults.
         returns: the return annotation (``Tensor``, ``tuple[Tensor, Tensor]``, ...).
         point: the dispatch point that computes the op.
-        validate: ``validate(c)`` raises a clear error on bad input (before any kernel).
+        validate: ``validate(c)`` raises a clear error on bad input (before any kernel); it
+            may read only what :func:`call_signature` holds (the fast path caches it).
         fake: ``fake(c)``: empty outputs of the right shapes and dtypes (``torch.compile``,
             ``torch.export``, meta tensors); called after ``validate``.
+        check_values: ``check_values(c)``, optional: checks of tensor *values* (read from
+            CPU tensors), run on every real call after ``validate``, never on fake tensors.
+        finish: ``finish(c, result)``, optional: what the op does to the dispatch point's
+            result on every path (e.g. a memory layout the op promises).
     """
 
     def __init__(self, name: str, call: type[C], returns: Any, point: DispatchPoint,
-                 validate: Callable[[C], object], fake: Callable[[C], Any]):
+                 validate: Callable[[C], object], fake: Callable[[C], Any],
+                 check_values: Callable[[C], object] | None = None,
+                 finish: Callable[[C, Any], Any] | None = None):
         self.name, self.call, self.point, self.validate = name, call, point, validate
+        self.check_values, self.finish = check_values, finish
         self._validated = FP.ValidatedSignatures()
         hints = typing.get_type_hints(call)
         # a field with a default (an option added later) keeps calls written without it valid
@@ -86,7 +94,7 @@ class Op(Generic[C]):
         def run(*args: Any, **kwargs: Any) -> Any:
             c = call(*args, **kwargs)
             validate(c)
-            return point(c)
+            return self._compute(c)
 
         def fake_run(*args: Any, **kwargs: Any) -> Any:
             c = call(*args, **kwargs)
@@ -101,6 +109,13 @@ class Op(Generic[C]):
         self.packet = getattr(torch.ops.llmkit, name)
         """``torch.ops.llmkit.<name>``: what calls go through (graphs show this op)."""
 
+    def _compute(self, c: C) -> Any:
+        """After validation: the value checks, the dispatch point, the finish."""
+        if self.check_values is not None:
+            self.check_values(c)
+        result = self.point(c)
+        return result if self.finish is None else self.finish(c, result)
+
     def __call__(self, c: C) -> Any:
         """Run the op on call ``c``: directly through the dispatch point on the eager fast
         path (validated once per argument signature), else through the custom op."""
@@ -108,7 +123,7 @@ class Op(Generic[C]):
             key = call_signature(c)
             if key is not None:
                 self._validated.check(key, lambda: self.validate(c))
-                return self.point(c)
+                return self._compute(c)
         return self.packet(*c)
 
     def register_autograd(self, backward: Callable[..., Any], setup_context: Callable[[Any, C, Any], None]) -> None:

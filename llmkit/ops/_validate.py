@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 from collections.abc import Sequence
+from typing import SupportsIndex, cast
 
 import torch
 
@@ -102,7 +103,7 @@ def check_int(op: str, name: str, value: object) -> int:
     try:
         if isinstance(value, bool):
             raise TypeError
-        return operator.index(value)
+        return operator.index(cast(SupportsIndex, value))  # anything else raises the TypeError below
     except TypeError:
         raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})") from None
 
@@ -194,9 +195,9 @@ def check_approximate(op: str, approximate: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def check_grad(op: str, name: str, grad: object, like: torch.Tensor, like_name: str) -> None:
-    """A gradient argument: a tensor with the shape, dtype and device of ``like``."""
-    check_tensor(op, name, grad)
+def check_grad(op: str, name: str, grad: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A gradient argument: a tensor with the shape, dtype and device of ``like``; returns it."""
+    grad = check_tensor(op, name, grad)
     if grad.shape != like.shape:
         raise ValueError(
             f"{op}: {name} has shape {list(grad.shape)}; it must equal {like_name}'s shape {list(like.shape)}"
@@ -207,15 +208,19 @@ def check_grad(op: str, name: str, grad: object, like: torch.Tensor, like_name: 
             f"{dtype_name(like.dtype)}"
         )
     check_same_device(op, **{like_name: like, name: grad})
+    return grad
 
 
-def check_saved(op: str, name: str, t: object, shape: Sequence[int], dtype: torch.dtype, what: str) -> None:
-    """A tensor the forward saved (statistics, lse): exactly ``shape`` and ``dtype``."""
-    check_tensor(op, name, t)
+def check_saved(
+    op: str, name: str, t: object, shape: Sequence[int], dtype: torch.dtype, what: str
+) -> torch.Tensor:
+    """A tensor the forward saved (statistics, lse): exactly ``shape`` and ``dtype``; returns it."""
+    t = check_tensor(op, name, t)
     if list(t.shape) != list(shape):
         raise ValueError(f"{op}: {name} has shape {list(t.shape)}; it must be {list(shape)} ({what})")
     if t.dtype != dtype:
         raise TypeError(f"{op}: {name} has dtype {dtype_name(t.dtype)}; it must be {dtype_name(dtype)} ({what})")
+    return t
 
 
 def check_output_mask(op: str, output_mask: object, n: int) -> None:
@@ -242,16 +247,18 @@ def check_norm_backward(
     """Every tensor of a norm backward op against the forward's ``input``: gradients with its
     shape and dtype, weight / bias of shape ``normalized_shape``, statistics of its leading
     shape in :func:`stats_dtype`, all on one device. Returns ``normalized_shape`` as a list."""
-    check_tensor(op, input_name, input)
-    check_floating(op, input_name, input)
-    ns, _, _ = normalized_rows(op, input, normalized_shape, input_name)
+    x = check_tensor(op, input_name, input)
+    check_floating(op, input_name, x)
+    ns, _, _ = normalized_rows(op, x, normalized_shape, input_name)
+    tensors: dict[str, torch.Tensor | None] = {input_name: x}  # in this order for the device check
     for name, g in grads.items():
-        check_grad(op, name, g, input, input_name)
+        tensors[name] = check_grad(op, name, g, x, input_name)
     for name, p in params.items():
-        check_affine(op, name, p, ns, input)
-    lead = list(input.shape[: input.dim() - len(ns)])
+        check_affine(op, name, p, ns, x)
+        tensors[name] = p
+    lead = list(x.shape[: x.dim() - len(ns)])
     for name, t in stats.items():
-        check_saved(op, name, t, lead, stats_dtype(input.dtype), f"one per row of {input_name}")
-    check_same_device(op, **{input_name: input}, **grads, **params, **stats)
+        tensors[name] = check_saved(op, name, t, lead, stats_dtype(x.dtype), f"one per row of {input_name}")
+    check_same_device(op, **tensors)
     check_output_mask(op, output_mask, 1 + len(params))
     return ns

@@ -159,8 +159,8 @@ def check_int8_matmul_args(
                 f"{op}: without scales the output is int32, got out_dtype={V.dtype_name(out_dtype)}"
             )
     else:
-        V.check_tensor(op, "a_scale", a_scale)
-        V.check_tensor(op, "b_scale", b_scale)
+        a_scale = V.check_tensor(op, "a_scale", a_scale)
+        b_scale = V.check_tensor(op, "b_scale", b_scale)
         V.check_dtype(op, "a_scale", a_scale, (torch.float32,))
         V.check_dtype(op, "b_scale", b_scale, (torch.float32,))
         rows = list(a.shape[:-1])

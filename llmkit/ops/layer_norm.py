@@ -251,12 +251,14 @@ def _stats(x: Tensor, ns: Sequence[int]) -> Tensor:
 
 LAYER_NORM = Op(
     "layer_norm", LayerNormCall, tuple[Tensor, Tensor, Tensor], layer_norm_forward, check_layer_norm,
-    lambda c: (c.input.new_empty(c.input.shape), _stats(c.input, c.normalized_shape), _stats(c.input, c.normalized_shape)),
+    lambda c: (c.input.new_empty(c.input.shape), _stats(c.input, c.normalized_shape),
+               _stats(c.input, c.normalized_shape)),
 )
 LAYER_NORM_BACKWARD = Op(
     "layer_norm_backward", LayerNormBackwardCall, tuple[Tensor, Tensor, Tensor], layer_norm_backward,
     lambda c: _check_ln_backward(*c),
-    lambda c: (c.input.new_empty(c.input.shape), empty_param_grad(c.weight, c.input), empty_param_grad(c.bias, c.input)),
+    lambda c: (c.input.new_empty(c.input.shape), empty_param_grad(c.weight, c.input),
+               empty_param_grad(c.bias, c.input)),
 )
 RMS_NORM = Op(
     "rms_norm", RmsNormCall, tuple[Tensor, Tensor], rms_norm_forward, check_rms_norm,
@@ -427,9 +429,9 @@ ADD_RMS_NORM.register_autograd(_arn_backward, _arn_setup_context)
 def _shape_list(op: str, normalized_shape: int | Sequence[int]) -> list[int]:
     """``normalized_shape`` as a list of ints; anything else gets a clear error here, before
     the custom op's schema would refuse it in its own words."""
-    if type(normalized_shape) is int:
+    if isinstance(normalized_shape, int) and type(normalized_shape) is int:
         return [normalized_shape]
-    if type(normalized_shape) in (list, tuple, torch.Size) and all(type(n) is int for n in normalized_shape):
+    if isinstance(normalized_shape, (list, tuple, torch.Size)) and all(type(n) is int for n in normalized_shape):
         return list(normalized_shape)
     return V.shape_list(op, "normalized_shape", normalized_shape)
 

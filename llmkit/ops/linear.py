@@ -1,8 +1,9 @@
 """``linear``: ``activation(input @ weight^T + bias)`` for llmkit's modules and swapped blocks.
 
 An internal, composite dispatch point, not a custom op: it composes ATen's GEMM with llmkit's
-GELU ops (which dispatch themselves, and which ``torch.compile`` sees): :func:`llmkit.nn._fused.dense` calls it for the linears of
-``llmkit.nn`` layers, llmkit's models and swapped HuggingFace blocks. ``activation`` is None or
+GELU ops (which dispatch themselves, and which ``torch.compile`` sees):
+:func:`llmkit.nn._fused.dense` calls it for the linears of ``llmkit.nn`` layers, llmkit's
+models and swapped HuggingFace blocks. ``activation`` is None or
 a GELU's ``approximate`` (``"none"`` / ``"tanh"``). The reference backend's implementation
 (``llmkit/backends/reference/linear.py``) adds the bias inside the GELU kernel
 (``bias_gelu``); its variants are the CPU speed choices: one oneDNN GEMM with the bias and

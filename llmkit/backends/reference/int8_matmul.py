@@ -104,6 +104,7 @@ def int8_matmul_reference(c: Int8MatmulCall) -> Tensor:
     acc = int8_mm_exact(_rows2d(a), b)
     if a_scale is None:
         return acc.reshape(lead + [b.shape[1]])
+    assert b_scale is not None  # (validated: both scales or neither)
     out = _epilogue(acc, a_scale, b_scale, bias, "none", out_dtype or torch.float32)
     return out.reshape(lead + [b.shape[1]])
 
@@ -159,7 +160,8 @@ def w8a16_cpu(x2: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | N
     """
     m = x2.shape[0]
     residual = x2.to(torch.float32)
-    qs, scales = [], []
+    qs: list[Tensor] = []
+    scales: list[Tensor] = []
     for t in range(W8A16_CPU_TERMS[x2.dtype]):
         if t:
             residual = residual - qs[-1].to(torch.float32) * scales[-1][:, None]

@@ -4,7 +4,6 @@ input dropout of the add variants from the Philox mask of ``llmkit/ops/_philox.p
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -99,8 +98,8 @@ def layer_norm_backward_reference(c: LayerNormBackwardCall) -> tuple[Tensor, Ten
             bool(output_mask[2]) and bias is not None]
     dx, dw, db = _layer_norm_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, mask)
     dx = dx.to(input.dtype).contiguous() if mask[0] else torch.zeros_like(input, memory_format=torch.contiguous_format)
-    dw = dw.to(weight.dtype) if mask[1] else empty_param_grad(weight, input)
-    db = db.to(bias.dtype) if mask[2] else empty_param_grad(bias, input)
+    dw = dw.to(weight.dtype) if mask[1] and weight is not None else empty_param_grad(weight, input)
+    db = db.to(bias.dtype) if mask[2] and bias is not None else empty_param_grad(bias, input)
     return dx, dw, db
 
 

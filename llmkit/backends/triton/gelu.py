@@ -74,4 +74,5 @@ def bias_gelu_backward_triton(c: BiasGeluBackwardCall) -> tuple[Tensor, Tensor]:
     from ...kernels import gelu as K
 
     dx, dbias = K.gelu_backward(c.grad_out, c.input, c.bias, c.approximate == "tanh")
+    assert dbias is not None  # (given a bias, the kernel returns its gradient)
     return dx, dbias

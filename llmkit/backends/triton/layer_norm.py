@@ -59,18 +59,19 @@ def _backward_reasons(
     out = []
     if input.dtype not in TRITON_DTYPES:
         out.append(f"takes float16, bfloat16, float32 inputs, got {V.dtype_name(input.dtype)}")
-    for name, t in {"grad_out": grad_out, **(extra or {})}.items():
+    grads: dict[str, Tensor] = {"grad_out": grad_out, **(extra or {})}
+    for name, t in grads.items():
         if t.shape != input.shape:
             out.append(f"{name} has shape {list(t.shape)}, the input {list(input.shape)}")
         if t.dtype not in TRITON_DTYPES:
             out.append(f"{name} has dtype {V.dtype_name(t.dtype)}")
     lead = lead_shape(input, normalized_shape)
-    for name, t in stats.items():
-        if t is not None and (t.dtype != torch.float32 or list(t.shape) != lead):
-            out.append(f"{name} must be float32 of shape {lead}, got {V.dtype_name(t.dtype)} {list(t.shape)}")
-    for name, t in params.items():
-        if t is not None and list(t.shape) != list(normalized_shape):
-            out.append(f"{name} has shape {list(t.shape)}, normalized_shape is {list(normalized_shape)}")
+    for name, s in stats.items():
+        if s is not None and (s.dtype != torch.float32 or list(s.shape) != lead):
+            out.append(f"{name} must be float32 of shape {lead}, got {V.dtype_name(s.dtype)} {list(s.shape)}")
+    for name, p in params.items():
+        if p is not None and list(p.shape) != list(normalized_shape):
+            out.append(f"{name} has shape {list(p.shape)}, normalized_shape is {list(normalized_shape)}")
     tensors = [grad_out, input, *params.values(), *stats.values(), *(extra or {}).values()]
     if len({t.device for t in tensors if t is not None}) > 1:
         out.append("tensors on different devices")

@@ -10,13 +10,16 @@ swapped models pickle and deep-copy. The LLM families' norms and MLPs are in :mo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from torch import Tensor, nn
 
 from ..._compat import attn_implementation, cache_kwarg, pop_cache
 from ...nn._fused import _hooked, add_norm, add_norm_into, dense, gelu_approximate, linear, linear_act, norm
 from .attention import NAME, attention_function
+
+if TYPE_CHECKING:  # transformers is never imported by llmkit itself
+    from transformers.pytorch_utils import Conv1D
 
 __all__ = ["conv1d_act", "fused_original", "from_transformers"]
 
@@ -38,12 +41,22 @@ def conv1d_act(x: Tensor, conv: nn.Module, activation: Callable[[Tensor], Tensor
     return dense(x, conv.weight.t(), conv.bias, approx)
 
 
-def _plain_conv1d(conv: nn.Module) -> bool:
+def _plain_conv1d(conv: nn.Module) -> TypeGuard[Conv1D]:
     return type(conv).__name__ == "Conv1D" and from_transformers(type(conv)) and not _hooked(conv)
 
 
-class _FusedDenseAddNorm:
+# Each mixin is combined with a transformers class at swap time (_fused_class), which gives it
+# its submodules, its config and the original forward: to the type checker its base is Any,
+# with the submodules it reads declared (the plans check them before a class is reassigned).
+_TransformersModule: Any = object
+
+
+class _FusedDenseAddNorm(_TransformersModule):
     """BERT-family ``*SelfOutput`` / ``*Output``: ``LayerNorm(dropout(dense(h)) + input)``."""
+
+    dense: nn.Linear
+    dropout: nn.Dropout
+    LayerNorm: nn.LayerNorm
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         h = self.dropout(linear(hidden_states, self.dense))
@@ -58,7 +71,7 @@ def _plain(module: nn.Module, cls: type) -> bool:
     return type(module) is cls and not _hooked(module)
 
 
-class _FusedSelfAttention:
+class _FusedSelfAttention(_TransformersModule):
     """BERT-family ``*SelfAttention`` (transformers >= 5): the query / key / value
     projections through :func:`llmkit.nn._fused.linear` (oneDNN on float32 CPU inference),
     then the model's attention function. Caches (decoder BERT) take the original forward.
@@ -66,6 +79,13 @@ class _FusedSelfAttention:
     The cache is the third positional argument in every tested transformers; by keyword it
     is ``cache`` or ``past_key_values`` (renamed in 5.2x) and is passed on under the name the
     original forward takes."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    dropout: nn.Dropout
+    attention_head_size: int
+    scaling: float
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, cache: Any = None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
@@ -85,25 +105,38 @@ class _FusedSelfAttention:
         return out.reshape(*input_shape, -1).contiguous(), weights
 
 
-class _FusedIntermediate:
+class _FusedIntermediate(_TransformersModule):
     """BERT-family ``*Intermediate``: ``act(dense(h))`` with the bias inside the GELU."""
+
+    dense: nn.Linear
+    intermediate_act_fn: Callable[[Tensor], Tensor]
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return linear_act(hidden_states, self.dense, self.intermediate_act_fn)
 
 
-class _FusedGPT2MLP:
+class _FusedGPT2MLP(_TransformersModule):
     """GPT-2 MLP: ``dropout(c_proj(act(c_fc(h))))`` with c_fc's bias inside the GELU."""
+
+    c_fc: nn.Module  # transformers' Conv1D
+    c_proj: nn.Module
+    act: Callable[[Tensor], Tensor]
+    dropout: nn.Dropout
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.dropout(self.c_proj(conv1d_act(hidden_states, self.c_fc, self.act)))
 
 
-class _FusedGPT2Block:
+class _FusedGPT2Block(_TransformersModule):
     """GPT-2 block (transformers >= 5) with the attention residual fused into ``ln_2``.
 
     The cache is the second positional argument in every tested transformers; by keyword it is
     ``cache`` or ``past_key_values`` and goes on to the attention under the name it takes."""
+
+    attn: nn.Module
+    ln_1: nn.LayerNorm
+    ln_2: nn.LayerNorm
+    mlp: nn.Module
 
     def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
@@ -121,7 +154,7 @@ class _FusedGPT2Block:
         return hidden_states + self.mlp(h)
 
 
-_fused_classes: dict[tuple[type, type], type] = {}
+_fused_classes: dict[tuple[type, type], type[nn.Module]] = {}
 
 
 def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
@@ -137,15 +170,17 @@ def _new_fused(original: type, mixin: type) -> nn.Module:
     return cls.__new__(cls)
 
 
-def _fused_class(original: type, mixin: type) -> type:
-    """``Llmkit<Original>``: the original class with the mixin's fused ``forward``."""
+def _fused_class(original: type, mixin: type) -> type[nn.Module]:
+    """``Llmkit<Original>``: the original class (a transformers module) with the mixin's fused
+    ``forward``."""
     key = (original, mixin)
     if key not in _fused_classes:
-        _fused_classes[key] = type(
+        cls = type(
             f"Llmkit{original.__name__}", (mixin, original),
             {"__module__": __name__, "__qualname__": f"Llmkit{original.__name__}", "__doc__": mixin.__doc__,
              "_llmkit_original": original, "_llmkit_mixin": mixin, "__reduce_ex__": _reduce_fused},
         )
+        _fused_classes[key] = cast("type[nn.Module]", cls)
     return _fused_classes[key]
 
 

@@ -9,18 +9,19 @@ made by :mod:`.fused` / :mod:`.fused_llm`); anything else is left, with the reas
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import torch
 from torch import nn
 
 from ...nn import GELU
 from .fused import (
+    _fused_class,
     _FusedDenseAddNorm,
     _FusedGPT2Block,
     _FusedGPT2MLP,
     _FusedIntermediate,
     _FusedSelfAttention,
-    _fused_class,
     from_transformers,
 )
 from .fused_llm import (
@@ -34,10 +35,13 @@ from .fused_llm import (
 )
 from .registration import MODELING
 
+if TYPE_CHECKING:  # transformers is imported only when the model is already one of its
+    from transformers import PreTrainedModel
+
 __all__ = ["Plan", "plan_module", "is_pretrained_model"]
 
 
-def is_pretrained_model(model: nn.Module) -> bool:
+def is_pretrained_model(model: nn.Module) -> TypeGuard[PreTrainedModel]:
     """A transformers ``PreTrainedModel`` (checked without importing transformers)."""
     return any(
         c.__name__ == "PreTrainedModel" and c.__module__ == MODELING for c in type(model).__mro__
@@ -115,20 +119,23 @@ def plan_module(module: nn.Module) -> Plan | None:
     if name == "T5DenseGatedActDense" and from_transformers(cls, *_T5_FAMILIES):
         return Plan("fused", "reclass", "wi_0 / wi_1 projections, activation * wi_1 fused (GeGLU / SwiGLU)",
                     new_class=_fused_class(cls, _FusedT5GatedFF))
-    if from_transformers(cls, *_BERT_FAMILIES) and name.endswith(("SelfOutput", "Output")) and _dense_add_norm_shape(module):
+    bert_family = from_transformers(cls, *_BERT_FAMILIES)
+    if bert_family and name.endswith(("SelfOutput", "Output")) and _dense_add_norm_shape(module):
         return Plan("fused", "reclass", "dense, dropout, fused residual add + LayerNorm",
                     new_class=_fused_class(cls, _FusedDenseAddNorm))
-    if from_transformers(cls, *_BERT_FAMILIES) and name.endswith("SelfAttention") and _qkv_shape(module):
+    if bert_family and name.endswith("SelfAttention") and _qkv_shape(module):
         return Plan("fused", "reclass", "query / key / value projections on llmkit's GEMM path",
                     new_class=_fused_class(cls, _FusedSelfAttention))
-    if from_transformers(cls, *_BERT_FAMILIES) and name.endswith("Intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):
+    if bert_family and name.endswith("Intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):
         return Plan("fused", "reclass", "dense with bias fused into GELU",
                     new_class=_fused_class(cls, _FusedIntermediate), needs=("intermediate_act_fn",))
     if name == "GPT2MLP" and from_transformers(cls, "gpt2"):
         return Plan("fused", "reclass", "c_fc with bias fused into GELU", new_class=_fused_class(cls, _FusedGPT2MLP),
                     needs=("act",))
     if name == "GPT2Block" and from_transformers(cls, "gpt2"):
-        return Plan("fused", "reclass", "attention residual fused into ln_2", new_class=_fused_class(cls, _FusedGPT2Block))
+        return Plan(
+            "fused", "reclass", "attention residual fused into ln_2", new_class=_fused_class(cls, _FusedGPT2Block)
+        )
     if name.endswith(("LayerNorm", "RMSNorm")) and not isinstance(module, nn.LayerNorm):
         return Plan("norm", "left", f"no llmkit mapping for {name}")
     return None

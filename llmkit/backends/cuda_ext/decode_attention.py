@@ -1,0 +1,25 @@
+"""Decode attention on the cuda_ext backend: the CUDA attention kernel with the op's
+cache-length mask (float16 / bfloat16, head dims up to 128)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+from ...ops.decode_attention import DecodeAttentionCall, decode_attention_forward, decode_mask
+from ._common import BACKEND, HALF_DTYPES, ext_ops
+from .attention import grid_reasons, head_dim_reasons
+
+
+def _reasons(c: DecodeAttentionCall) -> Iterator[str]:
+    yield from head_dim_reasons(c.query, c.value_cache)
+    yield from grid_reasons(c.query.shape[2], "query length")
+
+
+@decode_attention_forward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_reasons)
+def decode_attention_forward_cuda_ext(c: DecodeAttentionCall) -> Tensor:
+    """Decode attention as the attention kernel with the cache-length mask."""
+    mask = decode_mask(c.cache_seqlens, c.query.shape[2], c.key_cache.shape[2], c.is_causal)
+    out, _ = ext_ops().attention_fwd(c.query, c.key_cache, c.value_cache, mask, 0.0, False, c.scale, 0, 0)
+    return out

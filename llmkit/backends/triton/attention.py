@@ -1,0 +1,73 @@
+"""Attention on the triton backend (``kernels/attention.py``, imported on first use): fused
+tiled forward (online softmax, ``lse`` saved), dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor.
+
+float16 / bfloat16 run on tensor cores; float32 with exact fp32 products (no TF32, so float32
+keeps float32 accuracy), up to head dim 128.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...ops.attention import AttentionBackwardCall, AttentionCall, attention_backward, attention_forward, out_layout
+from ._common import TRITON_DTYPES
+
+MAX_HEAD_DIM = 256
+"""The largest head dim the Triton kernels tile."""
+FP32_MAX_HEAD_DIM = 128
+"""The largest head dim of float32 attention (exact fp32 products of larger tiles do not fit
+the kernels' registers)."""
+
+
+def shape_reasons(query: Tensor, value: Tensor) -> list[str]:
+    """Why the Triton attention kernels cannot take these head dims (shared with decode)."""
+    out = []
+    for name, dim in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
+        if dim > MAX_HEAD_DIM:
+            out.append(f"{name} head dim {dim} exceeds {MAX_HEAD_DIM}, the largest the Triton kernels tile")
+        elif dim == 0:
+            out.append(f"{name} head dim is 0")
+    return out
+
+
+def _reasons(query: Tensor, value: Tensor) -> list[str]:
+    reasons = shape_reasons(query, value)
+    if query.dtype == torch.float32 and max(query.shape[-1], value.shape[-1]) > FP32_MAX_HEAD_DIM:
+        reasons.append(
+            f"float32 attention with a head dim above {FP32_MAX_HEAD_DIM} is left to the "
+            "reference backend: exact fp32 products (no TF32) of such tiles do not fit the "
+            "kernels' registers"
+        )
+    return reasons
+
+
+def _backward_reasons(c: AttentionBackwardCall) -> list[str]:
+    reasons = _reasons(c.query, c.value)
+    if c.mask_grad and c.attn_mask is not None and c.attn_mask.dtype != torch.bool:
+        reasons.append(
+            "the gradient of a float attn_mask is not computed by the Triton backward (it would "
+            "need the (Sq, Sk) score gradient); the reference backend computes it"
+        )
+    return reasons
+
+
+def _kernels():
+    from ...kernels import attention as K
+
+    return K
+
+
+@attention_forward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _reasons(c.query, c.value))
+def attention_forward_triton(c: AttentionCall) -> tuple[Tensor, Tensor]:
+    """Fused tiled forward (online softmax); writes ``out`` in the query's memory layout."""
+    return _kernels().attention_forward(c.query, c.key, c.value, c.attn_mask, c.dropout_p, c.is_causal, c.scale,
+                                        c.seed, c.offset, out_order=out_layout(c.query))
+
+
+@attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_backward_reasons)
+def attention_backward_triton(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dQ pass then dK/dV pass, probabilities recomputed from ``lse``; deterministic."""
+    dq, dk, dv = _kernels().attention_backward(c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask,
+                                               c.dropout_p, c.is_causal, c.scale, c.seed, c.offset)
+    return dq, dk, dv, c.query.new_empty((0,))
