@@ -211,4 +211,5 @@ def _add_grads(y: torch.Tensor, s: torch.Tensor, d: dict, named: dict) -> dict:
     leaves = {k: v for k, v in named.items() if v is not None and v.requires_grad}
     gs = torch.autograd.grad([y, s], list(leaves.values()), [d["gy"].to(y.dtype), d["gs"].to(s.dtype)],
                              allow_unused=True)
-    return {f"grad_{k}": (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), gs)}
+    return {f"grad_{k}": (g if g is not None else torch.zeros_like(v))
+            for (k, v), g in zip(leaves.items(), gs, strict=True)}

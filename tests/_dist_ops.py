@@ -173,7 +173,8 @@ def check_llm_norms(mesh) -> None:
         cast_to = dtype if half else None
         for d in (0, 1):
             run_case(mesh, lambda x, w: ops.rms_norm(x, [24], w, 1e-6, offset=1.0, cast_before_weight=True),
-                     lambda x, w: R64.rms_norm(x, [24], w, 1e-6, 1.0, cast_to), (x, w), (S(d), Rep), S(d),
+                     lambda x, w, cast_to=cast_to: R64.rms_norm(x, [24], w, 1e-6, 1.0, cast_to), (x, w),
+                     (S(d), Rep), S(d),
                      label=f"rms_norm offset llama order {dtype} Shard({d})")
             run_case(mesh, lambda x, r, w: ops.add_rms_norm(x, r, [24], w, 1e-6, residual_in_fp32=True),
                      lambda x, r, w: R64.add_rms_norm(x, r, [24], w, 1e-6, round_to=torch.float32),
@@ -270,7 +271,7 @@ def check_glu(mesh) -> None:
         for d in range(3):  # elementwise: any dim, the hidden one (ColwiseParallel's output) included
             run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(d), S(d)), S(d), label=f"swiglu {dtype} Shard({d})")
             for approx in ("none", "tanh"):
-                run_case(mesh, lambda g, u: ops.geglu(g, u, approx), lambda g, u: R64.geglu(g, u, approx),
+                run_case(mesh, lambda g, u, a=approx: ops.geglu(g, u, a), lambda g, u, a=approx: R64.geglu(g, u, a),
                          (gate, up), (S(d), S(d)), S(d), label=f"geglu {approx} {dtype} Shard({d})")
     # gate and up placed differently: redistributed to one placement, never computed mixed
     gate, up = torch.randn(4, 6, 8), torch.randn(4, 6, 8)

@@ -84,7 +84,7 @@ def check_glu(backend, name, approximate, gate, up, dy=None):
 
     assert out.shape == gate.shape and out.dtype == gate.dtype and out.is_contiguous()
     assert_close_to_reference(out, ref, base, name="out")
-    for label, got, r, b in zip(["dgate", "dup"], grads, refs, bases):
+    for label, got, r, b in zip(["dgate", "dup"], grads, refs, bases, strict=True):
         assert got.dtype == gate.dtype and got.shape == gate.shape
         assert_close_to_reference(got, r, b, name=label)
     return out, grads
@@ -129,7 +129,8 @@ STRIDED = {
                                           _randn(shape, dt)),
     "last_dim_strided": lambda shape, dt: (_randn(shape[:-1] + (2 * shape[-1],), dt)[..., ::2],
                                            _randn(shape[:-1] + (3 * shape[-1],), dt)[..., ::3]),
-    "mixed_layouts": lambda shape, dt: (_randn(shape, dt), _randn((shape[1], shape[0], *shape[2:]), dt).transpose(0, 1)),
+    "mixed_layouts": lambda shape, dt: (_randn(shape, dt),
+                                        _randn((shape[1], shape[0], *shape[2:]), dt).transpose(0, 1)),
 }
 
 

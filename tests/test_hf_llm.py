@@ -17,7 +17,6 @@ import torch
 import llmkit
 from llmkit.dispatch import DispatchPoint
 from llmkit.testing import assert_close_to_reference
-
 from test_models import _widen_
 
 transformers = pytest.importorskip("transformers")

@@ -123,14 +123,14 @@ def test_rms_norm_with_offset_starts_as_identity_scale():
     m = lnn.RMSNorm(8, offset=1.0)
     assert torch.equal(m.weight, torch.zeros(8))
     x = torch.randn(3, 8)
-    torch.testing.assert_close(m(x), F.rms_norm(x, [8]), **TOL)
+    torch.testing.assert_close(m(x), torch.nn.functional.rms_norm(x, [8]), **TOL)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_gated_mlp_matches_the_unfused_code_and_loads_llama_mlp_weights(activation):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4,
-                                   hidden_act={"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[activation])
+    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[activation]
+    cfg = transformers.LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4, hidden_act=act)
     ref = transformers.models.llama.modeling_llama.LlamaMLP(cfg)
     ours = _twin(ref, lnn.GatedMLP, 24, 40, activation)
     _assert_same(ref, ours, lambda: [torch.randn(2, 3, 24).requires_grad_()], lambda m, x: m(x))

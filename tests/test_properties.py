@@ -108,7 +108,7 @@ def test_glu_any_shape_forward_and_backward(lead, n, dtype, seed, act, halves):
         g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
         out = run(g, u, fused)
         results.append((out, *torch.autograd.grad(out, [g, u], dy.to(out.dtype))))
-    for got, ref, base in zip(*results):
+    for got, ref, base in zip(*results, strict=True):
         assert_close_to_reference(got, ref, base)
 
 

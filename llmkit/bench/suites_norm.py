@@ -199,7 +199,8 @@ for _kind, _desc in (
     register(Suite(_kind, "op", ("fwd", "bwd"), _norm_builder(_kind), _desc))
 register(Suite("gelu", "op", ("fwd", "bwd"), _gelu_builder(False), "exact (erf) GELU of x (M, N)"))
 register(Suite("bias_gelu", "op", ("fwd", "bwd"), _gelu_builder(True), "fused GELU(x + bias) vs eager add then F.gelu"))
-register(Suite("swiglu", "op", ("fwd", "bwd"), _glu_builder("swiglu"), "fused silu(gate) * up vs eager F.silu then mul"))
+register(Suite("swiglu", "op", ("fwd", "bwd"), _glu_builder("swiglu"),
+               "fused silu(gate) * up vs eager F.silu then mul"))
 register(Suite("geglu", "op", ("fwd", "bwd"), _glu_builder("geglu"),
                "fused gelu_tanh(gate) * up vs eager F.gelu then mul"))
 register(Suite("quantize_int8", "op", ("fwd",), _build_quantize, "per-row absmax int8 quantization of x (M, K)"))

@@ -79,14 +79,15 @@ def rms_args(module: object, dtype: torch.dtype) -> RmsArgs | None:
     (a ``torch.nn.RMSNorm`` / ``llmkit.nn.RMSNorm``, or a module with an ``llmkit_rms_args``
     method, as the swapped HuggingFace norms have), or None when it is no such norm or the op
     cannot reproduce it for that dtype."""
-    if _hooked(module):  # type: ignore[arg-type]
-        return None
-    if type(module) in _RMS_NORMS:
-        w = module.weight  # type: ignore[union-attr]
-        if w is not None and w.dtype != dtype and not (dtype in (torch.float16, torch.bfloat16) and w.dtype == torch.float32):
+    if _fusable_rms_norm(module):
+        w = module.weight
+        half_with_f32 = dtype in (torch.float16, torch.bfloat16) and w is not None and w.dtype == torch.float32
+        if w is not None and w.dtype != dtype and not half_with_f32:
             return None
-        return (list(module.normalized_shape), w, module.eps,  # type: ignore[union-attr]
+        return (list(module.normalized_shape), w, module.eps,
                 getattr(module, "offset", 0.0), getattr(module, "cast_before_weight", False))
+    if isinstance(module, nn.Module) and _hooked(module):
+        return None
     own = getattr(module, "llmkit_rms_args", None)
     return own(dtype) if callable(own) else None
 
@@ -185,7 +186,8 @@ def glu_flavor(activation: object) -> GluFlavor | None:
     """The gated op for ``act(gate) * up`` with this activation: a SiLU (``F.silu``,
     ``torch.nn.SiLU``) -> SwiGLU, a GELU llmkit fuses (:func:`gelu_approximate`) -> GeGLU;
     None for anything else."""
-    if activation is F.silu or (type(activation) is nn.SiLU and not _hooked(activation)):  # type: ignore[arg-type]
+    if activation is F.silu or (isinstance(activation, nn.SiLU) and type(activation) is nn.SiLU
+                                and not _hooked(activation)):
         return "swiglu", None
     approx = gelu_approximate(activation)
     return ("geglu", approx) if approx is not None else None

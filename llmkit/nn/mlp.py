@@ -34,10 +34,9 @@ class GatedMLP(nn.Module):
         if activation not in _FLAVORS:
             raise ValueError(f"GatedMLP: activation must be one of {', '.join(map(repr, _FLAVORS))}, "
                              f"got {activation!r}")
-        kw = dict(bias=bias, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias, device, dtype)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias, device, dtype)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias, device, dtype)
         self.activation = activation
 
     def extra_repr(self) -> str:

@@ -3,8 +3,9 @@
 Dropout in llmkit (attention's, and the input dropout of ``add_layer_norm`` /
 ``add_rms_norm``) is a pure function of ``(seed, offset)``: an element at flat position
 ``offset`` is kept when ``uniform(seed, offset) > dropout_p`` (both as float32), where
-``uniform`` is what ``triton.language.rand(seed, offset)`` returns for an int64 offset. Because the reference backend computes the same numbers, a
-Triton forward can be checked against the reference bit for bit, and a forward on
+``uniform`` is what ``triton.language.rand(seed, offset)`` returns for an int64 offset.
+Because the reference backend computes the same numbers, a Triton forward can be checked
+against the reference bit for bit, and a forward on
 one backend can be followed by a backward on another.
 
 All arithmetic is on int64 tensors holding uint32 values, so it runs on any device.

@@ -30,8 +30,8 @@ from ...ops.layer_norm import (
     add_rms_norm_forward,
     layer_norm_backward,
     layer_norm_forward,
-    rms_norm_backward,
     residual_dtype,
+    rms_norm_backward,
     rms_norm_forward,
 )
 from ._common import BACKEND, CPU_DEFAULT, FLOAT_DTYPES, HALF_DTYPES, ext_ops, shaped

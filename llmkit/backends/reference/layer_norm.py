@@ -73,9 +73,9 @@ def layer_norm_forward_reference(c: LayerNormCall) -> tuple[Tensor, Tensor, Tens
 
 
 def _layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight, bias, mean, rstd,
-                         mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """ATen's LayerNorm backward in the compute dtype: (dx unrounded, dweight, dbias), None where
-    not asked for."""
+                         mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """ATen's LayerNorm backward in the compute dtype: (dx unrounded, dweight, dbias); an output
+    not asked for in ``mask`` is undefined (None)."""
     cdt = compute_dtype(input.dtype)
     stat_shape = list(mean.shape) + [1] * len(normalized_shape)
     return torch.ops.aten.native_layer_norm_backward(
@@ -121,6 +121,7 @@ def _rms_forward(input: Tensor, normalized_shape, weight: Tensor | None, eps: fl
     rounds_first = cast_before_weight and scale is not None and out_dtype != cdt
     out, rstd = fused_rms_norm(input.to(cdt), list(normalized_shape), None if rounds_first else scale, eps)
     if rounds_first:
+        assert scale is not None
         out = out.to(out_dtype).to(cdt).mul_(scale)
     return out.to(out_dtype).contiguous(), rstd.reshape(lead).to(stats_dtype(out_dtype)).contiguous()
 
@@ -211,8 +212,8 @@ def add_layer_norm_backward_reference(c: AddLayerNormBackwardCall) -> tuple[Tens
     mask = [True, bool(c.output_mask[1]) and c.weight is not None, bool(c.output_mask[2]) and c.bias is not None]
     dx, dw, db = _layer_norm_backward(c.grad_out, r, c.normalized_shape, c.weight, c.bias, c.mean, c.rstd, mask)
     dsum = dx + c.grad_residual_out.to(dx.dtype)
-    dw = dw.to(c.weight.dtype) if mask[1] else empty_param_grad(c.weight, c.grad_out)
-    db = db.to(c.bias.dtype) if mask[2] else empty_param_grad(c.bias, c.grad_out)
+    dw = dw.to(c.weight.dtype) if mask[1] and c.weight is not None else empty_param_grad(c.weight, c.grad_out)
+    db = db.to(c.bias.dtype) if mask[2] and c.bias is not None else empty_param_grad(c.bias, c.grad_out)
     return dsum.to(r.dtype).contiguous(), _input_grad(dsum, r, c.dropout_p, c.seed), dw, db
 
 
@@ -233,6 +234,7 @@ def add_rms_norm_backward_reference(c: AddRmsNormBackwardCall) -> tuple[Tensor, 
     r = c.residual_out
     dx, dw = _rms_backward(c.grad_out, r, c.normalized_shape, c.weight, c.rstd, c.offset, c.cast_before_weight,
                            True, bool(c.output_mask[1]))
+    assert dx is not None
     dsum = dx + c.grad_residual_out.to(dx.dtype)
     dw = dw if dw is not None else empty_param_grad(c.weight, c.grad_out)
     return dsum.to(r.dtype).contiguous(), _input_grad(dsum, r, c.dropout_p, c.seed), dw

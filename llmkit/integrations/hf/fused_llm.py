@@ -20,11 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ... import ops
 from ..._compat import cache_kwarg, pop_cache
 from ...nn._fused import GluFlavor, _hooked, add_norm, gated_mlp, glu, glu_flavor, linear
+from .fused import _TransformersModule
 
 __all__ = ["LLM_FAMILIES"]
 
@@ -38,13 +39,16 @@ def hf_glu_flavor(activation: object) -> GluFlavor | None:
     """:func:`llmkit.nn._fused.glu_flavor`, and transformers' own ``SiLUActivation``."""
     name = type(activation).__name__
     if name == "SiLUActivation" and type(activation).__module__.startswith("transformers.") \
-            and not _hooked(activation):  # type: ignore[arg-type]
+            and isinstance(activation, nn.Module) and not _hooked(activation):
         return "swiglu", None
     return glu_flavor(activation)
 
 
-class _FusedLlamaRMSNorm:
+class _FusedLlamaRMSNorm(_TransformersModule):
     """``LlamaRMSNorm`` (and Mistral's, Qwen2's): ``weight * x_hat.to(input_dtype)``."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
 
     def llmkit_rms_args(self, dtype: torch.dtype) -> tuple[list[int], Tensor, float, float, bool] | None:
         w = self.weight
@@ -58,11 +62,14 @@ class _FusedLlamaRMSNorm:
         return ops.rms_norm(hidden_states, ns, w, eps, offset=offset, cast_before_weight=cast)
 
 
-class _FusedGemmaRMSNorm:
+class _FusedGemmaRMSNorm(_TransformersModule):
     """``GemmaRMSNorm``: ``(x_hat * (1 + weight.float())).type_as(x)``, all in float32."""
 
+    weight: nn.Parameter
+    eps: float
+
     def llmkit_rms_args(self, dtype: torch.dtype) -> tuple[list[int], Tensor, float, float, bool]:
-        w = self.weight
+        w: Tensor = self.weight
         if w.dtype != dtype and not (dtype in _HALF and w.dtype == torch.float32):
             # the model multiplies by the float32 weight whatever its dtype (float64: computed in float64)
             w = w.to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -73,8 +80,11 @@ class _FusedGemmaRMSNorm:
         return ops.rms_norm(x, ns, w, eps, offset=offset, cast_before_weight=cast)
 
 
-class _FusedT5LayerNorm:
+class _FusedT5LayerNorm(_TransformersModule):
     """``T5LayerNorm``: ``x_hat`` in float32, rounded to a half weight's dtype, times the weight."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
 
     def llmkit_rms_args(self, dtype: torch.dtype) -> tuple[list[int], Tensor, float, float, bool] | None:
         w = self.weight
@@ -91,16 +101,27 @@ class _FusedT5LayerNorm:
         return ops.rms_norm(hidden_states.to(self.weight.dtype), ns, self.weight, eps)  # float32 x_hat and weight
 
 
-class _FusedGatedMLP:
+class _FusedGatedMLP(_TransformersModule):
     """Llama / Mistral / Qwen2 / Gemma MLP: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act_fn: nn.Module
 
     def forward(self, x: Tensor) -> Tensor:
         return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, hf_glu_flavor(self.act_fn))
 
 
-class _FusedT5GatedFF:
+class _FusedT5GatedFF(_TransformersModule):
     """T5's ``T5DenseGatedActDense``: ``wo(dropout(act(wi_0(h)) * wi_1(h)))``, ``wo``'s input
     cast to its weight's dtype as the model does (``wo`` kept in float32)."""
+
+    wi_0: nn.Module
+    wi_1: nn.Module
+    wo: nn.Module
+    dropout: nn.Module
+    act: nn.Module
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         flavor = hf_glu_flavor(self.act)
@@ -112,10 +133,15 @@ class _FusedT5GatedFF:
         return linear(h, self.wo)
 
 
-class _FusedDecoderLayer:
+class _FusedDecoderLayer(_TransformersModule):
     """Llama / Mistral / Qwen2 / Gemma decoder layer: the attention's residual add fused into
     ``post_attention_layernorm`` (``add_rms_norm``). The cache goes on to the attention under
     the name its forward takes (``cache`` or ``past_key_values``)."""
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: Any = None, use_cache: bool | None = False, position_embeddings: Any = None,

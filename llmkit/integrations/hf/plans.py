@@ -9,7 +9,7 @@ made by :mod:`.fused` / :mod:`.fused_llm`); anything else is left, with the reas
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeGuard, cast
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import nn
