@@ -17,6 +17,7 @@ import torch
 import llmkit
 from llmkit.dispatch import DispatchPoint
 from llmkit.testing import assert_close_to_reference
+from test_hf import t5_train_step
 from test_models import _widen_
 
 transformers = pytest.importorskip("transformers")
@@ -147,10 +148,7 @@ def test_t5_gated_feed_forward_swap(ran):
     dec = torch.randint(3, VOCAB, (2, 5))
 
     def run():
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return t5_train_step(model, ids, mask, dec)
 
     out0, g0 = run()
     with torch.no_grad():

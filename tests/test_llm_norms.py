@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import llmkit
+from conftest import poison_kernel_buffers
 from llmkit import reference64 as R
 from llmkit.dispatch import triton_interpreting
 from llmkit.ops._philox import row_dropout_keep_mask
-from llmkit.testing import assert_close_to_reference, poison_
+from llmkit.testing import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 BACKENDS = ["reference", "triton", "cuda_ext"]
@@ -37,8 +38,7 @@ def _setup(request, monkeypatch):
         request.getfixturevalue("ext")
     from llmkit.kernels import layer_norm as K
 
-    real = K._empty
-    monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
+    poison_kernel_buffers(monkeypatch, K)
 
 
 def takes(backend: str, dtype: torch.dtype, cast_before_weight=False, residual_in_fp32=False,
