@@ -46,6 +46,8 @@ TARGETS: list[tuple[str, str, dict[str, Any], str, float, str]] = [
     ("int8_w8a16", "fwd", {}, "Int8Linear[w8a16]", 1.0, "issue 5: W8A16 at M=1..16 >= 1.0x fp32 nn.Linear"),
     ("bert", "prefill", {}, "hf+swap", 1.0, "issue 6: swapped BERT-base >= 1.0x unswapped"),
     ("gpt2_decode", "decode", {}, "llmkit.models.GPT", 1.0, "issue 6: llmkit GPT decode >= 1.0x HF GPT-2 tokens/s"),
+    ("llama_prefill", "prefill", {}, "hf+swap", 1.3,
+     "issue 17: swapped Llama-shaped model (hidden 2048, 4 layers, S=512) >= 1.3x HF eager, float32 prefill"),
 ]
 
 

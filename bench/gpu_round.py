@@ -76,7 +76,8 @@ SUMMARY_RESERVE_S = 15  # the summary files and the tarball at the end
 # machines), and the dry-run test of this script. The extension's step also takes every
 # test file that uses it (see tests_using_extension): they run once it is built, never
 # building it a second time beside the build step.
-ROW_TESTS = ("test_layer_norm.py", "test_gelu.py", "test_int8_matmul.py", "test_int8_linear.py")
+ROW_TESTS = ("test_layer_norm.py", "test_llm_norms.py", "test_gelu.py", "test_glu.py", "test_int8_matmul.py",
+             "test_int8_linear.py")
 ATTENTION_TESTS = ("test_attention.py", "test_decode_attention.py")
 EXT_TESTS = ("test_cuda_ext*.py", "test_nn_backends.py")
 NOT_ON_GPU = ("test_compile_report.py", "test_csrc_compile.py", "test_gpu_round.py")
@@ -84,15 +85,16 @@ SMOKE_TESTS = ("test_reference.py",)  # the dry run's real pytest run: small, pu
 
 CHECK_GROUPS = {
     "attention": ("attention", "decode_attention"),
-    "rows": ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "quantize_int8", "int8_matmul",
-             "int8_linear"),
+    "rows": ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
+             "quantize_int8", "int8_matmul", "int8_linear"),
 }
 # bench groups, in the order they run, with the least time each needs (seconds)
 BENCH_GROUPS = (
     ("attention", ("attention", "decode_attention"), 35),
-    ("norms", ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "quantize_int8"), 30),
+    ("norms", ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "swiglu", "geglu",
+               "quantize_int8"), 30),
     ("int8", ("int8_w8a8", "int8_w8a16"), 25),
-    ("models", ("gpt2_prefill", "gpt2_decode", "bert"), 45),
+    ("models", ("gpt2_prefill", "gpt2_decode", "bert", "llama_prefill"), 45),
 )
 
 

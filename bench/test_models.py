@@ -13,6 +13,6 @@ import pytest
 from _harness import params, run_benchmark
 
 
-@pytest.mark.parametrize("suite,point,pass_,impl", params("bert", "gpt2_prefill", "gpt2_decode"))
+@pytest.mark.parametrize("suite,point,pass_,impl", params("bert", "gpt2_prefill", "gpt2_decode", "llama_prefill"))
 def test_model(benchmark, suite, point, pass_, impl):
     run_benchmark(benchmark, suite, point, pass_, impl)

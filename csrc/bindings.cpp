@@ -162,6 +162,38 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(const Tensor& dy_in, const Tensor& 
   return {dx, db};
 }
 
+// A 2-D operand of the GLU kernels: unit column stride (else made contiguous), any row stride.
+Tensor unit_cols(const char* op, const Tensor& t) {
+  check_2d(op, t);
+  return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
+
+Tensor glu_fwd_cpu(const Tensor& gate_in, const Tensor& up_in, int64_t act) {
+  const Tensor g = unit_cols("glu_fwd", gate_in), u = unit_cols("glu_fwd", up_in);
+  TORCH_CHECK(g.sizes() == u.sizes(), "glu_fwd: gate ", g.sizes(), " and up ", u.sizes(), " differ");
+  Tensor out = at::empty(g.sizes(), g.options());
+  LLMKIT_CPU_DISPATCH(g.scalar_type(), "glu_fwd", [&] {
+    cpu::glu_forward<scalar_t>(g.data_ptr<scalar_t>(), g.stride(0), u.data_ptr<scalar_t>(), u.stride(0),
+                               out.data_ptr<scalar_t>(), g.size(0), g.size(1), static_cast<int>(act));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> glu_bwd_cpu(const Tensor& dy_in, const Tensor& gate_in, const Tensor& up_in,
+                                       int64_t act) {
+  const Tensor dy = unit_cols("glu_bwd", dy_in), g = unit_cols("glu_bwd", gate_in),
+               u = unit_cols("glu_bwd", up_in);
+  TORCH_CHECK(g.sizes() == u.sizes() && g.sizes() == dy.sizes(), "glu_bwd: dy ", dy.sizes(), ", gate ",
+              g.sizes(), " and up ", u.sizes(), " differ");
+  Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
+  LLMKIT_CPU_DISPATCH(g.scalar_type(), "glu_bwd", [&] {
+    cpu::glu_backward<scalar_t>(dy.data_ptr<scalar_t>(), dy.stride(0), g.data_ptr<scalar_t>(), g.stride(0),
+                                u.data_ptr<scalar_t>(), u.stride(0), dg.data_ptr<scalar_t>(),
+                                du.data_ptr<scalar_t>(), g.size(0), g.size(1), static_cast<int>(act));
+  });
+  return {dg, du};
+}
+
 std::tuple<Tensor, Tensor> quantize_rows_cpu(const Tensor& x_in) {
   check_2d("quantize_rows", x_in);
   const Tensor x = x_in.contiguous();
@@ -478,6 +510,8 @@ TORCH_LIBRARY(llmkit_ext, m) {
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh_approx) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool need_dbias, bool tanh_approx) "
         "-> (Tensor, Tensor)");
+  m.def("glu_fwd(Tensor gate, Tensor up, int act) -> Tensor");
+  m.def("glu_bwd(Tensor dy, Tensor gate, Tensor up, int act) -> (Tensor, Tensor)");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("int8_gemm(Tensor a, Tensor b, bool b_is_nk, Tensor? a_scale, Tensor? b_scale, "
         "Tensor? bias, int activation, ScalarType? out_dtype) -> Tensor");
@@ -496,6 +530,8 @@ TORCH_LIBRARY_IMPL(llmkit_ext, CPU, m) {
   m.impl("norm_bwd", &norm_bwd_cpu);
   m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
+  m.impl("glu_fwd", &glu_fwd_cpu);
+  m.impl("glu_bwd", &glu_bwd_cpu);
   m.impl("quantize_rows", &quantize_rows_cpu);
   m.impl("philox_uniform", &philox_uniform_cpu);
 }

@@ -518,7 +518,10 @@ def _int8_cases() -> Iterable[Case]:
 
 def all_cases() -> list[Case]:
     """Every check case of every op."""
-    return [*_norm_cases(), *_gelu_cases(), *_attention_cases(), *_int8_cases()]
+    from . import check_llm  # the cases of the LLM norms and gated activations (imports this module)
+
+    return [*_norm_cases(), *check_llm.llm_norm_cases(), *_gelu_cases(), *check_llm.glu_cases(), *_attention_cases(),
+            *_int8_cases()]
 
 
 # --------------------------------------------------------------------------------------

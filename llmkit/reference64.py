@@ -38,13 +38,32 @@ def layer_norm(
     return y
 
 
-def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight."""
+def _rounded(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged)."""
+    if dtype is None or dtype == F64:
+        return t
+    return t + (t.detach().to(dtype).to(F64) - t.detach())
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    eps: float,
+    offset: float = 0.0,
+    cast_before_weight_to: torch.dtype | None = None,
+) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight); with ``cast_before_weight_to`` the
+    normalized value is rounded to that dtype before the multiply (Llama's order)."""
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     n = math.prod(normalized_shape)
     ms = (x * x).sum(dims, keepdim=True) / n
-    y = x / torch.sqrt(ms + eps)
-    return y if weight is None else y * weight
+    y = _rounded(x / torch.sqrt(ms + eps), cast_before_weight_to)
+    return y if weight is None else y * (weight + offset)
+
+
+def _dropped(x: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
+    return x if keep is None else x * keep.to(F64) / (1.0 - dropout_p)
 
 
 def add_layer_norm(
@@ -55,12 +74,31 @@ def add_layer_norm(
     bias: Tensor | None,
     eps: float,
     round_to: torch.dtype | None = None,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """(layer_norm(s), s) with s = x + residual, rounded to ``round_to`` as the op specifies."""
-    s = x + residual
-    if round_to is not None and round_to != F64:
-        s = s + (s.detach().to(round_to).to(F64) - s.detach())  # rounding, straight-through
+    """(layer_norm(s), s) with s = dropout(x) + residual, rounded to ``round_to`` as the op
+    specifies; ``keep``: the dropout's boolean keep mask (kept values scaled by 1 / (1 - p))."""
+    s = _rounded(_dropped(x, keep, dropout_p) + residual, round_to)
     return layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    eps: float,
+    offset: float = 0.0,
+    cast_before_weight_to: torch.dtype | None = None,
+    round_to: torch.dtype | None = None,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(s), s) with s = dropout(x) + residual rounded to ``round_to``, as
+    :func:`add_layer_norm`, and :func:`rms_norm`'s offset and casting."""
+    s = _rounded(_dropped(x, keep, dropout_p) + residual, round_to)
+    return rms_norm(s, normalized_shape, weight, eps, offset, cast_before_weight_to), s
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -74,6 +112,22 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """gelu(x + bias)."""
     return gelu(x + bias, approximate)
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x), sigmoid(x) = 1 / (1 + exp(-x)) (torch.sigmoid: finite gradients where
+    exp(-x) overflows)."""
+    return x * torch.sigmoid(x)
+
+
+def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(gate) * up."""
+    return gelu(gate, approximate) * up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up."""
+    return silu(gate) * up
 
 
 def attention(

@@ -10,7 +10,9 @@ What is swapped, by kind (``swap(model, kinds=[...])`` picks some):
 
 ``norm``
     ``torch.nn.LayerNorm`` / ``RMSNorm`` -> :class:`llmkit.nn.LayerNorm` / ``RMSNorm``;
-    transformers' ``T5LayerNorm`` (an RMSNorm) -> :class:`llmkit.nn.RMSNorm`.
+    transformers' RMSNorms of T5 (``T5LayerNorm``), Llama, Mistral, Qwen2 (``weight *
+    x_hat.to(dtype)``) and Gemma (``x_hat * (1 + weight)``) compute through
+    :func:`llmkit.ops.rms_norm` with their model's offset, casting order and dtypes.
 ``gelu``
     ``torch.nn.GELU`` and transformers' ``GELUActivation`` (exact),
     ``NewGELUActivation`` / ``GELUTanh`` / ``FastGELUActivation`` (tanh form) ->
@@ -27,8 +29,11 @@ What is swapped, by kind (``swap(model, kinds=[...])`` picks some):
     transformers BERT-family ``*SelfOutput`` / ``*Output`` (residual add fused into
     LayerNorm), ``*Intermediate`` (bias fused into GELU) and ``*SelfAttention`` (its
     projections, transformers >= 5), GPT-2's ``GPT2MLP`` (bias + GELU) and ``GPT2Block``
-    (attention residual fused into ``ln_2``). Their class is reassigned to a subclass whose
-    ``forward`` calls the fused ops; the bias + GELU fusions need the ``gelu`` kind too. On
+    (attention residual fused into ``ln_2``); the Llama / Mistral / Qwen2 / Gemma MLPs and T5's
+    ``T5DenseGatedActDense`` (activation * up as one SwiGLU / GeGLU op) and their decoder layers
+    (attention residual fused into ``post_attention_layernorm``, with the ``norm`` kind). Their
+    class is reassigned to a subclass whose ``forward`` calls the fused ops; the bias + GELU
+    and GeGLU fusions need the ``gelu`` kind too. On
     float32 CPU inference their linears run as oneDNN GEMMs with the bias and GELU in the
     epilogue (:func:`llmkit.nn._fused.dense`). Swapped models pickle and deep-copy.
 

@@ -162,6 +162,39 @@ def check_norms(mesh) -> None:
                  (x4,), (S(2),), Rep, label="layer_norm 2-D normalized shape, dim 2 sharded")
 
 
+def check_llm_norms(mesh) -> None:
+    """rms_norm's offset and casting order, add_rms_norm with a float32 residual stream: rows
+    sharded; input dropout (a mask of the global element index): replicated."""
+    S, Rep, _ = _placements()
+    for dtype in DTYPES:
+        x, res = torch.randn(3, 5, 24, dtype=dtype), torch.randn(3, 5, 24)
+        w = torch.randn(24, dtype=dtype)
+        half = dtype != torch.float32
+        cast_to = dtype if half else None
+        for d in (0, 1):
+            run_case(mesh, lambda x, w: ops.rms_norm(x, [24], w, 1e-6, offset=1.0, cast_before_weight=True),
+                     lambda x, w, cast_to=cast_to: R64.rms_norm(x, [24], w, 1e-6, 1.0, cast_to), (x, w),
+                     (S(d), Rep), S(d),
+                     label=f"rms_norm offset llama order {dtype} Shard({d})")
+            run_case(mesh, lambda x, r, w: ops.add_rms_norm(x, r, [24], w, 1e-6, residual_in_fp32=True),
+                     lambda x, r, w: R64.add_rms_norm(x, r, [24], w, 1e-6, round_to=torch.float32),
+                     (x, res.to(torch.float32 if half else dtype), w), (S(d), S(d), Rep), S(d),
+                     label=f"add_rms_norm residual_in_fp32 {dtype} Shard({d})")
+
+    x, res, w = torch.randn(4, 6, 16), torch.randn(4, 6, 16), torch.randn(16)
+
+    def dropped(fn):
+        def run(x, r, w):
+            torch.manual_seed(3)  # the same seed on every rank and for the whole-tensor run
+            return fn(x, r, w)
+        return run
+
+    run_case(mesh, dropped(lambda x, r, w: ops.add_rms_norm(x, r, [16], w, 1e-6, dropout_p=0.3)), None,
+             (x, res, w), (S(0), S(0), Rep), Rep, label="add_rms_norm dropout")
+    run_case(mesh, dropped(lambda x, r, w: ops.add_layer_norm(x, r, [16], w, None, dropout_p=0.3)), None,
+             (x, res, w), (S(1), S(1), Rep), Rep, label="add_layer_norm dropout")
+
+
 def check_triton_backend_on_shards(mesh) -> None:
     """The rules are backend-free: each rank runs the same op, whichever backend takes it (the
     Triton kernels here, through the interpreter)."""
@@ -226,6 +259,24 @@ def check_gelu(mesh) -> None:
         # hidden dim sharded but the bias replicated: the bias is split to match
         run_case(mesh, lambda x, b: ops.bias_gelu(x, b), lambda x, b: R64.bias_gelu(x, b),
                  (x, bias), (S(2), Rep), S(2), label=f"bias_gelu {dtype} replicated bias")
+
+
+# -- GeGLU / SwiGLU ---------------------------------------------------------------------
+
+
+def check_glu(mesh) -> None:
+    S, Rep, _ = _placements()
+    for dtype in DTYPES:
+        gate, up = torch.randn(3, 5, 12, dtype=dtype) * 3, torch.randn(3, 5, 12, dtype=dtype)
+        for d in range(3):  # elementwise: any dim, the hidden one (ColwiseParallel's output) included
+            run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(d), S(d)), S(d), label=f"swiglu {dtype} Shard({d})")
+            for approx in ("none", "tanh"):
+                run_case(mesh, lambda g, u, a=approx: ops.geglu(g, u, a), lambda g, u, a=approx: R64.geglu(g, u, a),
+                         (gate, up), (S(d), S(d)), S(d), label=f"geglu {approx} {dtype} Shard({d})")
+    # gate and up placed differently: redistributed to one placement, never computed mixed
+    gate, up = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(0), S(2)), None, label="swiglu mixed placements")
+    run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(1), Rep), None, label="swiglu one replicated")
 
 
 # -- attention --------------------------------------------------------------------------
@@ -414,9 +465,11 @@ def check_2d_mesh(mesh) -> None:
 
 CHECKS = {
     "ops_norms": check_norms,
+    "ops_llm_norms": check_llm_norms,
     "ops_triton_backend_on_shards": check_triton_backend_on_shards,
     "ops_strategy_cache_keys_on_values": check_strategy_cache_keys_on_values,
     "ops_gelu": check_gelu,
+    "ops_glu": check_glu,
     "ops_attention": check_attention,
     "ops_attention_gqa": check_attention_gqa,
     "ops_attention_dropout_replicates": check_attention_dropout_replicates,

@@ -59,6 +59,33 @@ def ext():
     return _ext
 
 
+def poison_kernel_buffers(monkeypatch, *modules) -> None:
+    """Every buffer the given kernel modules allocate through their ``_empty`` starts as NaN
+    (integer buffers at their minimum): an element a kernel fails to write shows."""
+    from llmkit.kernels import layer_norm
+    from llmkit.testing import poison_
+
+    real = layer_norm._empty
+    for module in modules:
+        monkeypatch.setattr(module, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
+
+
+def assert_refused_then_falls_back(calls, backend: str, reason: str) -> None:
+    """Each of ``calls`` (no arguments) raises ``BackendError`` naming ``reason`` when ``backend``
+    is asked for alone, and, given ``[backend, "reference"]``, falls back to the reference's
+    result exactly."""
+    import llmkit
+
+    for call in calls:
+        with llmkit.use_backend(backend), pytest.raises(llmkit.BackendError) as info:
+            call()
+        assert reason in str(info.value), str(info.value)
+        with llmkit.use_backend([backend, "reference"]):
+            got = call()
+        with llmkit.use_backend("reference"):
+            assert torch.equal(got, call())
+
+
 def select_linear_path(monkeypatch, path: str) -> None:
     """Force one of the ``linear`` dispatch point's reference paths on CPU tensors:
     ``"onednn"`` (the default: its variants as they are), ``"bias_in_gemm"`` (no oneDNN) or

@@ -69,6 +69,14 @@ def bias_gelu_bwd(**over):
     return _call(L.bias_gelu_backward, dict(grad_out=r(5, 9), input=r(5, 9), bias=r(9), approximate="tanh"), over)
 
 
+def geglu_bwd(**over):
+    return _call(L.geglu_backward, dict(grad_out=r(5, 9), gate=r(5, 9), up=r(5, 9), approximate="tanh"), over)
+
+
+def swiglu_bwd(**over):
+    return _call(L.swiglu_backward, dict(grad_out=r(5, 9), gate=r(5, 9), up=r(5, 9)), over)
+
+
 def sdpa_bwd(**over):
     return _call(L.scaled_dot_product_attention_backward, dict(
         grad_out=r(1, 2, 5, 4), query=r(1, 2, 5, 8), key=r(1, 2, 7, 8), value=r(1, 2, 7, 4), out=r(1, 2, 5, 4),
@@ -119,6 +127,15 @@ BAD_BACKWARD = {
                                       ["bias", "float16", "float32"]),
     "bias_gelu_backward short grad_out": (lambda: bias_gelu_bwd(grad_out=r(9)), ValueError,
                                           ["grad_out", "[9]", "[5, 9]"]),
+    "geglu_backward short grad_out": (lambda: geglu_bwd(grad_out=r(9)), ValueError,
+                                      ["grad_out", "[9]", "gate's shape [5, 9]"]),
+    "geglu_backward short up": (lambda: geglu_bwd(up=r(5, 1)), ValueError, ["up", "[5, 1]", "[5, 9]"]),
+    "geglu_backward approximate": (lambda: geglu_bwd(approximate="erf"), ValueError, ["approximate", "'erf'"]),
+    "swiglu_backward up dtype": (lambda: swiglu_bwd(up=r(5, 9, dtype=F16)), TypeError, ["up", "float16", "float32"]),
+    "swiglu_backward grad_out on meta": (lambda: swiglu_bwd(grad_out=r(5, 9, device="meta")), ValueError,
+                                         ["grad_out is on meta", "gate is on cpu"]),
+    "swiglu_backward gate int": (lambda: swiglu_bwd(gate=torch.ones(5, 9, dtype=torch.int32)), TypeError,
+                                 ["gate", "int32"]),
     "sdpa_backward grad_out head dim": (lambda: sdpa_bwd(grad_out=r(1, 2, 5, 8)), ValueError,
                                         ["grad_out", "[1, 2, 5, 8]", "[1, 2, 5, 4]"]),
     "sdpa_backward short out": (lambda: sdpa_bwd(out=r(1, 2, 1, 4)), ValueError, ["out", "[1, 2, 1, 4]"]),
@@ -197,6 +214,8 @@ BAD_FORWARD = {
     "add_layer_norm normalized_shape string": (lambda: ops.add_layer_norm(r(2, 3), r(2, 3), "3"), TypeError,
                                                ["normalized_shape", "'3'"]),
     "bias_gelu bias on meta": (lambda: ops.bias_gelu(r(2, 5), r(5, device="meta")), ValueError, ["bias is on meta"]),
+    "swiglu up on meta": (lambda: ops.swiglu(r(2, 5), r(2, 5, device="meta")), ValueError, ["up is on meta"]),
+    "geglu broadcast up": (lambda: ops.geglu(r(2, 5), r(5)), ValueError, ["up has shape [5]", "gate's shape [2, 5]"]),
 }
 
 

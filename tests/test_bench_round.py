@@ -47,10 +47,11 @@ def test_a_model_point_longer_than_the_models_positions_is_named(suite, point, p
 
 def test_model_configurations_are_checked():
     raw = copy.deepcopy(RAW)
-    raw["models"]["gpt2-tiny"] = dict(raw["models"]["gpt2-tiny"], positions=None, family="llama")
+    raw["models"]["gpt2-tiny"] = dict(raw["models"]["gpt2-tiny"], positions=None, family="t5", kv_heads=0)
     problems = check_shapes(raw)
     assert "model gpt2-tiny: positions must be a positive integer, got None" in problems
-    assert "model gpt2-tiny: family must be one of bert, gpt2, got 'llama'" in problems
+    assert "model gpt2-tiny: family must be one of bert, gpt2, llama, got 't5'" in problems
+    assert "model gpt2-tiny: kv_heads must be a positive integer, got 0" in problems
 
 
 def test_a_set_that_exceeds_is_refused_before_any_model_runs(tmp_path, monkeypatch, capsys):

@@ -39,8 +39,8 @@ def _triton_on_cpu_reason(op: str) -> str | None:
 def test_sweep_follows_the_design_rules():
     cases = all_cases()
     ops = {c.op for c in cases}
-    assert ops == {"layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "attention",
-                   "decode_attention", "quantize_int8", "int8_matmul", "int8_linear"}
+    assert ops == {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
+                   "attention", "decode_attention", "quantize_int8", "int8_matmul", "int8_linear"}
     cpu = torch.device("cpu")
     for op in ops:
         mine = [c for c in cases if c.op == op]
@@ -75,9 +75,10 @@ def test_reference_backend_passes_the_quick_sweep():
     failed = [(r.op, r.dtype, r.shape, r.output, r.note) for r in rows if r.status == "FAIL"]
     assert not failed, failed[:10]
     ops = {r.op for r in rows}
-    assert len(ops) == 10
+    assert ops == {c.op for c in all_cases()}
     # backward is checked: every differentiable op has gradient rows, including on empty inputs
-    for op in ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "attention"):
+    for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
+               "attention"):
         grads = [r for r in rows if r.op == op and r.output.startswith("grad_")]
         assert grads, op
     assert any(r.shape.startswith("0x33") and r.output == "grad_input" for r in rows if r.op == "layer_norm")

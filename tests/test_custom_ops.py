@@ -33,6 +33,8 @@ OPCHECK_CASES = {
     "gelu": lambda: (L.gelu, (rq(3, 7), "none")),
     "gelu tanh": lambda: (L.gelu, (rq(3, 7), "tanh")),
     "bias_gelu": lambda: (L.bias_gelu, (rq(3, 7), rq(7), "tanh")),
+    "geglu": lambda: (L.geglu, (rq(3, 7), rq(3, 7), "none")),
+    "swiglu": lambda: (L.swiglu, (rq(3, 7), rq(3, 7))),
     "sdpa causal gqa": lambda: (L.scaled_dot_product_attention,
                                 (rq(2, 4, 5, 8), rq(2, 2, 6, 8), rq(2, 2, 6, 8), None, 0.0, True, 0.3, True, 0, 0)),
     "sdpa float mask with grad and dropout": lambda: (
@@ -64,6 +66,8 @@ GRADCHECK_CASES = {
     "gelu": (lambda x: ops.gelu(x), [(4, 5)]),
     "gelu tanh": (lambda x: ops.gelu(x, "tanh"), [(4, 5)]),
     "bias_gelu": (lambda x, b: ops.bias_gelu(x, b, "none"), [(4, 5), (5,)]),
+    "geglu tanh": (lambda g, u: ops.geglu(g, u, "tanh"), [(4, 5), (4, 5)]),
+    "swiglu": (lambda g, u: ops.swiglu(g, u), [(4, 5), (4, 5)]),
     "sdpa causal gqa": (lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                         [(1, 4, 5, 4), (1, 2, 7, 4), (1, 2, 7, 3)]),
     "sdpa float mask": (lambda q, k, v, m: ops.scaled_dot_product_attention(q, k, v, m),

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import llmkit
+from conftest import assert_refused_then_falls_back, poison_kernel_buffers
 from llmkit import reference64 as R
 from llmkit.dispatch import triton_interpreting
-from llmkit.testing import assert_close_to_reference, poison_
+from llmkit.testing import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -36,13 +37,7 @@ def _poison_kernel_outputs(monkeypatch):
     from llmkit.kernels import gelu as G
     from llmkit.kernels import layer_norm as K
 
-    real = K._empty
-
-    def poisoned(shape, dtype, device):
-        return poison_(real(shape, dtype, device))
-
-    monkeypatch.setattr(K, "_empty", poisoned)
-    monkeypatch.setattr(G, "_empty", poisoned)
+    poison_kernel_buffers(monkeypatch, K, G)
 
 
 def _randn(shape, dtype, scale=3.0, mean=0.0):
@@ -264,14 +259,8 @@ def test_bad_input(backend):
 def test_triton_refuses_float64():
     x = _randn((3, 16), F64)
     b = _randn((16,), F64)
-    for call in (lambda: llmkit.ops.gelu(x), lambda: llmkit.ops.bias_gelu(x, b, "tanh")):
-        with llmkit.use_backend("triton"), pytest.raises(llmkit.BackendError) as info:
-            call()
-        assert "triton: takes float16, bfloat16, float32, got float64" in str(info.value)
-        with llmkit.use_backend(["triton", "reference"]):
-            got = call()
-        with llmkit.use_backend("reference"):
-            assert torch.equal(got, call())
+    assert_refused_then_falls_back((lambda: llmkit.ops.gelu(x), lambda: llmkit.ops.bias_gelu(x, b, "tanh")),
+                                   "triton", "triton: takes float16, bfloat16, float32, got float64")
 
 
 def test_triton_backward_refuses_mismatched_arguments():

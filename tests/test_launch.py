@@ -25,6 +25,7 @@ from llmkit.kernels import _launch as L
 from llmkit.kernels import attention as A
 from llmkit.kernels import decode_attention as D
 from llmkit.kernels import gelu as G
+from llmkit.kernels import glu as GL
 from llmkit.kernels import int8_matmul as Q
 from llmkit.kernels import layer_norm as N
 
@@ -238,6 +239,11 @@ def test_quantize_norm_and_gelu_offsets_past_2_31_elements(huge):
         if got is not None:
             _same(got, want, "layer_norm")
     _same(G.gelu_forward(x, bias, False), G.gelu_forward(x.contiguous(), bias, False), "bias_gelu")
+    up = huge((3, 96), (BIG, 1), torch.bfloat16)
+    _same(GL.glu_forward(x, up, GL.SILU), GL.glu_forward(x.contiguous(), up.contiguous(), GL.SILU), "swiglu")
+    for got, want in zip(GL.glu_backward(up, x, up, GL.GELU_TANH),
+                         GL.glu_backward(up.contiguous(), x.contiguous(), up.contiguous(), GL.GELU_TANH), strict=True):
+        _same(got, want, "geglu backward")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""llmkit.nn LayerNorm / RMSNorm / GELU / MultiheadAttention against torch.nn.
+"""llmkit.nn LayerNorm / RMSNorm / GELU / MultiheadAttention against torch.nn, RMSNorm's LLM
+options and GatedMLP against the models' code.
 
 Each test builds the torch.nn module, loads its state dict into the llmkit module with
 ``strict=True`` and compares outputs and every gradient (input and parameters) in
@@ -92,6 +93,52 @@ def test_gelu_matches_torch(approximate, shape):
     ours = lnn.GELU(approximate=approximate)
     assert repr(ours) == repr(ref)
     _assert_same(ref, ours, lambda: [(torch.randn(shape) * 4).requires_grad_()], lambda m, x: m(x))
+
+
+class _GemmaStyle(nn.Module):
+    """Gemma's RMSNorm (x_hat * (1 + w) in float32, cast back) and Llama's (w * x_hat.to(dtype))."""
+
+    def __init__(self, n: int, offset: float, cast_before_weight: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+        self.offset, self.cast = offset, cast_before_weight
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.cast:
+            return (self.weight + self.offset) * h.to(x.dtype)
+        return (h * (self.offset + self.weight.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize("offset,cast", [(1.0, False), (0.0, True), (1.0, True)])
+def test_rms_norm_offset_and_casting_match_the_models(offset, cast):
+    ref = _GemmaStyle(33, offset, cast)
+    ours = lnn.RMSNorm(33, eps=1e-6, offset=offset, cast_before_weight=cast)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    _assert_same(ref, ours, lambda: [torch.randn(4, 33).requires_grad_()], lambda m, x: m(x))
+    assert f"offset={offset}" in repr(ours) if offset else "offset" not in repr(ours)
+
+
+def test_rms_norm_with_offset_starts_as_identity_scale():
+    m = lnn.RMSNorm(8, offset=1.0)
+    assert torch.equal(m.weight, torch.zeros(8))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(m(x), torch.nn.functional.rms_norm(x, [8]), **TOL)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_gated_mlp_matches_the_unfused_code_and_loads_llama_mlp_weights(activation):
+    transformers = pytest.importorskip("transformers")
+    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[activation]
+    cfg = transformers.LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4, hidden_act=act)
+    ref = transformers.models.llama.modeling_llama.LlamaMLP(cfg)
+    ours = _twin(ref, lnn.GatedMLP, 24, 40, activation)
+    _assert_same(ref, ours, lambda: [torch.randn(2, 3, 24).requires_grad_()], lambda m, x: m(x))
+
+
+def test_gated_mlp_refuses_an_unknown_activation():
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', 'gelu_tanh', got 'relu'"):
+        lnn.GatedMLP(8, 16, "relu")
 
 
 def test_norm_state_dict_wrong_shape_raises_torch_error():

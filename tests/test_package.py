@@ -50,7 +50,7 @@ def test_import_is_cheap_and_does_not_load_triton_or_transformers():
 
 
 def test_public_api_names():
-    for name in ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu",
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "geglu", "swiglu",
                  "scaled_dot_product_attention", "decode_attention", "quantize_int8",
                  "int8_matmul", "int8_linear"):
         assert callable(getattr(llmkit.ops, name)), name

@@ -57,6 +57,61 @@ def test_bias_gelu_any_shape(lead, n, dtype, seed, approx):
     assert_close_to_reference(out, ref, F.gelu(x + b, approximate=approx))
 
 
+def _model_rms(x, w, offset, cast):
+    """RMSNorm as Llama (cast) or Gemma write it, in x's dtype."""
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (w + offset) * h.to(x.dtype) if cast else (h * (offset + w.float())).to(x.dtype)
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31), offset=st.sampled_from([0.0, 1.0]),
+       cast=st.booleans(), fp32_residual=st.booleans())
+def test_add_rms_norm_any_shape_and_options(lead, n, dtype, seed, offset, cast, fp32_residual):
+    """add_rms_norm with Gemma's offset, Llama's casting order and a float32 residual stream on
+    any shape: the normed output and the residual stream against float64."""
+    x = _x(lead + [n], dtype, seed)
+    half = dtype != torch.float32
+    rdt = torch.float32 if fp32_residual and half else dtype
+    r = _x(lead + [n], rdt, seed + 1, shift=2.0)
+    w = _x([n], dtype, seed + 2)
+    out, s = ops.add_rms_norm(x, r, [n], w, 1e-6, offset=offset, cast_before_weight=cast,
+                              residual_in_fp32=fp32_residual)
+    ref, ref_s = R.add_rms_norm(x.double(), r.double(), [n], w.double(), 1e-6, offset, dtype if cast else None, rdt)
+    base_s = x.to(rdt) + r
+    assert out.dtype == dtype and s.dtype == rdt
+    assert_close_to_reference(s, ref_s, base_s)
+    assert_close_to_reference(out, ref, _model_rms(base_s, w, offset, cast).to(dtype))
+
+
+@SETTINGS
+@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
+       act=st.sampled_from(["silu", "none", "tanh"]), halves=st.booleans())
+def test_glu_any_shape_forward_and_backward(lead, n, dtype, seed, act, halves):
+    """swiglu / geglu on any shape, gate and up contiguous or the two halves of one
+    projection, forward and both gradients."""
+    if halves:
+        h = _x(lead + [2 * n], dtype, seed) * 3
+        gate, up = h[..., :n], h[..., n:]
+    else:
+        gate, up = _x(lead + [n], dtype, seed) * 3, _x(lead + [n], dtype, seed + 1)
+    dy = _x(lead + [n], dtype, seed + 2)
+
+    def run(g, u, fused):
+        if act == "silu":
+            return ops.swiglu(g, u) if fused else (R.swiglu(g, u) if g.dtype == torch.float64 else F.silu(g) * u)
+        if fused:
+            return ops.geglu(g, u, act)
+        return R.geglu(g, u, act) if g.dtype == torch.float64 else F.gelu(g, approximate=act) * u
+
+    results = []
+    for g, u, fused in ((gate, up, True), (gate.double(), up.double(), False), (gate, up, False)):
+        g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+        out = run(g, u, fused)
+        results.append((out, *torch.autograd.grad(out, [g, u], dy.to(out.dtype))))
+    for got, ref, base in zip(*results, strict=True):
+        assert_close_to_reference(got, ref, base)
+
+
 @SETTINGS
 @given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 3), sq=st.integers(1, 40),
        sk=st.integers(1, 40), d=st.sampled_from([1, 8, 24]), causal=st.booleans(), dtype=DTYPES,

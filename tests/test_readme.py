@@ -50,6 +50,11 @@ def test_readme_python_example_runs_and_gives_what_it_says(index, capsys):
         torch.testing.assert_close(residual, x + scope["y"])
         torch.testing.assert_close(h, F.layer_norm(x + scope["y"], [768], w, b), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(scope["g"], F.gelu(h, approximate="tanh"), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(scope["r"], F.rms_norm(x, [768], w + 1.0))
+        torch.testing.assert_close(scope["stream"], x + scope["y"])
+        torch.testing.assert_close(scope["r2"], F.rms_norm(x + scope["y"], [768], w), atol=1e-5, rtol=1e-5)
+        gate, up = scope["gate"], scope["up"]
+        torch.testing.assert_close(scope["a"], F.silu(gate) * up)
         q = scope["q"]
         torch.testing.assert_close(scope["o"], F.scaled_dot_product_attention(q, q, q, is_causal=True),
                                    atol=1e-5, rtol=1e-5)

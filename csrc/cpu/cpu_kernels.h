@@ -38,6 +38,23 @@ template <typename T>
 void bias_gelu_backward(const T* dy, const T* x, const float* bias, T* dx, float* dbias,
                         int64_t rows, int64_t cols, bool tanh_approx);
 
+// Activations of glu_forward / glu_backward (the values the Python side passes).
+constexpr int kGluSilu = 0;      // SwiGLU: silu(g) = g / (1 + e^-g)
+constexpr int kGluGeluErf = 1;   // GeGLU, exact GELU
+constexpr int kGluGeluTanh = 2;  // GeGLU, tanh GELU
+
+// out = act(gate) * up over rows x cols; gate / up rows start every ld_gate / ld_up
+// elements (packed rows: ld == cols), out is contiguous.
+template <typename T>
+void glu_forward(const T* gate, int64_t ld_gate, const T* up, int64_t ld_up, T* out, int64_t rows,
+                 int64_t cols, int act);
+
+// dgate = dy * up * act'(gate), dup = dy * act(gate) (the activation recomputed); inputs
+// with row strides as glu_forward, outputs contiguous.
+template <typename T>
+void glu_backward(const T* dy, int64_t ld_dy, const T* gate, int64_t ld_gate, const T* up, int64_t ld_up,
+                  T* dgate, T* dup, int64_t rows, int64_t cols, int act);
+
 // Per-row symmetric absmax int8 quantization: scale = absmax / 127 and
 // q = clamp(round_half_even(x * (127 / absmax)), -127, 127), in float32; a zero row gives
 // zeros, a row holding NaN / inf gives scale NaN / inf and zeros.

@@ -99,6 +99,13 @@ def add_layer_norm(m: int, n: int, elem: int, backward: bool = False) -> Work:
     return Work(8.0 * m * n, elem * (4 * m * n + 2 * n) + 2 * STATS_BYTES * m)
 
 
+def add_rms_norm(m: int, n: int, elem: int, backward: bool = False) -> Work:
+    """Fused residual add + RMSNorm: :func:`add_layer_norm` without bias and mean."""
+    if backward:
+        return Work(10.0 * m * n, elem * (4 * m * n + 2 * n) + STATS_BYTES * m)
+    return Work(5.0 * m * n, elem * (4 * m * n + n) + STATS_BYTES * m)
+
+
 # -- activations -----------------------------------------------------------------------
 # Nominal flops per element: GELU forward 8, backward 12; the bias adds 1 (its backward
 # reduction 1 more).
@@ -116,6 +123,16 @@ def bias_gelu(m: int, n: int, elem: int, backward: bool = False) -> Work:
     if backward:
         return Work(14.0 * m * n, elem * (3 * m * n + 2 * n))
     return Work(9.0 * m * n, elem * (2 * m * n + n))
+
+
+def glu(numel: int, elem: int, activation: str, backward: bool = False) -> Work:
+    """``act(gate) * up`` of ``numel`` elements each (SwiGLU: ``activation="silu"``, GeGLU:
+    ``"gelu"``): forward reads gate, up and writes out; backward reads dy, gate, up and writes
+    d gate, d up. Flops: the activation's (SiLU 5, GELU 8; backward 9 / 12) and the products."""
+    act_fwd, act_bwd = (5.0, 9.0) if activation == "silu" else (8.0, 12.0)
+    if backward:
+        return Work((act_bwd + 4.0) * numel, elem * 5 * numel)
+    return Work((act_fwd + 1.0) * numel, elem * 3 * numel)
 
 
 # -- attention -------------------------------------------------------------------------

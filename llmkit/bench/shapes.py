@@ -83,7 +83,10 @@ def load_shapes(path: str | Path | None = None) -> Shapes:
 
 MODEL_KEYS = ("layers", "hidden", "heads", "ffn", "vocab", "positions")
 """The sizes every model shape defines (positive integers), besides its ``family``."""
-MODEL_FAMILIES = ("bert", "gpt2")
+MODEL_FAMILIES = ("bert", "gpt2", "llama")
+OPTIONAL_MODEL_KEYS = ("kv_heads",)
+"""Sizes a model shape may define (positive integers): ``kv_heads`` (grouped-query attention,
+the ``llama`` family; the query heads by default)."""
 
 
 def sequence_length(point: Point) -> tuple[int, str] | None:
@@ -102,7 +105,7 @@ def _check_model(name: str, cfg: Any) -> list[str]:
     out = []
     if cfg.get("family") not in MODEL_FAMILIES:
         out.append(f"model {name}: family must be one of {', '.join(MODEL_FAMILIES)}, got {cfg.get('family')!r}")
-    for k in MODEL_KEYS:
+    for k in MODEL_KEYS + tuple(k for k in OPTIONAL_MODEL_KEYS if k in cfg):
         v = cfg.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             out.append(f"model {name}: {k} must be a positive integer, got {v!r}")

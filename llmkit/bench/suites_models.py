@@ -1,8 +1,9 @@
-"""End-to-end suites: ``bert`` (encoder forward), ``gpt2_prefill`` and ``gpt2_decode``.
+"""End-to-end suites: ``bert`` (encoder forward), ``gpt2_prefill``, ``gpt2_decode`` and
+``llama_prefill``.
 
-Models are HuggingFace ``BertModel`` / ``GPT2LMHeadModel`` built from a config of the
-shapes file with random weights (no download), in eval mode. Implementations, all with
-the same weights:
+Models are HuggingFace ``BertModel`` / ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` built from a
+config of the shapes file with random weights (no download), in eval mode. Implementations,
+all with the same weights:
 
 * ``eager``: the HuggingFace model as shipped (its default SDPA attention), the baseline;
 * ``hf+swap``: a copy passed through ``llmkit.swap``;
@@ -10,7 +11,7 @@ the same weights:
 * ``hf+swap+quantize[w8a8]``: both;
 * ``torch.compile``: ``torch.compile`` of the HuggingFace model (prefill only);
 * ``llmkit.models.BERT`` / ``llmkit.models.GPT``: llmkit's own model loaded with
-  ``from_hf`` from the HuggingFace one.
+  ``from_hf`` from the HuggingFace one (no Llama model of llmkit's own).
 
 ``gpt2_decode`` times ``generate`` (greedy, ``new`` tokens after a ``prompt``-token
 prompt, prompt prefill included) and reports new tokens per second. Every
@@ -52,6 +53,13 @@ def hf_model(family: str, cfg: dict[str, Any], device: torch.device, dtype: torc
             n_layer=cfg["layers"], n_head=cfg["heads"], n_inner=cfg["ffn"],
         )
         model = tf.GPT2LMHeadModel(config)
+    elif family == "llama":
+        config = tf.LlamaConfig(
+            vocab_size=cfg["vocab"], max_position_embeddings=cfg["positions"], hidden_size=cfg["hidden"],
+            num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg.get("kv_heads", cfg["heads"]), intermediate_size=cfg["ffn"],
+        )
+        model = tf.LlamaForCausalLM(config)
     else:
         raise ValueError(f"unknown model family {family!r}")
     return model.to(device=device, dtype=dtype).eval()
@@ -99,6 +107,8 @@ def _variants(ctx: Context, family: str, base: Any) -> list[tuple[str, Callable[
     out.append(("hf+quantize[w8a8]", (lambda: quantized(False)) if quantize else None, why_q, True))
     out.append(("hf+swap+quantize[w8a8]", (lambda: quantized(True)) if swap and quantize else None,
                 why_swap or why_q, True))
+    if family == "llama":
+        return out  # llmkit has no Llama model of its own
     cls_name = "BERT" if family == "bert" else "GPT"
     cls, why = llmkit_attr(f"models.{cls_name}")
     from_hf = getattr(cls, "from_hf", None) if cls is not None else None
@@ -111,7 +121,7 @@ def _variants(ctx: Context, family: str, base: Any) -> list[tuple[str, Callable[
 
 def _model_builder(family: str, pass_kind: str):
     def build(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
-        suite = "bert" if family == "bert" else f"gpt2_{pass_kind}"
+        suite = "bert" if family == "bert" else f"{family}_{pass_kind}"
         cfg = ctx.shapes.model(point["model"])
         if cfg["family"] != family:
             raise ValueError(f"suite {suite}: model {point['model']} is a {cfg['family']} shape")
@@ -190,7 +200,9 @@ def _model_builder(family: str, pass_kind: str):
             flops += sum(formulas.transformer_tokens(layers, hidden, ffn, b, s + i + 1) for i in range(new))
         else:
             tokens = b * s
-            flops = formulas.transformer_tokens(layers, hidden, ffn, tokens, s, causal=family == "gpt2")
+            # a gated MLP (Llama) has three ffn-sized matrices where GPT-2 has two: ffn * 1.5
+            ffn_eff = ffn * 3 // 2 if family == "llama" else ffn
+            flops = formulas.transformer_tokens(layers, hidden, ffn_eff, tokens, s, causal=family != "bert")
         return Case(suite, pass_, point, dtype, formulas.Work(flops, 0.0), None, impls, tokens=tokens,
                     cuda_graph=False)
 
@@ -201,5 +213,7 @@ register(Suite("bert", "model", ("prefill",), _model_builder("bert", "prefill"),
                "HuggingFace BERT encoder forward (random weights): eager vs swapped vs quantized vs compiled"))
 register(Suite("gpt2_prefill", "model", ("prefill",), _model_builder("gpt2", "prefill"),
                "HuggingFace GPT-2 forward over a prompt (random weights)"))
+register(Suite("llama_prefill", "model", ("prefill",), _model_builder("llama", "prefill"),
+               "HuggingFace Llama forward over a prompt (random weights): RMSNorm, SwiGLU, GQA"))
 register(Suite("gpt2_decode", "model", ("decode",), _model_builder("gpt2", "decode"),
                "greedy generate: new tokens per second, prompt prefill included"))

@@ -1,10 +1,11 @@
-"""Row-wise, memory-bound op suites: layer_norm, rms_norm, add_layer_norm, gelu, bias_gelu.
+"""Row-wise, memory-bound op suites: layer_norm, rms_norm, add_layer_norm, add_rms_norm, gelu,
+bias_gelu, swiglu, geglu.
 
 Each case is ``x (M, N)`` in the benchmark dtype with fresh random data, forward or
 backward. Implementations: PyTorch eager (the unfused sequence: ``x + residual`` then
-``F.layer_norm``; ``F.gelu(x + bias)``), its ``torch.compile``, llmkit's op on each
-backend, and Liger-Kernel's modules on CUDA when installed. Judged in GB/s against the
-measured copy bandwidth.
+``F.layer_norm``; ``F.gelu(x + bias)``; ``F.silu(gate) * up``), its ``torch.compile``,
+llmkit's op on each backend, and Liger-Kernel's modules / functions on CUDA when installed.
+Judged in GB/s against the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -80,6 +81,18 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
                 lambda x, w: L.rms_norm(x, [n], w, RMS_EPS),
             ) + _liger_impls(ctx, call, kind, n, w, None)
             work = formulas.rms_norm(m, n, elem_size(dtype), bwd)
+        elif kind == "add_rms_norm":  # the unfused eager sequence is add, then rms_norm
+
+            def eager_rms(x, r, w):
+                s = x + r
+                return F.rms_norm(s, (n,), w, RMS_EPS), s
+
+            call = OpCall([x, r, w], pass_, wrt=(0, 1, 2), grads=[d["dy"], d["ds"]])
+            impls = standard_impls(
+                ctx, kind, call, eager_rms,
+                lambda x, r, w: L.add_rms_norm(x, r, [n], w, RMS_EPS),
+            )
+            work = formulas.add_rms_norm(m, n, elem_size(dtype), bwd)
         else:  # add_layer_norm: the unfused eager sequence is add, then layer_norm
 
             def eager(x, r, w, b):
@@ -111,6 +124,40 @@ def _gelu_builder(with_bias: bool) -> Callable[[Context, dict[str, Any], str, to
             impls = standard_impls(ctx, "gelu", call, lambda x: F.gelu(x), lambda x: L.gelu(x))
             work = formulas.gelu(m * n, elem_size(dtype), bwd)
         return Case("bias_gelu" if with_bias else "gelu", pass_, point, dtype, work, "memory", impls)
+
+    return build
+
+
+def _liger_glu(ctx: Context, call: OpCall, kind: str) -> list[Impl]:
+    """Liger-Kernel's fused SiLU / GELU(tanh) times up (CUDA only, when installed)."""
+    if ctx.device.type != "cuda":
+        return []
+    mod = optional_module(f"liger_kernel.ops.{kind}")
+    if mod is None:
+        return []
+    fn = getattr(mod, "LigerSiLUMulFunction" if kind == "swiglu" else "LigerGELUMulFunction", None)
+    if fn is None:
+        return [Impl.skipped("liger-kernel", f"liger_kernel.ops.{kind} has no fused function this run knows")]
+    return [call.impl("liger-kernel", lambda g, u: fn.apply(g, u))]
+
+
+def _glu_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dtype], Case]:
+    """SwiGLU, or GeGLU in its tanh form (Gemma's, T5 v1.1's, Liger-Kernel's)."""
+
+    def build(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
+        m, n = point["M"], point["N"]
+        dev = ctx.device
+        gate = (torch.randn(m, n, device=dev) * 2).to(dtype)
+        up = torch.randn(m, n, device=dev).to(dtype)
+        call = OpCall([gate, up], pass_, wrt=(0, 1), grads=[torch.randn(m, n, device=dev).to(dtype)])
+        if kind == "swiglu":
+            eager, fused, act = (lambda g, u: F.silu(g) * u), (lambda g, u: L.swiglu(g, u)), "silu"
+        else:
+            eager = lambda g, u: F.gelu(g, approximate="tanh") * u  # noqa: E731
+            fused, act = (lambda g, u: L.geglu(g, u, "tanh")), "gelu"
+        impls = standard_impls(ctx, kind, call, eager, fused) + _liger_glu(ctx, call, kind)
+        work = formulas.glu(m * n, elem_size(dtype), act, pass_ == "bwd")
+        return Case(kind, pass_, point, dtype, work, "memory", impls)
 
     return build
 
@@ -147,8 +194,13 @@ for _kind, _desc in (
     ("layer_norm", "LayerNorm over the last dim of x (M, N)"),
     ("rms_norm", "RMSNorm over the last dim of x (M, N)"),
     ("add_layer_norm", "fused residual add + LayerNorm vs eager add then F.layer_norm"),
+    ("add_rms_norm", "fused residual add + RMSNorm vs eager add then F.rms_norm"),
 ):
     register(Suite(_kind, "op", ("fwd", "bwd"), _norm_builder(_kind), _desc))
 register(Suite("gelu", "op", ("fwd", "bwd"), _gelu_builder(False), "exact (erf) GELU of x (M, N)"))
 register(Suite("bias_gelu", "op", ("fwd", "bwd"), _gelu_builder(True), "fused GELU(x + bias) vs eager add then F.gelu"))
+register(Suite("swiglu", "op", ("fwd", "bwd"), _glu_builder("swiglu"),
+               "fused silu(gate) * up vs eager F.silu then mul"))
+register(Suite("geglu", "op", ("fwd", "bwd"), _glu_builder("geglu"),
+               "fused gelu_tanh(gate) * up vs eager F.gelu then mul"))
 register(Suite("quantize_int8", "op", ("fwd",), _build_quantize, "per-row absmax int8 quantization of x (M, K)"))

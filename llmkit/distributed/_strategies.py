@@ -11,12 +11,15 @@ them, so a placement that fits no other rule is gathered, never computed wrong.
 
 The rules, per op family:
 
-* norms (``layer_norm``, ``rms_norm``, ``add_layer_norm``): any dim before the normalized
-  ones; weight and bias replicated. Backward: the same, ``dweight`` / ``dbias``
-  ``Partial`` (each rank sums its rows), reduced by DTensor when read.
+* norms (``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm``): any dim before
+  the normalized ones; weight and bias replicated. Backward: the same, ``dweight`` / ``dbias``
+  ``Partial`` (each rank sums its rows), reduced by DTensor when read. The add variants with
+  input dropout only replicated (the mask is a function of each element's global index).
 * ``gelu``: any dim. ``bias_gelu``: any dim before the last with the bias replicated
   (``dbias`` Partial), or the last dim with the bias sharded alike (``ColwiseParallel``'s
   output and bias).
+* ``geglu``, ``swiglu`` (and their backward): any dim, ``gate``, ``up`` and every output
+  sharded alike (elementwise).
 * ``scaled_dot_product_attention``: batch (dim 0) or heads (dim 1) of query, key, value,
   ``out``, ``lse`` alike, the mask sharded alike where it has that dim and replicated where
   it broadcasts; heads only when each shard holds whole GQA groups (the number of key/value
@@ -91,35 +94,62 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             ))
         return out
 
-    def rms_norm(input, normalized_shape, weight, eps) -> Rule:
-        out = [replicated(2, (input, normalized_shape, weight, eps))]
+    def rms_norm(input, normalized_shape, weight, eps, offset=0.0, cast_before_weight=False) -> Rule:
+        out = [replicated(2, (input, normalized_shape, weight, eps, offset, cast_before_weight))]
         for d in lead(input, normalized_shape):
-            out.append(([S(d)] * 2, [S(d), None, opt(weight, R), None]))
+            out.append(([S(d)] * 2, [S(d), None, opt(weight, R), None, None, None]))
         return out
 
-    def rms_norm_backward(grad_out, input, normalized_shape, weight, rstd, output_mask) -> Rule:
-        out = [replicated(2, (grad_out, input, normalized_shape, weight, rstd, output_mask))]
+    def rms_norm_backward(grad_out, input, normalized_shape, weight, rstd, output_mask, offset=0.0,
+                          cast_before_weight=False) -> Rule:
+        out = [replicated(2, (grad_out, input, normalized_shape, weight, rstd, output_mask, offset,
+                              cast_before_weight))]
         for d in lead(input, normalized_shape):
             out.append((
                 [S(d), grad_p(weight, output_mask[1])],
-                [S(d), S(d), None, opt(weight, R), S(d), None],
+                [S(d), S(d), None, opt(weight, R), S(d), None, None, None],
             ))
         return out
 
-    def add_layer_norm(input, residual, normalized_shape, weight, bias, eps) -> Rule:
-        out = [replicated(4, (input, residual, normalized_shape, weight, bias, eps))]
-        for d in lead(input, normalized_shape):
-            out.append(([S(d)] * 4, [S(d), S(d), None, opt(weight, R), opt(bias, R), None]))
+    # add + norm: the input's dropout mask is a function of each element's global index, which
+    # a shard does not know, so with dropout_p > 0 only everything replicated
+
+    def add_layer_norm(input, residual, normalized_shape, weight, bias, eps, residual_in_fp32=False, dropout_p=0.0,
+                       seed=0) -> Rule:
+        out = [replicated(4, (input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
+                              seed))]
+        for d in lead(input, normalized_shape) if dropout_p == 0.0 else ():
+            out.append(([S(d)] * 4, [S(d), S(d), None, opt(weight, R), opt(bias, R), None, None, None, None]))
         return out
 
     def add_layer_norm_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias,
-                                mean, rstd, output_mask) -> Rule:
-        out = [replicated(3, (grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
-                                output_mask))]
-        for d in lead(residual_out, normalized_shape):
+                                mean, rstd, output_mask, dropout_p=0.0, seed=0) -> Rule:
+        out = [replicated(4, (grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
+                                output_mask, dropout_p, seed))]
+        for d in lead(residual_out, normalized_shape) if dropout_p == 0.0 else ():
             out.append((
-                [S(d), grad_p(weight, output_mask[1]), grad_p(bias, output_mask[2])],
-                [S(d), S(d), S(d), None, opt(weight, R), opt(bias, R), S(d), S(d), None],
+                # d input is an empty placeholder without dropout: Replicate
+                [S(d), R, grad_p(weight, output_mask[1]), grad_p(bias, output_mask[2])],
+                [S(d), S(d), S(d), None, opt(weight, R), opt(bias, R), S(d), S(d), None, None, None],
+            ))
+        return out
+
+    def add_rms_norm(input, residual, normalized_shape, weight, eps, offset=0.0, cast_before_weight=False,
+                     residual_in_fp32=False, dropout_p=0.0, seed=0) -> Rule:
+        out = [replicated(3, (input, residual, normalized_shape, weight, eps, offset, cast_before_weight,
+                              residual_in_fp32, dropout_p, seed))]
+        for d in lead(input, normalized_shape) if dropout_p == 0.0 else ():
+            out.append(([S(d)] * 3, [S(d), S(d), None, opt(weight, R)] + [None] * 6))
+        return out
+
+    def add_rms_norm_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, rstd,
+                              output_mask, offset=0.0, cast_before_weight=False, dropout_p=0.0, seed=0) -> Rule:
+        out = [replicated(3, (grad_out, grad_residual_out, residual_out, normalized_shape, weight, rstd,
+                              output_mask, offset, cast_before_weight, dropout_p, seed))]
+        for d in lead(residual_out, normalized_shape) if dropout_p == 0.0 else ():
+            out.append((
+                [S(d), R, grad_p(weight, output_mask[1])],
+                [S(d), S(d), S(d), None, opt(weight, R), S(d), None, None, None, None, None],
             ))
         return out
 
@@ -147,6 +177,16 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             last = input.ndim - 1
             out.append(([S(last), S(0)], [S(last), S(last), S(0), None]))
         return out
+
+    # -- GeGLU / SwiGLU: elementwise over two inputs of one shape -------------------------
+
+    def glu(gate, up, *scalars) -> Rule:
+        out = [replicated(1, (gate, up, *scalars))]
+        return out + [([S(d)], [S(d), S(d)] + [None] * len(scalars)) for d in range(gate.ndim)]
+
+    def glu_backward(grad_out, gate, up, *scalars) -> Rule:
+        out = [replicated(2, (grad_out, gate, up, *scalars))]
+        return out + [([S(d)] * 2, [S(d)] * 3 + [None] * len(scalars)) for d in range(gate.ndim)]
 
     # -- attention ----------------------------------------------------------------------
 
@@ -255,10 +295,16 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         "rms_norm_backward": (rms_norm_backward, None),
         "add_layer_norm": (add_layer_norm, None),
         "add_layer_norm_backward": (add_layer_norm_backward, None),
+        "add_rms_norm": (add_rms_norm, None),
+        "add_rms_norm_backward": (add_rms_norm_backward, None),
         "gelu": (gelu, None),
         "gelu_backward": (gelu_backward, None),
         "bias_gelu": (bias_gelu, None),
         "bias_gelu_backward": (bias_gelu_backward, None),
+        "geglu": (glu, None),
+        "geglu_backward": (glu_backward, None),
+        "swiglu": (glu, None),
+        "swiglu_backward": (glu_backward, None),
         "scaled_dot_product_attention": (sdpa, whole_groups(1)),
         "scaled_dot_product_attention_backward": (sdpa_backward, whole_groups(2)),
         "decode_attention": (decode, whole_groups(1)),

@@ -4,7 +4,10 @@ Every class subclasses its ``torch.nn`` counterpart and keeps its constructor, d
 parameter names and ``state_dict`` keys, so a ``torch.nn`` state dict loads with
 ``strict=True`` and ``isinstance`` checks keep working; only ``forward`` changes:
 
-* :class:`LayerNorm`, :class:`RMSNorm`, :class:`GELU`: the single fused op;
+* :class:`LayerNorm`, :class:`RMSNorm` (with LLMs' ``offset`` and casting order),
+  :class:`GELU`: the single fused op;
+* :class:`GatedMLP`: the SwiGLU / GeGLU feed-forward of LLMs (no torch.nn counterpart;
+  HuggingFace ``LlamaMLP``'s parameter names);
 * :class:`MultiheadAttention`: fused attention on strided head views
   (``need_weights=True`` takes torch.nn's reference path and logs that once);
 * :class:`TransformerEncoderLayer`, :class:`TransformerDecoderLayer`,
@@ -19,6 +22,7 @@ from importlib.util import find_spec as _find_spec
 
 from .activation import GELU
 from .attention import MultiheadAttention
+from .mlp import GatedMLP
 from .normalization import LayerNorm, RMSNorm
 from .transformer import (
     Transformer,
@@ -32,6 +36,7 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "GELU",
+    "GatedMLP",
     "MultiheadAttention",
     "TransformerEncoderLayer",
     "TransformerDecoderLayer",

@@ -1,12 +1,13 @@
 """Helpers that run a block's pieces through llmkit's fused ops.
 
-The Transformer layers, the models and the HuggingFace swaps all build on three
+The Transformer layers, the models and the HuggingFace swaps all build on four
 patterns: ``norm(x)``, ``norm(x + residual)`` that also returns the sum (the residual
-stream of a pre-norm block), and ``activation(linear(x))`` with the bias added inside
-the activation. Each helper takes the *modules* that hold the parameters and falls
-back to calling them as they are when the fusion does not apply (an unknown norm or
-activation, a subclass with its own ``forward``, forward hooks attached, mismatched
-dtypes), so the result always equals the unfused computation.
+stream of a pre-norm block; LayerNorm or RMSNorm), ``activation(linear(x))`` with the bias
+added inside the activation, and the gated MLP ``down(act(gate(x)) * up(x))`` of LLMs with
+the activation and product fused (SwiGLU / GeGLU). Each helper takes the *modules* that hold
+the parameters and falls back to calling them as they are when the fusion does not apply (an
+unknown norm or activation, a subclass with its own ``forward``, forward hooks attached,
+mismatched dtypes), so the result always equals the unfused computation.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from ..ops.linear import LinearCall, linear_forward
 from .activation import GELU
 from .normalization import LayerNorm, RMSNorm
 
-__all__ = ["norm", "add_norm", "add_norm_into", "dense", "linear", "linear_act", "gelu_after", "gelu_approximate"]
+__all__ = ["norm", "add_norm", "add_norm_into", "dense", "linear", "linear_act", "gelu_after", "gelu_approximate",
+           "glu_flavor", "glu", "gated_mlp", "rms_args"]
 
 _LAYER_NORMS = (nn.LayerNorm, LayerNorm)
 _RMS_NORMS = (nn.RMSNorm, RMSNorm)
@@ -62,25 +64,50 @@ def norm(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
     if _fusable_layer_norm(module):
         return ops.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     if _fusable_rms_norm(module):
-        return ops.rms_norm(x, module.normalized_shape, module.weight, module.eps)
+        return ops.rms_norm(x, module.normalized_shape, module.weight, module.eps,
+                            offset=getattr(module, "offset", 0.0),
+                            cast_before_weight=getattr(module, "cast_before_weight", False))
     return module(x)
 
 
+RmsArgs = tuple[list[int], Tensor | None, float | None, float, bool]
+"""(normalized_shape, weight, eps, offset, cast_before_weight) of an RMSNorm module."""
+
+
+def rms_args(module: object, dtype: torch.dtype) -> RmsArgs | None:
+    """The :func:`llmkit.ops.rms_norm` arguments that compute ``module`` on inputs of ``dtype``
+    (a ``torch.nn.RMSNorm`` / ``llmkit.nn.RMSNorm``, or a module with an ``llmkit_rms_args``
+    method, as the swapped HuggingFace norms have), or None when it is no such norm or the op
+    cannot reproduce it for that dtype."""
+    if _fusable_rms_norm(module):
+        w = module.weight
+        half_with_f32 = dtype in (torch.float16, torch.bfloat16) and w is not None and w.dtype == torch.float32
+        if w is not None and w.dtype != dtype and not half_with_f32:
+            return None
+        return (list(module.normalized_shape), w, module.eps,
+                getattr(module, "offset", 0.0), getattr(module, "cast_before_weight", False))
+    if isinstance(module, nn.Module) and _hooked(module):
+        return None
+    own = getattr(module, "llmkit_rms_args", None)
+    return own(dtype) if callable(own) else None
+
+
 def add_norm(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """``(module(x + residual), x + residual)``, one fused kernel for a ``LayerNorm``.
+    """``(module(x + residual), x + residual)``, one fused kernel for a ``LayerNorm`` or an
+    RMSNorm (:func:`rms_args`).
 
     ``x`` and ``residual`` have the same shape ``(*, d)``; the sum is taken in float32
     and rounded to their dtype (as ``x + residual`` is for float32 tensors).
     """
-    if (
-        _fusable_layer_norm(module)
-        and x.dtype == residual.dtype
-        and x.shape == residual.shape
-        and x.dtype.is_floating_point
-    ):
+    same = x.dtype == residual.dtype and x.shape == residual.shape and x.dtype.is_floating_point
+    if same and _fusable_layer_norm(module):
         return ops.add_layer_norm(
             x, residual, module.normalized_shape, module.weight, module.bias, module.eps
         )
+    rms = rms_args(module, x.dtype) if same else None
+    if rms is not None:
+        ns, weight, eps, offset, cast_first = rms
+        return ops.add_rms_norm(x, residual, ns, weight, eps, offset=offset, cast_before_weight=cast_first)
     total = x + residual
     return norm(total, module), total
 
@@ -148,6 +175,44 @@ def gelu_approximate(activation: object) -> str | None:
         if set(activation.keywords) <= {"approximate"} and approx in ("none", "tanh"):
             return approx
     return None
+
+
+GluFlavor = tuple[str, str | None]
+"""``("swiglu", None)`` or ``("geglu", approximate)``: which gated activation op computes
+``act(gate) * up``."""
+
+
+def glu_flavor(activation: object) -> GluFlavor | None:
+    """The gated op for ``act(gate) * up`` with this activation: a SiLU (``F.silu``,
+    ``torch.nn.SiLU``) -> SwiGLU, a GELU llmkit fuses (:func:`gelu_approximate`) -> GeGLU;
+    None for anything else."""
+    if activation is F.silu or (isinstance(activation, nn.SiLU) and type(activation) is nn.SiLU
+                                and not _hooked(activation)):
+        return "swiglu", None
+    approx = gelu_approximate(activation)
+    return ("geglu", approx) if approx is not None else None
+
+
+def glu(gate: Tensor, up: Tensor, flavor: GluFlavor) -> Tensor:
+    """``act(gate) * up`` through :func:`llmkit.ops.swiglu` / :func:`llmkit.ops.geglu`."""
+    kind, approx = flavor
+    return ops.swiglu(gate, up) if kind == "swiglu" else ops.geglu(gate, up, approx or "none")
+
+
+def gated_mlp(x: Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
+              activation: Callable[[Tensor], Tensor] | None, flavor: GluFlavor | None = None) -> Tensor:
+    """``down_proj(activation(gate_proj(x)) * up_proj(x))``: the gated feed-forward of LLMs.
+
+    ``x``: ``(*, hidden)``; returns ``(*, hidden_out)``. The activation and product run as one
+    op (``flavor``, or what :func:`glu_flavor` finds for ``activation``); the linears go through
+    :func:`linear` (oneDNN on float32 CPU inference). Anything else runs as written.
+    """
+    flavor = flavor if flavor is not None else glu_flavor(activation)
+    gate, up = linear(x, gate_proj), linear(x, up_proj)
+    if flavor is None:
+        assert activation is not None
+        return linear(activation(gate) * up, down_proj)
+    return linear(glu(gate, up, flavor), down_proj)
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str | None = None) -> Tensor:

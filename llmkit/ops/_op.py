@@ -63,7 +63,8 @@ class Op(Generic[C]):
 
     Args:
         name: the op's name (``torch.ops.llmkit.<name>``).
-        call: the call class; its annotations give the schema.
+        call: the call class; its annotations give the schema, its field defaults the
+            schema's defaults.
         returns: the return annotation (``Tensor``, ``tuple[Tensor, Tensor]``, ...).
         point: the dispatch point that computes the op.
         validate: ``validate(c)`` raises a clear error on bad input (before any kernel); it
@@ -84,7 +85,10 @@ class Op(Generic[C]):
         self.check_values, self.finish = check_values, finish
         self._validated = FP.ValidatedSignatures()
         hints = typing.get_type_hints(call)
-        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n])
+        # a field with a default (an option added later) keeps calls written without it valid
+        defaults = getattr(call, "_field_defaults", {})
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n],
+                                    default=defaults.get(n, inspect.Parameter.empty))
                   for n in call._fields]  # type: ignore[attr-defined]
 
         def run(*args: Any, **kwargs: Any) -> Any:

@@ -1,10 +1,11 @@
 """Triton's Philox 4x32-10 random numbers, reproduced bit for bit in PyTorch.
 
-Attention dropout in llmkit is a pure function of ``(seed, offset)``: an element at
-flat position ``offset`` is kept when ``uniform(seed, offset) > dropout_p`` (both as
-float32), where ``uniform`` is what ``triton.language.rand(seed, offset)`` returns
-for an int64 offset. Because the reference backend computes the same numbers, a
-Triton forward can be checked against the reference bit for bit, and a forward on
+Dropout in llmkit (attention's, and the input dropout of ``add_layer_norm`` /
+``add_rms_norm``) is a pure function of ``(seed, offset)``: an element at flat position
+``offset`` is kept when ``uniform(seed, offset) > dropout_p`` (both as float32), where
+``uniform`` is what ``triton.language.rand(seed, offset)`` returns for an int64 offset.
+Because the reference backend computes the same numbers, a Triton forward can be checked
+against the reference bit for bit, and a forward on
 one backend can be followed by a backward on another.
 
 All arithmetic is on int64 tensors holding uint32 values, so it runs on any device.
@@ -67,6 +68,22 @@ def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
     x = torch.where(x >= 2**31, x - 2**32, x)  # reinterpret as int32
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def row_dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """Boolean keep mask of the input dropout of ``add_*_norm`` for an input of ``shape``:
+    element ``k`` in row-major order (row ``i`` of ``N`` elements: ``k = i * N + j``) is kept
+    when its uniform is greater than ``p`` (compared in float32)."""
+    n = 1
+    for s in shape:
+        n *= s
+    u = philox_uniform(seed, torch.arange(n, dtype=torch.int64, device=device)).reshape(shape)
+    return u > torch.tensor(p, dtype=torch.float32, device=device)
 
 
 def dropout_keep_mask(

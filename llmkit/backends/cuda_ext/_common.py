@@ -33,6 +33,8 @@ CPU_DEFAULT: dict[str, CpuDefault] = {
         {torch.bfloat16: 128 * 768, torch.float16: 128 * 768, torch.float32: (256 * 768, 1 << 22)}
     ),
     "add_layer_norm.backward": CpuPreference({**_HALF, torch.float32: 1024 * 768}),
+    "add_rms_norm.forward": True,
+    "add_rms_norm.backward": True,
     "gelu.forward": CpuPreference(
         {torch.bfloat16: (0, 4096), torch.float16: (0, 4096), torch.float32: (0, 8192)}
     ),
@@ -40,6 +42,10 @@ CPU_DEFAULT: dict[str, CpuDefault] = {
     "bias_gelu.forward": True,
     "bias_gelu.backward": True,
     "quantize_int8.forward": True,
+    "geglu.forward": True,
+    "geglu.backward": True,
+    "swiglu.forward": CpuPreference({**_HALF, torch.float32: 1 << 18}),
+    "swiglu.backward": True,
 }
 """Dispatch point (``op.stage``) -> the ``cpu_default`` of its cuda_ext implementation: where
 the C++ CPU kernels come before the reference in the default CPU order, per dtype and size

@@ -1,5 +1,6 @@
-"""LayerNorm, RMSNorm and add + LayerNorm on the reference backend: ATen in float32 (float64
-for float64 input); saved statistics float32 with the input's leading shape."""
+"""LayerNorm, RMSNorm and add + LayerNorm / RMSNorm on the reference backend: ATen in float32
+(float64 for float64 input); saved statistics float32 with the input's leading shape; the
+input dropout of the add variants from the Philox mask of ``llmkit/ops/_philox.py``."""
 
 from __future__ import annotations
 
@@ -7,19 +8,26 @@ import torch
 from torch import Tensor
 
 from ..._compat import fused_rms_norm
+from ...ops._philox import row_dropout_keep_mask
 from ...ops.layer_norm import (
     AddLayerNormBackwardCall,
     AddLayerNormCall,
+    AddRmsNormBackwardCall,
+    AddRmsNormCall,
     LayerNormBackwardCall,
     LayerNormCall,
     RmsNormBackwardCall,
     RmsNormCall,
     add_layer_norm_backward,
     add_layer_norm_forward,
+    add_rms_norm_backward,
+    add_rms_norm_forward,
+    dropout_scale,
     empty_param_grad,
     layer_norm_backward,
     layer_norm_forward,
     lead_shape,
+    residual_dtype,
     rms_norm_backward,
     rms_norm_forward,
     stats_dtype,
@@ -64,16 +72,13 @@ def layer_norm_forward_reference(c: LayerNormCall) -> tuple[Tensor, Tensor, Tens
     )
 
 
-@layer_norm_backward.register("reference")
-def layer_norm_backward_reference(c: LayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm backward from the saved statistics, in float32 (float64 for float64)."""
-    grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask = c
+def _layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight, bias, mean, rstd,
+                         mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """ATen's LayerNorm backward in the compute dtype: (dx unrounded, dweight, dbias); an output
+    not asked for in ``mask`` is undefined (None)."""
     cdt = compute_dtype(input.dtype)
-    k = len(normalized_shape)
-    stat_shape = list(mean.shape) + [1] * k
-    mask = [bool(output_mask[0]), bool(output_mask[1]) and weight is not None,
-            bool(output_mask[2]) and bias is not None]
-    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+    stat_shape = list(mean.shape) + [1] * len(normalized_shape)
+    return torch.ops.aten.native_layer_norm_backward(
         grad_out.to(cdt),
         input.to(cdt),
         list(normalized_shape),
@@ -83,71 +88,153 @@ def layer_norm_backward_reference(c: LayerNormBackwardCall) -> tuple[Tensor, Ten
         _as(bias, cdt),
         mask,
     )
+
+
+@layer_norm_backward.register("reference")
+def layer_norm_backward_reference(c: LayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm backward from the saved statistics, in float32 (float64 for float64)."""
+    grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask = c
+    mask = [bool(output_mask[0]), bool(output_mask[1]) and weight is not None,
+            bool(output_mask[2]) and bias is not None]
+    dx, dw, db = _layer_norm_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, mask)
     dx = dx.to(input.dtype).contiguous() if mask[0] else torch.zeros_like(input, memory_format=torch.contiguous_format)
     dw = dw.to(weight.dtype) if mask[1] and weight is not None else empty_param_grad(weight, input)
     db = db.to(bias.dtype) if mask[2] and bias is not None else empty_param_grad(bias, input)
     return dx, dw, db
 
 
-@rms_norm_forward.register("reference")
-def rms_norm_forward_reference(c: RmsNormCall) -> tuple[Tensor, Tensor]:
-    """RMSNorm forward in float32 (float64 for float64 input) through ATen's fused op."""
-    input, normalized_shape, weight, eps = c
+def _rms_scale(weight: Tensor | None, offset: float, cdt: torch.dtype) -> Tensor | None:
+    """``offset + weight`` in the compute dtype (None without a weight)."""
+    if weight is None:
+        return None
+    w = weight.to(cdt)
+    return w + offset if offset != 0.0 else w
+
+
+def _rms_forward(input: Tensor, normalized_shape, weight: Tensor | None, eps: float, offset: float,
+                 cast_before_weight: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(out in ``out_dtype``, rstd) of RMSNorm; ``x_hat`` rounded to ``out_dtype`` before the
+    weight multiply when ``cast_before_weight`` (and ``out_dtype`` is narrower than the math)."""
     cdt = compute_dtype(input.dtype)
     lead = lead_shape(input, normalized_shape)
-    out, rstd = fused_rms_norm(input.to(cdt), list(normalized_shape), _as(weight, cdt), eps)
-    return out.to(input.dtype).contiguous(), rstd.reshape(lead).to(stats_dtype(input.dtype)).contiguous()
+    scale = _rms_scale(weight, offset, cdt)
+    rounds_first = cast_before_weight and scale is not None and out_dtype != cdt
+    out, rstd = fused_rms_norm(input.to(cdt), list(normalized_shape), None if rounds_first else scale, eps)
+    if rounds_first:
+        assert scale is not None
+        out = out.to(out_dtype).to(cdt).mul_(scale)
+    return out.to(out_dtype).contiguous(), rstd.reshape(lead).to(stats_dtype(out_dtype)).contiguous()
+
+
+@rms_norm_forward.register("reference")
+def rms_norm_forward_reference(c: RmsNormCall) -> tuple[Tensor, Tensor]:
+    """RMSNorm forward in float32 (float64 for float64 input) through ATen's fused op; the scale
+    ``offset + weight`` in float32, ``x_hat`` rounded before it with ``cast_before_weight``."""
+    return _rms_forward(c.input, c.normalized_shape, c.weight, c.eps, c.offset, c.cast_before_weight, c.input.dtype)
+
+
+def _rms_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight: Tensor | None, rstd: Tensor,
+                  offset: float, cast_before_weight: bool, want_dx: bool,
+                  want_dw: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dx unrounded in the compute dtype, dweight in the weight's dtype), None where not asked.
+
+    With x_hat = x * rstd and g = grad_out * (offset + weight):
+    dx = rstd * (g - x_hat * mean(g * x_hat)), dweight = sum over rows of grad_out * x_hat
+    (x_hat as rounded to grad_out's dtype with ``cast_before_weight``)."""
+    cdt = compute_dtype(input.dtype)
+    k = len(normalized_shape)
+    dims = tuple(range(input.dim() - k, input.dim()))
+    x_hat = input.to(cdt) * rstd.to(cdt).reshape(list(rstd.shape) + [1] * k)
+    dy = grad_out.to(cdt)
+    dx = dw = None
+    if want_dx:
+        scale = _rms_scale(weight, offset, cdt)
+        g = dy * scale if scale is not None else dy
+        r = rstd.to(cdt).reshape(list(rstd.shape) + [1] * k)
+        dx = r * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
+    if want_dw and weight is not None:
+        if cast_before_weight and grad_out.dtype != cdt:
+            x_hat = x_hat.to(grad_out.dtype).to(cdt)
+        lead = tuple(range(input.dim() - k))
+        dw = ((dy * x_hat).sum(lead) if lead else dy * x_hat).to(weight.dtype)
+    return dx, dw
 
 
 @rms_norm_backward.register("reference")
 def rms_norm_backward_reference(c: RmsNormBackwardCall) -> tuple[Tensor, Tensor]:
-    """RMSNorm backward from the saved rstd, in float32 (float64 for float64).
+    """RMSNorm backward from the saved rstd, in float32 (float64 for float64)."""
+    dx, dw = _rms_backward(c.grad_out, c.input, c.normalized_shape, c.weight, c.rstd, c.offset,
+                           c.cast_before_weight, bool(c.output_mask[0]), bool(c.output_mask[1]))
+    dx = dx.to(c.input.dtype).contiguous() if dx is not None else torch.zeros_like(
+        c.input, memory_format=torch.contiguous_format)
+    return dx, dw if dw is not None else empty_param_grad(c.weight, c.input)
 
-    With x_hat = x * rstd and g = grad_out * weight:
-    dx = rstd * (g - x_hat * mean(g * x_hat)), dweight = sum over rows of grad_out * x_hat.
-    """
-    grad_out, input, normalized_shape, weight, rstd, output_mask = c
+
+def _residual_sum(input: Tensor, residual: Tensor, residual_in_fp32: bool, dropout_p: float, seed: int) -> Tensor:
+    """``residual_out = dropout(input) + residual``, added in the compute dtype and rounded to
+    :func:`~llmkit.ops.layer_norm.residual_dtype`."""
+    rdt = residual_dtype(input.dtype, residual_in_fp32)
+    if dropout_p == 0.0 and residual.dtype == input.dtype == rdt:
+        return torch.add(input, residual)  # ATen adds 16-bit tensors in float32 and rounds once
     cdt = compute_dtype(input.dtype)
-    k = len(normalized_shape)
-    dims = tuple(range(input.dim() - k, input.dim()))
     x = input.to(cdt)
-    r = rstd.to(cdt).reshape(list(rstd.shape) + [1] * k)
-    x_hat = x * r
-    dy = grad_out.to(cdt)
-    g = dy * weight.to(cdt) if weight is not None else dy
-    if output_mask[0]:
-        dx = (r * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))).to(input.dtype).contiguous()
-    else:
-        dx = torch.zeros_like(input, memory_format=torch.contiguous_format)
-    if output_mask[1] and weight is not None:
-        lead = tuple(range(input.dim() - k))
-        dw = (dy * x_hat).sum(lead).to(weight.dtype) if lead else (dy * x_hat).to(weight.dtype)
-    else:
-        dw = empty_param_grad(weight, input)
-    return dx, dw
+    if dropout_p > 0.0:
+        keep = row_dropout_keep_mask(seed, input.shape, dropout_p, input.device)
+        x = torch.where(keep, x * torch.tensor(dropout_scale(dropout_p), dtype=cdt), torch.zeros((), dtype=cdt))
+    return (x + residual.to(cdt)).to(rdt)
+
+
+def _input_grad(dsum: Tensor, residual_out: Tensor, dropout_p: float, seed: int) -> Tensor:
+    """``d input`` of the dropout (an empty tensor without dropout: it is ``d residual_out``),
+    from the unrounded ``dsum``, in ``residual_out``'s dtype."""
+    if dropout_p == 0.0:
+        return residual_out.new_empty((0,))
+    keep = row_dropout_keep_mask(seed, residual_out.shape, dropout_p, residual_out.device)
+    scale = torch.tensor(dropout_scale(dropout_p), dtype=dsum.dtype)
+    return torch.where(keep, dsum * scale, torch.zeros((), dtype=dsum.dtype)).to(residual_out.dtype).contiguous()
 
 
 @add_layer_norm_forward.register("reference")
 def add_layer_norm_forward_reference(c: AddLayerNormCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """residual_out = input + residual (float32 add, rounded); out = LayerNorm(residual_out)."""
-    input, residual, normalized_shape, weight, bias, eps = c
-    # ATen adds 16-bit tensors in float32 and rounds once: the float32 add, rounded
-    residual_out = torch.add(input, residual)
-    out, mean, rstd = layer_norm_forward_reference(LayerNormCall(residual_out, normalized_shape, weight, bias, eps))
-    return out, residual_out.contiguous(), mean, rstd
+    """residual_out = dropout(input) + residual (float32 add, rounded to residual_out's dtype);
+    out = LayerNorm(residual_out) in the input's dtype."""
+    residual_out = _residual_sum(c.input, c.residual, c.residual_in_fp32, c.dropout_p, c.seed)
+    out, mean, rstd = layer_norm_forward_reference(LayerNormCall(residual_out, c.normalized_shape, c.weight, c.bias,
+                                                                 c.eps))
+    return out.to(c.input.dtype), residual_out.contiguous(), mean, rstd
 
 
 @add_layer_norm_backward.register("reference")
-def add_layer_norm_backward_reference(c: AddLayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradient of (out, residual_out) w.r.t. input (= w.r.t. residual), weight, bias."""
-    grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd, output_mask = c
-    dx, dw, db = layer_norm_backward_reference(LayerNormBackwardCall(
-        grad_out, residual_out, normalized_shape, weight, bias, mean, rstd,
-        [True, output_mask[1], output_mask[2]],
-    ))
-    cdt = compute_dtype(residual_out.dtype)
-    if residual_out.dtype == cdt:
-        dsum = dx + grad_residual_out
-    else:
-        dsum = (dx.to(cdt) + grad_residual_out.to(cdt)).to(residual_out.dtype)
-    return dsum.contiguous(), dw, db
+def add_layer_norm_backward_reference(c: AddLayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d residual_out = LayerNorm's dx + grad_residual_out, d input of the dropout or empty,
+    d weight, d bias); the sum in float32, rounded once."""
+    r = c.residual_out
+    mask = [True, bool(c.output_mask[1]) and c.weight is not None, bool(c.output_mask[2]) and c.bias is not None]
+    dx, dw, db = _layer_norm_backward(c.grad_out, r, c.normalized_shape, c.weight, c.bias, c.mean, c.rstd, mask)
+    dsum = dx + c.grad_residual_out.to(dx.dtype)
+    dw = dw.to(c.weight.dtype) if mask[1] and c.weight is not None else empty_param_grad(c.weight, c.grad_out)
+    db = db.to(c.bias.dtype) if mask[2] and c.bias is not None else empty_param_grad(c.bias, c.grad_out)
+    return dsum.to(r.dtype).contiguous(), _input_grad(dsum, r, c.dropout_p, c.seed), dw, db
+
+
+@add_rms_norm_forward.register("reference")
+def add_rms_norm_forward_reference(c: AddRmsNormCall) -> tuple[Tensor, Tensor, Tensor]:
+    """residual_out = dropout(input) + residual (float32 add, rounded to residual_out's dtype);
+    out = RMSNorm(residual_out) in the input's dtype, with rms_norm's offset and casting."""
+    residual_out = _residual_sum(c.input, c.residual, c.residual_in_fp32, c.dropout_p, c.seed)
+    out, rstd = _rms_forward(residual_out, c.normalized_shape, c.weight, c.eps, c.offset, c.cast_before_weight,
+                             c.input.dtype)
+    return out, residual_out.contiguous(), rstd.to(stats_dtype(c.input.dtype))
+
+
+@add_rms_norm_backward.register("reference")
+def add_rms_norm_backward_reference(c: AddRmsNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
+    """(d residual_out = RMSNorm's dx + grad_residual_out, d input of the dropout or empty,
+    d weight); the sum in float32, rounded once."""
+    r = c.residual_out
+    dx, dw = _rms_backward(c.grad_out, r, c.normalized_shape, c.weight, c.rstd, c.offset, c.cast_before_weight,
+                           True, bool(c.output_mask[1]))
+    assert dx is not None
+    dsum = dx + c.grad_residual_out.to(dx.dtype)
+    dw = dw if dw is not None else empty_param_grad(c.weight, c.grad_out)
+    return dsum.to(r.dtype).contiguous(), _input_grad(dsum, r, c.dropout_p, c.seed), dw

@@ -1,10 +1,10 @@
 """Fused ``forward`` methods for transformers blocks, and the classes ``swap`` reassigns.
 
 Each mixin (``_Fused*``) replaces one transformers class's ``forward`` with the same
-computation on llmkit's fused ops (residual add + LayerNorm, bias + GELU, projections on
-llmkit's GEMM path). :func:`_fused_class` makes ``Llmkit<Original>`` from (mixin, original)
-at swap time; such classes pickle as (original class, mixin), so swapped models pickle and
-deep-copy.
+computation on llmkit's fused ops (residual add + LayerNorm / RMSNorm, bias + GELU, SwiGLU /
+GeGLU, projections on llmkit's GEMM path). :func:`_fused_class` makes ``Llmkit<Original>``
+from (mixin, original) at swap time; such classes pickle as (original class, mixin), so
+swapped models pickle and deep-copy. The LLM families' norms and MLPs are in :mod:`.fused_llm`.
 """
 
 from __future__ import annotations

@@ -1,19 +1,20 @@
 """What ``llmkit.swap`` does with each HuggingFace module: :func:`plan_module`.
 
-A GELU variant becomes :class:`llmkit.nn.GELU`, a T5-style norm :class:`llmkit.nn.RMSNorm`
-(sharing the parameter); BERT-family and GPT-2 blocks get a fused ``forward`` (their class is
-reassigned to a subclass made by :mod:`.fused`); anything else is left, with the reason.
+A GELU variant becomes :class:`llmkit.nn.GELU`; the RMSNorms of T5, Llama, Mistral, Qwen2 and
+Gemma, the BERT-family and GPT-2 blocks, the gated MLPs and decoder layers of the LLM families
+and T5's gated feed-forward get a fused ``forward`` (their class is reassigned to a subclass
+made by :mod:`.fused` / :mod:`.fused_llm`); anything else is left, with the reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeGuard, cast
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import nn
 
-from ...nn import GELU, RMSNorm
+from ...nn import GELU
 from .fused import (
     _fused_class,
     _FusedDenseAddNorm,
@@ -22,6 +23,15 @@ from .fused import (
     _FusedIntermediate,
     _FusedSelfAttention,
     from_transformers,
+)
+from .fused_llm import (
+    LLM_FAMILIES,
+    _FusedDecoderLayer,
+    _FusedGatedMLP,
+    _FusedGemmaRMSNorm,
+    _FusedLlamaRMSNorm,
+    _FusedT5GatedFF,
+    _FusedT5LayerNorm,
 )
 from .registration import MODELING
 
@@ -60,6 +70,8 @@ def _gelu_flavor(module: nn.Module) -> tuple[str | None, str]:
 
 
 _T5_NORMS = ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm", "LongT5LayerNorm")
+_T5_FAMILIES = ("t5", "mt5", "umt5", "longt5")
+_LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 _BERT_FAMILIES = ("bert", "roberta", "xlm_roberta", "camembert", "electra", "data2vec")
 
 
@@ -89,8 +101,24 @@ def plan_module(module: nn.Module) -> Plan | None:
                     make=lambda: GELU(approximate=approx))
     if why:
         return Plan("gelu", "left", why)
-    if name in _T5_NORMS:
-        return Plan("norm", "replace", "llmkit.nn.RMSNorm (shares weight)", make=lambda: _rms_from_t5(module))
+    if name in _T5_NORMS and from_transformers(cls, *_T5_FAMILIES):
+        return Plan("norm", "reclass", "llmkit rms_norm (x_hat rounded to a half weight's dtype first)",
+                    new_class=_fused_class(cls, _FusedT5LayerNorm))
+    if name in _LLAMA_NORMS and from_transformers(cls, *LLM_FAMILIES):
+        return Plan("norm", "reclass", "llmkit rms_norm (weight * x_hat.to(dtype))",
+                    new_class=_fused_class(cls, _FusedLlamaRMSNorm))
+    if name == "GemmaRMSNorm" and from_transformers(cls, "gemma"):
+        return Plan("norm", "reclass", "llmkit rms_norm (offset 1: x_hat * (1 + weight) in float32)",
+                    new_class=_fused_class(cls, _FusedGemmaRMSNorm))
+    if from_transformers(cls, *LLM_FAMILIES) and name.endswith("MLP") and _gated_mlp_shape(module):
+        return Plan("fused", "reclass", "gate / up projections, activation * up fused (SwiGLU / GeGLU)",
+                    new_class=_fused_class(cls, _FusedGatedMLP))
+    if from_transformers(cls, *LLM_FAMILIES) and name.endswith("DecoderLayer") and _decoder_layer_shape(module):
+        return Plan("fused", "reclass", "attention residual fused into post_attention_layernorm",
+                    new_class=_fused_class(cls, _FusedDecoderLayer))
+    if name == "T5DenseGatedActDense" and from_transformers(cls, *_T5_FAMILIES):
+        return Plan("fused", "reclass", "wi_0 / wi_1 projections, activation * wi_1 fused (GeGLU / SwiGLU)",
+                    new_class=_fused_class(cls, _FusedT5GatedFF))
     bert_family = from_transformers(cls, *_BERT_FAMILIES)
     if bert_family and name.endswith(("SelfOutput", "Output")) and _dense_add_norm_shape(module):
         return Plan("fused", "reclass", "dense, dropout, fused residual add + LayerNorm",
@@ -113,11 +141,14 @@ def plan_module(module: nn.Module) -> Plan | None:
     return None
 
 
-def _rms_from_t5(module: nn.Module) -> RMSNorm:
-    weight = cast(nn.Parameter, module.weight)
-    new = RMSNorm(weight.shape[0], eps=cast(float, module.variance_epsilon), device="meta")
-    new.weight = weight  # the same Parameter: optimizers and tied references keep working
-    return new
+def _gated_mlp_shape(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")) \
+        and hasattr(module, "act_fn")
+
+
+def _decoder_layer_shape(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, p, None), nn.Module)
+               for p in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
 
 
 def _dense_add_norm_shape(module: nn.Module) -> bool:
