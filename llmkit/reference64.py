@@ -65,7 +65,8 @@ def rms_norm(
 
 
 def _dropped(x: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
-    return x if keep is None else x * keep.to(F64) / (1.0 - dropout_p)
+    """Kept values scaled by 1 / (1 - p), dropped ones 0 (also where x is inf or NaN)."""
+    return x if keep is None else torch.where(keep, x / (1.0 - dropout_p), torch.zeros((), dtype=x.dtype))
 
 
 def add_layer_norm(
