@@ -235,6 +235,8 @@ def run_isolated(nodeid: str, timeout: float = 600) -> None:
         cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode < 0:
-        raise AssertionError(f"{nodeid} crashed with signal {-proc.returncode}:\n{proc.stdout[-6000:]}{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{nodeid} crashed with signal {-proc.returncode}:\n{proc.stdout[-6000:]}{proc.stderr[-3000:]}"
+        )
     if proc.returncode not in (0, 5):  # 5: nothing collected / all deselected
         raise AssertionError(f"{nodeid} failed:\n{proc.stdout[-8000:]}{proc.stderr[-2000:]}")
