@@ -28,7 +28,14 @@ import torch
 
 from ..errors import BackendError
 from ..testing import sqnr_db
-from . import suites_attention, suites_int8, suites_models, suites_norm  # noqa: F401  (importing registers them)
+from . import (  # noqa: F401  (importing registers them)
+    suites_attention,
+    suites_gelu,
+    suites_glu,
+    suites_int8_matmul,
+    suites_layer_norm,
+    suites_models,
+)
 from .env import environment
 from .roofline import Roofline, fraction, measure_roofline, roof_for
 from .shapes import Shapes, group_key, load_shapes, point_label
