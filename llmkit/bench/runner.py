@@ -220,7 +220,7 @@ def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype,
     'close': within the dtype's :data:`CLOSE_TOL` of the baseline (relative to its largest
     magnitude). Where it is not and ``truth`` can recompute the baseline in float64, the
     implementation still passes when its error against float64 is at most twice the
-    baseline's own plus :data:`TRUTH_FLOOR` (DESIGN.md's rule): in 16-bit dtypes the eager
+    baseline's own plus :data:`TRUTH_FLOOR` (the rule of :mod:`llmkit.testing`): in 16-bit dtypes the eager
     baseline, not the implementation, is often the less accurate one.
     """
     got, want = _tensors(out), _tensors(ref)
