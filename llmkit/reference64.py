@@ -39,10 +39,12 @@ def layer_norm(
 
 
 def _rounded(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged)."""
+    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged);
+    an infinity stays itself (not ``inf + (inf - inf)``, NaN)."""
     if dtype is None or dtype == F64:
         return t
-    return t + (t.detach().to(dtype).to(F64) - t.detach())
+    r = t.detach().to(dtype).to(F64)
+    return t + torch.where(r == t.detach(), 0.0, r - t.detach())
 
 
 def rms_norm(
