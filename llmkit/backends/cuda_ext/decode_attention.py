@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 from ...ops.decode_attention import DecodeAttentionCall, decode_attention_forward, decode_mask
@@ -19,7 +20,15 @@ def _reasons(c: DecodeAttentionCall) -> Iterator[str]:
 
 @decode_attention_forward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_reasons)
 def decode_attention_forward_cuda_ext(c: DecodeAttentionCall) -> Tensor:
-    """Decode attention as the attention kernel with the cache-length mask."""
-    mask = decode_mask(c.cache_seqlens, c.query.shape[2], c.key_cache.shape[2], c.is_causal)
-    out, _ = ext_ops().attention_fwd(c.query, c.key_cache, c.value_cache, mask, 0.0, False, c.scale, 0, 0)
+    """Decode attention as the attention kernel with the cache-length mask.
+
+    The kernel multiplies a masked value row by a zero probability, so NaN / inf in cache
+    slots past a sequence's length (a cache made with ``torch.empty``) would reach its output:
+    the value rows it hands over hold zeros there (a masked key's score is never read).
+    """
+    s_max = c.key_cache.shape[2]
+    mask = decode_mask(c.cache_seqlens, c.query.shape[2], s_max, c.is_causal)
+    seen = torch.arange(s_max, device=c.value_cache.device) < c.cache_seqlens[:, None]
+    values = c.value_cache.masked_fill(~seen[:, None, :, None], 0.0)
+    out, _ = ext_ops().attention_fwd(c.query, c.key_cache, values, mask, 0.0, False, c.scale, 0, 0)
     return out
