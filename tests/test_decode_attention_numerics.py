@@ -13,11 +13,17 @@ import math
 
 import pytest
 import torch
-from test_decode_attention import (  # noqa: F401  (_poison_kernel_outputs: the autouse fixture)
-    BACKENDS, DEVICE, F64, _cache, _decode, _poison_kernel_outputs, check_decode,
-)
 
 from llmkit import reference64 as R
+from test_decode_attention import (  # noqa: F401  (_poison_kernel_outputs: the autouse fixture)
+    BACKENDS,
+    DEVICE,
+    F64,
+    _cache,
+    _decode,
+    _poison_kernel_outputs,
+    check_decode,
+)
 
 
 def _dirty_past(kc, vc, lens):
@@ -76,7 +82,7 @@ def test_cuda_ext_decode_hands_clean_values(monkeypatch):
         s = (q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)
-        return (p @ v.float().repeat_interleave(g, 1)).to(q.dtype), None
+        return (p @ v.float().repeat_interleave(g, 1)).to(q.dtype), torch.logsumexp(s, -1)
 
     class FakeOps:
         attention_fwd = staticmethod(fake_attention_fwd)
@@ -85,6 +91,6 @@ def test_cuda_ext_decode_hands_clean_values(monkeypatch):
     q, kc, vc = _cache(3, 4, 2, 2, 30, 16, 16, torch.float16)
     lens = torch.tensor([30, 7, 1], device=DEVICE)
     dk, dv = _dirty_past(kc, vc, lens)
-    out = E.decode_attention_forward_cuda_ext(DecodeAttentionCall(q, dk, dv, lens, 0.25, True))
-    clean = E.decode_attention_forward_cuda_ext(DecodeAttentionCall(q, kc, vc, lens, 0.25, True))
+    out, _ = E.decode_attention_forward_cuda_ext(DecodeAttentionCall(q, dk, dv, lens, 0.25, True))
+    clean, _ = E.decode_attention_forward_cuda_ext(DecodeAttentionCall(q, kc, vc, lens, 0.25, True))
     assert torch.isfinite(out).all() and torch.equal(out, clean)

@@ -1,5 +1,6 @@
 """Decode attention on the reference backend: masked attention over the cache through the
-reference attention (:func:`..attention.attention_forward_reference`)."""
+reference attention (:func:`..attention.attention_forward_reference`); a paged cache or
+``cache_batch_idx`` is gathered into contiguous rows first."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import torch
 from torch import Tensor
 
 from ...ops.attention import AttentionCall, compute_dtype
-from ...ops.decode_attention import DecodeAttentionCall, _min_max, decode_attention_forward, decode_mask
+from ...ops.decode_attention import (
+    DecodeAttentionCall,
+    capacity,
+    contiguous_cache,
+    decode_attention_forward,
+    decode_mask,
+    min_max,
+)
 from .attention import attention_forward_reference
 
 
@@ -27,11 +35,16 @@ def _masked_math(query: Tensor, kc: Tensor, vc: Tensor, visible: Tensor, scale: 
     dead = torch.isneginf(lse)
     p = torch.exp(s - torch.where(dead, 0.0, lse)[..., None])
     out = torch.matmul(p, v).masked_fill(dead[..., None], 0.0)
-    return out.to(query.dtype), lse.masked_fill(dead, float("inf"))
+    return out.to(query.dtype), lse.masked_fill(dead, float("inf")).to(torch.float32)
+
+
+def _attend(query: Tensor, kc: Tensor, vc: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = attention_forward_reference(AttentionCall(query, kc, vc, mask, 0.0, False, scale, True, 0, 0))
+    return out, lse.to(torch.float32)
 
 
 @decode_attention_forward.register("reference")
-def decode_attention_forward_reference(c: DecodeAttentionCall) -> Tensor:
+def decode_attention_forward_reference(c: DecodeAttentionCall) -> tuple[Tensor, Tensor]:
     """Decode attention as masked attention over the cache.
 
     When every sequence has the same length ``L`` (read from CPU lengths), only the first
@@ -43,27 +56,27 @@ def decode_attention_forward_reference(c: DecodeAttentionCall) -> Tensor:
     (NaN stays NaN), so a non-finite result is computed again with such slots zeroed and the
     scores masked by replacement (:func:`_masked_math`); clean caches cost one finiteness check.
     """
-    query, key_cache, value_cache, cache_seqlens, scale, is_causal = c
+    query, cache_seqlens, scale, is_causal = c.query, c.cache_seqlens, c.scale, c.is_causal
     t = query.shape[2]
-    s_max = key_cache.shape[2]
+    s_max = capacity(c.key_cache, c.block_table)
     if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
-        lo, hi = _min_max(cache_seqlens)
+        lo, hi = min_max(cache_seqlens)
         if lo == hi and 0 < lo <= s_max:
-            kc, vc = key_cache[:, :, :lo], value_cache[:, :, :lo]
+            kc, vc = contiguous_cache(c, lo)
             mask = decode_mask(cache_seqlens, t, lo, is_causal) if is_causal and t > 1 else None
-            out, _ = attention_forward_reference(AttentionCall(query, kc, vc, mask, 0.0, False, scale, True, 0, 0))
+            out, lse = _attend(query, kc, vc, mask, scale)
             if mask is None or _finite(out):  # without a mask every key read is seen by every row
-                return out
-            return _masked_math(query, kc, vc, mask, scale)[0]
+                return out, lse
+            return _masked_math(query, kc, vc, mask, scale)
         s_max = min(s_max, max(hi, 1))  # slots past every length are not read at all
-    kc, vc = key_cache[:, :, :s_max], value_cache[:, :, :s_max]
+    kc, vc = contiguous_cache(c, s_max)
     mask = decode_mask(cache_seqlens, t, s_max, is_causal)
-    out, _ = attention_forward_reference(AttentionCall(query, kc, vc, mask, 0.0, False, scale, True, 0, 0))
+    out, lse = _attend(query, kc, vc, mask, scale)
     if _finite(out):
-        return out
+        return out, lse
     seen = (torch.arange(s_max, device=kc.device) < cache_seqlens[:, None])[:, None, :, None]  # (B, 1, S, 1)
     kc, vc = kc.masked_fill(~seen, 0.0), vc.masked_fill(~seen, 0.0)
-    return _masked_math(query, kc, vc, mask, scale)[0]
+    return _masked_math(query, kc, vc, mask, scale)
 
 
 def _finite(t: Tensor) -> bool:
