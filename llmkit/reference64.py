@@ -174,7 +174,9 @@ def attention(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max.detach())
     denom = e.sum(-1, keepdim=True)
-    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
+    # only a row with no visible key (denom exactly 0) is zeros; NaN (a NaN score) stays NaN
+    dead = denom == 0
+    p = torch.where(dead, torch.zeros_like(e), e / torch.where(dead, torch.ones_like(denom), denom))
     if keep is not None:
         p = p * keep.to(F64) / (1.0 - dropout_p)
     return torch.einsum("...ij,...jd->...id", p, v)
@@ -195,6 +197,9 @@ def decode_attention(
             tt = torch.arange(t, device=q.device)[:, None]
             jj = torch.arange(length, device=q.device)[None, :]
             mask = jj < length - t + tt + 1
+        if length == 0:  # no key at all: zeros (the softmax has nothing to normalize)
+            outs.append(q.new_zeros((1, hq, t, v_cache.shape[-1])))
+            continue
         outs.append(attention(q[i : i + 1], kk, vv, mask, False, scale))
     if not outs:  # empty batch
         return q.new_empty((0, hq, t, v_cache.shape[-1]))
