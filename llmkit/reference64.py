@@ -146,6 +146,11 @@ def attention(
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v, rows with no visible key -> 0.
 
+    A key that no query row (of its batch and head) may see is not part of the problem:
+    whatever it holds (NaN, inf) never reaches the result or a gradient. A key that some
+    rows see enters every row's sum ``p v`` (a hidden one with probability 0, so NaN or
+    inf in its value makes NaN there too).
+
     ``keep``: optional boolean dropout keep-mask (B, Hq, Sq, Sk) applied to the
     probabilities with 1 / (1 - dropout_p) scaling.
     """
@@ -156,26 +161,30 @@ def attention(
         v = v.repeat_interleave(g, dim=-3)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    s = torch.einsum("...id,...jd->...ij", q, k) * scale
-    sq, sk = s.shape[-2], s.shape[-1]
+    sq, sk = q.shape[-2], k.shape[-2]
     visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if is_causal:
         i = torch.arange(sq, device=q.device)[:, None]
         j = torch.arange(sk, device=q.device)[None, :]
         visible = visible & (j <= i)
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        else:
-            s = s + attn_mask.to(F64)
-            visible = visible & (attn_mask != float("-inf"))
-    visible = visible.expand(s.shape)
+        visible = visible & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
+    shape = torch.broadcast_shapes(q.shape[:-1] + (sk,), k.shape[:-2] + (sq, sk), visible.shape)
+    visible = visible.expand(shape)
+    seen = visible.any(-2)[..., None]
+    k = torch.where(seen, k, torch.zeros_like(k))
+    v = torch.where(seen, v, torch.zeros_like(v))
+    s = torch.einsum("...id,...jd->...ij", q, k) * scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(F64)
     s = s.masked_fill(~visible, float("-inf"))
     row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max.detach())
     denom = e.sum(-1, keepdim=True)
-    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
+    # only a row with no visible key (denom exactly 0) is zeros; NaN (a NaN score) stays NaN
+    dead = denom == 0
+    p = torch.where(dead, torch.zeros_like(e), e / torch.where(dead, torch.ones_like(denom), denom))
     if keep is not None:
         p = p * keep.to(F64) / (1.0 - dropout_p)
     return torch.einsum("...ij,...jd->...id", p, v)
@@ -196,6 +205,9 @@ def decode_attention(
             tt = torch.arange(t, device=q.device)[:, None]
             jj = torch.arange(length, device=q.device)[None, :]
             mask = jj < length - t + tt + 1
+        if length == 0:  # no key at all: zeros (the softmax has nothing to normalize)
+            outs.append(q.new_zeros((1, hq, t, v_cache.shape[-1])))
+            continue
         outs.append(attention(q[i : i + 1], kk, vv, mask, False, scale))
     if not outs:  # empty batch
         return q.new_empty((0, hq, t, v_cache.shape[-1]))

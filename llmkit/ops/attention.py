@@ -21,10 +21,13 @@ should write it directly.
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
 ``is_causal`` is aligned top-left (query ``i`` sees keys ``j <= i``); a boolean
 ``attn_mask`` marks keys to attend (True) and a float one is added to the scores;
-either broadcasts to ``(B, Hq, Sq, Sk)``; ``is_causal`` and ``attn_mask`` may be given
-together (both apply). One deliberate difference: a query row whose keys are all
-masked gives an output of zeros and zero gradients, where SDPA gives NaN; its
-``lse`` is ``+inf``.
+either broadcasts to ``(B, Hq, Sq, Sk)`` (1 to 4 dims); ``is_causal`` and ``attn_mask``
+may be given together (both apply). Deliberate differences: a query row whose keys are all
+masked gives an output of zeros and zero gradients, where SDPA gives NaN; its ``lse`` is
+``+inf``. A key that no query row may see (masked for every row, past ``Sq`` under
+``is_causal``) never reaches an output or gradient, whatever it holds (SDPA multiplies it
+by a zero probability: NaN stays NaN); its ``dk`` / ``dv`` are 0. No backward takes
+``delta = rowsum(dO * O)`` from the rounded output.
 
 Dropout is a pure function of ``(seed, offset)``: see :mod:`llmkit.ops._philox`.
 The functional wrapper draws ``seed`` from torch's default generator, so results
@@ -33,11 +36,12 @@ are reproducible under ``torch.manual_seed``.
 Dispatch points ``attention.forward`` / ``attention.backward`` (the backend override key is
 ``attention``), with the call classes below; the implementations live in
 ``llmkit/backends/<backend>/attention.py``: ``reference`` (ATen's fused CPU kernel where it
-applies, else float32 / float64 math), ``triton`` (``kernels/attention.py``: tiled forward,
-dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor; float16 / bfloat16 on tensor cores, float32
-with exact fp32 products) and ``cuda_ext`` (CUDA, float16 / bfloat16). Forward on one backend
-and backward on another agree: each recomputes the probabilities from ``lse`` and the same
-Philox keep mask.
+applies and meets the tolerance rule, else float32 / float64 math), ``triton``
+(``kernels/attention.py``, ``kernels/attention_backward.py``: tiled forward, backward row
+statistics, dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor; float16 / bfloat16 on tensor
+cores, float32 with exact fp32 products) and ``cuda_ext`` (CUDA, float16 / bfloat16).
+Forward on one backend and backward on another agree: each recomputes the probabilities
+(from ``lse`` or from the scores' own row statistics) and the same Philox keep mask.
 
 Known limit shared by both backends: a row whose every visible score is an additive
 mask value near ``finfo.min`` (e.g. a fully padded query row of a HuggingFace-style
@@ -53,6 +57,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._compat import causal_bias_variant
 from ..dispatch import DispatchPoint
 from . import _validate as V
 from ._op import Op
@@ -153,6 +158,14 @@ def check_mask(op: str, attn_mask: Tensor | None, query: Tensor, key: Tensor) ->
     """A boolean or float mask broadcastable to (B, Hq, Sq, Sk)."""
     if attn_mask is None:
         return
+    if causal_bias_variant(attn_mask) is not None:
+        # a tensor subclass without real storage: kernels would read garbage
+        raise TypeError(
+            f"{op}: attn_mask is a torch.nn.attention.bias.CausalBias (causal_upper_left / "
+            "causal_lower_right), which llmkit does not take; pass is_causal=True for the "
+            "upper-left alignment, or a boolean mask (True = attend) such as "
+            "torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq) for the lower-right one"
+        )
     V.check_tensor(op, "attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
         allowed = sorted({"bool", V.dtype_name(query.dtype), "float32"})

@@ -1,5 +1,6 @@
 """Attention on the triton backend (``kernels/attention.py``, imported on first use): fused
-tiled forward (online softmax, ``lse`` saved), dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor.
+tiled forward (online softmax, ``lse`` saved), backward row statistics, dQ pass then dK/dV pass,
+no ``(Sq, Sk)`` tensor.
 
 float16 / bfloat16 run on tensor cores; float32 with exact fp32 products (no TF32, so float32
 keeps float32 accuracy), up to head dim 128.
@@ -67,7 +68,8 @@ def attention_forward_triton(c: AttentionCall) -> tuple[Tensor, Tensor]:
 
 @attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_backward_reasons)
 def attention_backward_triton(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dQ pass then dK/dV pass, probabilities recomputed from ``lse``; deterministic."""
-    dq, dk, dv = _kernels().attention_backward(c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask,
+    """Row statistics, then dQ, then dK/dV, the probabilities recomputed from the scores
+    (the forward's ``out`` and ``lse`` are not read); deterministic."""
+    dq, dk, dv = _kernels().attention_backward(c.grad_out, c.query, c.key, c.value, c.attn_mask,
                                                c.dropout_p, c.is_causal, c.scale, c.seed, c.offset)
     return dq, dk, dv, c.query.new_empty((0,))
