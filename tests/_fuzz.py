@@ -240,3 +240,33 @@ def run_isolated(nodeid: str, timeout: float = 600) -> None:
         )
     if proc.returncode not in (0, 5):  # 5: nothing collected / all deselected
         raise AssertionError(f"{nodeid} failed:\n{proc.stdout[-8000:]}{proc.stderr[-2000:]}")
+
+
+def need_ext() -> None:
+    """The C++ extension loaded (built here once if missing); a failed build fails the test."""
+    from llmkit import _ext
+
+    if _ext.load() is not None:
+        res = _ext.build()
+        assert res.ok, res.summary()
+        assert _ext.load() is None
+
+
+def run_fuzz(request, backend: str, examples: int, name: str, case) -> None:
+    """Run ``case(backend, data)`` (``data``: hypothesis' ``st.data()``) on ``examples``
+    examples (:func:`fuzz`). ``cuda_ext``: the extension loaded, and the test re-run in a
+    subprocess (:func:`run_isolated`) so a crash of the C++ kernels fails it."""
+    from hypothesis import given
+
+    if backend == "cuda_ext":
+        need_ext()
+        if not CHILD:
+            run_isolated(request.node.nodeid)
+            return
+
+    @fuzz(examples, name)
+    @given(data=st.data())
+    def run(data):
+        case(backend, data)
+
+    run()

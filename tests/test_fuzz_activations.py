@@ -18,12 +18,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import llmkit
-from _fuzz import CHILD, F64, KINDS, LAYOUTS, LEAD_DIMS, ROW_LENGTHS, check, fuzz, layout, run_isolated, values
-from llmkit import _ext
+from _fuzz import F64, KINDS, LAYOUTS, LEAD_DIMS, ROW_LENGTHS, check, layout, run_fuzz, values
 from llmkit import reference64 as R
 
 pytestmark = [
@@ -113,29 +112,9 @@ def _case(backend, data):
         check(f"{name} {names[i]}", gi, gr, (gb, gb32.to(gi.dtype)))
 
 
-def _need_ext():
-    reason = _ext.load()
-    if reason is not None:
-        res = _ext.build()
-        assert res.ok, res.summary()
-        assert _ext.load() is None
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda_ext"])
 def test_activations_fuzz(backend, request):
-    if backend == "cuda_ext" and not CHILD:
-        _need_ext()
-        run_isolated(request.node.nodeid)
-        return
-    if backend == "cuda_ext":
-        _need_ext()
-
-    @fuzz(EXAMPLES[backend], f"activations-{backend}")
-    @given(data=st.data())
-    def run(data):
-        _case(backend, data)
-
-    run()
+    run_fuzz(request, backend, EXAMPLES[backend], f"activations-{backend}", _case)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda_ext"])

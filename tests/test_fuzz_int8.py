@@ -18,12 +18,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import llmkit
-from _fuzz import CHILD, F64, KINDS, LAYOUTS, LEAD_DIMS, ROW_LENGTHS, check, fuzz, layout, run_isolated, values
-from llmkit import _ext
+from _fuzz import F64, KINDS, LAYOUTS, LEAD_DIMS, ROW_LENGTHS, check, layout, run_fuzz, values
 from llmkit import reference64 as R
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter
@@ -32,7 +31,7 @@ FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 OPS = {"reference": ["quantize", "matmul", "matmul_scaled", "linear"],
        "triton": ["quantize", "matmul", "matmul_scaled", "linear"],
        "cuda_ext": ["quantize"]}
-EXAMPLES = {"reference": 60, "triton": 30, "cuda_ext": 40}
+EXAMPLES = {"reference": 80, "triton": 40, "cuda_ext": 40}
 N_OUT = st.sampled_from([1, 2, 7, 16, 33, 64])
 
 
@@ -154,26 +153,6 @@ def _case(backend, data):
         _linear(backend, data, gen)
 
 
-def _need_ext():
-    reason = _ext.load()
-    if reason is not None:
-        res = _ext.build()
-        assert res.ok, res.summary()
-        assert _ext.load() is None
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda_ext"])
 def test_int8_fuzz(backend, request):
-    if backend == "cuda_ext" and not CHILD:
-        _need_ext()
-        run_isolated(request.node.nodeid)
-        return
-    if backend == "cuda_ext":
-        _need_ext()
-
-    @fuzz(EXAMPLES[backend], f"int8-{backend}")
-    @given(data=st.data())
-    def run(data):
-        _case(backend, data)
-
-    run()
+    run_fuzz(request, backend, EXAMPLES[backend], f"int8-{backend}", _case)
