@@ -33,6 +33,18 @@ from hypothesis import strategies as st
 from llmkit.testing import ATOL_FLOOR, max_abs_error, tolerance
 
 F64 = torch.float64
+HALF = (torch.float16, torch.bfloat16)
+HALF_AND_FLOAT = [torch.float16, torch.bfloat16, torch.float32]
+WARNINGS = [
+    "ignore:Mismatch dtype",  # ATen's mixed-dtype norms with a float32 weight
+    "ignore::RuntimeWarning",  # numpy under the Triton interpreter, on inf / NaN values
+]
+"""``pytestmark`` filters of the fuzz files: ``[pytest.mark.filterwarnings(w) for w in WARNINGS]``."""
+
+
+def leaf(t):
+    """A fresh leaf that requires grad (None stays None)."""
+    return None if t is None else t.detach().clone().requires_grad_(True)
 PROFILE = os.environ.get("LLMKIT_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"LLMKIT_FUZZ must be 'ci' or 'long', got {PROFILE!r}")

@@ -22,12 +22,24 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import llmkit
-from _fuzz import F64, KINDS, LAYOUTS, LEAD_DIMS, ROW_LENGTHS, check, layout, run_fuzz, values
+from _fuzz import (
+    F64,
+    HALF_AND_FLOAT,
+    KINDS,
+    LAYOUTS,
+    LEAD_DIMS,
+    ROW_LENGTHS,
+    WARNINGS,
+    check,
+    layout,
+    run_fuzz,
+    values,
+)
 from llmkit import reference64 as R
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter
+pytestmark = [pytest.mark.filterwarnings(w) for w in WARNINGS]
 
-FLOATS = [torch.float16, torch.bfloat16, torch.float32]
+FLOATS = HALF_AND_FLOAT
 OPS = {"reference": ["quantize", "matmul", "matmul_scaled", "linear"],
        "triton": ["quantize", "matmul", "matmul_scaled", "linear"],
        "cuda_ext": ["quantize"]}
