@@ -378,3 +378,32 @@ def test_bad_input(backend, request):
         with llmkit.use_backend(backend), pytest.raises(exc) as info:
             call()
         assert text in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("n", [300, 9000], ids=["rows_in_registers", "looped"])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_triton_dropout_mask_is_the_references_bit_for_bit(kind, n):
+    """The Triton kernels draw the input dropout's keep mask from the same Philox stream as the
+    reference (element i * N + j of the seed): residual_out and d input agree exactly, and a
+    forward on one backend can be differentiated on the other."""
+    x = _randn((5, n), torch.float32)
+    res = _randn((5, n), torch.float32)
+    w = _randn((n,), torch.float32)
+    dy, dres = _randn(x.shape, torch.float32), _randn(x.shape, torch.float32)
+    got = {}
+    for backend in ("reference", "triton"):
+        with llmkit.use_backend(backend):
+            if kind == "rms":
+                out, s, rstd = L.add_rms_norm(x, res, [n], w, EPS, 0.0, False, False, 0.4, 2**61 + 12345)
+                back = L.add_rms_norm_backward(dy, dres, s, [n], w, rstd, [True, True], 0.0, False, 0.4,
+                                               2**61 + 12345)
+            else:
+                out, s, mean, rstd = L.add_layer_norm(x, res, [n], w, None, EPS, False, 0.4, 2**61 + 12345)
+                back = L.add_layer_norm_backward(dy, dres, s, [n], w, None, mean, rstd, [True, True, False], 0.4,
+                                                 2**61 + 12345)
+        got[backend] = (s, back[0], back[1])
+    keep = row_dropout_keep_mask(2**61 + 12345, x.shape, 0.4, x.device)
+    for backend, (s, dsum, d_input) in got.items():
+        assert torch.equal(s, torch.where(keep, x * (1.0 / 0.6), 0.0) + res), backend
+        assert torch.equal(d_input == 0, ~keep | (dsum == 0)), backend
+    torch.testing.assert_close(got["triton"][2], got["reference"][2], rtol=1e-5, atol=1e-6)
