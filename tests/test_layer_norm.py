@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import llmkit
+from conftest import poison_kernel_buffers
 from llmkit import reference64 as R
 from llmkit.dispatch import triton_interpreting
-from llmkit.testing import ATOL_FLOOR, assert_close_to_reference, poison_
+from llmkit.testing import ATOL_FLOOR, assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -39,18 +40,10 @@ def _cases(dtypes_of=_dtypes):
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
     """Every buffer the Triton launchers allocate starts as NaN (the sums of partial rows too)."""
-    from llmkit.kernels import _common
     from llmkit.kernels import layer_norm as K
     from llmkit.kernels import layer_norm_backward as KB
 
-    real = _common.empty
-
-    def poisoned(shape, dtype, device):
-        return poison_(real(shape, dtype, device))
-
-    for module in (K, KB):
-        monkeypatch.setattr(module, "_empty", poisoned)
-    monkeypatch.setattr(_common, "empty", poisoned)
+    poison_kernel_buffers(monkeypatch, K, KB)
 
 
 def _randn(shape, dtype, mean=0.0, scale=1.0):
