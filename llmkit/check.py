@@ -518,10 +518,10 @@ def _int8_cases() -> Iterable[Case]:
 
 def all_cases() -> list[Case]:
     """Every check case of every op."""
-    from . import check_llm  # the cases of the LLM norms and gated activations (imports this module)
+    from . import check_decode, check_llm  # the cases of the LLM norms, gated activations, decode caches
 
     return [*_norm_cases(), *check_llm.llm_norm_cases(), *_gelu_cases(), *check_llm.glu_cases(), *_attention_cases(),
-            *_int8_cases()]
+            *check_decode.decode_cache_cases(), *_int8_cases()]
 
 
 # --------------------------------------------------------------------------------------
