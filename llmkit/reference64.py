@@ -185,6 +185,74 @@ def attention(
     return torch.einsum("...ij,...jd->...id", p, v)
 
 
+def attention_llm(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    bottom_right: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of attention with the options of today's LLMs, in float64.
+
+    Query ``i``'s diagonal is key ``d_i = i + (Sk - Sq if bottom_right else 0)``. Key ``j``
+    is visible when ``j <= d_i`` (``is_causal``), ``d_i - left <= j <= d_i + right``
+    (``window``, -1 unbounded) and the mask allows it. Scores: ``s = scale * q.k``, then
+    ``softcap * tanh(s / softcap)``, minus ``slope[b, h] * |d_i - j|`` (ALiBi slopes (Hq,)
+    or (B, Hq)), plus a float mask. Rows with no visible key give 0 and ``lse = +inf``;
+    keys no row sees never reach a result (see :func:`attention`). GQA when Hq > Hkv.
+    """
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=-3)
+        v = v.repeat_interleave(hq // hkv, dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    sq, sk = q.shape[-2], k.shape[-2]
+    diag = torch.arange(sq, device=q.device)[:, None] + (sk - sq if bottom_right else 0)
+    j = torch.arange(sk, device=q.device)[None, :]
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        visible = visible & (j <= diag)
+    if window[1] >= 0:
+        visible = visible & (j <= diag + window[1])
+    if window[0] >= 0:
+        visible = visible & (j >= diag - window[0])
+    if attn_mask is not None:
+        visible = visible & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
+    shape = torch.broadcast_shapes(q.shape[:-1] + (sk,), k.shape[:-2] + (sq, sk), visible.shape)
+    visible = visible.expand(shape)
+    seen = visible.any(-2)[..., None]
+    k = torch.where(seen, k, torch.zeros_like(k))
+    v = torch.where(seen, v, torch.zeros_like(v))
+    s = torch.einsum("...id,...jd->...ij", q, k) * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.to(F64)[..., None, None] * (diag - j).abs().to(F64)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(F64)
+    s = s.masked_fill(~visible, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max.detach())
+    denom = e.sum(-1, keepdim=True)
+    live = denom > 0
+    p = torch.where(live, e / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(e))
+    lse = torch.where(live, row_max + torch.log(torch.where(live, denom, torch.ones_like(denom))),
+                      torch.full_like(denom, float("inf"))).squeeze(-1)
+    if keep is not None:
+        p = p * keep.to(F64) / (1.0 - dropout_p)
+    return torch.einsum("...ij,...jd->...id", p, v), lse
+
+
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float | None, is_causal: bool
 ) -> Tensor:
