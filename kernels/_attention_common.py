@@ -291,6 +291,19 @@ def _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _part_bounds(part: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Key range of part 0 (masked left edge), 1 (mask-free middle) or 2 (masked right edge)
+    of :func:`_key_range`'s split."""
+    if part == 0:
+        start, stop = lo, full_lo
+    elif part == 1:
+        start, stop = full_lo, full_hi
+    else:
+        start, stop = full_hi, hi
+    return start, stop
+
+
+@triton.jit
 def _query_range(n0, q_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  UPPER: tl.constexpr, LOWER: tl.constexpr):
     """Query rows [lo, hi) that may see a key block [n0, n0 + BLOCK_N), ``lo`` a multiple of
@@ -500,6 +513,11 @@ class ScoreArgs:
     def qk_scale(self, scale: float) -> float:
         """What the kernels multiply q.k by: ``scale * log2(e)``, or ``scale / softcap``."""
         return scale / self.softcap if self.softcap > 0.0 else scale * 1.4426950408889634
+
+    def heavy(self) -> bool:
+        """The scores need more registers (a window's extra edge loop, softcap, ALiBi): the
+        tables' smaller "heavy" tiles, as for a mask."""
+        return self.lower >= 0 or self.softcap > 0.0 or self.slopes is not None
 
     def constexprs(self) -> dict:
         return dict(UPPER=self.upper >= 0, LOWER=self.lower >= 0, SOFTCAP=self.softcap > 0.0,

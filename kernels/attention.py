@@ -84,6 +84,7 @@ from ._attention_common import (  # noqa: F401  (also imported from here by deco
     _mask_scores,
     _mma,
     _online_softmax,
+    _part_bounds,
     _program_ids,
     _scores,
     _seen_keys,
@@ -191,25 +192,15 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
-    if LOWER:  # the left edge of a sliding window
-        acc, l_i, m_i = _fwd_kv_loop(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-            diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, lo, full_lo,
-            HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
-            MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    acc, l_i, m_i = _fwd_kv_loop(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-        diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, full_lo, full_hi,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    acc, l_i, m_i = _fwd_kv_loop(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-        diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, full_hi, hi,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
+    for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
+        start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
+        if part != 0 or LOWER:
+            acc, l_i, m_i = _fwd_kv_loop(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, start, stop,
+                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -285,7 +276,7 @@ def attention_forward(
     mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, band)
     p, inv_keep = _dropout_args(dropout_p)
     cfg = config or forward_config(d, dv, query.dtype, device_arch(query.device),
-                                   masked=mask.kind != MASK_NONE or band.slopes is not None or band.softcap > 0.0,
+                                   masked=mask.kind != MASK_NONE or band.heavy(),
                                    dropout=p > 0.0)
     launch(
         _attn_fwd_kernel, (triton.cdiv(sq, cfg.block_m) * hq * b,),

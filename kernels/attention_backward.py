@@ -27,6 +27,7 @@ from ._attention_common import (
     _mask_scores,
     _mma,
     _online_softmax,
+    _part_bounds,
     _program_ids,
     _query_range,
     _scores,
@@ -147,25 +148,15 @@ def _attn_bwd_stats_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     d_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if LOWER:
-        m_i, l_i, d_acc = _stats_kv_loop(
-            m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-            stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-            diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, lo, full_lo,
-            HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
-            MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    m_i, l_i, d_acc = _stats_kv_loop(
-        m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-        diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, full_lo, full_hi,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    m_i, l_i, d_acc = _stats_kv_loop(
-        m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-        diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, full_hi, hi,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
+    for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
+        start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
+        if part != 0 or LOWER:
+            m_i, l_i, d_acc = _stats_kv_loop(
+                m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, start, stop,
+                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
     # rows with no visible key (l = 0): c = +inf, so P' = 0 and their dQ and dK/dV share are 0
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -288,22 +279,14 @@ def _attn_bwd_dq_kernel(
     slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
-    if LOWER:
-        dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d,
-                         offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-                         diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, lo, full_lo,
-                         HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPPER, LOWER, SOFTCAP, HAS_ALIBI,
-                         MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-                     diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, full_lo, full_hi,
-                     HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, UPPER, LOWER, SOFTCAP, HAS_ALIBI,
-                     MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
-                     diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, full_hi, hi,
-                     HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPPER, LOWER, SOFTCAP, HAS_ALIBI,
-                     MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
+    for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
+        start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
+        if part != 0 or LOWER:
+            dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d,
+                             offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi,
+                             qk_scale, diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base,
+                             start, stop, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER,
+                             SOFTCAP, HAS_ALIBI, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
     dq_rows = _aligned_ptr(dq_ptr, b64 * stride_dqb + h64 * stride_dqh + m064 * stride_dqm, STRIDE_ALIGN)
     dq_ptrs = dq_rows + rows[:, None] * stride_dqm + offs_d[None, :]
     _store_tile(dq_ptrs, _cast(dq * scale, dq_ptr.dtype.element_ty, DOT_PRECISION), offs_m, q_len, offs_d, HEAD_D,
@@ -498,7 +481,7 @@ def attention_backward(
     mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, band)
     p, inv_keep = _dropout_args(dropout_p)
     cfg = config or backward_config(d, dv, query.dtype, device_arch(query.device),
-                                    masked=mask.kind != MASK_NONE or band.slopes is not None or band.softcap > 0.0,
+                                    masked=mask.kind != MASK_NONE or band.heavy(),
                                     dropout=p > 0.0)
     consts = _common_constexprs(d, dv, band, mask, p > 0.0, q)
     shape = (hq, sq, sk, hq // hkv, *band.kernel_args(q))

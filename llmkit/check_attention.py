@@ -29,19 +29,23 @@ ATTENTION_LLM_CONFIGS = [
 ]
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, br: bool, window: tuple[int, int],
-           softcap: float, slopes: torch.Tensor | None) -> torch.Tensor:
-    """The formula in the inputs' dtype, softmax in float32 (HuggingFace's eager attention)."""
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
+                    bottom_right: bool = False, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    slopes: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                    keep: torch.Tensor | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the formula of :func:`llmkit.reference64.attention_llm` in the inputs'
+    dtype, the softmax in float32 (HuggingFace's eager attention): the baseline of the tolerance
+    rule. ``mask``: boolean (True = attend); ``keep``: a dropout keep-mask."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = (q @ k.transpose(-1, -2)) * scale
     if softcap:
         s = torch.tanh(s / softcap) * softcap
     sq, sk = q.shape[2], k.shape[2]
-    diag = torch.arange(sq, device=q.device)[:, None] + (sk - sq if br else 0)
+    diag = torch.arange(sq, device=q.device)[:, None] + (sk - sq if bottom_right else 0)
     j = torch.arange(sk, device=q.device)[None, :]
     if slopes is not None:
-        s = s - (slopes[:, None, None] * (diag - j).abs()).to(s.dtype)
+        s = s - (slopes[..., None, None] * (diag - j).abs()).to(s.dtype)
     ok = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if causal:
         ok &= j <= diag
@@ -49,8 +53,13 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, br: 
         ok &= j <= diag + window[1]
     if window[0] >= 0:
         ok &= j >= diag - window[0]
-    p = torch.softmax(s.masked_fill(~ok, float("-inf")).float(), -1).nan_to_num(0.0).to(q.dtype)
-    return p @ v
+    if mask is not None:
+        ok = ok & mask
+    s = s.masked_fill(~ok, float("-inf")).float()
+    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
+    return p @ v, torch.logsumexp(s, -1)
 
 
 def attention_llm_cases() -> Iterable[Case]:
@@ -86,7 +95,8 @@ def attention_llm_cases() -> Iterable[Case]:
 
             def base(d, opts=opts):
                 q, k, v = _leaf(d["q"]), _leaf(d["k"]), _leaf(d["v"])
-                y = _eager(q, k, v, opts["causal"], opts["br"], opts["window"], opts["softcap"], d["slopes"])
+                y, _ = eager_attention(q, k, v, q.shape[-1] ** -0.5, causal=opts["causal"], bottom_right=opts["br"],
+                                       window=opts["window"], softcap=opts["softcap"], slopes=d["slopes"])
                 return {"out": y} | _grads(y, d["gy"], {"query": q, "key": k, "value": v})
 
             label = (f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{' causal' if causal else ''}"

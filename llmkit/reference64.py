@@ -151,38 +151,7 @@ def attention(
     ``keep``: optional boolean dropout keep-mask (B, Hq, Sq, Sk) applied to the
     probabilities with 1 / (1 - dropout_p) scaling.
     """
-    hq, hkv = q.shape[-3], k.shape[-3]
-    if hq != hkv:
-        g = hq // hkv
-        k = k.repeat_interleave(g, dim=-3)
-        v = v.repeat_interleave(g, dim=-3)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    sq, sk = q.shape[-2], k.shape[-2]
-    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if is_causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        visible = visible & (j <= i)
-    if attn_mask is not None:
-        visible = visible & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
-    shape = torch.broadcast_shapes(q.shape[:-1] + (sk,), k.shape[:-2] + (sq, sk), visible.shape)
-    visible = visible.expand(shape)
-    seen = visible.any(-2)[..., None]
-    k = torch.where(seen, k, torch.zeros_like(k))
-    v = torch.where(seen, v, torch.zeros_like(v))
-    s = torch.einsum("...id,...jd->...ij", q, k) * scale
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        s = s + attn_mask.to(F64)
-    s = s.masked_fill(~visible, float("-inf"))
-    row_max = s.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(s - row_max.detach())
-    denom = e.sum(-1, keepdim=True)
-    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
-    if keep is not None:
-        p = p * keep.to(F64) / (1.0 - dropout_p)
-    return torch.einsum("...ij,...jd->...id", p, v)
+    return attention_llm(q, k, v, attn_mask, is_causal, scale, keep=keep, dropout_p=dropout_p)[0]
 
 
 def attention_llm(

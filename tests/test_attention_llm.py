@@ -20,6 +20,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import llmkit
 from llmkit import reference64 as R
+from llmkit.check_attention import eager_attention
 from llmkit.kernels._attention_common import ScoreArgs, _key_range, _query_range
 from llmkit.ops._philox import dropout_keep_mask
 from llmkit.testing import assert_close_to_reference
@@ -47,34 +48,6 @@ def _inputs(b, hq, hkv, sq, sk, d, dtype, alibi=None):
     return q, k, v, slopes
 
 
-def _eager(q, k, v, causal, scale, br, window, softcap, slopes, mask=None, keep=None, p=0.0):
-    """PyTorch eager in the inputs' dtype (softmax in float32, as HF's eager attention)."""
-    hq, hkv = q.shape[1], k.shape[1]
-    k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    sq, sk = q.shape[2], k.shape[2]
-    diag = torch.arange(sq, device=q.device)[:, None] + (sk - sq if br else 0)
-    j = torch.arange(sk, device=q.device)[None, :]
-    if slopes is not None:
-        s = s - (slopes[..., None, None] * (diag - j).abs()).to(s.dtype)
-    ok = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        ok &= j <= diag
-    if window[1] >= 0:
-        ok &= j <= diag + window[1]
-    if window[0] >= 0:
-        ok &= j >= diag - window[0]
-    if mask is not None:
-        ok = ok & mask
-    s = s.masked_fill(~ok, float("-inf"))
-    pr = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
-    if keep is not None:
-        pr = pr * keep / (1.0 - p)
-    return pr @ v, torch.logsumexp(s.float(), -1)
-
-
 def _check(backend, q, k, v, slopes, causal=False, br=False, window=(-1, -1), softcap=0.0, mask=None,
            dropout=0.0, seed=5, grads=True):
     """out, lse and dq / dk / dv of ``backend`` against float64 by the tolerance rule."""
@@ -94,7 +67,8 @@ def _check(backend, q, k, v, slopes, causal=False, br=False, window=(-1, -1), so
     ref, ref_lse = R.attention_llm(q6, k6, v6, mask, causal, scale, bottom_right=br, window=window, softcap=softcap,
                                    alibi_slopes=slopes, keep=keep, dropout_p=dropout)
     leaves = [_leaf(t) for t in (q, k, v)]
-    base, base_lse = _eager(*leaves, causal, scale, br, window, softcap, slopes, mask, keep, dropout)
+    base, base_lse = eager_attention(*leaves, scale, causal=causal, bottom_right=br, window=window, softcap=softcap,
+                                     slopes=slopes, mask=mask, keep=keep, dropout_p=dropout)
     assert_close_to_reference(out, ref.detach(), base.detach(), f"{backend} out")
     assert lse.dtype == (F64 if q.dtype == F64 else torch.float32) and lse.shape == (b, hq, sq)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without a visible key: lse = +inf"
