@@ -57,17 +57,25 @@ COMBINE_ROWS = 16
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, seqlens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, seqlens_ptr, table_ptr, batch_idx_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_ot,
+    stride_table, block_size,
     num_heads, q_len, group_size, row_blocks, split_size, num_splits, qk_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
 ):
-    """One split of the cache of one K/V head against BLOCK_M (query head, token) rows."""
+    """One split of the cache of one K/V head against BLOCK_M (query head, token) rows.
+
+    Contiguous caches: ``stride_k*`` are (batch, head, position) strides, the batch row
+    ``batch_idx[b]`` with HAS_BATCH_IDX. PAGED: (block, head, slot) strides of a
+    ``(num_blocks, block_size, Hkv, D)`` cache; position ``j`` of sequence ``b`` lies in slot
+    ``j % block_size`` of block ``table[b, j // block_size]``, looked up per key (any block size).
+    """
     split, head_rows, b = _program_ids(num_splits, (num_heads // group_size) * row_blocks)
     kvh = head_rows // row_blocks
     row_block = head_rows % row_blocks
@@ -100,22 +108,41 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
-    start = tl.cast(lo, tl.int64)
-    k_ptrs = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh + start * stride_kn, STRIDE_ALIGN) \
-        + offs_n0[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh + start * stride_vn, STRIDE_ALIGN) \
-        + offs_n0[:, None] * stride_vn + offs_dv[None, :]
+    if PAGED:
+        k_head = _aligned_ptr(k_ptr, kvh64 * stride_kh, STRIDE_ALIGN) + offs_d[None, :]
+        v_head = _aligned_ptr(v_ptr, kvh64 * stride_vh, STRIDE_ALIGN) + offs_dv[None, :]
+        table_row = table_ptr + b64 * stride_table
+    else:
+        if HAS_BATCH_IDX:
+            cache_b = tl.load(batch_idx_ptr + b).to(tl.int64)
+        else:
+            cache_b = b64
+        start = tl.cast(lo, tl.int64)
+        k_ptrs = _aligned_ptr(k_ptr, cache_b * stride_kb + kvh64 * stride_kh + start * stride_kn, STRIDE_ALIGN) \
+            + offs_n0[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = _aligned_ptr(v_ptr, cache_b * stride_vb + kvh64 * stride_vh + start * stride_vn, STRIDE_ALIGN) \
+            + offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_ptrs, offs_n, hi, offs_d, HEAD_D, BLOCK_D, True)
-        v = _load_tile(v_ptrs, offs_n, hi, offs_dv, HEAD_DV, BLOCK_DV, True)
+        if PAGED:
+            # the block of each key (keys past hi read block 0, masked below), then its slot
+            blk = tl.load(table_row + offs_n // block_size, mask=offs_n < hi, other=0).to(tl.int64)
+            slot = (offs_n % block_size).to(tl.int64)
+            k = _load_tile(k_head + (blk * stride_kb + slot * stride_kn)[:, None], offs_n, hi, offs_d, HEAD_D,
+                           BLOCK_D, True)
+            v = _load_tile(v_head + (blk * stride_vb + slot * stride_vn)[:, None], offs_n, hi, offs_dv, HEAD_DV,
+                           BLOCK_DV, True)
+        else:
+            k = _load_tile(k_ptrs, offs_n, hi, offs_d, HEAD_D, BLOCK_D, True)
+            v = _load_tile(v_ptrs, offs_n, hi, offs_dv, HEAD_DV, BLOCK_DV, True)
         s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         s = tl.where((offs_n[None, :] < hi) & (offs_n[None, :] < row_limit[:, None]), s, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None]
         acc = _mma(_cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not PAGED:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -125,6 +152,9 @@ def _decode_split_kernel(
             + tok[:, None] * stride_ot + offs_dv[None, :]
         _store_tile(o_ptrs, _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), rows, n_rows, offs_dv, HEAD_DV,
                     BLOCK_DV)
+        # natural-log lse, (B, Hq, T) float32; +inf on rows that see no key
+        lse = tl.where(dead, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(lse_ptr + (b64 * num_heads + head) * q_len + tok, lse, mask=rows < n_rows)
     else:
         # partials are (B, Hq, T, splits[, Dv]) float32; the base-2 lse is -inf when empty
         part_row = ((b64 * num_heads + head) * q_len + tok) * num_splits + split
@@ -136,7 +166,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
     stride_ob, stride_oh, stride_ot,
     n_rows, num_heads, q_len, num_splits,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -164,7 +194,10 @@ def _decode_combine_kernel(
         acc = acc * alpha[:, None] + o * w[:, None]
         total = total * alpha + w
         m = m_new
-    out = acc * (1.0 / tl.where(total == 0.0, 1.0, total))[:, None]
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = acc * (1.0 / total_safe)[:, None]
+    lse = tl.where(total == 0.0, float("inf"), (m + tl.math.log2(total_safe)) * 0.6931471805599453)
+    tl.store(lse_ptr + rows64, lse, mask=rows < n_rows)  # (B, Hq, T) float32 is rows in order
     tok = rows64 % q_len
     bh = rows64 // q_len
     dst = out_ptr + (bh // num_heads) * stride_ob + (bh % num_heads) * stride_oh + tok * stride_ot
@@ -252,29 +285,40 @@ def decode_attention(
     cache_seqlens: torch.Tensor,
     scale: float,
     is_causal: bool,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-decoding forward.
 
     Args:
-        query ``(B, Hq, T, D)``; key_cache ``(B, Hkv, S_max, D)``; value_cache
-            ``(B, Hkv, S_max, Dv)``: float16 / bfloat16 / float32 with the last dim
-            contiguous (copied otherwise), ``Hq`` a multiple of ``Hkv``, ``D, Dv <= 256``.
-        cache_seqlens: int32 / int64 ``(B,)`` valid lengths in ``[0, S_max]`` (validated
-            by the caller).
+        query ``(B, Hq, T, D)``; key_cache ``(B_cache, Hkv, S_max, D)`` / value_cache
+            ``(B_cache, Hkv, S_max, Dv)``, or with ``block_table`` paged
+            ``(num_blocks, block_size, Hkv, D[v])``: float16 / bfloat16 / float32 with the last
+            dim contiguous (copied otherwise), ``Hq`` a multiple of ``Hkv``, ``D, Dv <= 256``.
+        cache_seqlens: int32 / int64 ``(B,)`` valid lengths in ``[0, capacity]``; block_table
+            int32 ``(B, max_blocks)`` whose used entries index the cache; cache_batch_idx
+            ``(B,)`` rows of a contiguous cache (all validated by the caller).
         block_n, num_splits: override the configuration (tests).
 
     Returns:
-        ``(B, Hq, T, Dv)`` contiguous, in the query's dtype; rows with no visible key are 0.
+        ``(B, Hq, T, Dv)`` contiguous, in the query's dtype (rows with no visible key are 0),
+        and the natural-log ``lse (B, Hq, T)`` float32 (``+inf`` on such rows).
     """
     b, hq, t, d = query.shape
-    hkv, s_max, dv = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
+    is_paged = block_table is not None
+    if is_paged:
+        assert block_table is not None
+        hkv, s_max, dv = key_cache.shape[2], block_table.shape[1] * key_cache.shape[1], value_cache.shape[3]
+    else:
+        hkv, s_max, dv = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
     out = _empty((b, hq, t, dv), query.dtype, query.device)
+    lse = _empty((b, hq, t), torch.float32, query.device)
     if out.numel() == 0:
-        return out
+        return out, lse.fill_(float("inf"))
     if s_max == 0:
-        return out.zero_()
+        return out.zero_(), lse.fill_(float("inf"))
     q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in (query, key_cache, value_cache))
     group = hq // hkv
     n_rows = group * t
@@ -290,26 +334,37 @@ def decode_attention(
         part_out = _empty((b, hq, t, cfg.num_splits, dv), torch.float32, query.device)
         part_lse = _empty((b, hq, t, cfg.num_splits), torch.float32, query.device)
     seqlens = cache_seqlens.contiguous()
+    if is_paged:
+        assert block_table is not None
+        # (block, head, slot) strides of the paged caches
+        k_strides = (k.stride(0), k.stride(2), k.stride(1))
+        v_strides = (v.stride(0), v.stride(2), v.stride(1))
+        table, table_stride, block_size = block_table, block_table.stride(0), key_cache.shape[1]
+    else:
+        k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+        table, table_stride, block_size = seqlens, 0, 1  # unused
+    batch_idx = seqlens if cache_batch_idx is None else cache_batch_idx.contiguous()
     launch(
         _decode_split_kernel, (cfg.num_splits * hkv * row_blocks * b,),
-        q, k, v, seqlens, out, part_out, part_lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        q, k, v, seqlens, table, batch_idx, out, lse, part_out, part_lse,
+        *q.stride()[:3], *k_strides, *v_strides, *out.stride()[:3], table_stride, block_size,
         hq, t, group, row_blocks, cfg.split_size, cfg.num_splits, scale * 1.4426950408889634,
         HEAD_D=d, HEAD_DV=dv, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(dv),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(is_causal), SINGLE_SPLIT=single,
         DOT_PRECISION=_dot_precision(query.dtype, query.device), STRIDE_ALIGN=align,
+        PAGED=is_paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not single:
         n_out_rows = b * hq * t
         launch(
             _decode_combine_kernel, (triton.cdiv(n_out_rows, COMBINE_ROWS),),
-            part_out, part_lse, out, *out.stride()[:3], n_out_rows, hq, t, cfg.num_splits,
+            part_out, part_lse, out, lse, *out.stride()[:3], n_out_rows, hq, t, cfg.num_splits,
             HEAD_DV=dv, BLOCK_DV=padded_head_dim(dv), BLOCK_R=COMBINE_ROWS,
             DOT_PRECISION=_dot_precision(query.dtype, query.device),
             num_warps=4, num_stages=2,
         )
-    return out
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ same quantities in float64 from the independent formulas of
 (error <= 2 x the baseline's error + a floor); int8 outputs must be bit-exact;
 int8 linears are judged by SQNR against the float linear.
 
-The sweep follows DESIGN.md: sizes 1, 7, 33, 1023, 1500 and rows past every block
+The sweep: sizes 1, 7, 33, 1023, 1500 and rows past every block
 size (4097, 65537), strided and non-contiguous inputs (rows inside a wider buffer,
 permuted and transposed views, ``(B, S, H, D)`` storage viewed as ``(B, H, S, D)``),
 empty tensors, float32 / float16 / bfloat16 (and float64 where the op takes it).

@@ -39,10 +39,12 @@ def layer_norm(
 
 
 def _rounded(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged)."""
+    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged);
+    an infinity stays itself (not ``inf + (inf - inf)``, NaN)."""
     if dtype is None or dtype == F64:
         return t
-    return t + (t.detach().to(dtype).to(F64) - t.detach())
+    r = t.detach().to(dtype).to(F64)
+    return t + torch.where(r == t.detach(), 0.0, r - t.detach())
 
 
 def rms_norm(
@@ -213,10 +215,11 @@ def attention_llm(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max.detach())
     denom = e.sum(-1, keepdim=True)
-    live = denom > 0
-    p = torch.where(live, e / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(e))
-    lse = torch.where(live, row_max + torch.log(torch.where(live, denom, torch.ones_like(denom))),
-                      torch.full_like(denom, float("inf"))).squeeze(-1)
+    # only a row with no visible key (denom exactly 0) is zeros; NaN (a NaN score) stays NaN
+    dead = denom == 0
+    p = torch.where(dead, torch.zeros_like(e), e / torch.where(dead, torch.ones_like(denom), denom))
+    lse = torch.where(dead, torch.full_like(denom, float("inf")),
+                      row_max + torch.log(torch.where(dead, torch.ones_like(denom), denom))).squeeze(-1)
     if keep is not None:
         p = p * keep.to(F64) / (1.0 - dropout_p)
     return torch.einsum("...ij,...jd->...id", p, v), lse
@@ -237,6 +240,9 @@ def decode_attention(
             tt = torch.arange(t, device=q.device)[:, None]
             jj = torch.arange(length, device=q.device)[None, :]
             mask = jj < length - t + tt + 1
+        if length == 0:  # no key at all: zeros (the softmax has nothing to normalize)
+            outs.append(q.new_zeros((1, hq, t, v_cache.shape[-1])))
+            continue
         outs.append(attention(q[i : i + 1], kk, vv, mask, False, scale))
     if not outs:  # empty batch
         return q.new_empty((0, hq, t, v_cache.shape[-1]))

@@ -403,6 +403,23 @@ def check_decode_attention(mesh) -> None:
     run_case(mesh, fn, ref, (q, kc, vc, lens), (S(0), S(0), S(0), S(0)), S(0), grad=False, label="decode batch")
     run_case(mesh, fn, ref, (q, kc, vc, lens), (S(1), S(1), S(1), Rep), S(1), grad=False, label="decode heads")
 
+    # a paged cache of 3-slot blocks (sequence i's blocks scattered through the pool) and its lse
+    bs, blocks = 3, torch.randperm(16).to(torch.int32).view(b, 4)
+    pk, pv = torch.randn(16, bs, hkv, 16), torch.randn(16, bs, hkv, 16)
+    for i in range(b):
+        for j in range(s_max):
+            pk[blocks[i, j // bs], j % bs], pv[blocks[i, j // bs], j % bs] = kc[i, :, j], vc[i, :, j]
+
+    def paged(q, pk, pv, lens, blocks):
+        return ops.decode_attention(q, pk, pv, lens, block_table=blocks, return_lse=True)
+
+    def paged_ref(q, pk, pv, lens, blocks):
+        return ref(q, kc.to(q.dtype), vc.to(q.dtype), lens), None
+
+    args = (q, pk, pv, lens, blocks)
+    run_case(mesh, paged, paged_ref, args, (S(0), Rep, Rep, S(0), S(0)), S(0), grad=False, label="paged batch")
+    run_case(mesh, paged, paged_ref, args, (S(1), S(2), S(2), Rep, Rep), S(1), grad=False, label="paged heads")
+
 
 # -- int8 -------------------------------------------------------------------------------
 

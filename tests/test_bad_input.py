@@ -172,7 +172,7 @@ BAD_FORWARD = {
     "decode float lengths on meta": (lambda: _decode(cache_seqlens=torch.tensor([3.0, 6.0], device="meta")),
                                      TypeError, ["cache_seqlens", "float32", "int32"]),
     "decode cache on meta": (lambda: _decode(value_cache=r(2, 2, 6, 8, device="meta")), ValueError,
-                             ["value is on meta"]),
+                             ["value_cache is on meta"]),
     "decode query requires grad": (lambda: _decode(query=r(2, 2, 1, 8).requires_grad_()), RuntimeError,
                                    ["decode_attention", "query requires grad", "no gradient", "torch.no_grad()"]),
     "decode cache requires grad": (lambda: _decode(key_cache=r(2, 2, 6, 8).requires_grad_()), RuntimeError,

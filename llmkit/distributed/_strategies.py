@@ -28,7 +28,9 @@ The rules, per op family:
   query's global row index), also the query's rows (dim 2) with key and value replicated
   (backward: dK, dV Partial). With ``dropout_p > 0`` only replicated:
   the dropout mask is a function of each element's global index, which a shard does not know.
-* ``decode_attention``: batch (query, caches, ``cache_seqlens``) or heads (GQA as above).
+* ``decode_attention``: batch (query, caches, ``cache_seqlens``) or heads (GQA as above);
+  with ``cache_batch_idx`` or a paged cache (``block_table``) the caches stay whole under a
+  batch split (any sequence may read any row / block), heads split a paged cache's dim 2.
 * ``quantize_int8``: any dim but the quantized one.
 * ``int8_matmul``: rows of ``a`` (a per-row ``a_scale`` alike), columns of ``b`` (a
   per-column ``b_scale`` and the bias alike), or, for the exact int32 product without
@@ -49,6 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..ops.attention import AttentionBackwardCall, AttentionCall
+from ..ops.decode_attention import DecodeAttentionCall
 
 __all__ = ["rules"]
 
@@ -251,12 +254,29 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             ))
         return rule
 
-    def decode(*args: Any) -> Rule:
+    def decode(*args: Any, **kwargs: Any) -> Rule:
+        c = DecodeAttentionCall(*args, **kwargs)
+        table, idx = c.block_table, c.cache_batch_idx
+        if table is not None:  # a paged pool serves every sequence: blocks stay whole
+            return [
+                replicated(2, c),
+                ([S(0), S(0)], [S(0), R, R, S(0), None, None, S(0), None]),
+                ([S(1), S(1)], [S(1), S(2), S(2), R, None, None, R, None]),
+            ]
+        cache = S(0) if idx is None else R  # with cache_batch_idx any sequence may read any row
         return [
-            replicated(1, args),
-            ([S(0)], [S(0), S(0), S(0), S(0), None, None]),
-            ([S(1)], [S(1), S(1), S(1), R, None, None]),
+            replicated(2, c),
+            ([S(0), S(0)], [S(0), cache, cache, S(0), None, None, None, opt(idx, S(0))]),
+            ([S(1), S(1)], [S(1), S(1), S(1), R, None, None, None, opt(idx, R)]),
         ]
+
+    def decode_groups(input_specs: list[Spec], output_specs: Any) -> bool:
+        """Whole GQA groups per shard (as :func:`whole_groups`), the K/V heads at dim 2 of a
+        paged cache (the call has a 2-D block table)."""
+        query, key = input_specs[0], input_specs[1]
+        hd = 2 if any(getattr(s, "ndim", 0) == 2 for s in input_specs[4:]) else 1
+        hq, hkv = query.shape[1], key.shape[hd]
+        return hq == hkv or hkv % _shards(key, hd) == 0
 
     def whole_groups(key_index: int) -> Callable[[list[Spec], Any], bool]:
         """Heads may be sharded only where each shard gets whole GQA groups: the key/value
@@ -324,7 +344,7 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         "swiglu_backward": (glu_backward, None),
         "scaled_dot_product_attention": (sdpa, whole_groups(1)),
         "scaled_dot_product_attention_backward": (sdpa_backward, whole_groups(2)),
-        "decode_attention": (decode, whole_groups(1)),
+        "decode_attention": (decode, decode_groups),
         "quantize_int8": (quantize_int8, None),
         "int8_matmul": (int8_matmul, None),
         "int8_linear": (int8_linear, None),

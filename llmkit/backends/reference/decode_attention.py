@@ -1,34 +1,85 @@
 """Decode attention on the reference backend: masked attention over the cache through the
-reference attention (:func:`..attention.attention_forward_reference`)."""
+reference attention (:func:`..attention.attention_forward_reference`); a paged cache or
+``cache_batch_idx`` is gathered into contiguous rows first."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
-from ...ops.attention import AttentionCall
-from ...ops.decode_attention import DecodeAttentionCall, _min_max, decode_attention_forward, decode_mask
+from ...ops.attention import AttentionCall, compute_dtype
+from ...ops.decode_attention import (
+    DecodeAttentionCall,
+    capacity,
+    contiguous_cache,
+    decode_attention_forward,
+    decode_mask,
+    min_max,
+)
 from .attention import attention_forward_reference
 
 
+def _masked_math(query: Tensor, kc: Tensor, vc: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention in float32 (float64 for float64) where a score no row may take is
+    replaced by -inf (never added to): a NaN or inf key that a row does not see never enters
+    that row. ``visible`` is boolean, broadcastable to (B, Hq, T, S)."""
+    cdt = compute_dtype(query.dtype)
+    groups = query.shape[1] // kc.shape[1]
+    k = kc.to(cdt).repeat_interleave(groups, dim=1)
+    v = vc.to(cdt).repeat_interleave(groups, dim=1)
+    s = torch.matmul(query.to(cdt), k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(dead, 0.0, lse)[..., None])
+    out = torch.matmul(p, v).masked_fill(dead[..., None], 0.0)
+    return out.to(query.dtype), lse.masked_fill(dead, float("inf")).to(torch.float32)
+
+
+def _attend(query: Tensor, kc: Tensor, vc: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = attention_forward_reference(AttentionCall(query, kc, vc, mask, 0.0, False, scale, True, 0, 0))
+    return out, lse.to(torch.float32)
+
+
 @decode_attention_forward.register("reference")
-def decode_attention_forward_reference(c: DecodeAttentionCall) -> Tensor:
+def decode_attention_forward_reference(c: DecodeAttentionCall) -> tuple[Tensor, Tensor]:
     """Decode attention as masked attention over the cache.
 
     When every sequence has the same length ``L`` (read from CPU lengths), only the first
     ``L`` cache positions are read, and a single new token (or ``is_causal=False``)
-    needs no mask at all; otherwise the whole cache is read under a per-sequence mask.
+    needs no mask at all; otherwise the cache up to the longest length is read under a
+    per-sequence mask. Cache slots past a sequence's length are not part of its problem:
+    whatever they hold (a cache made with ``torch.empty``: NaN, inf) never reaches its output.
+    ATen's kernels add a mask to the scores and multiply hidden values by a zero probability
+    (NaN stays NaN), so a non-finite result is computed again with such slots zeroed and the
+    scores masked by replacement (:func:`_masked_math`); clean caches cost one finiteness check.
     """
-    query, key_cache, value_cache, cache_seqlens, scale, is_causal = c
+    query, cache_seqlens, scale, is_causal = c.query, c.cache_seqlens, c.scale, c.is_causal
     t = query.shape[2]
+    s_max = capacity(c.key_cache, c.block_table)
     if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
-        lo, hi = _min_max(cache_seqlens)
-        if lo == hi and 0 < lo <= key_cache.shape[2]:
-            kc, vc = key_cache[:, :, :lo], value_cache[:, :, :lo]
+        lo, hi = min_max(cache_seqlens)
+        if lo == hi and 0 < lo <= s_max:
+            kc, vc = contiguous_cache(c, lo)
             mask = decode_mask(cache_seqlens, t, lo, is_causal) if is_causal and t > 1 else None
-            out, _ = attention_forward_reference(AttentionCall(query, kc, vc, mask, 0.0, False, scale, True, 0, 0))
-            return out
-    mask = decode_mask(cache_seqlens, t, key_cache.shape[2], is_causal)
-    out, _ = attention_forward_reference(
-        AttentionCall(query, key_cache, value_cache, mask, 0.0, False, scale, True, 0, 0)
-    )
-    return out
+            out, lse = _attend(query, kc, vc, mask, scale)
+            if mask is None or _finite(out):  # without a mask every key read is seen by every row
+                return out, lse
+            return _masked_math(query, kc, vc, mask, scale)
+        s_max = min(s_max, max(hi, 1))  # slots past every length are not read at all
+    kc, vc = contiguous_cache(c, s_max)
+    mask = decode_mask(cache_seqlens, t, s_max, is_causal)
+    out, lse = _attend(query, kc, vc, mask, scale)
+    if _finite(out):
+        return out, lse
+    seen = (torch.arange(s_max, device=kc.device) < cache_seqlens[:, None])[:, None, :, None]  # (B, 1, S, 1)
+    kc, vc = kc.masked_fill(~seen, 0.0), vc.masked_fill(~seen, 0.0)
+    return _masked_math(query, kc, vc, mask, scale)
+
+
+def _finite(t: Tensor) -> bool:
+    """Every element of ``t`` is finite: one float32 sum read back (NaN / inf survive it; a
+    sum that overflows only costs the careful recompute, which gives the same finite result)."""
+    return t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32)))
