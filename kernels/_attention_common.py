@@ -131,15 +131,50 @@ def _cast(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(s, q_idx, k_idx, q_len, k_len, mask_base, stride_mm, stride_mn,
-                 CHECK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                 MASK_ROW_BCAST: tl.constexpr):
-    """Apply the attention mask, the key bound and the causal mask to base-2 scores.
+def _tanh(x):
+    """tanh in float32 without cancellation near 0: an odd Taylor polynomial for |x| < 1/8
+    (next term below 1e-11 relative), ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` above."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    r = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap2, SOFTCAP: tl.constexpr):
+    """Base-2 scores of the raw products ``qk`` and, with ``SOFTCAP``, ``t = tanh(.)`` (the
+    backward's ``1 - t^2``): ``qk * scale * log2(e)``, or ``c * tanh(qk * scale / c) * log2(e)``
+    for softcap ``c`` (the launcher passes ``qk_scale = scale / c``, ``cap2 = c * log2(e)``)."""
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * cap2
+    else:
+        s = qk * qk_scale
+        t = s
+    return s, t
+
+
+@triton.jit
+def _mask_scores(s, q_idx, k_idx, q_len, k_len, mask_base, stride_mm, stride_mn, diag_off, upper, lower, slope2,
+                 CHECK_KEYS: tl.constexpr, BAND: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr):
+    """Add ALiBi's bias and the attention mask to base-2 scores, then hide what the key bound
+    and the band hide.
 
     ``q_idx`` / ``k_idx`` are 2-D broadcastable index tiles ([M, 1] and [1, N] for a
-    [query, key] tile, or the transpose for a [key, query] tile). Hidden entries
-    become -inf; an additive mask is added in base 2.
+    [query, key] tile, or the transpose for a [key, query] tile). Query ``i``'s diagonal is
+    key ``i + diag_off`` (0 top-left, ``Sk - Sq`` bottom-right); with ``BAND`` the keys
+    past ``diagonal + upper`` (``UPPER``: causal or a right window) and before ``diagonal -
+    lower`` (``LOWER``: a left window) are hidden. ALiBi subtracts ``slope2 * |diagonal -
+    j|`` (``slope2``: the head's slope times log2(e)). Hidden entries become -inf; an
+    additive mask is added in base 2.
     """
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(q_idx + diag_off - k_idx).to(tl.float32)
     if MASK_KIND != 0:
         if MASK_ROW_BCAST:
             m_ptrs = mask_base + k_idx.to(tl.int64) * stride_mn
@@ -157,19 +192,22 @@ def _mask_scores(s, q_idx, k_idx, q_len, k_len, mask_base, stride_mm, stride_mn,
             s = tl.where(add == float("-inf"), float("-inf"), s + add2)
     if CHECK_KEYS:
         s = tl.where(k_idx < k_len, s, float("-inf"))
-    if CAUSAL:
-        s = tl.where(k_idx <= q_idx, s, float("-inf"))
+    if BAND:
+        if UPPER:
+            s = tl.where(k_idx <= q_idx + (diag_off + upper), s, float("-inf"))
+        if LOWER:
+            s = tl.where(k_idx >= q_idx + (diag_off - lower), s, float("-inf"))
     return s
 
 
 @triton.jit
-def _seen_keys(seen_base, offs_n, kv_len, HAS_SEEN: tl.constexpr):
-    """Which keys of a block some query row may see: below ``kv_len`` and, with ``HAS_SEEN``,
-    marked in the launcher's :func:`keys_seen` vector (int32 per key)."""
+def _seen_keys(seen_base, offs_n, kv_lo, kv_hi, HAS_SEEN: tl.constexpr):
+    """Which keys of a block some query row may see: in [``kv_lo``, ``kv_hi``) (see
+    :func:`_keys_bound`) and, with ``HAS_SEEN``, marked in the launcher's :func:`keys_seen`
+    vector (int32 per key)."""
+    ok = (offs_n >= kv_lo) & (offs_n < kv_hi)
     if HAS_SEEN:
-        ok = tl.load(seen_base + offs_n, mask=offs_n < kv_len, other=0) != 0
-    else:
-        ok = offs_n < kv_len
+        ok = tl.load(seen_base + offs_n, mask=ok, other=0) != 0
     return ok
 
 
@@ -192,13 +230,18 @@ def _load_keys(ptrs, ok, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, C
 
 
 @triton.jit
-def _keys_bound(k_len, q_len, IS_CAUSAL: tl.constexpr):
-    """Keys some query row may see lie below this: under top-left causal, row i < Sq sees j <= i."""
-    if IS_CAUSAL:
-        bound = tl.minimum(k_len, q_len)
+def _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER: tl.constexpr, LOWER: tl.constexpr):
+    """``[kv_lo, kv_hi)``: the keys some query row may see under the band (the last row's
+    upper bound, the first row's lower bound; see :func:`_mask_scores`)."""
+    if UPPER:
+        kv_hi = tl.minimum(k_len, tl.maximum(q_len + diag_off + upper, 0))
     else:
-        bound = k_len
-    return bound
+        kv_hi = k_len
+    if LOWER:
+        kv_lo = tl.minimum(tl.maximum(diag_off - lower, 0), k_len)
+    else:
+        kv_lo = 0
+    return kv_lo, kv_hi
 
 
 @triton.jit
@@ -224,15 +267,66 @@ def _dropout_keep(seed, rng_base, q_idx, k_idx, k_len, dropout_p):
 
 
 @triton.jit
-def _causal_key_range(m0, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Keys a query block [m0, m0 + BLOCK_M) needs: [0, full_end) mask-free, [full_end, hi) masked."""
-    if IS_CAUSAL:
-        hi = tl.minimum(k_len, m0 + BLOCK_M)
-        full_end = tl.minimum(((m0 + 1) // BLOCK_N) * BLOCK_N, (k_len // BLOCK_N) * BLOCK_N)
+def _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPPER: tl.constexpr, LOWER: tl.constexpr):
+    """Keys a query block [m0, m0 + BLOCK_M) needs: [lo, full_lo) masked, [full_lo, full_hi)
+    mask-free (every row sees every key), [full_hi, hi) masked. Key blocks outside the band
+    are skipped. Quantities are clamped at 0 before a division (no negative floors)."""
+    full_k = (k_len // BLOCK_N) * BLOCK_N
+    if UPPER:
+        hi = tl.minimum(k_len, tl.maximum(m0 + BLOCK_M + diag_off + upper, 0))
+        full_hi = tl.minimum((tl.maximum(m0 + 1 + diag_off + upper, 0) // BLOCK_N) * BLOCK_N, full_k)
     else:
         hi = k_len
-        full_end = (k_len // BLOCK_N) * BLOCK_N
-    return full_end, hi
+        full_hi = full_k
+    if LOWER:
+        lo = (tl.minimum(tl.maximum(m0 + diag_off - lower, 0), hi) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + diag_off - lower, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.maximum(full_hi, full_lo)
+    else:
+        lo = 0
+        full_lo = 0
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _part_bounds(part: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Key range of part 0 (masked left edge), 1 (mask-free middle) or 2 (masked right edge)
+    of :func:`_key_range`'s split."""
+    if part == 0:
+        start, stop = lo, full_lo
+    elif part == 1:
+        start, stop = full_lo, full_hi
+    else:
+        start, stop = full_hi, hi
+    return start, stop
+
+
+@triton.jit
+def _query_range(n0, q_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 UPPER: tl.constexpr, LOWER: tl.constexpr):
+    """Query rows [lo, hi) that may see a key block [n0, n0 + BLOCK_N), ``lo`` a multiple of
+    BLOCK_M: row i sees key j only if ``j - diag_off - upper <= i <= j - diag_off + lower``."""
+    if UPPER:
+        lo = (tl.minimum(tl.maximum(n0 - diag_off - upper, 0), q_len) // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    if LOWER:
+        hi = tl.minimum(q_len, tl.maximum(n0 + BLOCK_N - diag_off + lower, 0))
+    else:
+        hi = q_len
+    return lo, hi
+
+
+@triton.jit
+def _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI: tl.constexpr):
+    """ALiBi's slope of (batch, head) times log2(e) (0.0 without ALiBi)."""
+    if HAS_ALIBI:
+        slope2 = tl.load(slope_ptr + b64 * stride_slb + h64 * stride_slh).to(tl.float32) * LOG2E
+    else:
+        slope2 = 0.0
+    return slope2
 
 
 # --------------------------------------------------------------------------------------
@@ -320,7 +414,7 @@ class MaskArgs:
 
     @staticmethod
     def of(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], dummy: torch.Tensor,
-           is_causal: bool = False) -> MaskArgs:
+           band: ScoreArgs | None = None) -> MaskArgs:
         if attn_mask is None:
             return MaskArgs(dummy, MASK_NONE, False, (0, 0, 0, 0), dummy)
         m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -331,7 +425,7 @@ class MaskArgs:
             kind = MASK_BOOL
         strides = tuple(int(s) for s in m.stride())
         return MaskArgs(m, kind, strides[2] == 0 or shape[2] == 1, strides,  # type: ignore[arg-type]
-                        keys_seen(m4, is_causal, shape[2]))
+                        keys_seen(m4, band.visible(shape[2], shape[3], m4.device) if band else None))
 
     def seen_strides(self) -> tuple[int, int]:
         """(batch, head) strides of ``seen``, 0 where it broadcasts."""
@@ -349,31 +443,93 @@ class MaskArgs:
         return dataclasses.replace(self, seen=self.seen.view(b, h // groups, groups, sk).amax(2))
 
 
-def keys_seen(mask4: torch.Tensor, is_causal: bool, q_len: int) -> torch.Tensor:
-    """uint8 (B | 1, H | 1, Sk), contiguous: 1 where some query row may see the key.
+def keys_seen(mask4: torch.Tensor, band: torch.Tensor | None) -> torch.Tensor:
+    """int32 (B | 1, H | 1, Sk), contiguous: 1 where some query row may see the key.
 
-    ``mask4`` is the 4-D attention mask (bool: True = attend; float: -inf hides). Under
-    top-left ``is_causal`` row i sees keys j <= i, so a key is seen when the mask shows it
-    to some row at or below its own index (the kernels also cut keys at Sq themselves).
+    ``mask4`` is the 4-D attention mask (bool: True = attend; float: -inf hides); ``band``
+    the (Sq, Sk) positions each row may see (:meth:`ScoreArgs.visible`, None: all). A
+    key-padding mask (one row) is taken as it is: the kernels cut the band's keys themselves.
     """
     vis = mask4 if mask4.dtype == torch.bool else mask4 != float("-inf")
     if vis.shape[2] == 1:  # the same for every row (a key-padding mask)
         seen = vis[:, :, 0]
-    elif is_causal:
-        sk = vis.shape[3]
-        tri = torch.ones(q_len, sk, dtype=torch.bool, device=vis.device).tril()
-        seen = (vis & tri).any(2)
+    elif band is not None:
+        seen = (vis & band).any(2)
     else:
         seen = vis.any(2)
     return seen.to(torch.int32).contiguous()
 
 
-def _common_constexprs(d: int, dv: int, is_causal: bool, mask: MaskArgs, has_dropout: bool,
+@dataclasses.dataclass(frozen=True)
+class ScoreArgs:
+    """What the kernels do to the scores besides the mask: the band of keys each query row sees
+    by position (causal, sliding window, their alignment), softcapping and ALiBi.
+
+    Query ``i``'s diagonal is key ``i + diag_off`` (0 top-left, ``Sk - Sq`` bottom-right);
+    it sees keys up to ``diagonal + upper`` (``upper``: 0 under causal, a window's right
+    size, -1 unbounded) and from ``diagonal - lower`` (a window's left size, -1 unbounded).
+    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``; ALiBi
+    ``slopes`` (float32 (B | 1, Hq)) subtract ``slope * |diagonal - j|`` after it.
+    """
+
+    diag_off: int = 0
+    upper: int = -1
+    lower: int = -1
+    softcap: float = 0.0
+    slopes: torch.Tensor | None = None
+
+    @staticmethod
+    def of(q_len: int, k_len: int, is_causal: bool, bottom_right: bool = False,
+           window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+           alibi_slopes: torch.Tensor | None = None) -> ScoreArgs:
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.to(torch.float32).reshape(-1 if alibi_slopes.dim() == 2 else 1,
+                                                            alibi_slopes.shape[-1])
+        return ScoreArgs(k_len - q_len if bottom_right else 0, 0 if is_causal else int(window[1]),
+                         int(window[0]), float(softcap), slopes)
+
+    def visible(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (Sq, Sk): the keys each row sees by position; None when all."""
+        if self.upper < 0 and self.lower < 0:
+            return None
+        i = torch.arange(q_len, device=device)[:, None] + self.diag_off
+        j = torch.arange(k_len, device=device)[None, :]
+        ok = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if self.upper >= 0:
+            ok = ok & (j <= i + self.upper)
+        if self.lower >= 0:
+            ok = ok & (j >= i - self.lower)
+        return ok
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """The kernels' runtime arguments: diag_off, upper, lower, cap2, slope pointer and strides."""
+        cap2 = self.softcap * 1.4426950408889634
+        if self.slopes is None:
+            return self.diag_off, max(self.upper, 0), max(self.lower, 0), cap2, dummy, 0, 0
+        sb = 0 if self.slopes.shape[0] == 1 else self.slopes.stride(0)
+        return self.diag_off, max(self.upper, 0), max(self.lower, 0), cap2, self.slopes, sb, self.slopes.stride(1)
+
+    def qk_scale(self, scale: float) -> float:
+        """What the kernels multiply q.k by: ``scale * log2(e)``, or ``scale / softcap``."""
+        return scale / self.softcap if self.softcap > 0.0 else scale * 1.4426950408889634
+
+    def heavy(self) -> bool:
+        """The scores need more registers (a window's extra edge loop, softcap, ALiBi): the
+        tables' smaller "heavy" tiles, as for a mask."""
+        return self.lower >= 0 or self.softcap > 0.0 or self.slopes is not None
+
+    def constexprs(self) -> dict:
+        return dict(UPPER=self.upper >= 0, LOWER=self.lower >= 0, SOFTCAP=self.softcap > 0.0,
+                    HAS_ALIBI=self.slopes is not None)
+
+
+def _common_constexprs(d: int, dv: int, band: ScoreArgs, mask: MaskArgs, has_dropout: bool,
                        q: torch.Tensor) -> dict:
     return dict(STRIDE_ALIGN=16 // q.element_size(),  # the launchers give the kernels aligned rows
         HEAD_D=d, HEAD_DV=dv, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(dv),
-        IS_CAUSAL=bool(is_causal), MASK_KIND=mask.kind, MASK_ROW_BCAST=mask.row_bcast,
-        HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(q.dtype, q.device),
+        MASK_KIND=mask.kind, MASK_ROW_BCAST=mask.row_bcast, HAS_DROPOUT=has_dropout,
+        DOT_PRECISION=_dot_precision(q.dtype, q.device), **band.constexprs(),
     )
 
 

@@ -68,21 +68,25 @@ from ._attention_common import (  # noqa: F401  (also imported from here by deco
     MASK_FLOAT,
     MASK_NONE,
     MaskArgs,
+    ScoreArgs,
+    _alibi_slope,
     _align_strides,
     _aligned_ptr,
     _cast,
-    _causal_key_range,
     _common_constexprs,
     _dot_precision,
     _dropout_args,
     _dropout_keep,
+    _key_range,
     _keys_bound,
     _load_keys,
     _load_tile,
     _mask_scores,
     _mma,
     _online_softmax,
+    _part_bounds,
     _program_ids,
+    _scores,
     _seen_keys,
     _store_tile,
     padded_head_dim,
@@ -94,7 +98,6 @@ from ._attention_configs import (  # noqa: F401  (also imported from here by dec
     TileConfig,
     device_arch,
     forward_config,
-    padded_head_dim,
 )
 from ._compile import CompileSpec
 from ._launch import launch
@@ -107,11 +110,12 @@ from .attention_backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _att
 
 @triton.jit
 def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                 stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-                 dropout_p, seed, rng_base, lo, hi,
+                 stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                 diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, lo, hi,
                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                 UPPER: tl.constexpr, LOWER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """Online-softmax accumulation over key blocks [lo, hi) (BOUNDARY: masked blocks)."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -121,15 +125,16 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_tile(k_ptrs, offs_n, k_len, offs_d, HEAD_D, BLOCK_D, BOUNDARY)
-        s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm,
-                         stride_mn, BOUNDARY, BOUNDARY and IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST)
+        s, _ = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
+        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
+                         diag_off, upper, lower, slope2, BOUNDARY, BOUNDARY, UPPER, LOWER, HAS_ALIBI,
+                         MASK_KIND, MASK_ROW_BCAST)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_len, MASK_KIND != 0), offs_dv, HEAD_DV, BLOCK_DV,
-                       BOUNDARY or MASK_KIND != 0)
+        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0), offs_dv, HEAD_DV,
+                       BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         acc = acc * alpha[:, None]
         acc = _mma(_cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
@@ -147,16 +152,18 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh,
     num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
     qk_scale, dropout_p, inv_keep, seed, rng_offset,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """out[b, h, rows] and lse[b, h, rows] for one block of BLOCK_M query rows."""
     m_blocks = tl.cdiv(q_len, BLOCK_M)
     pid_m, h, b = _program_ids(m_blocks, num_heads)
-    if IS_CAUSAL:  # the longest rows first: better balance of the last wave
+    if UPPER:  # the longest rows first: better balance of the last wave
         pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
@@ -178,24 +185,22 @@ def _attn_fwd_kernel(
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
     seen_base = seen_ptr + b64 * stride_sb + h64 * stride_sh
     rng_base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
-    kv_len = _keys_bound(k_len, q_len, IS_CAUSAL)
+    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    full_end, hi = _causal_key_range(m0, k_len, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_kv_loop(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-        dropout_p, seed, rng_base, 0, full_end,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    acc, l_i, m_i = _fwd_kv_loop(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-        dropout_p, seed, rng_base, full_end, hi,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
+    lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
+    for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
+        start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
+        if part != 0 or LOWER:
+            acc, l_i, m_i = _fwd_kv_loop(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, start, stop,
+                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -227,6 +232,11 @@ def attention_forward(
     offset: int,
     config: TileConfig | None = None,
     out_order: list[int] | None = None,
+    *,
+    bottom_right: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward.
 
@@ -241,6 +251,9 @@ def attention_forward(
         out_order: the order of ``out``'s dims in memory, outermost first (e.g.
             ``[0, 2, 1, 3]`` for a (B, S, H, D) layout); default contiguous. The kernel
             writes that layout directly when its rows are 16-byte aligned.
+        bottom_right, window, softcap, alibi_slopes: causal / window alignment, sliding
+            window ``(left, right)`` (-1 unbounded), logit softcapping (0: none) and ALiBi
+            slopes ``(Hq,)`` or ``(B, Hq)``; see :class:`ScoreArgs`.
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in the query's dtype (laid out per ``out_order``, or
@@ -259,18 +272,20 @@ def attention_forward(
     o = _c._empty_in_order((b, hq, sq, dv), out_order or [0, 1, 2, 3], query.dtype, query.device)
     if not rows_aligned(o):
         o = _c._padded_empty((b, hq, sq, dv), query.dtype, query.device)
-    mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, is_causal)
+    band = ScoreArgs.of(sq, sk, is_causal, bottom_right, window, softcap, alibi_slopes)
+    mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, band)
     p, inv_keep = _dropout_args(dropout_p)
     cfg = config or forward_config(d, dv, query.dtype, device_arch(query.device),
-                                   masked=mask.kind != MASK_NONE, dropout=p > 0.0)
+                                   masked=mask.kind != MASK_NONE or band.heavy(),
+                                   dropout=p > 0.0)
     launch(
         _attn_fwd_kernel, (triton.cdiv(sq, cfg.block_m) * hq * b,),
         q, k, v, o, lse, mask.tensor, mask.seen,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask.strides, *mask.seen_strides(),
-        hq, sq, sk, hq // hkv,
-        scale * 1.4426950408889634, p, inv_keep, int(seed), int(offset),
+        hq, sq, sk, hq // hkv, *band.kernel_args(q),
+        band.qk_scale(scale), p, inv_keep, int(seed), int(offset),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        **_common_constexprs(d, dv, is_causal, mask, p > 0.0, q),
+        **_common_constexprs(d, dv, band, mask, p > 0.0, q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (o if rows_aligned(o) else o.contiguous()), lse
@@ -292,10 +307,14 @@ def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _attention_call(backward: bool, dtype: torch.dtype, d: int, causal: bool, mask_kind: int, row_bcast: bool,
                     dropout: bool, b: int = 2, hq: int = 16, hkv: int = 16, sq: int = 1024,
-                    sk: int = 1024) -> Callable[[], object]:
-    """The launcher call of one compile spec: contiguous (B, H, S, D) meta tensors."""
+                    sk: int = 1024, options: dict | None = None) -> Callable[[], object]:
+    """The launcher call of one compile spec: contiguous (B, H, S, D) meta tensors; ``options``:
+    the launchers' keyword options (``alibi=True`` for (Hq,) float32 slopes)."""
     def call():
         q, k, v = meta(b, hq, sq, d, dtype=dtype), meta(b, hkv, sk, d, dtype=dtype), meta(b, hkv, sk, d, dtype=dtype)
+        opts = dict(options or {})
+        if opts.pop("alibi", False):
+            opts["alibi_slopes"] = meta(hq, dtype=torch.float32)
         mask = None
         if mask_kind == MASK_BOOL:
             mask = meta(b, 1, sq, sk, dtype=torch.bool)
@@ -303,10 +322,23 @@ def _attention_call(backward: bool, dtype: torch.dtype, d: int, causal: bool, ma
             mask = meta(b, 1, 1 if row_bcast else sq, sk, dtype=torch.float32)
         p, seed = (0.1, SPEC_SEED) if dropout else (0.0, 0)
         if not backward:
-            return attention_forward(q, k, v, mask, p, causal, d ** -0.5, seed, 0)
+            return attention_forward(q, k, v, mask, p, causal, d ** -0.5, seed, 0, **opts)
         do = meta(b, hq, sq, d, dtype=dtype)
-        return attention_backward(do, q, k, v, mask, p, causal, d ** -0.5, seed, 0)
+        return attention_backward(do, q, k, v, mask, p, causal, d ** -0.5, seed, 0, **opts)
     return call
+
+
+_LLM_CASES: dict[str, tuple[torch.dtype, int, dict, dict]] = {
+    # name: dtype, head dim, launcher options, shape (all causal)
+    "window": (torch.bfloat16, 128, dict(window=(255, -1)), {}),
+    "window_ragged_gqa": (torch.bfloat16, 128, dict(window=(255, -1)), dict(hq=32, hkv=8, sq=1000, sk=1000)),
+    "bottom_right_window": (torch.bfloat16, 64, dict(bottom_right=True, window=(255, -1)), dict(sq=512)),
+    "softcap_window": (torch.bfloat16, 256, dict(softcap=50.0, window=(255, -1)), {}),  # Gemma 2 sliding layers
+    "softcap": (torch.bfloat16, 256, dict(softcap=50.0), {}),  # Gemma 2 global layers
+    "alibi": (torch.bfloat16, 128, dict(alibi=True), {}),
+    "everything": (torch.float32, 64, dict(bottom_right=True, window=(100, -1), softcap=30.0, alibi=True),
+                   dict(sq=600, sk=1000)),
+}
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -320,11 +352,14 @@ def compile_specs() -> list[CompileSpec]:
     FMA units) at D = 64 and 128, plain and heavy. The causal, masked and float32 cases are
     also compiled as "ragged_gqa": 1000 tokens (no length divisible by 16) with 32 query
     heads on 8 K/V heads, which Triton specializes less (a real launch of such a shape
-    compiles its own kernel, usually with more registers).
+    compiles its own kernel, usually with more registers). The options of today's LLMs
+    (sliding window, bottom-right alignment, softcap, ALiBi; ``_LLM_CASES``) are compiled
+    as ``llm_*``, forward and backward.
     """
     specs: list[CompileSpec] = []
     ragged = dict(hq=32, hkv=8, sq=1000, sk=1000)
-    plain = [(torch.bfloat16, d, c, MASK_NONE, False, False) for d in (64, 128, 80, 96, 160, 256) for c in (False, True)]
+    plain = [(torch.bfloat16, d, c, MASK_NONE, False, False)
+             for d in (64, 128, 80, 96, 160, 256) for c in (False, True)]
     plain.append((torch.float16, 128, False, MASK_NONE, False, False))
     both = [  # also compiled as "ragged_gqa"
         (torch.bfloat16, 64, True, MASK_NONE, False, False),
@@ -355,4 +390,11 @@ def compile_specs() -> list[CompileSpec]:
         specs.append(CompileSpec(f"bwd_stats_{tag}", _attn_bwd_stats_kernel, bwd, matrix=dtype != torch.float32))
         specs.append(CompileSpec(f"bwd_dq_{tag}", _attn_bwd_dq_kernel, bwd, matrix=dtype != torch.float32))
         specs.append(CompileSpec(f"bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel, bwd, matrix=dtype != torch.float32))
+    for name, (dtype, d, options, shape) in _LLM_CASES.items():  # the options of today's LLMs
+        tag = f"llm_{name}_{_TRITON_DTYPE[dtype]}_d{d}"
+        fwd = _attention_call(False, dtype, d, True, MASK_NONE, False, False, options=options, **shape)
+        bwd = _attention_call(True, dtype, d, True, MASK_NONE, False, False, options=options, **shape)
+        for kind, kernel, call in (("fwd", _attn_fwd_kernel, fwd), ("bwd_stats", _attn_bwd_stats_kernel, bwd),
+                                   ("bwd_dq", _attn_bwd_dq_kernel, bwd), ("bwd_dkdv", _attn_bwd_dkdv_kernel, bwd)):
+            specs.append(CompileSpec(f"{kind}_{tag}", kernel, call, matrix=dtype != torch.float32))
     return specs

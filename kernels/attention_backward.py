@@ -12,20 +12,25 @@ from . import _attention_common as _c
 from ._attention_common import (
     MASK_NONE,
     MaskArgs,
+    ScoreArgs,
+    _alibi_slope,
     _align_strides,
     _aligned_ptr,
     _cast,
-    _causal_key_range,
     _common_constexprs,
     _dropout_args,
     _dropout_keep,
+    _key_range,
     _keys_bound,
     _load_keys,
     _load_tile,
     _mask_scores,
     _mma,
     _online_softmax,
+    _part_bounds,
     _program_ids,
+    _query_range,
+    _scores,
     _seen_keys,
     _store_tile,
 )
@@ -44,11 +49,12 @@ from ._launch import launch
 
 @triton.jit
 def _stats_kv_loop(m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                   stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-                   dropout_p, inv_keep, seed, rng_base, lo, hi,
+                   stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                   diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, lo, hi,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                   UPPER: tl.constexpr, LOWER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """Online row max ``m``, row sum ``l`` and ``sum_j exp2(s - m) dP`` over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -58,11 +64,12 @@ def _stats_kv_loop(m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_tile(k_ptrs, offs_n, k_len, offs_d, HEAD_D, BLOCK_D, BOUNDARY)
-        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_len, MASK_KIND != 0), offs_dv, HEAD_DV, BLOCK_DV,
-                       BOUNDARY or MASK_KIND != 0)
-        s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm,
-                         stride_mn, BOUNDARY, BOUNDARY and IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST)
+        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0), offs_dv, HEAD_DV,
+                       BLOCK_DV, BOUNDARY or MASK_KIND != 0)
+        s, t = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
+        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
+                         diag_off, upper, lower, slope2, BOUNDARY, BOUNDARY, UPPER, LOWER, HAS_ALIBI,
+                         MASK_KIND, MASK_ROW_BCAST)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         dp = _mma(do, tl.trans(v), None, DOT_PRECISION)
         if HAS_DROPOUT:
@@ -84,9 +91,11 @@ def _attn_bwd_stats_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh,
     num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
     qk_scale, dropout_p, inv_keep, seed, rng_offset,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
@@ -105,7 +114,7 @@ def _attn_bwd_stats_kernel(
     """
     m_blocks = tl.cdiv(q_len, BLOCK_M)
     pid_m, h, b = _program_ids(m_blocks, num_heads)
-    if IS_CAUSAL:
+    if UPPER:
         pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
@@ -132,24 +141,22 @@ def _attn_bwd_stats_kernel(
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
     seen_base = seen_ptr + b64 * stride_sb + h64 * stride_sh
     rng_base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
-    kv_len = _keys_bound(k_len, q_len, IS_CAUSAL)
-    full_end, hi = _causal_key_range(m0, k_len, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
+    lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     d_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i, l_i, d_acc = _stats_kv_loop(
-        m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-        dropout_p, inv_keep, seed, rng_base, 0, full_end,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    m_i, l_i, d_acc = _stats_kv_loop(
-        m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-        stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-        dropout_p, inv_keep, seed, rng_base, full_end, hi,
-        HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND,
-        MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
+    for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
+        start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
+        if part != 0 or LOWER:
+            m_i, l_i, d_acc = _stats_kv_loop(
+                m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, start, stop,
+                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
     # rows with no visible key (l = 0): c = +inf, so P' = 0 and their dQ and dK/dV share are 0
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -174,11 +181,12 @@ def _probs(s, c_hi, c_lo, TWO_PART: tl.constexpr):
 
 @triton.jit
 def _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-                dropout_p, inv_keep, seed, rng_base, lo, hi,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, lo, hi,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                UPPER: tl.constexpr, LOWER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """dq += dS K over key blocks [lo, hi), P from the row statistics (:func:`_probs`)."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -187,18 +195,21 @@ def _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_ba
     v_ptrs = _aligned_ptr(v_base, start * stride_vn, STRIDE_ALIGN) + offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        seen = _seen_keys(seen_base, offs_n, kv_len, MASK_KIND != 0)
+        seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0)
         k = _load_keys(k_ptrs, seen, offs_d, HEAD_D, BLOCK_D, BOUNDARY or MASK_KIND != 0)
         v = _load_keys(v_ptrs, seen, offs_dv, HEAD_DV, BLOCK_DV, BOUNDARY or MASK_KIND != 0)
-        s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm,
-                         stride_mn, BOUNDARY, BOUNDARY and IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST)
+        s, t = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
+        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
+                         diag_off, upper, lower, slope2, BOUNDARY, BOUNDARY, UPPER, LOWER, HAS_ALIBI,
+                         MASK_KIND, MASK_ROW_BCAST)
         p = _probs(s, c_hi, c_lo, DOT_PRECISION == "ieee")
         dp = _mma(do, tl.trans(v), None, DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # through c * tanh(x / c): times 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         dq = _mma(_cast(ds, k.dtype, DOT_PRECISION), k, dq, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -216,16 +227,18 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh,
     num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
     scale, qk_scale, dropout_p, inv_keep, seed, rng_offset,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M query rows, from the row statistics of the stats kernel."""
     m_blocks = tl.cdiv(q_len, BLOCK_M)
     pid_m, h, b = _program_ids(m_blocks, num_heads)
-    if IS_CAUSAL:
+    if UPPER:
         pid_m = m_blocks - 1 - pid_m
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
@@ -262,19 +275,18 @@ def _attn_bwd_dq_kernel(
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
     seen_base = seen_ptr + b64 * stride_sb + h64 * stride_sh
     rng_base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
-    kv_len = _keys_bound(k_len, q_len, IS_CAUSAL)
+    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi = _causal_key_range(m0, k_len, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-                     dropout_p, inv_keep, seed, rng_base, 0, full_end,
-                     HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND,
-                     MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                     stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_len, qk_scale,
-                     dropout_p, inv_keep, seed, rng_base, full_end, hi,
-                     HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND,
-                     MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
+    lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
+    for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
+        start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
+        if part != 0 or LOWER:
+            dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d,
+                             offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi,
+                             qk_scale, diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base,
+                             start, stop, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER,
+                             SOFTCAP, HAS_ALIBI, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
     dq_rows = _aligned_ptr(dq_ptr, b64 * stride_dqb + h64 * stride_dqh + m064 * stride_dqm, STRIDE_ALIGN)
     dq_ptrs = dq_rows + rows[:, None] * stride_dqm + offs_d[None, :]
     _store_tile(dq_ptrs, _cast(dq * scale, dq_ptr.dtype.element_ty, DOT_PRECISION), offs_m, q_len, offs_d, HEAD_D,
@@ -289,9 +301,11 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stats_base, stats_plane, mask_base,
                  offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
-                 q_len, k_len, qk_scale, dropout_p, inv_keep, seed, rng_base, lo, hi,
+                 q_len, k_len, qk_scale, diag_off, upper, lower, cap2, slope2,
+                 dropout_p, inv_keep, seed, rng_base, lo, hi,
                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  CHECK_ROWS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q over query blocks [lo, hi), in the [key, query] layout.
@@ -320,9 +334,10 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stats_base, stats_plane, mask_ba
             c_lo = tl.load(stats_base + 2 * stats_plane + offs_m)
         if DOT_PRECISION != "ieee":
             c_hi = c_hi + c_lo
-        s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        s_t = _mask_scores(s_t, offs_m[None, :], offs_n[:, None], q_len, k_len, mask_base,
-                           stride_mm, stride_mn, False, CAUSAL_TILE, MASK_KIND, MASK_ROW_BCAST)
+        s_t, t_t = _scores(_mma(k, tl.trans(q), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
+        s_t = _mask_scores(s_t, offs_m[None, :], offs_n[:, None], q_len, k_len, mask_base, stride_mm, stride_mn,
+                           diag_off, upper, lower, slope2, False, UPPER or LOWER, UPPER, LOWER, HAS_ALIBI,
+                           MASK_KIND, MASK_ROW_BCAST)
         if DOT_PRECISION == "ieee":
             p_t = tl.math.exp2((s_t - c_hi[None, :]) - c_lo[None, :])
         else:
@@ -336,6 +351,8 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stats_base, stats_plane, mask_ba
             pd_t = p_t
         dv = _mma(_cast(pd_t, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = _mma(_cast(ds_t, q.dtype, DOT_PRECISION), q, dk, DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
@@ -354,9 +371,11 @@ def _attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh,
     num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
     scale, qk_scale, dropout_p, inv_keep, seed, rng_offset,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
@@ -378,21 +397,18 @@ def _attn_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     # keys no query row of the group sees read as zero: their dK / dV are 0 whatever they hold
-    kv_len = _keys_bound(k_len, q_len, IS_CAUSAL)
+    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
     seen_base = seen_ptr + b64 * stride_sb + kvh64 * stride_sh
     k_rows = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh + n064 * stride_kn, STRIDE_ALIGN)
-    seen = _seen_keys(seen_base, offs_n, kv_len, MASK_KIND != 0)
+    seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0)
     k = _load_keys(k_rows + cols[:, None] * stride_kn + offs_d[None, :], seen, offs_d, HEAD_D, BLOCK_D, True)
     v_rows = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh + n064 * stride_vn, STRIDE_ALIGN)
     v = _load_keys(v_rows + cols[:, None] * stride_vn + offs_dv[None, :], seen, offs_dv, HEAD_DV, BLOCK_DV, True)
 
-    # causal: query rows before n0 see none of these keys; one loop with the causal and
-    # row masks applied throughout (three separately pipelined loops cost more registers
-    # than the masks cost time)
-    if IS_CAUSAL:
-        m_lo = (n0 // BLOCK_M) * BLOCK_M
-    else:
-        m_lo = 0
+    # only the query rows whose band reaches these keys (causal: none before n0 - diag_off);
+    # one loop with the band and row masks applied throughout (three separately pipelined
+    # loops cost more registers than the masks cost time)
+    m_lo, m_hi = _query_range(n0, q_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -400,13 +416,15 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, group_size):
         h64 = kvh64 * group_size + g
         row_stats = (b64 * num_heads + h64) * q_len
+        slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
         dk, dv = _dkdv_q_loop(
             dk, dv, k, v, _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh, STRIDE_ALIGN),
             _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh, STRIDE_ALIGN),
             stats_ptr + row_stats, stats_plane, mask_ptr + b64 * stride_mb + h64 * stride_mh,
             offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
-            q_len, k_len, qk_scale, dropout_p, inv_keep, seed, rng_offset + row_stats * k_len, m_lo, q_len,
-            HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, IS_CAUSAL, True, MASK_KIND,
+            q_len, k_len, qk_scale, diag_off, upper, lower, cap2, slope2,
+            dropout_p, inv_keep, seed, rng_offset + row_stats * k_len, m_lo, m_hi,
+            HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, UPPER, LOWER, SOFTCAP, HAS_ALIBI, True, MASK_KIND,
             MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
 
     dk_rows = _aligned_ptr(dk_ptr, b64 * stride_dkb + kvh64 * stride_dkh + n064 * stride_dkn, STRIDE_ALIGN)
@@ -436,9 +454,15 @@ def attention_backward(
     seed: int,
     offset: int,
     config: BackwardConfig | None = None,
+    *,
+    bottom_right: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward: ``dq, dk, dv`` (contiguous, in the inputs' dtype).
 
+    The keyword options are the forward's (:func:`~llmkit.kernels.attention.attention_forward`).
     ``grad_out`` is ``(B, Hq, Sq, Dv)`` with any strides. The forward's ``out`` and ``lse``
     are not read: a first kernel recomputes each row's maximum, sum and ``delta =
     rowsum(dO * O) = sum_j P_ij dP_ij`` in float32 (the rounded output and the float32
@@ -453,19 +477,22 @@ def attention_backward(
     dq, dk, dvv = (_c._padded_empty(tuple(t.shape), t.dtype, t.device) for t in (query, key, value))
     q, k, v, do = (_c._aligned_rows(t) for t in (query, key, value, grad_out))
     stats = _c._empty((3, b, hq, sq), torch.float32, query.device)  # delta, row max m, log2(row sum)
-    mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, is_causal)
+    band = ScoreArgs.of(sq, sk, is_causal, bottom_right, window, softcap, alibi_slopes)
+    mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, band)
     p, inv_keep = _dropout_args(dropout_p)
     cfg = config or backward_config(d, dv, query.dtype, device_arch(query.device),
-                                    masked=mask.kind != MASK_NONE, dropout=p > 0.0)
-    consts = _common_constexprs(d, dv, is_causal, mask, p > 0.0, q)
-    scalars = (hq, sq, sk, hq // hkv, scale, scale * 1.4426950408889634, p, inv_keep, int(seed), int(offset))
+                                    masked=mask.kind != MASK_NONE or band.heavy(),
+                                    dropout=p > 0.0)
+    consts = _common_constexprs(d, dv, band, mask, p > 0.0, q)
+    shape = (hq, sq, sk, hq // hkv, *band.kernel_args(q))
+    scalars = (*shape, scale, band.qk_scale(scale), p, inv_keep, int(seed), int(offset))
     n_qblocks = triton.cdiv(sq, cfg.dq.block_m)
     st = stats_config(cfg.dq, d, dv, query.dtype, device_arch(query.device))
     launch(
         _attn_bwd_stats_kernel, (n_qblocks * hq * b,),
         q, k, v, do, stats, mask.tensor, mask.seen,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *mask.strides, *mask.seen_strides(), *scalars[:4], *scalars[5:],
+        *mask.strides, *mask.seen_strides(), *shape, *scalars[len(shape) + 1:],
         BLOCK_M=st.block_m, BLOCK_N=st.block_n, **consts,
         num_warps=st.num_warps, num_stages=st.num_stages,
     )

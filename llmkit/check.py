@@ -518,10 +518,11 @@ def _int8_cases() -> Iterable[Case]:
 
 def all_cases() -> list[Case]:
     """Every check case of every op."""
-    from . import check_llm  # the cases of the LLM norms and gated activations (imports this module)
+    from . import check_decode, check_llm  # the cases of the LLM norms, gated activations, decode caches
+    from .check_attention import attention_llm_cases  # attention's LLM options (imports this module)
 
     return [*_norm_cases(), *check_llm.llm_norm_cases(), *_gelu_cases(), *check_llm.glu_cases(), *_attention_cases(),
-            *_int8_cases()]
+            *attention_llm_cases(), *check_decode.decode_cache_cases(), *_int8_cases()]
 
 
 # --------------------------------------------------------------------------------------

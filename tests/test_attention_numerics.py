@@ -183,11 +183,14 @@ def test_gqa_with_no_key(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("factory", [causal_lower_right, causal_upper_left])
 @pytest.mark.parametrize("grad", [False, True])
-def test_causal_bias_objects_are_refused(backend, factory, grad):
-    """torch's CausalBias is a tensor subclass without storage: refused before any kernel."""
+def test_causal_bias_objects_never_read_as_data(backend, factory, grad):
+    """torch's CausalBias is a tensor subclass without storage: the custom op refuses it before
+    any kernel (the functional API turns it into is_causal with its alignment, see
+    test_attention_llm)."""
     q, k, v = (t.detach().requires_grad_(grad) for t in _qkv(1, 2, 2, 4, 9, 32, 32, torch.float16))
-    with pytest.raises(TypeError, match="attn_mask is a torch.nn.attention.bias.CausalBias"):
-        _run(backend, q, k, v, mask=factory(4, 9))
+    match = "attn_mask is a torch.nn.attention.bias.CausalBias"
+    with llmkit.use_backend(backend), pytest.raises(TypeError, match=match):
+        torch.ops.llmkit.scaled_dot_product_attention(q, k, v, factory(4, 9), 0.0, False, 0.2, False, 0, 0)
 
 
 # --------------------------------------------------------------------------------------

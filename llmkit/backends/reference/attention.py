@@ -196,17 +196,50 @@ def _flash_forward(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
     return out, lse
 
 
+def lowered_mask(c: AttentionCall | AttentionBackwardCall) -> tuple[Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` of the call with its sliding window, bottom-right alignment
+    and ALiBi folded into one additive mask in the compute dtype (-inf where hidden); the
+    call's own pair when it has none of them. Softcapping is applied to the scores (it
+    comes before the mask)."""
+    if c.window_left < 0 and c.window_right < 0 and not c.bottom_right and c.alibi_slopes is None:
+        return c.attn_mask, c.is_causal
+    sq, sk, device = c.query.shape[2], c.key.shape[2], c.query.device
+    cdt = compute_dtype(c.query.dtype)
+    diag = torch.arange(sq, device=device)[:, None] + (sk - sq if c.bottom_right else 0)
+    j = torch.arange(sk, device=device)[None, :]
+    ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if c.is_causal:
+        ok = ok & (j <= diag)
+    if c.window_right >= 0:
+        ok = ok & (j <= diag + c.window_right)
+    if c.window_left >= 0:
+        ok = ok & (j >= diag - c.window_left)
+    m = torch.zeros(sq, sk, dtype=cdt, device=device).masked_fill_(~ok, float("-inf"))
+    if c.alibi_slopes is not None:
+        slopes = c.alibi_slopes.to(cdt).reshape(-1 if c.alibi_slopes.dim() == 2 else 1, c.query.shape[1])
+        m = m - slopes[:, :, None, None] * (diag - j).abs().to(cdt)
+    user = mask_4d(c.attn_mask)
+    if user is not None:
+        m = m.masked_fill(~user, float("-inf")) if user.dtype == torch.bool else m + user.to(cdt)
+    return m, False
+
+
 def _math_probs(query: Tensor, key: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
-                dead_rows: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(scores, normalized probabilities) in the compute dtype; dead rows get p = 0."""
+                dead_rows: Tensor | None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(scores, normalized probabilities, tanh of the capped scores or None) in the compute
+    dtype; dead rows get p = 0."""
     s = torch.matmul(query, key.transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0.0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
     m = additive_mask(mask, is_causal, query.shape[-2], key.shape[-2], s.dtype, s.device)
     if m is not None:
         s = s + m
     p = torch.softmax(s, dim=-1)  # rows of -inf only (dead) give NaN here
     if dead_rows is not None:
         p = p.masked_fill(dead_rows[..., None], 0.0)
-    return s, p
+    return s, p, t
 
 
 def _keep_scale(seed: int, offset: int, shape: tuple[int, int, int, int], full_k_len: int, dropout_p: float,
@@ -220,12 +253,13 @@ def _keep_scale(seed: int, offset: int, shape: tuple[int, int, int, int], full_k
 @attention_forward.register("reference")
 def attention_forward_reference(c: AttentionCall) -> tuple[Tensor, Tensor]:
     """Attention in float32 (float64 for float64); ATen's fused CPU kernel where it applies."""
-    query, key, value, attn_mask, dropout_p, is_causal, scale, _, seed, offset = c[:10]
+    query, key, value, _, dropout_p, _, scale, _, seed, offset = c[:10]
+    attn_mask, is_causal = lowered_mask(c)
     b, hq, sq, _ = query.shape
     groups = hq // key.shape[1] if key.shape[1] else 1
     cdt = compute_dtype(query.dtype)
     vis = Visible.of(query, key, value, attn_mask, is_causal)
-    if use_cpu_flash(query, vis.value, dropout_p):
+    if use_cpu_flash(query, vis.value, dropout_p) and c.softcap == 0.0:
         out, lse = _flash_forward(query, vis.key, vis.value, vis.mask, is_causal, scale, groups)
         if vis.dead_cols is not None and not _finite_sum(out):  # maybe a hidden key's NaN: redo without them
             out, lse = _flash_forward(query, *vis.clean_kv(groups), vis.mask, is_causal, scale, groups)
@@ -235,7 +269,7 @@ def attention_forward_reference(c: AttentionCall) -> tuple[Tensor, Tensor]:
         q = query.to(cdt)
         k = expand_kv(key_c.to(cdt), groups)
         v = expand_kv(value_c.to(cdt), groups)
-        s, p = _math_probs(q, k, vis.mask, is_causal, scale, vis.dead_rows)
+        s, p, _ = _math_probs(q, k, vis.mask, is_causal, scale, vis.dead_rows, c.softcap)
         lse = torch.logsumexp(s, dim=-1)
         if dropout_p > 0.0:
             p = p * _keep_scale(seed, offset, tuple(p.shape), vis.full_k_len, dropout_p, cdt, query.device)
@@ -276,16 +310,17 @@ def _flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
 @attention_backward.register("reference")
 def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (and d mask for a float mask), recomputing the probabilities."""
-    grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale = c[:10]
+    grad_out, query, key, value, out, lse, attn_mask, dropout_p, _, scale = c[:10]
     seed, offset, mask_grad = c.seed, c.offset, c.mask_grad
+    mask, is_causal = lowered_mask(c)
     b, hq, sq, _ = query.shape
     hkv, dim, dim_v = key.shape[1], key.shape[-1], value.shape[-1]
     groups = hq // hkv if hkv else 1
     cdt = compute_dtype(query.dtype)
-    vis = Visible.of(query, key, value, attn_mask, is_causal)
+    vis = Visible.of(query, key, value, mask, is_causal)
     sk = vis.key.shape[2]
     dmask = query.new_empty((0,))
-    if use_cpu_flash(query, vis.value, dropout_p) and not mask_grad:
+    if use_cpu_flash(query, vis.value, dropout_p) and not mask_grad and c.softcap == 0.0:
         dq, dk, dv = _flash_backward(grad_out, query, vis.key, vis.value, out, lse, vis.mask, is_causal, scale,
                                      groups)
         if vis.dead_cols is not None and not (_finite_sum(dq) and _finite_sum(dk) and _finite_sum(dv)):
@@ -297,7 +332,7 @@ def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tens
         k = expand_kv(key_c.to(cdt), groups)
         v = expand_kv(value_c.to(cdt), groups)
         do = grad_out.to(cdt)
-        _, p = _math_probs(q, k, vis.mask, is_causal, scale, vis.dead_rows)
+        _, p, t = _math_probs(q, k, vis.mask, is_causal, scale, vis.dead_rows, c.softcap)
         dp = torch.matmul(do, v.transpose(-1, -2))
         if dropout_p > 0.0:
             z = _keep_scale(seed, offset, tuple(p.shape), vis.full_k_len, dropout_p, cdt, query.device)
@@ -309,11 +344,13 @@ def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tens
         # probabilities as dS, never from the rounded output
         delta = (p * dp).sum(-1, keepdim=True)
         ds = p * (dp - delta)
+        if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
+            ds_m = F.pad(ds, (0, vis.cut_keys())) if attn_mask.shape[-1] != 1 else ds
+            dmask = reduce_to_shape(ds_m, attn_mask.shape).to(attn_mask.dtype)
+        if t is not None:  # through softcap * tanh(s / softcap)
+            ds = ds * (1.0 - t * t)
         dq = torch.matmul(ds, k) * scale
         dk = torch.matmul(ds.transpose(-1, -2), q) * scale
-        if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
-            ds = F.pad(ds, (0, vis.cut_keys())) if attn_mask.shape[-1] != 1 else ds
-            dmask = reduce_to_shape(ds, attn_mask.shape).to(attn_mask.dtype)
     if groups > 1:
         dk = dk.reshape(b, hkv, groups, sk, dim).sum(2)
         dv = dv.reshape(b, hkv, groups, sk, dim_v).sum(2)
