@@ -1,6 +1,6 @@
 """LayerNorm, RMSNorm and add_layer_norm: both backends against the float64 reference.
 
-Every result is held to the DESIGN.md rule (error <= 2 x PyTorch's own error in the
+Every result is held to the correctness rule of llmkit.testing (error <= 2 x PyTorch's own error in the
 same dtype + floor) against llmkit/reference64.py, PyTorch's own F.layer_norm /
 F.rms_norm in that dtype being the baseline. The Triton kernels run through the
 interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest) with every output

@@ -2,7 +2,7 @@
 T5's x_hat rounded before the weight), add_rms_norm, and the add + norm options
 residual_in_fp32 and fused input dropout, on every backend that takes them.
 
-Every result, forward and backward, is held to the DESIGN.md rule against the float64
+Every result, forward and backward, is held to the correctness rule of llmkit.testing against the float64
 formulas of llmkit/reference64.py, the baseline being the model code in the same dtype (what
 HuggingFace's Llama / Gemma RMSNorm compute, the unfused add then norm). Triton kernels run
 through the interpreter with their outputs poisoned with NaN.
