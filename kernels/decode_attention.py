@@ -146,7 +146,9 @@ def _decode_split_kernel(
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
-    out = acc * (1.0 / l_safe)[:, None]
+    # a row that sees no key at all is zeros (the op's convention), even where a value it does
+    # not see, read for the other rows of the tile, holds NaN / inf (p = 0 times it)
+    out = tl.where((row_limit > 0)[:, None], acc * (1.0 / l_safe)[:, None], 0.0)
     if SINGLE_SPLIT:
         o_ptrs = _aligned_ptr(out_ptr, b64 * stride_ob, STRIDE_ALIGN) + head[:, None].to(tl.int64) * stride_oh \
             + tok[:, None] * stride_ot + offs_dv[None, :]
