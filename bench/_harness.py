@@ -33,21 +33,21 @@ CPU = torch.device("cpu")
 BACKENDS, _WHY_NOT = available_backends(CPU, None)
 CONTEXT = Context(CPU, BACKENDS, COMPILE, SHAPES)
 
-# Performance targets of the other issues, measured here (never asserted):
+# The CPU performance targets, measured here (never asserted):
 # (suite, pass, shape filter, implementation (a trailing '[' matches every backend), minimum speed vs eager,
 #  where the target comes from)
 TARGETS: list[tuple[str, str, dict[str, Any], str, float, str]] = [
-    ("add_layer_norm", "fwd", {}, "llmkit[", 1.3, "issue 7: fused add+LayerNorm >= 1.3x unfused eager"),
-    ("add_layer_norm", "bwd", {}, "llmkit[", 1.3, "issue 7: fused add+LayerNorm >= 1.3x unfused eager"),
-    ("bias_gelu", "fwd", {}, "llmkit[", 1.3, "issue 7: fused bias+GELU >= 1.3x unfused eager"),
-    ("bias_gelu", "bwd", {}, "llmkit[", 1.3, "issue 7: fused bias+GELU >= 1.3x unfused eager"),
+    ("add_layer_norm", "fwd", {}, "llmkit[", 1.3, "CPU target: fused add+LayerNorm >= 1.3x unfused eager"),
+    ("add_layer_norm", "bwd", {}, "llmkit[", 1.3, "CPU target: fused add+LayerNorm >= 1.3x unfused eager"),
+    ("bias_gelu", "fwd", {}, "llmkit[", 1.3, "CPU target: fused bias+GELU >= 1.3x unfused eager"),
+    ("bias_gelu", "bwd", {}, "llmkit[", 1.3, "CPU target: fused bias+GELU >= 1.3x unfused eager"),
     ("int8_w8a8", "fwd", {"M": 512, "K": 4096}, "Int8Linear[w8a8]", 3.0,
-     "issue 5: W8A8 Int8Linear >= 3x fp32 nn.Linear"),
-    ("int8_w8a16", "fwd", {}, "Int8Linear[w8a16]", 1.0, "issue 5: W8A16 at M=1..16 >= 1.0x fp32 nn.Linear"),
-    ("bert", "prefill", {}, "hf+swap", 1.0, "issue 6: swapped BERT-base >= 1.0x unswapped"),
-    ("gpt2_decode", "decode", {}, "llmkit.models.GPT", 1.0, "issue 6: llmkit GPT decode >= 1.0x HF GPT-2 tokens/s"),
+     "CPU target: W8A8 Int8Linear >= 3x fp32 nn.Linear"),
+    ("int8_w8a16", "fwd", {}, "Int8Linear[w8a16]", 1.0, "CPU target: W8A16 at M=1..16 >= 1.0x fp32 nn.Linear"),
+    ("bert", "prefill", {}, "hf+swap", 1.0, "CPU target: swapped BERT-base >= 1.0x unswapped"),
+    ("gpt2_decode", "decode", {}, "llmkit.models.GPT", 1.0, "CPU target: llmkit GPT decode >= 1.0x HF GPT-2 tokens/s"),
     ("llama_prefill", "prefill", {}, "hf+swap", 1.3,
-     "issue 17: swapped Llama-shaped model (hidden 2048, 4 layers, S=512) >= 1.3x HF eager, float32 prefill"),
+     "CPU target: swapped Llama-shaped model (hidden 2048, 4 layers, S=512) >= 1.3x HF eager, float32 prefill"),
 ]
 
 

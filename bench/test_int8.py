@@ -1,4 +1,4 @@
-"""CPU benchmarks of int8 linears against float32 ``F.linear`` (issue 5's CPU targets).
+"""CPU benchmarks of int8 linears against float32 ``F.linear`` (the CPU targets of docs/benchmarks.md).
 
 W8A8 at M=512, K=N=4096 (target: Int8Linear >= 3x float32 nn.Linear) and W8A16 at
 M=1..16 (target: no slower than float32), next to llmkit's op on each backend and the

@@ -1,4 +1,4 @@
-"""CPU benchmarks of whole models with random weights (issue 6's CPU targets).
+"""CPU benchmarks of whole models with random weights (the CPU targets of docs/benchmarks.md).
 
 BERT-base shape at batch 16, length 128: HuggingFace as shipped vs ``llmkit.swap`` vs
 ``llmkit.quantize`` (target: swapped >= 1.0x). GPT-2-small shape: greedy decode tokens/s

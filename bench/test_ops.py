@@ -1,5 +1,5 @@
 """CPU benchmarks of the ops: fused add+LayerNorm and bias+GELU against the unfused eager
-sequence (issue 7's CPU targets), norms, GELU, attention, decode attention, int8 quantization.
+sequence (the CPU targets of docs/benchmarks.md), norms, GELU, attention, decode attention, int8 quantization.
 
 Each test checks one implementation's output against PyTorch eager, then times it;
 pytest-benchmark groups the implementations of one case together.

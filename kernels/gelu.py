@@ -2,7 +2,7 @@
 
 Elementwise over a tensor seen as ``M`` rows of ``N`` elements (``N`` = the last dim;
 a contiguous input without bias is seen as one row of ``numel`` elements). Rows may be
-strided as in :func:`llmkit.kernels.layer_norm.row_layout`; outputs are contiguous.
+strided as in :func:`llmkit.kernels._common.row_layout`; outputs are contiguous.
 Math is float32 whatever the input dtype, rounded once on store:
 
 * exact: ``gelu(z) = 0.5 z (1 + erf(z / sqrt 2))``,
@@ -14,7 +14,7 @@ Math is float32 whatever the input dtype, rounded once on store:
 With a bias, ``z = x + bias[col]`` is formed in float32 and never stored. The bias
 gradient is reduced without atomics: each program sums ``dz`` of its group of rows for
 one column tile into its own row of a ``(groups, N)`` float32 buffer, and
-:func:`~llmkit.kernels.layer_norm.sum_partials` adds those rows in a fixed order.
+:func:`~llmkit.kernels._common.sum_partials` adds those rows in a fixed order.
 """
 
 from __future__ import annotations
@@ -26,18 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
+from ._common import device_guard, flat_or_rows, num_warps_for, program_slots, round_to, sum_partials
+from ._common import empty as _empty  # the allocation tests poison
 from ._compile import CompileSpec
 from ._launch import launch
-from .layer_norm import (
-    _empty,
-    _round_to,
-    device_guard,
-    num_warps_for,
-    program_slots,
-    row_layout,
-    sum_partials,
-)
 
 TILE_ELEMENTS = 1024
 """Elements per program (8 per thread at 4 warps): few registers, many programs per SM."""
@@ -68,7 +60,7 @@ def gelu_config(m: int, n: int, slots: int, bias_grad: bool = False) -> GeluConf
     return GeluConfig(block_m, block_n, num_warps_for(block_m * block_n), groups, rows_per_group)
 
 
-# Kernels keep their helpers inline: see the note in kernels/layer_norm.py.
+# Kernels keep their helpers inline: see the note in kernels/_common.py.
 
 
 @triton.jit
@@ -90,11 +82,14 @@ def _gelu_fwd_kernel(
         z = z + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if APPROX_TANH:
         u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)  # 2u
-        y = z / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))  # z * sigmoid(2u); clamped: no inf
+        # z * sigmoid(2u); below 2u = -80 (z < ~-9.3) it is under 1e-33 and, from z ~ -1e12 on
+        # (z^3 overflows), z / (1 + exp(80)) would not be: 0 there (0 * z: z = -inf gives NaN, as
+        # float64's formula)
+        y = tl.where(u2 < -80.0, 0.0 * z, z / (1.0 + tl.exp(tl.minimum(-u2, 80.0))))
     else:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out_ptr + out_offs, _round_to(y, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_offs, round_to(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -127,16 +122,21 @@ def _gelu_bwd_kernel(
         if HAS_BIAS:
             z = z + bias[None, :]
         if APPROX_TANH:
-            e = tl.exp(tl.minimum(-1.5957691216057308 * (z + 0.044715 * z * z * z), 80.0))
+            u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+            e = tl.exp(tl.minimum(-u2, 80.0))
             s = 1.0 / (1.0 + e)
             du2 = 1.5957691216057308 * (1.0 + 0.134145 * z * z)  # d(2u)/dz
             grad = s + z * (e * s) * s * du2
+            # the tails: below 2u = -80 the derivative is under 1e-33 (z * du2 could overflow
+            # against e * s * s = 0 in between); above 2u = 80 it is 1 (e = 0 against z^3 = inf)
+            # (times 0 * z: at z = +-inf the derivative stays NaN, as float64's)
+            grad = tl.where(u2 < -80.0, 0.0, tl.where(u2 > 80.0, 1.0, grad)) + 0.0 * z
         else:
             cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
             grad = cdf + z * (0.3989422804014327 * tl.exp(-0.5 * z * z))
         dz = dy * grad
         out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(dx_ptr + out_offs, _round_to(dz, dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + out_offs, round_to(dz, dx_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             acc += tl.where(mask, dz, 0.0)
     if HAS_BIAS:
@@ -148,17 +148,6 @@ def _gelu_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _rows(tensors: list[Tensor], flat_ok: bool):
-    """(tensors, M, N, inner_rows, strides): one flat row when every tensor is contiguous."""
-    if flat_ok and all(t.is_contiguous() for t in tensors):
-        n = tensors[0].numel()
-        return tensors, 1, n, 1, [(0, 0)] * len(tensors)
-    if tensors[0].dim() == 0:
-        tensors = [t.reshape(1) for t in tensors]
-    layout = row_layout(tensors, 1)
-    return layout.tensors, layout.m, layout.n, layout.inner_rows, layout.strides
-
-
 def gelu_forward(x: Tensor, bias: Tensor | None, approximate_tanh: bool) -> Tensor:
     """``gelu(x + bias)`` (``bias`` optional, shape ``(N,)`` for ``x (*, N)``); contiguous, x's dtype.
 
@@ -168,7 +157,7 @@ def gelu_forward(x: Tensor, bias: Tensor | None, approximate_tanh: bool) -> Tens
     out = _empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return out
-    (xs,), m, n, inner_rows, ((so, si),) = _rows([x], flat_ok=bias is None)
+    (xs,), m, n, inner_rows, ((so, si),) = flat_or_rows([x], flat_ok=bias is None)
     slots = program_slots(x.device)
     cfg = gelu_config(m, n, slots)
     col_blocks = triton.cdiv(n, cfg.block_n)
@@ -195,7 +184,7 @@ def gelu_backward(
     if x.numel() == 0:
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
         return dx, dbias
-    (dys, xs), m, n, inner_rows, ((dy_so, dy_si), (x_so, x_si)) = _rows([grad_out, x], flat_ok=bias is None)
+    (dys, xs), m, n, inner_rows, ((dy_so, dy_si), (x_so, x_si)) = flat_or_rows([grad_out, x], flat_ok=bias is None)
     slots = program_slots(x.device)
     cfg = gelu_config(m, n, slots, bias_grad=bias is not None)
     col_blocks = triton.cdiv(n, cfg.block_n)

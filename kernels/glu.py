@@ -2,7 +2,7 @@
 
 Elementwise over two (forward) or three (backward) tensors of one shape, seen as ``M`` rows
 of ``N`` elements (``N`` = the last dim; when every tensor is contiguous, one row of
-``numel``). Each tensor has its own row strides (:func:`llmkit.kernels.layer_norm.row_layout`),
+``numel``). Each tensor has its own row strides (:func:`llmkit.kernels._common.row_layout`),
 so the two halves of one ``(*, 2N)`` projection are read in place; outputs are contiguous.
 Math is float32 whatever the dtype, rounded once on store; the backward recomputes the
 activation instead of reading a stored one.
@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
+from ._common import device_guard, flat_or_rows, program_slots, round_to
+from ._common import empty as _empty  # the allocation tests poison
 from ._compile import CompileSpec
 from ._launch import launch
-from .gelu import _rows, gelu_config
-from .layer_norm import _empty, _round_to, device_guard, program_slots
+from .gelu import gelu_config
 
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
 """Values of the kernels' ``ACT`` constexpr."""
@@ -40,7 +40,7 @@ def act_code(activation: str, approximate: str = "none") -> int:
     return GELU_TANH if approximate == "tanh" else GELU_ERF
 
 
-# Kernels keep their helpers inline: see the note in kernels/layer_norm.py.
+# Kernels keep their helpers inline: see the note in kernels/_common.py.
 
 
 @triton.jit
@@ -66,9 +66,10 @@ def _glu_fwd_kernel(
         act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
         u2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)  # 2u
-        act = g / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))  # g * sigmoid(2u); clamped: no inf
+        # g * sigmoid(2u); 0 below 2u = -80, where g / (1 + exp(80)) is not once g^3 overflows
+        act = tl.where(u2 < -80.0, 0.0 * g, g / (1.0 + tl.exp(tl.minimum(-u2, 80.0))))
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out_ptr + out_offs, _round_to(act * u, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_offs, round_to(act * u, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,13 +101,16 @@ def _glu_bwd_kernel(
         act = g * cdf
         grad = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
     else:
-        e = tl.exp(tl.minimum(-1.5957691216057308 * (g + 0.044715 * g * g * g), 80.0))
+        u2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)
+        e = tl.exp(tl.minimum(-u2, 80.0))
         s = 1.0 / (1.0 + e)
-        act = g * s
+        act = tl.where(u2 < -80.0, 0.0 * g, g * s)
         grad = s + g * (e * s) * s * (1.5957691216057308 * (1.0 + 0.134145 * g * g))
+        # the tails (see kernels/gelu.py): 0 below 2u = -80, 1 above 80; NaN at g = +-inf
+        grad = tl.where(u2 < -80.0, 0.0, tl.where(u2 > 80.0, 1.0, grad)) + 0.0 * g
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(dg_ptr + out_offs, _round_to(dy * u * grad, dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + out_offs, _round_to(dy * act, du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + out_offs, round_to(dy * u * grad, dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + out_offs, round_to(dy * act, du_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ def glu_forward(gate: Tensor, up: Tensor, act: int) -> Tensor:
     out = _empty(gate.shape, gate.dtype, gate.device)
     if gate.numel() == 0:
         return out
-    (gs, us), m, n, inner_rows, ((g_so, g_si), (u_so, u_si)) = _rows([gate, up], flat_ok=True)
+    (gs, us), m, n, inner_rows, ((g_so, g_si), (u_so, u_si)) = flat_or_rows([gate, up], flat_ok=True)
     cfg = gelu_config(m, n, program_slots(gate.device))
     col_blocks = triton.cdiv(n, cfg.block_n)
     with device_guard(gate):
@@ -144,7 +148,7 @@ def glu_backward(grad_out: Tensor, gate: Tensor, up: Tensor, act: int) -> tuple[
     dup = _empty(gate.shape, gate.dtype, gate.device)
     if gate.numel() == 0:
         return dgate, dup
-    (dys, gs, us), m, n, inner_rows, strides = _rows([grad_out, gate, up], flat_ok=True)
+    (dys, gs, us), m, n, inner_rows, strides = flat_or_rows([grad_out, gate, up], flat_ok=True)
     (dy_so, dy_si), (g_so, g_si), (u_so, u_si) = strides
     cfg = gelu_config(m, n, program_slots(gate.device))
     col_blocks = triton.cdiv(n, cfg.block_n)

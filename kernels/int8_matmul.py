@@ -1,15 +1,8 @@
-"""Triton kernels for int8 inference matmuls.
+"""Triton kernels for int8 inference matmuls (the activations' quantization is in
+``quantize_int8.py``).
 
 Kernels (all launched by the host functions at the bottom of this file):
 
-* ``_quantize_rows_kernel``: per-row symmetric absmax quantization of a float16 /
-  bfloat16 / float32 ``(R, C)`` view (any strides) to int8 plus a float32 scale per
-  row. Rows of up to ``MAX_SINGLE_PASS_COLS`` columns are read once (held in
-  registers between the absmax and the rounding); longer rows take two passes.
-  Bit-exact with ``llmkit.ops.int8_matmul.quantize_int8_reference``: the scale is
-  ``div_rn(absmax, 127)``, the multiplier ``div_rn(127, absmax)``, the rounding is
-  round-half-even of the float32 product, and FP fusion is off at launch so no
-  product is contracted into an FMA.
 * ``_int8_gemm_kernel``: ``A (M, K) int8 @ B (K, N) int8`` with exact int32
   accumulation on the integer tensor cores (``mma`` on sm_80, ``wgmma`` on sm_90) and
   a fused epilogue: ``acc * a_scale[m] * b_scale[n] + bias[n]``, optional GELU,
@@ -30,7 +23,6 @@ product on the tensor cores is exact and the result has float32 accuracy.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -39,8 +31,17 @@ import triton
 import triton.language as tl
 
 from . import _common  # noqa: F401  (Triton interpreter fixes, applied on import)
+from ._buffers import i32_inner, out_buffer
 from ._compile import CompileSpec
+from ._int8_tiles import (  # noqa: F401  (GemmConfig, GemvConfig: part of this module's API)
+    GemmConfig,
+    GemvConfig,
+    int8_gemm_config,
+    w8a16_gemm_config,
+    w8a16_gemv_config,
+)
 from ._launch import device_target, launch
+from .quantize_int8 import quantize_rows
 
 # Activation codes shared with the host wrappers.
 ACT_NONE = 0
@@ -48,57 +49,12 @@ ACT_GELU = 1
 ACT_GELU_TANH = 2
 ACTIVATION_CODES = {"none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
 
-MAX_SINGLE_PASS_COLS = 16384
-"""Rows up to this length are quantized with a single read of the activations."""
-
 SKINNY_M = 16
 """W8A16 calls with at most this many rows take the GEMV (decode) kernel."""
-
-_TORCH_TO_TL = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.int32: "i32",
-    torch.int8: "i8",
-}
 
 # --------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_half_even(y):
-    """Round float32 ``y`` to the nearest integer, ties to even (exact for |y| < 2**23)."""
-    r = tl.floor(y)
-    frac = y - r
-    r_is_odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-    up = (frac > 0.5) | ((frac == 0.5) & r_is_odd)
-    return tl.where(up, r + 1.0, r)
-
-
-@triton.jit
-def _quantize_block(x, inv):
-    """int8 ``clamp(round_half_even(x * inv), -127, 127)``; NaN products give 0."""
-    r = _round_half_even(x * inv)
-    r = tl.where(r != r, 0.0, r)
-    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-    return r.to(tl.int8)
-
-
-@triton.jit
-def _row_scales(absmax, nan_count):
-    """(scale, multiplier) per row from the absmax of its non-NaN values.
-
-    scale = absmax / 127 (NaN for rows holding a NaN); multiplier = 127 / absmax, or 0
-    for rows whose absmax is 0, inf or NaN.
-    """
-    usable = (absmax > 0.0) & (absmax <= 3.4028234663852886e38) & (nan_count == 0)
-    scale = tl.math.div_rn(absmax, 127.0)
-    scale = tl.where(nan_count > 0, float("nan"), scale)
-    inv = tl.math.div_rn(127.0, tl.where(usable, absmax, 1.0))
-    inv = tl.where(usable, inv, 0.0)
-    return scale, inv
 
 
 @triton.jit
@@ -226,48 +182,6 @@ def _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_s
 # --------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _quantize_rows_kernel(
-    x_ptr, q_ptr, scale_ptr,
-    n_rows, n_cols,
-    x_row_stride, x_col_stride, q_row_stride, q_col_stride,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
-):
-    """Quantize BLOCK_ROWS rows per program; writes q (int8) and one scale per row."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    x_rows = x_ptr + rows64[:, None] * x_row_stride
-    q_rows = q_ptr + rows64[:, None] * q_row_stride
-    cols = tl.arange(0, BLOCK_COLS)
-    if SINGLE_PASS:
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_rows + cols[None, :] * x_col_stride, mask=mask, other=0.0).to(tl.float32)
-        is_nan = x != x
-        absmax = tl.max(tl.where(is_nan, 0.0, tl.abs(x)), axis=1)
-        nan_count = tl.sum(is_nan.to(tl.int32), axis=1)
-        scale, inv = _row_scales(absmax, nan_count)
-        q = _quantize_block(x, inv[:, None])
-        tl.store(q_rows + cols[None, :] * q_col_stride, q, mask=mask)
-    else:
-        absmax = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-        nan_count = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
-        for start in range(0, n_cols, BLOCK_COLS):
-            c = start + cols
-            mask = row_mask[:, None] & (c[None, :] < n_cols)
-            x = tl.load(x_rows + c[None, :] * x_col_stride, mask=mask, other=0.0).to(tl.float32)
-            is_nan = x != x
-            absmax = tl.maximum(absmax, tl.max(tl.where(is_nan, 0.0, tl.abs(x)), axis=1))
-            nan_count += tl.sum(is_nan.to(tl.int32), axis=1)
-        scale, inv = _row_scales(absmax, nan_count)
-        for start in range(0, n_cols, BLOCK_COLS):
-            c = start + cols
-            mask = row_mask[:, None] & (c[None, :] < n_cols)
-            x = tl.load(x_rows + c[None, :] * x_col_stride, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_rows + c[None, :] * q_col_stride, _quantize_block(x, inv[:, None]), mask=mask)
-    tl.store(scale_ptr + rows, scale, mask=row_mask)
 
 
 @triton.jit
@@ -441,109 +355,6 @@ def _splitk_epilogue_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# launch configurations
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class GemmConfig:
-    """Tile shape and launch options of the GEMM kernels."""
-
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    GROUP_M: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class GemvConfig:
-    """Tile shape, K split and launch options of the skinny-M W8A16 kernel."""
-
-    BLOCK_N: int
-    BLOCK_K: int
-    SPLIT_K: int = 1
-    num_warps: int = 4
-    num_stages: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizeConfig:
-    """Rows per program, columns per load and whether the row is read once."""
-
-    BLOCK_ROWS: int
-    BLOCK_COLS: int
-    SINGLE_PASS: bool
-    num_warps: int
-
-
-def quantize_config(n_cols: int) -> QuantizeConfig:
-    """Default launch configuration of ``_quantize_rows_kernel`` for rows of ``n_cols``."""
-    if n_cols <= MAX_SINGLE_PASS_COLS:
-        cols = max(16, triton.next_power_of_2(max(n_cols, 1)))
-        rows = max(1, 2048 // cols)
-        warps = max(1, min(16, cols * rows // 512))
-        return QuantizeConfig(rows, cols, True, warps)
-    return QuantizeConfig(1, 4096, False, 8)
-
-
-def _stages(arch: int, big_smem: int, small_smem: int) -> int:
-    """Pipeline depth: sm_80 / sm_90 have 164 / 228 KB of shared memory, sm_86 / sm_89 100 KB."""
-    return big_smem if arch in (80, 87, 90) else small_smem
-
-
-def int8_gemm_config(m: int, arch: int, aligned: bool = True, activation: str = "none") -> GemmConfig:
-    """Default W8A8 tile for ``m`` rows on compute capability ``arch`` (80, 86, 89, 90...).
-
-    ``aligned=False`` (operands not 16-byte aligned along K): smaller tiles, since every
-    element then needs its own address and load. On sm_90 the 128 x 256 tile holds 128
-    accumulators per thread, too many to leave room for the erf of an exact-GELU
-    epilogue, which therefore takes 128 x 128.
-    """
-    if not aligned:
-        return GemmConfig(64, 64, 64, 8, num_warps=8, num_stages=2)
-    if m <= 64:
-        return GemmConfig(64, 128, 128, 8, num_warps=4, num_stages=_stages(arch, 4, 3))
-    if arch >= 90 and activation != "gelu":
-        return GemmConfig(128, 256, 128, 8, num_warps=8, num_stages=3)
-    if arch >= 90:
-        return GemmConfig(128, 128, 128, 8, num_warps=8, num_stages=4)
-    return GemmConfig(128, 128, 128, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
-
-
-def w8a16_gemm_config(m: int, x_dtype: torch.dtype, arch: int, aligned: bool = True) -> GemmConfig:
-    """Default W8A16 GEMM tile (m > SKINNY_M) for activations of ``x_dtype``."""
-    if not aligned:
-        return GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=2)
-    if x_dtype == torch.float32:
-        return GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
-    if m <= 64:  # sm_80: 4 warps spill with a GELU epilogue (168 registers)
-        return GemmConfig(64, 128, 64, 8, num_warps=4 if arch >= 90 else 8, num_stages=_stages(arch, 4, 3))
-    if arch >= 90:
-        return GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3)
-    return GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=_stages(arch, 3, 2))
-
-
-def w8a16_gemv_config(n: int, k: int, x_dtype: torch.dtype, sm_count: int, aligned: bool = True) -> GemvConfig:
-    """Default skinny-M tile; K is split until about 4 programs per SM are in flight.
-
-    8 warps: on 4, ptxas spills a loop-carried offset on sm_80 for some specializations of M
-    (Triton 3.6 and 3.9). float32 activations (three TF32 parts per tile) take 64-wide K steps
-    (128 spills on sm_80).
-    """
-    block_n = 64
-    fp32 = x_dtype == torch.float32
-    block_k = 64 if fp32 or not aligned else 256
-    tiles_n = triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(max(k, 1), block_k)
-    split = 1
-    while tiles_n * split < 4 * sm_count and split * 2 <= k_blocks and split < 16:
-        split *= 2
-    return GemvConfig(block_n, block_k, split, num_warps=8, num_stages=4 if aligned else 2)
-
-
-# --------------------------------------------------------------------------------------
 # host functions
 # --------------------------------------------------------------------------------------
 
@@ -584,80 +395,6 @@ def _b_alignment(b: torch.Tensor) -> int:
     return 0
 
 
-def _out_buffer(out: torch.Tensor | None, shape: list[int], dtype: torch.dtype, device: torch.device,
-                name: str) -> torch.Tensor:
-    """``out`` checked against the shape and dtype a kernel writes, or a new tensor."""
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if list(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(
-            f"{name}: the output buffer must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
-            f"{out.dtype} {list(out.shape)} on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
-        )
-    return out
-
-
-def _i32_inner(t: torch.Tensor) -> torch.Tensor:
-    """2-D ``t`` whose offsets along dim 1 fit in int32 (the kernels index rows in int64,
-    columns in int32): a contiguous copy in the rare case they do not."""
-    if t.stride(1) != 1 and t.shape[1] * t.stride(1) >= 2**31:
-        return t.contiguous()
-    return t
-
-
-def _rows_view(t: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """``t`` with ``dim`` moved last and the rest flattened, as a view (None if impossible,
-    or if its column offsets would not fit in int32)."""
-    moved = t.movedim(dim, -1)
-    try:
-        view = moved.view(-1, moved.shape[-1])
-    except RuntimeError:
-        return None
-    return view if _i32_inner(view) is view else None
-
-
-def quantize_rows(
-    x: torch.Tensor, dim: int, q: torch.Tensor | None = None, scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 quantization of ``x`` along ``dim`` (see the module docstring).
-
-    Args:
-        x: float16 / bfloat16 / float32, any shape and strides; ``dim`` non-negative.
-        q, scale: optional contiguous output buffers (int8 ``x.shape``, float32 ``x.shape``
-            without ``dim``); allocated when not given.
-
-    Returns:
-        ``q`` int8, contiguous, ``x``'s shape; ``scale`` float32, ``x``'s shape without ``dim``.
-    """
-    scale_shape = list(x.shape)
-    n_cols = scale_shape.pop(dim)
-    q = _out_buffer(q, list(x.shape), torch.int8, x.device, "q")
-    scale = _out_buffer(scale, scale_shape, torch.float32, x.device, "scale")
-    if x.numel() == 0:
-        return q, scale.zero_()
-    x2 = _rows_view(x, dim)
-    if x2 is None:
-        x2 = x.movedim(dim, -1).reshape(-1, n_cols).contiguous()
-    q2 = _rows_view(q, dim)
-    q_tmp = None
-    if q2 is None:
-        q_tmp = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-        q2 = q_tmp
-    cfg = quantize_config(n_cols)
-    rows = x2.shape[0]
-    launch(
-        _quantize_rows_kernel, (triton.cdiv(rows, cfg.BLOCK_ROWS),),
-        x2, q2, scale,
-        rows, n_cols,
-        x2.stride(0), x2.stride(1), q2.stride(0), q2.stride(1),
-        BLOCK_ROWS=cfg.BLOCK_ROWS, BLOCK_COLS=cfg.BLOCK_COLS, SINGLE_PASS=cfg.SINGLE_PASS,
-        num_warps=cfg.num_warps, enable_fp_fusion=False,
-    )
-    if q_tmp is not None:
-        q.copy_(q_tmp.view(list(x.movedim(dim, -1).shape)).movedim(-1, dim))
-    return q, scale
-
-
 def int8_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -676,13 +413,13 @@ def int8_gemm(
     with ``activation`` applied, in ``out_dtype`` (default float32), fused in the epilogue.
     ``out``: an optional contiguous ``(M, N)`` buffer of that dtype to write.
     """
-    a = _i32_inner(a)
-    b = _i32_inner(b.t()).t()  # K offsets of b in int32
+    a = i32_inner(a)
+    b = i32_inner(b.t()).t()  # K offsets of b in int32
     m, k = a.shape
     n = b.shape[1]
     has_scale = a_scale is not None
     dtype = (out_dtype or torch.float32) if has_scale else torch.int32
-    out = _out_buffer(out, [m, n], dtype, a.device, "int8_gemm")
+    out = out_buffer(out, [m, n], dtype, a.device, "int8_gemm")
     if m == 0 or n == 0:
         return out
     aligned = _b_alignment(b) if _k_rows_aligned(a) else 0
@@ -741,10 +478,10 @@ def w8a16_linear(
     GEMM kernel (``config`` a :class:`GemmConfig`). ``out``: an optional contiguous
     ``(M, N)`` buffer of x's dtype to write.
     """
-    x, weight = _i32_inner(x), _i32_inner(weight)
+    x, weight = i32_inner(x), i32_inner(weight)
     m, k = x.shape
     n = weight.shape[0]
-    out = _out_buffer(out, [m, n], x.dtype, x.device, "w8a16_linear")
+    out = out_buffer(out, [m, n], x.dtype, x.device, "w8a16_linear")
     if m == 0 or n == 0:
         return out
     if bias is not None:
@@ -801,11 +538,6 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _quantize_spec(name: str, x_ty: str, n_cols: int, rows: int = 4096) -> CompileSpec:
-    return CompileSpec(name, _quantize_rows_kernel,
-                       lambda: quantize_rows(_meta(rows, n_cols, dtype=_DTYPE_OF[x_ty]), 1))
-
-
 def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None, activation: str,
                     b_layout: str = "weight", k: int = 4096, n: int = 4096) -> CompileSpec:
     """``b_layout``: "weight" (``b`` the transpose of an (N, K) weight: K contiguous) or "rows"
@@ -833,7 +565,7 @@ def _w8a16_call(m: int, x_ty: str, has_bias: bool, activation: str, k: int = 409
 @functools.cache
 def compile_specs() -> list[CompileSpec]:
     """Every kernel of this file as launched for representative shapes (K = N = 4096 unless
-    said): quantization of short, long and two-pass rows; the W8A8 GEMM with int32 output,
+    said): the W8A8 GEMM with int32 output,
     every epilogue, a row-major B and an odd K (operands not 16-byte aligned, smaller tiles);
     the W8A16 GEMM; rows and columns not multiples of 16 (Triton specializes less); the W8A16
     GEMV for one decode token on a GPT-2-sized vocabulary (no split) and for 1, 4 and 16 tokens
@@ -841,10 +573,6 @@ def compile_specs() -> list[CompileSpec]:
     programs, then the split-K epilogue.
     """
     return [
-        _quantize_spec("quantize_rows[bf16,K=64]", "bf16", 64),
-        _quantize_spec("quantize_rows[fp16,K=4096]", "fp16", 4096),
-        _quantize_spec("quantize_rows[fp32,K=16384]", "fp32", 16384),
-        _quantize_spec("quantize_rows[fp32,K>16384,two-pass]", "fp32", MAX_SINGLE_PASS_COLS + 1, rows=64),
         _int8_gemm_spec("int8_gemm[int32,M>64]", 4096, "i32", False, None, "none"),
         _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M>64]", 4096, "bf16", True, "bf16", "gelu"),
         _int8_gemm_spec("int8_gemm[fp16,bias,M<=64]", 64, "fp16", True, "fp16", "none"),

@@ -117,6 +117,21 @@ def cpu_flash_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, v
     return dq, dk, dv
 
 
+def causal_bias_variant(mask: Any) -> tuple[str, int, int] | None:
+    """``(alignment, Sq, Sk)`` of torch's ``torch.nn.attention.bias.CausalBias`` mask objects
+    (``causal_upper_left`` -> ``"top_left"``, ``causal_lower_right`` -> ``"bottom_right"``),
+    None for anything else. Such an object is a tensor subclass without real storage: it
+    must be recognized before anything reads it as data."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # a torch without them cannot have made one
+        return None
+    if not isinstance(mask, CausalBias):
+        return None
+    variant = "bottom_right" if mask.variant == CausalVariant.LOWER_RIGHT else "top_left"
+    return variant, int(mask.seq_len_q), int(mask.seq_len_kv)
+
+
 _FUSED_RMS_NORM = _aten_op("_fused_rms_norm")
 HAS_FUSED_RMS_NORM = _FUSED_RMS_NORM is not None
 

@@ -248,7 +248,7 @@ def build(
     """Compile the extension (a few minutes), unless the same build is already there.
 
     Args:
-        verbose: print progress (``[3/7] compiling gelu_cpu.cpp``) and, on failure,
+        verbose: print progress (``[3/7] compiling gelu.cpp``) and, on failure,
             the compiler's first error and the log's path.
         cuda: build the CUDA kernels too; None: when torch is a CUDA build and nvcc
             is found. True on a machine that cannot raises RuntimeError.

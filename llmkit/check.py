@@ -8,7 +8,7 @@ same quantities in float64 from the independent formulas of
 (error <= 2 x the baseline's error + a floor); int8 outputs must be bit-exact;
 int8 linears are judged by SQNR against the float linear.
 
-The sweep follows DESIGN.md: sizes 1, 7, 33, 1023, 1500 and rows past every block
+The sweep: sizes 1, 7, 33, 1023, 1500 and rows past every block
 size (4097, 65537), strided and non-contiguous inputs (rows inside a wider buffer,
 permuted and transposed views, ``(B, S, H, D)`` storage viewed as ``(B, H, S, D)``),
 empty tensors, float32 / float16 / bfloat16 (and float64 where the op takes it).
@@ -519,9 +519,10 @@ def _int8_cases() -> Iterable[Case]:
 def all_cases() -> list[Case]:
     """Every check case of every op."""
     from . import check_decode, check_llm  # the cases of the LLM norms, gated activations, decode caches
+    from .check_attention import attention_llm_cases  # attention's LLM options (imports this module)
 
     return [*_norm_cases(), *check_llm.llm_norm_cases(), *_gelu_cases(), *check_llm.glu_cases(), *_attention_cases(),
-            *check_decode.decode_cache_cases(), *_int8_cases()]
+            *attention_llm_cases(), *check_decode.decode_cache_cases(), *_int8_cases()]
 
 
 # --------------------------------------------------------------------------------------

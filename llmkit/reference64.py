@@ -39,10 +39,12 @@ def layer_norm(
 
 
 def _rounded(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged)."""
+    """``t`` rounded to ``dtype`` in value, straight-through for gradients (None: unchanged);
+    an infinity stays itself (not ``inf + (inf - inf)``, NaN)."""
     if dtype is None or dtype == F64:
         return t
-    return t + (t.detach().to(dtype).to(F64) - t.detach())
+    r = t.detach().to(dtype).to(F64)
+    return t + torch.where(r == t.detach(), 0.0, r - t.detach())
 
 
 def rms_norm(
@@ -63,7 +65,8 @@ def rms_norm(
 
 
 def _dropped(x: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
-    return x if keep is None else x * keep.to(F64) / (1.0 - dropout_p)
+    """Kept values scaled by 1 / (1 - p), dropped ones 0 (also where x is inf or NaN)."""
+    return x if keep is None else torch.where(keep, x / (1.0 - dropout_p), torch.zeros((), dtype=x.dtype))
 
 
 def add_layer_norm(
@@ -143,30 +146,71 @@ def attention(
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v, rows with no visible key -> 0.
 
+    A key that no query row (of its batch and head) may see is not part of the problem:
+    whatever it holds (NaN, inf) never reaches the result or a gradient. A key that some
+    rows see enters every row's sum ``p v`` (a hidden one with probability 0, so NaN or
+    inf in its value makes NaN there too).
+
     ``keep``: optional boolean dropout keep-mask (B, Hq, Sq, Sk) applied to the
     probabilities with 1 / (1 - dropout_p) scaling.
     """
+    return attention_llm(q, k, v, attn_mask, is_causal, scale, keep=keep, dropout_p=dropout_p)[0]
+
+
+def attention_llm(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    bottom_right: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of attention with the options of today's LLMs, in float64.
+
+    Query ``i``'s diagonal is key ``d_i = i + (Sk - Sq if bottom_right else 0)``. Key ``j``
+    is visible when ``j <= d_i`` (``is_causal``), ``d_i - left <= j <= d_i + right``
+    (``window``, -1 unbounded) and the mask allows it. Scores: ``s = scale * q.k``, then
+    ``softcap * tanh(s / softcap)``, minus ``slope[b, h] * |d_i - j|`` (ALiBi slopes (Hq,)
+    or (B, Hq)), plus a float mask. Rows with no visible key give 0 and ``lse = +inf``;
+    keys no row sees never reach a result (see :func:`attention`). GQA when Hq > Hkv.
+    """
     hq, hkv = q.shape[-3], k.shape[-3]
     if hq != hkv:
-        g = hq // hkv
-        k = k.repeat_interleave(g, dim=-3)
-        v = v.repeat_interleave(g, dim=-3)
+        k = k.repeat_interleave(hq // hkv, dim=-3)
+        v = v.repeat_interleave(hq // hkv, dim=-3)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    s = torch.einsum("...id,...jd->...ij", q, k) * scale
-    sq, sk = s.shape[-2], s.shape[-1]
+    sq, sk = q.shape[-2], k.shape[-2]
+    diag = torch.arange(sq, device=q.device)[:, None] + (sk - sq if bottom_right else 0)
+    j = torch.arange(sk, device=q.device)[None, :]
     visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if is_causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        visible = visible & (j <= i)
+        visible = visible & (j <= diag)
+    if window[1] >= 0:
+        visible = visible & (j <= diag + window[1])
+    if window[0] >= 0:
+        visible = visible & (j >= diag - window[0])
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        else:
-            s = s + attn_mask.to(F64)
-            visible = visible & (attn_mask != float("-inf"))
-    visible = visible.expand(s.shape)
+        visible = visible & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
+    shape = torch.broadcast_shapes(q.shape[:-1] + (sk,), k.shape[:-2] + (sq, sk), visible.shape)
+    visible = visible.expand(shape)
+    seen = visible.any(-2)[..., None]
+    k = torch.where(seen, k, torch.zeros_like(k))
+    v = torch.where(seen, v, torch.zeros_like(v))
+    s = torch.einsum("...id,...jd->...ij", q, k) * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.to(F64)[..., None, None] * (diag - j).abs().to(F64)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(F64)
     s = s.masked_fill(~visible, float("-inf"))
     row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -175,9 +219,11 @@ def attention(
     # only a row with no visible key (denom exactly 0) is zeros; NaN (a NaN score) stays NaN
     dead = denom == 0
     p = torch.where(dead, torch.zeros_like(e), e / torch.where(dead, torch.ones_like(denom), denom))
+    lse = torch.where(dead, torch.full_like(denom, float("inf")),
+                      row_max + torch.log(torch.where(dead, torch.ones_like(denom), denom))).squeeze(-1)
     if keep is not None:
         p = p * keep.to(F64) / (1.0 - dropout_p)
-    return torch.einsum("...ij,...jd->...id", p, v)
+    return torch.einsum("...ij,...jd->...id", p, v), lse
 
 
 def decode_attention(

@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN.md, as code shared by the tests and ``llmkit check``.
+"""llmkit's correctness rule, as code shared by the tests and ``llmkit check``.
 
 A result passes when its error against a float64 reference is at most twice the
 error that PyTorch's own implementation makes in the same dtype, plus a small

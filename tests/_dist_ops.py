@@ -337,6 +337,29 @@ def check_attention_gqa(mesh) -> None:
     assert tuple(out.placements) != (S(1),), f"gqa split groups ran head-sharded: {out.placements}"
 
 
+def check_attention_llm_options(mesh) -> None:
+    """ALiBi slopes sharded with the heads / batch they have; a sliding window with bottom-right
+    alignment never shards the query rows (the scores depend on the global row index)."""
+    S, Rep, _ = _placements()
+
+    def fn(q, k, v, slopes):
+        return ops.scaled_dot_product_attention(q, k, v, is_causal=True, causal_alignment="bottom_right",
+                                                window_size=(3, -1), softcap=2.0, alibi_slopes=slopes)
+
+    def ref(q, k, v, slopes):
+        return R64.attention_llm(q, k, v, None, True, bottom_right=True, window=(3, -1), softcap=2.0,
+                                 alibi_slopes=slopes)[0]
+
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    heads, batch_heads = torch.rand(4), torch.rand(2, 4)
+    run_case(mesh, fn, ref, (q, k, v, heads), (S(1),) * 3 + (S(0),), S(1), grad=False, label="alibi (Hq,), heads")
+    run_case(mesh, fn, ref, (q, k, v, heads), (S(0),) * 3 + (Rep,), S(0), grad=False, label="alibi (Hq,), batch")
+    run_case(mesh, fn, ref, (q, k, v, batch_heads), (S(0),) * 3 + (S(0),), S(0), grad=False,
+             label="alibi (B, Hq), batch")
+    run_case(mesh, fn, ref, (q, k, v, batch_heads), (S(2), Rep, Rep, Rep), None, grad=False,
+             label="window rows gathered")
+
+
 def check_attention_dropout_replicates(mesh) -> None:
     """Dropout's keep mask is a function of the element's global index: a sharded run would
     draw other masks, so the op runs replicated and equals the whole-tensor op exactly."""
@@ -489,6 +512,7 @@ CHECKS = {
     "ops_glu": check_glu,
     "ops_attention": check_attention,
     "ops_attention_gqa": check_attention_gqa,
+    "ops_attention_llm_options": check_attention_llm_options,
     "ops_attention_dropout_replicates": check_attention_dropout_replicates,
     "ops_decode_attention": check_decode_attention,
     "ops_int8": check_int8,

@@ -40,10 +40,11 @@ LAUNCHES = {"attention_forward": 0, "attention_backward": 0}
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
     """Every buffer the Triton launchers allocate starts as NaN; launcher calls are counted."""
+    from llmkit.kernels import _attention_common as KC
     from llmkit.kernels import attention as K
 
-    real = K._empty
-    monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
+    real = KC._empty
+    monkeypatch.setattr(KC, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
     for name in LAUNCHES:
         monkeypatch.setattr(K, name, _counted(getattr(K, name), name))
 
@@ -401,7 +402,7 @@ def test_triton_tile_configs(tiles, sq, sk):
     mask = _mask("key_padding_bool", 1, 2, sq, sk)
     out, lse = K.attention_forward(q, k, v, mask, 0.0, True, 0.2, 0, 0, config=fwd)
     g = torch.randn_like(out)
-    dq, dk, dv = K.attention_backward(g, q, k, v, out, lse, mask, 0.0, True, 0.2, 0, 0, config=bwd)
+    dq, dk, dv = K.attention_backward(g, q, k, v, mask, 0.0, True, 0.2, 0, 0, config=bwd)
     q64, k64, v64 = (_leaf(t, F64) for t in (q, k, v))
     ref = R.attention(q64, k64, v64, mask, True, 0.2, True)
     ref.backward(g.to(F64))

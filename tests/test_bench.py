@@ -306,7 +306,7 @@ def test_baseline_truth_is_the_eager_computation_in_float64(pass_):
 
 
 def test_bf16_layer_norm_weight_grad_is_judged_against_float64():
-    """The false positive seen in issue 8: eager bf16's own weight gradient is ~5% off over
+    """A false positive seen before: eager bf16's own weight gradient is ~5% off over
     2048 rows, so the reference path looked wrong against it."""
     ctx = Context(torch.device("cpu"), ["reference"], False, load_shapes(None))
     case = SUITES["layer_norm"].build(ctx, {"M": 2048, "N": 96}, "bwd", torch.bfloat16)

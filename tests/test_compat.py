@@ -101,6 +101,15 @@ def test_reference_attention_without_cpu_flash_attention(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_causal_bias_variant_reads_torchs_causal_bias_objects():
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    assert C.causal_bias_variant(causal_upper_left(4, 9)) == ("top_left", 4, 9)
+    assert C.causal_bias_variant(causal_lower_right(5, 3)) == ("bottom_right", 5, 3)
+    assert C.causal_bias_variant(torch.ones(4, 9, dtype=torch.bool)) is None
+    assert C.causal_bias_variant(None) is None
+
+
 def test_fused_rms_norm_exists_and_matches_its_fallback(monkeypatch):
     assert C.HAS_FUSED_RMS_NORM, "aten._fused_rms_norm is gone: the reference RMSNorm takes its ATen-ops fallback"
     x, w = torch.randn(5, 7, 33, dtype=torch.float64), torch.randn(33, dtype=torch.float64)

@@ -127,9 +127,9 @@ def test_matrix_kernels_use_tensor_cores(reports):
 
 def test_norm_and_gelu_kernels_fit_in_registers(reports):
     """The memory-bound kernels of this package stay well inside the register file."""
-    mine = [r for r in reports if r.module in ("llmkit.kernels.layer_norm", "llmkit.kernels.gelu",
-                                               "llmkit.kernels.glu")]
-    assert len(mine) >= 2 * 76
+    mine = [r for r in reports if r.module in ("llmkit.kernels.layer_norm", "llmkit.kernels.layer_norm_backward",
+                                               "llmkit.kernels.gelu", "llmkit.kernels.glu")]
+    assert len(mine) >= 2 * 72
     for r in mine:
         assert r.registers * r.num_warps * 32 <= 65536, (r.name, r.arch, r.registers, r.num_warps)
 

@@ -70,13 +70,16 @@ def test_quantized_model_with_a_one_feature_input_stays_close(mode):
     x = torch.randn(32, 1)
     with torch.no_grad():
         want = model.double()(x.double())
+        # the magnitude the last dot products sum before they cancel: int8 errors scale with it,
+        # not with the (random, possibly tiny) output
+        h = model[:3](x.double())
+        scale = (h.abs() @ model[3].weight.abs().T + model[3].bias.abs()).max().item()
         model.float()
         llmkit.quantize(model, mode, keep_head=False)
         got = [model(x) for _ in range(2)]
-    scale = want.abs().max().item()
     for out in got:
         # int8 weights (and w8a8 activations): errors of a few 1/127 of the magnitudes, not 470
-        assert (out.double() - want).abs().max().item() <= 0.05 * scale + 1e-3
+        assert (out.double() - want).abs().max().item() <= 0.02 * scale
     assert torch.equal(got[0], got[1])
 
 

@@ -1,6 +1,6 @@
 """llmkit.nn.Int8Linear: construction from nn.Linear / HF Conv1D, accuracy, state dicts.
 
-Accuracy is judged by SQNR against the float layer on Gaussian data (DESIGN.md: int8
+Accuracy is judged by SQNR against the float layer on Gaussian data (llmkit.testing: int8
 paths by SQNR): >= 30 dB for W8A16, >= 25 dB for W8A8, on the CPU path and on the
 Triton kernels (through the interpreter, or the GPU with LLMKIT_TEST_GPU=1).
 """

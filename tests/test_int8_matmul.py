@@ -24,6 +24,7 @@ from llmkit.backends.reference.int8_matmul import W8A16_CPU_TERMS, w8a16_cpu
 from llmkit.dispatch import triton_interpreting
 from llmkit.errors import BackendError
 from llmkit.kernels import int8_matmul as K
+from llmkit.kernels import quantize_int8 as KQ
 from llmkit.ops import int8_linear, int8_matmul, quantize_int8
 from llmkit.ops.int8_matmul import MAX_K
 from llmkit.testing import assert_close_to_reference, poison_
@@ -123,7 +124,7 @@ def test_quantize_strided_and_long_rows(case):
     elif case == "dim0_of_3d":
         x, dim = _randn(17, 3, 5).permute(2, 0, 1), 1
     elif case == "two_pass":  # rows longer than one register-resident block
-        x, dim = _randn(2, K.MAX_SINGLE_PASS_COLS + 3), -1
+        x, dim = _randn(2, KQ.MAX_SINGLE_PASS_COLS + 3), -1
     else:
         x, dim = _randn(130, 9, dtype=torch.bfloat16), -1
     _assert_same_quantization(x, dim)
@@ -133,7 +134,7 @@ def test_quantize_kernel_writes_every_output():
     x = _randn(21, 45, dtype=torch.float16)
     q = poison_(torch.empty(21, 45, dtype=torch.int8, device=DEVICE))
     s = poison_(torch.empty(21, dtype=torch.float32, device=DEVICE))
-    K.quantize_rows(x, 1, q, s)
+    KQ.quantize_rows(x, 1, q, s)
     q_ref, s_ref = _reference(quantize_int8, x, -1)
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 

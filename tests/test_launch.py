@@ -96,11 +96,13 @@ def test_attention_grid_fits_cuda_for_large_batch_times_heads(arch, b, hq, hkv):
     sq, sk, d = 33, 40, 64
     q, k, v = meta(b, hq, sq, d), meta(b, hkv, sk, d), meta(b, hkv, sk, d)
     fwd = record(lambda: A.attention_forward(q, k, v, None, 0.0, True, 0.125, 0, 0), arch)
-    o, lse = meta(b, hq, sq, d), meta(b, hq, sq, dtype=torch.float32)
-    bwd = record(lambda: A.attention_backward(o, q, k, v, o, lse, None, 0.0, True, 0.125, 0, 0), arch)
-    (f,), (dq, dkdv) = fwd, bwd
-    assert [x.name for x in (f, dq, dkdv)] == ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"]
-    for rec, rows, heads, block in ((f, sq, hq, "BLOCK_M"), (dq, sq, hq, "BLOCK_M"), (dkdv, sk, hkv, "BLOCK_N")):
+    o = meta(b, hq, sq, d)
+    bwd = record(lambda: A.attention_backward(o, q, k, v, None, 0.0, True, 0.125, 0, 0), arch)
+    (f,), (st, dq, dkdv) = fwd, bwd
+    assert [x.name for x in (f, st, dq, dkdv)] == ["_attn_fwd_kernel", "_attn_bwd_stats_kernel", "_attn_bwd_dq_kernel",
+                                                   "_attn_bwd_dkdv_kernel"]
+    for rec, rows, heads, block in ((f, sq, hq, "BLOCK_M"), (st, sq, hq, "BLOCK_M"), (dq, sq, hq, "BLOCK_M"),
+                                    (dkdv, sk, hkv, "BLOCK_N")):
         assert rec.grid == (triton.cdiv(rows, rec.args[block]) * heads * b, 1, 1)
 
 
@@ -188,8 +190,8 @@ def test_attention_offsets_past_2_31_elements(huge):
     _same(lse, ref_lse, "lse")
     assert (out.double() - R.attention(q.double(), k.double(), v.double(), is_causal=True)).abs().max() < 0.05
     g = torch.randn(b, h, s, d).to(torch.bfloat16)
-    grads = A.attention_backward(g, q, k, v, out, lse, None, 0.0, True, d ** -0.5, 0, 0)
-    ref = A.attention_backward(g, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, None, 0.0, True,
+    grads = A.attention_backward(g, q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
+    ref = A.attention_backward(g, q.contiguous(), k.contiguous(), v.contiguous(), None, 0.0, True,
                                d ** -0.5, 0, 0)
     for name, x, y in zip(("dq", "dk", "dv"), grads, ref, strict=True):
         _same(x, y, name)
@@ -413,7 +415,8 @@ def _views(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, torch.Tensor
 
 PROMISED = {
     "_attn_fwd_kernel": ("q", "k", "v", "out"),
-    "_attn_bwd_dq_kernel": ("q", "k", "v", "out", "do", "dq"),
+    "_attn_bwd_stats_kernel": ("q", "k", "v", "do"),
+    "_attn_bwd_dq_kernel": ("q", "k", "v", "do", "dq"),
     "_attn_bwd_dkdv_kernel": ("q", "k", "v", "do", "dk", "dv"),
     "_decode_split_kernel": ("q", "k", "v", "out"),
 }
@@ -443,8 +446,7 @@ def test_attention_alignment_promises_hold_for_odd_views(dtype, d):
             k = v = views[kvn]
             for arch in (None, 90):
                 fwd = record(partial(A.attention_forward, q, k, v, None, 0.0, False, 0.1, 0, 0), arch)
-                lse = meta(*shape[:3], dtype=torch.float32)
-                bwd = record(partial(A.attention_backward, q, q, k, v, q, lse, None, 0.0, True, 0.1, 0, 0), arch)
+                bwd = record(partial(A.attention_backward, q, q, k, v, None, 0.0, True, 0.1, 0, 0), arch)
                 for rec in fwd + bwd:
                     assert _check_stride_align(rec), (qn, kvn, rec.name)  # unaligned inputs are copied
 
@@ -529,7 +531,7 @@ def test_gpu_attention_and_decode_with_batch_beyond_65535():
     q, k, v = (torch.randn(b, 1, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out, lse = A.attention_forward(q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
     g = torch.randn_like(out)
-    dq, dk, dv = A.attention_backward(g, q, k, v, out, lse, None, 0.0, True, d ** -0.5, 0, 0)
+    dq, dk, dv = A.attention_backward(g, q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
     for i in (0, 65_535, b - 1):
         sl = slice(i, i + 1)
         q64, k64, v64 = (t[sl].double().requires_grad_() for t in (q, k, v))
@@ -559,7 +561,7 @@ def test_gpu_offsets_past_2_31_elements():
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out, lse = A.attention_forward(q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
     g = torch.randn_like(out)
-    dq, dk, dv = A.attention_backward(g, q, k, v, out, lse, None, 0.0, True, d ** -0.5, 0, 0)
+    dq, dk, dv = A.attention_backward(g, q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
     last = (slice(b - 1, b), slice(h - 1, h))
     q64, k64, v64 = (t[last].double().requires_grad_() for t in (q, k, v))
     ref = R.attention(q64, k64, v64, is_causal=True)

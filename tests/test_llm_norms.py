@@ -19,7 +19,7 @@ from conftest import poison_kernel_buffers
 from llmkit import reference64 as R
 from llmkit.dispatch import triton_interpreting
 from llmkit.ops._philox import row_dropout_keep_mask
-from llmkit.testing import assert_close_to_reference
+from llmkit.testing import assert_close_to_reference, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 BACKENDS = ["reference", "triton", "cuda_ext"]
@@ -36,9 +36,13 @@ def _setup(request, monkeypatch):
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("backend") == "cuda_ext":
         request.getfixturevalue("ext")
+    from llmkit.kernels import _common
     from llmkit.kernels import layer_norm as K
+    from llmkit.kernels import layer_norm_backward as KB
 
-    poison_kernel_buffers(monkeypatch, K)
+    poison_kernel_buffers(monkeypatch, K, KB)
+    real = _common.empty
+    monkeypatch.setattr(_common, "empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
 
 
 def takes(backend: str, dtype: torch.dtype, cast_before_weight=False, residual_in_fp32=False,

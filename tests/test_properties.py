@@ -1,7 +1,7 @@
 """Hypothesis property tests over shapes: reference ops against the float64 formulas.
 
 Shapes are drawn freely (size-1 dims, odd lengths, several leading dims); every
-result must meet the DESIGN.md rule against llmkit.reference64.
+result must meet the correctness rule of llmkit.testing against llmkit.reference64.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The reference backend (the production path on CPU) against the float64 formulas.
 
 Runs the checker's cases for every op, forward and backward, every dtype, on the
-reference backend only; each output must meet the DESIGN.md rule (or be bit-exact /
+reference backend only; each output must meet the correctness rule of llmkit.testing (or be bit-exact /
 reach the SQNR floor for int8).
 """
 

@@ -1,5 +1,5 @@
 // Row statistics of LayerNorm / RMSNorm that float32 sums get wrong, shared by the CPU
-// (csrc/cpu/norm_cpu.cpp) and CUDA (csrc/cuda/layer_norm.cu) kernels.
+// (csrc/cpu/layer_norm.cpp) and CUDA (csrc/cuda/layer_norm.cu) kernels.
 //
 // - A constant row must have variance exactly 0: the sum that gives the mean is taken
 //   over x - x[0] (a shift by the row's first value), so the mean of a constant row is

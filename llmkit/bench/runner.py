@@ -28,7 +28,14 @@ import torch
 
 from ..errors import BackendError
 from ..testing import sqnr_db
-from . import suites_attention, suites_int8, suites_models, suites_norm  # noqa: F401  (importing registers them)
+from . import (  # noqa: F401  (importing registers them)
+    suites_attention,
+    suites_gelu,
+    suites_glu,
+    suites_int8_matmul,
+    suites_layer_norm,
+    suites_models,
+)
 from .env import environment
 from .roofline import Roofline, fraction, measure_roofline, roof_for
 from .shapes import Shapes, group_key, load_shapes, point_label
@@ -213,7 +220,7 @@ def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype,
     'close': within the dtype's :data:`CLOSE_TOL` of the baseline (relative to its largest
     magnitude). Where it is not and ``truth`` can recompute the baseline in float64, the
     implementation still passes when its error against float64 is at most twice the
-    baseline's own plus :data:`TRUTH_FLOOR` (DESIGN.md's rule): in 16-bit dtypes the eager
+    baseline's own plus :data:`TRUTH_FLOOR` (the rule of :mod:`llmkit.testing`): in 16-bit dtypes the eager
     baseline, not the implementation, is often the less accurate one.
     """
     got, want = _tensors(out), _tensors(ref)

@@ -53,7 +53,7 @@ class Impl:
     truth: Callable[[], Any] | None = None
     """Baseline only: the same computation on the inputs converted to float64. The harness
     runs it when an implementation misses the 'close' check against the baseline, to tell
-    which of the two is off (DESIGN.md's rule: an implementation is right when its error
+    which of the two is off (the rule of :mod:`llmkit.testing`: an implementation is right when its error
     against float64 is at most twice the baseline's own, plus a floor)."""
 
     @classmethod

@@ -23,8 +23,10 @@ The rules, per op family:
 * ``scaled_dot_product_attention``: batch (dim 0) or heads (dim 1) of query, key, value,
   ``out``, ``lse`` alike, the mask sharded alike where it has that dim and replicated where
   it broadcasts; heads only when each shard holds whole GQA groups (the number of key/value
-  heads divides evenly). Without ``is_causal``, also the query's rows (dim 2) with key and
-  value replicated (backward: dK, dV Partial). With ``dropout_p > 0`` only replicated:
+  heads divides evenly); ALiBi slopes sharded with the batch / heads they have. Without
+  ``is_causal``, a window, the bottom-right alignment or ALiBi (which all depend on the
+  query's global row index), also the query's rows (dim 2) with key and value replicated
+  (backward: dK, dV Partial). With ``dropout_p > 0`` only replicated:
   the dropout mask is a function of each element's global index, which a shard does not know.
 * ``decode_attention``: batch (query, caches, ``cache_seqlens``) or heads (GQA as above);
   with ``cache_batch_idx`` or a paged cache (``block_table``) the caches stay whole under a
@@ -207,16 +209,31 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         p = mask_p(mask, dim)
         return P if p == R else p  # a broadcast mask's gradient sums over the shards
 
+    def slopes_p(slopes: Spec | None, dim: int) -> Any:
+        """ALiBi's slopes ((Hq,) or (B, Hq)) when (B, Hq, Sq, Sk)'s ``dim`` is sharded."""
+        if slopes is None:
+            return None
+        if dim >= 2:
+            return R
+        d = dim - (2 - slopes.ndim)
+        return R if d < 0 else S(d)
+
+    def by_position(c: AttentionCall | AttentionBackwardCall) -> bool:
+        """The scores depend on the query's global row index (causal, window, alignment, ALiBi)."""
+        return (c.is_causal or c.window_left >= 0 or c.window_right >= 0 or c.bottom_right
+                or c.alibi_slopes is not None)
+
     def sdpa(*args: Any) -> Rule:
         c = AttentionCall(*args)
         out = [replicated(2, c)]
         if c.dropout_p > 0.0:
             return out
-        tail = [None] * 6
+        tail = [None] * 10
         for d in (0, 1):
-            out.append(([S(d), S(d)], [S(d), S(d), S(d), mask_p(c.attn_mask, d)] + tail))
-        if not c.is_causal:
-            out.append(([S(2), S(2)], [S(2), R, R, mask_p(c.attn_mask, 2)] + tail))
+            inputs = [S(d), S(d), S(d), mask_p(c.attn_mask, d)] + tail + [slopes_p(c.alibi_slopes, d)]
+            out.append(([S(d), S(d)], inputs))
+        if not by_position(c):
+            out.append(([S(2), S(2)], [S(2), R, R, mask_p(c.attn_mask, 2)] + tail + [None]))
         return out
 
     def sdpa_backward(*args: Any) -> Rule:
@@ -224,16 +241,16 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         rule = [replicated(4, c)]
         if c.dropout_p > 0.0:
             return rule
-        tail = [None] * 7
+        tail = [None] * 11
         for d in (0, 1):
             rule.append((
                 [S(d), S(d), S(d), dmask_p(c.attn_mask, d, c.mask_grad)],
-                [S(d)] * 6 + [mask_p(c.attn_mask, d)] + tail,
+                [S(d)] * 6 + [mask_p(c.attn_mask, d)] + tail + [slopes_p(c.alibi_slopes, d)],
             ))
-        if not c.is_causal:
+        if not by_position(c):
             rule.append((
                 [S(2), P, P, dmask_p(c.attn_mask, 2, c.mask_grad)],
-                [S(2), S(2), R, R, S(2), S(2), mask_p(c.attn_mask, 2)] + tail,
+                [S(2), S(2), R, R, S(2), S(2), mask_p(c.attn_mask, 2)] + tail + [None],
             ))
         return rule
 

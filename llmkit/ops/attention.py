@@ -21,10 +21,13 @@ should write it directly.
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
 ``is_causal`` is aligned top-left (query ``i`` sees keys ``j <= i``); a boolean
 ``attn_mask`` marks keys to attend (True) and a float one is added to the scores;
-either broadcasts to ``(B, Hq, Sq, Sk)``; ``is_causal`` and ``attn_mask`` may be given
-together (both apply). One deliberate difference: a query row whose keys are all
-masked gives an output of zeros and zero gradients, where SDPA gives NaN; its
-``lse`` is ``+inf``.
+either broadcasts to ``(B, Hq, Sq, Sk)`` (1 to 4 dims); ``is_causal`` and ``attn_mask``
+may be given together (both apply). Deliberate differences: a query row whose keys are all
+masked gives an output of zeros and zero gradients, where SDPA gives NaN; its ``lse`` is
+``+inf``. A key that no query row may see (masked for every row, past ``Sq`` under
+``is_causal``) never reaches an output or gradient, whatever it holds (SDPA multiplies it
+by a zero probability: NaN stays NaN); its ``dk`` / ``dv`` are 0. No backward takes
+``delta = rowsum(dO * O)`` from the rounded output.
 
 Dropout is a pure function of ``(seed, offset)``: see :mod:`llmkit.ops._philox`.
 The functional wrapper draws ``seed`` from torch's default generator, so results
@@ -33,11 +36,12 @@ are reproducible under ``torch.manual_seed``.
 Dispatch points ``attention.forward`` / ``attention.backward`` (the backend override key is
 ``attention``), with the call classes below; the implementations live in
 ``llmkit/backends/<backend>/attention.py``: ``reference`` (ATen's fused CPU kernel where it
-applies, else float32 / float64 math), ``triton`` (``kernels/attention.py``: tiled forward,
-dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor; float16 / bfloat16 on tensor cores, float32
-with exact fp32 products) and ``cuda_ext`` (CUDA, float16 / bfloat16). Forward on one backend
-and backward on another agree: each recomputes the probabilities from ``lse`` and the same
-Philox keep mask.
+applies and meets the tolerance rule, else float32 / float64 math), ``triton``
+(``kernels/attention.py``, ``kernels/attention_backward.py``: tiled forward, backward row
+statistics, dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor; float16 / bfloat16 on tensor
+cores, float32 with exact fp32 products) and ``cuda_ext`` (CUDA, float16 / bfloat16).
+Forward on one backend and backward on another agree: each recomputes the probabilities
+(from ``lse`` or from the scores' own row statistics) and the same Philox keep mask.
 
 Known limit shared by both backends: a row whose every visible score is an additive
 mask value near ``finfo.min`` (e.g. a fully padded query row of a HuggingFace-style
@@ -53,6 +57,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._compat import causal_bias_variant
 from ..dispatch import DispatchPoint
 from . import _validate as V
 from ._op import Op
@@ -71,6 +76,12 @@ class AttentionCall(NamedTuple):
     enable_gqa: bool
     seed: int
     offset: int
+    # the options of today's LLMs (defaults: SDPA's behaviour); see scaled_dot_product_attention
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    softcap: float = 0.0
+    alibi_slopes: Tensor | None = None
 
 
 class AttentionBackwardCall(NamedTuple):
@@ -88,6 +99,11 @@ class AttentionBackwardCall(NamedTuple):
     seed: int
     offset: int
     mask_grad: bool
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    softcap: float = 0.0
+    alibi_slopes: Tensor | None = None
 
 
 attention_forward = DispatchPoint("attention", "forward", AttentionCall)
@@ -153,6 +169,14 @@ def check_mask(op: str, attn_mask: Tensor | None, query: Tensor, key: Tensor) ->
     """A boolean or float mask broadcastable to (B, Hq, Sq, Sk)."""
     if attn_mask is None:
         return
+    if causal_bias_variant(attn_mask) is not None:
+        # a tensor subclass without real storage: kernels would read garbage
+        raise TypeError(
+            f"{op}: attn_mask is a torch.nn.attention.bias.CausalBias (causal_upper_left / "
+            "causal_lower_right), which llmkit does not take; pass is_causal=True for the "
+            "upper-left alignment, or a boolean mask (True = attend) such as "
+            "torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq) for the lower-right one"
+        )
     V.check_tensor(op, "attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
         allowed = sorted({"bool", V.dtype_name(query.dtype), "float32"})
@@ -189,6 +213,31 @@ def check_sdpa_args(
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+
+
+def check_llm_options(op: str, query: Tensor, window_left: int, window_right: int, softcap: float,
+                      alibi_slopes: Tensor | None) -> None:
+    """Sliding window sizes (ints >= -1), softcap (a finite number >= 0; 0 = none) and ALiBi
+    slopes (a float tensor (Hq,) or (B, Hq) on the query's device, without gradient)."""
+    for name, w in (("window_size[0] (left)", window_left), ("window_size[1] (right)", window_right)):
+        if type(w) is not int or w < -1:
+            raise ValueError(f"{op}: {name} must be an int >= -1 (-1: unbounded), got {w!r}")
+    if type(softcap) is not float or not math.isfinite(softcap) or softcap < 0.0:
+        raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no softcapping), got {softcap!r}")
+    if alibi_slopes is None:
+        return
+    V.check_tensor(op, "alibi_slopes", alibi_slopes)
+    V.check_floating(op, "alibi_slopes", alibi_slopes)
+    b, hq = query.shape[0], query.shape[1]
+    if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
+        raise ValueError(
+            f"{op}: alibi_slopes has shape {list(alibi_slopes.shape)}; it must be (Hq,) = [{hq}] or "
+            f"(B, Hq) = [{b}, {hq}]"
+        )
+    V.check_same_device(op, query=query, alibi_slopes=alibi_slopes)
+    if alibi_slopes.requires_grad:
+        raise ValueError(f"{op}: alibi_slopes requires grad, but llmkit computes no gradient for them; "
+                         "pass alibi_slopes.detach()")
 
 
 def check_sdpa_backward_args(
@@ -266,11 +315,27 @@ _BWD = "scaled_dot_product_attention_backward"
 
 def check_attention(c: AttentionCall) -> None:
     check_sdpa_args(_OP, c.query, c.key, c.value, c.attn_mask, c.dropout_p, c.scale, c.enable_gqa)
+    check_llm_options(_OP, c.query, c.window_left, c.window_right, c.softcap, c.alibi_slopes)
 
 
 def check_attention_backward(c: AttentionBackwardCall) -> None:
     check_sdpa_backward_args(_BWD, c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask, c.dropout_p,
                              c.scale, c.enable_gqa)
+    check_llm_options(_BWD, c.query, c.window_left, c.window_right, c.softcap, c.alibi_slopes)
+
+
+def uses_llm_options(c: AttentionCall | AttentionBackwardCall) -> list[str]:
+    """The options of ``c`` beyond SDPA's (for backends that decline them)."""
+    used = []
+    if c.window_left >= 0 or c.window_right >= 0:
+        used.append("window_size")
+    if c.bottom_right:
+        used.append('causal_alignment="bottom_right"')
+    if c.softcap > 0.0:
+        used.append("softcap")
+    if c.alibi_slopes is not None:
+        used.append("alibi_slopes")
+    return used
 
 
 def _fake(c: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -304,25 +369,26 @@ ATTENTION_BACKWARD = Op("scaled_dot_product_attention_backward", AttentionBackwa
 def _setup(ctx, c: AttentionCall, output) -> None:
     out, lse = output
     ctx.args = (c.dropout_p, c.is_causal, c.scale, c.enable_gqa, c.seed, c.offset)
-    ctx.save_for_backward(c.query, c.key, c.value, out, lse, c.attn_mask)
+    ctx.options = (c.window_left, c.window_right, c.bottom_right, c.softcap)
+    ctx.save_for_backward(c.query, c.key, c.value, out, lse, c.attn_mask, c.alibi_slopes)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse, attn_mask = ctx.saved_tensors
+    query, key, value, out, lse, attn_mask, alibi_slopes = ctx.saved_tensors
     dropout_p, is_causal, scale, enable_gqa, seed, offset = ctx.args
     need = ctx.needs_input_grad
     mask_grad = bool(need[3] and attn_mask is not None and attn_mask.dtype != torch.bool)
     dq, dk, dv, dmask = torch.ops.llmkit.scaled_dot_product_attention_backward(
         grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
-        enable_gqa, seed, offset, mask_grad,
+        enable_gqa, seed, offset, mask_grad, *ctx.options, alibi_slopes,
     )
     return (
         dq if need[0] else None,
         dk if need[1] else None,
         dv if need[2] else None,
         dmask if mask_grad else None,
-        None, None, None, None, None, None,
+        *(None,) * (len(AttentionCall._fields) - 4),
     )
 
 
@@ -338,6 +404,25 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _causal_bias(op: str, attn_mask, is_causal: bool, causal_alignment: str, query: Tensor,
+                 key: Tensor) -> tuple[bool, str]:
+    """torch's ``causal_upper_left`` / ``causal_lower_right`` object as ``(is_causal, alignment)``."""
+    variant, sq, sk = causal_bias_variant(attn_mask)  # type: ignore[misc]
+    if is_causal:
+        raise ValueError(f"{op}: attn_mask is torch's CausalBias ({variant} causal) and is_causal=True; "
+                         "give one of them")
+    if causal_alignment != "top_left" and causal_alignment != variant:
+        raise ValueError(f"{op}: attn_mask is torch's {variant} CausalBias but causal_alignment="
+                         f"{causal_alignment!r}; they must agree")
+    if (sq, sk) != (query.shape[-2], key.shape[-2]):
+        raise ValueError(f"{op}: attn_mask is a CausalBias for (Sq, Sk) = ({sq}, {sk}) but query and key "
+                         f"have ({query.shape[-2]}, {key.shape[-2]})")
+    return True, variant
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -347,27 +432,58 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-) -> Tensor:
-    """Fused attention with the signature of ``F.scaled_dot_product_attention``.
+    *,
+    causal_alignment: str = "top_left",
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused attention with the signature of ``F.scaled_dot_product_attention``, and the
+    options of today's LLMs after it (keyword-only).
 
     Args:
         query: ``(B, Hq, Sq, D)`` or ``(Hq, Sq, D)``; float16 / bfloat16 / float32 / float64.
         key: ``(B, Hkv, Sk, D)``; value: ``(B, Hkv, Sk, Dv)``; same dtype as query.
         attn_mask: bool (True = attend) or float (added), broadcastable to
             ``(B, Hq, Sq, Sk)``; a ``(B, 1, 1, Sk)`` key-padding mask is read as a vector.
+            torch's ``causal_upper_left(Sq, Sk)`` / ``causal_lower_right(Sq, Sk)`` objects
+            (``torch.nn.attention.bias``) mean ``is_causal`` with that alignment.
         dropout_p: dropout on the attention probabilities (Philox, seeded from torch's
             default generator).
-        is_causal: top-left aligned causal mask, combinable with ``attn_mask``.
+        is_causal: causal mask, combinable with ``attn_mask``.
         scale: defaults to ``1 / sqrt(D)``.
         enable_gqa: allow ``Hq`` to be a multiple of ``Hkv``.
+        causal_alignment: where query ``i``'s diagonal lies when ``Sq != Sk``: ``"top_left"``
+            (SDPA's: key ``i``) or ``"bottom_right"`` (flash-attention's: key ``i + Sk - Sq``,
+            chunked prefill against a KV cache). It places the causal mask, the window and
+            ALiBi's distances.
+        window_size: ``(left, right)`` sliding window (flash-attention's convention): query
+            ``i`` sees keys from ``diagonal - left`` to ``diagonal + right``; -1 unbounded.
+            Key blocks outside the window are skipped.
+        softcap: logit softcapping (Gemma 2): the scaled scores ``s`` become ``softcap *
+            tanh(s / softcap)`` before ALiBi, the mask and the softmax; 0 = none.
+        alibi_slopes: ``(Hq,)`` or ``(B, Hq)``: ``slope * |diagonal - j|`` is subtracted
+            from the score of key ``j`` (computed in the kernel; no gradient).
+        return_lse: also return the natural-log log-sum-exp of each row's final scores,
+            ``(B, Hq, Sq)`` float32 (float64 for float64 inputs; ``+inf`` on rows with no
+            visible key), to merge partial attentions; it carries no gradient.
 
     Returns:
-        ``(B, Hq, Sq, Dv)`` in the query's dtype. Rows with no visible key are zeros
-        (SDPA gives NaN there). Softmax statistics are kept in float32.
+        ``(B, Hq, Sq, Dv)`` in the query's dtype (and ``lse`` with ``return_lse``). Rows
+        with no visible key are zeros (SDPA gives NaN there). Softmax statistics are kept
+        in float32.
     """
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         V.check_tensor(op, name, t)
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"{op}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"{op}: window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    if causal_bias_variant(attn_mask) is not None:
+        is_causal, causal_alignment = _causal_bias(op, attn_mask, bool(is_causal), causal_alignment, query, key)
+        attn_mask = None
     unbatched = query.dim() == 3
     if unbatched:
         if key.dim() != 3 or value.dim() != 3:
@@ -376,13 +492,22 @@ def scaled_dot_product_attention(
                 f"{list(key.shape)} and {list(value.shape)}"
             )
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            raise ValueError(f"{op}: an unbatched query takes alibi_slopes of shape (Hq,), got "
+                             f"{list(alibi_slopes.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     elif type(scale) is not float:
         scale = V.check_number(op, "scale", scale)
     if type(dropout_p) is not float:
         dropout_p = V.check_number(op, "dropout_p", dropout_p)
+    if type(softcap) is not float:
+        softcap = V.check_number(op, "softcap", softcap)
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    out, _ = ATTENTION(AttentionCall(query, key, value, attn_mask, dropout_p, bool(is_causal), scale,
-                                     bool(enable_gqa), seed, 0))
-    return out.squeeze(0) if unbatched else out
+    left, right = window_size
+    out, lse = ATTENTION(AttentionCall(query, key, value, attn_mask, dropout_p, bool(is_causal), scale,
+                                       bool(enable_gqa), seed, 0, left, right, causal_alignment == "bottom_right",
+                                       softcap, alibi_slopes))
+    if unbatched:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out

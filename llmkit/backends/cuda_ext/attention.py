@@ -8,7 +8,13 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from ...ops.attention import AttentionBackwardCall, AttentionCall, attention_backward, attention_forward
+from ...ops.attention import (
+    AttentionBackwardCall,
+    AttentionCall,
+    attention_backward,
+    attention_forward,
+    uses_llm_options,
+)
 from ._common import BACKEND, HALF_DTYPES, ext_ops
 
 MAX_HEAD_DIM = 128
@@ -32,12 +38,21 @@ def grid_reasons(length: int, what: str) -> Iterator[str]:
         yield f"{what} {length} needs {blocks} blocks on grid axis y, more than CUDA's {GRID_Y_MAX}"
 
 
+def option_reasons(c: AttentionCall | AttentionBackwardCall) -> Iterator[str]:
+    used = uses_llm_options(c)
+    if used:
+        yield (f"the CUDA attention kernels implement SDPA's options only, not {', '.join(used)} "
+               "(the triton and reference backends do)")
+
+
 def _forward_reasons(c: AttentionCall) -> Iterator[str]:
+    yield from option_reasons(c)
     yield from head_dim_reasons(c.query, c.value)
     yield from grid_reasons(c.query.shape[2], "query length")
 
 
 def _backward_reasons(c: AttentionBackwardCall) -> Iterator[str]:
+    yield from option_reasons(c)
     yield from head_dim_reasons(c.query, c.value)
     yield from grid_reasons(c.query.shape[2], "query length")
     yield from grid_reasons(c.key.shape[2], "key length")

@@ -1,8 +1,24 @@
 """LayerNorm, RMSNorm and add + LayerNorm / RMSNorm on the reference backend: ATen in float32
 (float64 for float64 input); saved statistics float32 with the input's leading shape; the
-input dropout of the add variants from the Philox mask of ``llmkit/ops/_philox.py``."""
+input dropout of the add variants from the Philox mask of ``llmkit/ops/_philox.py``.
+
+What this adds to plain ATen calls:
+
+* Rows whose float32 statistics break are recomputed in float64 (which holds the square of
+  every float32 value) and rounded once: squares that overflow (|x| above ~1.8e19: rstd 0,
+  output 0 or NaN), denormal rows with ``eps = 0`` (squares flush to 0: 0 / 0), and
+  LayerNorm rows with ``|mean| * rstd`` above :data:`ILL_CONDITIONED`, where ATen's ``x * a +
+  c`` form cancels (a constant row of 1e20 gave ~1e14 instead of the bias). Detected from the
+  statistics ATen returns: two or three small reductions per call.
+* LayerNorm backward through ``xhat`` when some rstd leaves [1e-9, 4096] (ATen's kernel forms
+  ``rstd**3``, which leaves float32's range or amplifies the cancellation of its row sums) or
+  a row's ``|mean| * rstd`` passes :data:`ILL_CONDITIONED` (its ``a dy + b x + c`` cancels).
+  Ordinary LayerNorms (eps 1e-5: rstd <= 316) keep ATen's.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -41,8 +57,64 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+ILL_CONDITIONED = 4096.0
+"""LayerNorm rows with ``|mean| * rstd`` above this are redone in float64 (forward) or
+differentiated through ``xhat`` (backward): ATen's kernels write the output as ``x * (rstd w)
++ (b - mean rstd w)`` and dx as ``a dy + b x + c``, whose terms cancel to ~``|mean| * rstd *
+2^-24`` relative. Ordinary activations have a ratio of a few units."""
+
+
+def _ratio(mean: Tensor, rstd: Tensor) -> float:
+    """max over rows of |mean| * rstd (NaN: nan)."""
+    return float(torch.linalg.vector_norm(mean.float() * rstd.float(), math.inf))
+
+
+def _stats_broke(rstd: Tensor, eps: float, mean: Tensor | None = None) -> bool:
+    """True when some float32 row statistic broke: the squares of a row overflowed (|x| above
+    ~1.8e19: rstd 0), or, with eps = 0, underflowed (denormal rows: rstd inf), or NaN; or,
+    for LayerNorm, a row is ill-conditioned for ATen's formulas (:data:`ILL_CONDITIONED`).
+    rstd <= 1 / sqrt(eps) when eps > 0, so one reduction tells."""
+    if eps > 0:
+        ok = float(rstd.min()) > 0.0  # NaN compares False
+    else:
+        lo, hi = torch.aminmax(rstd)
+        ok = float(lo) > 0.0 and float(hi) < math.inf
+    return not (ok and (mean is None or _ratio(mean, rstd) <= ILL_CONDITIONED))
+
+
+def _broken_rows(rstd: Tensor, mean: Tensor | None) -> Tensor:
+    """Indices (into the flattened statistics) of the rows :func:`_stats_broke` found."""
+    flat_rstd = rstd.reshape(-1)
+    bad = ~((flat_rstd > 0) & (flat_rstd < math.inf))
+    if mean is not None:
+        bad |= ~((mean.reshape(-1).float() * flat_rstd.float()).abs() <= ILL_CONDITIONED)
+    return bad.nonzero().squeeze(1)
+
+
+def _needs_float64(input: Tensor, eps: float, rstd: Tensor, mean: Tensor | None = None) -> bool:
+    return input.dtype != torch.float64 and input.numel() > 0 and _stats_broke(rstd, eps, mean)
+
+
 @layer_norm_forward.register("reference")
 def layer_norm_forward_reference(c: LayerNormCall) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm forward in float32 (float64 for float64 input) through ATen; rows whose
+    float32 statistics break (huge or, with eps = 0, denormal values; ill-conditioned rows)
+    redone in float64."""
+    out, mean, rstd = _layer_norm_aten(c)
+    if _needs_float64(c.input, c.eps, rstd, mean):
+        rows = _broken_rows(rstd, mean)
+        n = out.numel() // max(rstd.numel(), 1)
+        x = c.input.reshape(-1, *c.normalized_shape)[rows].double()
+        o, m, r = torch.native_layer_norm(x, list(c.normalized_shape), _as(c.weight, torch.float64),
+                                          _as(c.bias, torch.float64), c.eps)
+        out, mean, rstd = out.contiguous(), mean.contiguous(), rstd.contiguous()
+        out.view(-1, n)[rows] = o.reshape(-1, n).to(out.dtype)
+        mean.view(-1)[rows] = m.reshape(-1).to(mean.dtype)
+        rstd.view(-1)[rows] = r.reshape(-1).to(rstd.dtype)
+    return out, mean, rstd
+
+
+def _layer_norm_aten(c: LayerNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm forward in float32 (float64 for float64 input) through ATen.
 
     float16 / bfloat16 CPU input with a weight or bias goes to ATen's mixed-precision CPU
@@ -72,11 +144,45 @@ def layer_norm_forward_reference(c: LayerNormCall) -> tuple[Tensor, Tensor, Tens
     )
 
 
+def _aten_backward_ok(mean: Tensor, rstd: Tensor) -> bool:
+    """ATen's float32 LayerNorm backward is accurate for these statistics: every rstd in
+    [1e-9, 4096] (its ``rstd**3`` stays in range and amplifies the rounding of the row sums it
+    subtracts by at most 2^36 against their 2^-24) and ``|mean| * rstd`` at most
+    :data:`ILL_CONDITIONED`. NaN statistics: not (the xhat form keeps NaN in its row)."""
+    lo, hi = torch.aminmax(rstd.float())
+    return float(lo) >= 1e-9 and float(hi) <= 4096.0 and _ratio(mean, rstd) <= ILL_CONDITIONED
+
+
+def _layer_norm_backward_xhat(grad_out: Tensor, input: Tensor, k: int, weight, mean: Tensor, rstd: Tensor,
+                              mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm backward in float32 through ``xhat``: ``dx = rstd * (g - mean(g) - xhat *
+    mean(g * xhat))`` with ``g = grad_out * weight``; ``dweight = sum(grad_out * xhat)``,
+    ``dbias = sum(grad_out)`` over the leading dims (float32, unrounded; empty where not asked)."""
+    dims = tuple(range(input.dim() - k, input.dim()))
+    lead = tuple(range(input.dim() - k))
+    stat_shape = list(mean.shape) + [1] * k
+    r = rstd.to(torch.float32).reshape(stat_shape)
+    x_hat = (input.to(torch.float32) - mean.to(torch.float32).reshape(stat_shape)) * r
+    dy = grad_out.to(torch.float32)
+    g = dy * weight.to(torch.float32) if weight is not None else dy
+    dx = dw = db = dy.new_empty((0,))
+    if mask[0]:
+        dx = r * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
+    if mask[1]:
+        dw = (dy * x_hat).sum(lead) if lead else dy * x_hat
+    if mask[2]:
+        db = dy.sum(lead) if lead else dy
+    return dx, dw, db
+
+
 def _layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight, bias, mean, rstd,
                          mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """ATen's LayerNorm backward in the compute dtype: (dx unrounded, dweight, dbias); an output
-    not asked for in ``mask`` is undefined (None)."""
+    not asked for in ``mask`` is undefined (None). Statistics ATen's formulas cannot take
+    (:func:`_aten_backward_ok`) go through ``xhat`` instead."""
     cdt = compute_dtype(input.dtype)
+    if cdt == torch.float32 and input.numel() and not _aten_backward_ok(mean, rstd):
+        return _layer_norm_backward_xhat(grad_out, input, len(normalized_shape), weight, mean, rstd, mask)
     stat_shape = list(mean.shape) + [1] * len(normalized_shape)
     return torch.ops.aten.native_layer_norm_backward(
         grad_out.to(cdt),
@@ -123,7 +229,16 @@ def _rms_forward(input: Tensor, normalized_shape, weight: Tensor | None, eps: fl
     if rounds_first:
         assert scale is not None
         out = out.to(out_dtype).to(cdt).mul_(scale)
-    return out.to(out_dtype).contiguous(), rstd.reshape(lead).to(stats_dtype(out_dtype)).contiguous()
+    out = out.to(out_dtype).contiguous()
+    rstd = rstd.reshape(lead).to(stats_dtype(out_dtype)).contiguous()
+    if _needs_float64(input, eps, rstd):  # redo the broken rows in float64, rounded once
+        rows = _broken_rows(rstd, None)
+        n = out.numel() // max(rstd.numel(), 1)
+        x = input.reshape(-1, *normalized_shape)[rows].double()
+        o, r = _rms_forward(x, normalized_shape, weight, eps, offset, cast_before_weight, out_dtype)
+        out.view(-1, n)[rows] = o.reshape(-1, n)
+        rstd.view(-1)[rows] = r.reshape(-1).to(rstd.dtype)
+    return out, rstd
 
 
 @rms_norm_forward.register("reference")

@@ -1,8 +1,11 @@
 """Attention on the triton backend (``kernels/attention.py``, imported on first use): fused
-tiled forward (online softmax, ``lse`` saved), dQ pass then dK/dV pass, no ``(Sq, Sk)`` tensor.
+tiled forward (online softmax, ``lse`` saved), backward row statistics, dQ pass then dK/dV pass,
+no ``(Sq, Sk)`` tensor.
 
 float16 / bfloat16 run on tensor cores; float32 with exact fp32 products (no TF32, so float32
-keeps float32 accuracy), up to head dim 128.
+keeps float32 accuracy), up to head dim 128. Every option of the op runs in the kernels: causal
+alignment, sliding windows (key blocks outside the window skipped), softcap and ALiBi computed
+in the kernel, forward and backward.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def _backward_reasons(c: AttentionBackwardCall) -> list[str]:
     return reasons
 
 
+def _options(c: AttentionCall | AttentionBackwardCall) -> dict:
+    """The launchers' keyword options: causal alignment, sliding window, softcap, ALiBi."""
+    return dict(bottom_right=c.bottom_right, window=(c.window_left, c.window_right), softcap=c.softcap,
+                alibi_slopes=c.alibi_slopes)
+
+
 def _kernels():
     from ...kernels import attention as K
 
@@ -62,12 +71,13 @@ def _kernels():
 def attention_forward_triton(c: AttentionCall) -> tuple[Tensor, Tensor]:
     """Fused tiled forward (online softmax); writes ``out`` in the query's memory layout."""
     return _kernels().attention_forward(c.query, c.key, c.value, c.attn_mask, c.dropout_p, c.is_causal, c.scale,
-                                        c.seed, c.offset, out_order=out_layout(c.query))
+                                        c.seed, c.offset, out_order=out_layout(c.query), **_options(c))
 
 
 @attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_backward_reasons)
 def attention_backward_triton(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dQ pass then dK/dV pass, probabilities recomputed from ``lse``; deterministic."""
-    dq, dk, dv = _kernels().attention_backward(c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask,
-                                               c.dropout_p, c.is_causal, c.scale, c.seed, c.offset)
+    """Row statistics, then dQ, then dK/dV, the probabilities recomputed from the scores
+    (the forward's ``out`` and ``lse`` are not read); deterministic."""
+    dq, dk, dv = _kernels().attention_backward(c.grad_out, c.query, c.key, c.value, c.attn_mask,
+                                               c.dropout_p, c.is_causal, c.scale, c.seed, c.offset, **_options(c))
     return dq, dk, dv, c.query.new_empty((0,))

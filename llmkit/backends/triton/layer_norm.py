@@ -1,6 +1,8 @@
-"""LayerNorm, RMSNorm and add + LayerNorm on the triton backend (``kernels/layer_norm.py``,
-imported on first use): float16 / bfloat16 / float32; strided rows read in place; backward
-parameter gradients reduced through per-program partial sums (no atomics)."""
+"""LayerNorm, RMSNorm and add + LayerNorm / RMSNorm on the triton backend
+(``kernels/layer_norm.py`` and ``kernels/layer_norm_backward.py``, imported on first use):
+float16 / bfloat16 / float32; strided rows read in place; every option of the ops (RMSNorm's
+offset and casting order, the residual stream in float32, the input dropout's Philox mask);
+backward parameter gradients reduced through per-program partial sums (no atomics)."""
 
 from __future__ import annotations
 
@@ -14,16 +16,21 @@ from ...ops import _validate as V
 from ...ops.layer_norm import (
     AddLayerNormBackwardCall,
     AddLayerNormCall,
+    AddRmsNormBackwardCall,
+    AddRmsNormCall,
     LayerNormBackwardCall,
     LayerNormCall,
     RmsNormBackwardCall,
     RmsNormCall,
     add_layer_norm_backward,
     add_layer_norm_forward,
+    add_rms_norm_backward,
+    add_rms_norm_forward,
     empty_param_grad,
     layer_norm_backward,
     layer_norm_forward,
     lead_shape,
+    residual_dtype,
     rms_norm_backward,
     rms_norm_forward,
 )
@@ -32,6 +39,12 @@ from ._common import INT32_MAX, TRITON_DTYPES
 
 def _kernels():
     from ...kernels import layer_norm as K
+
+    return K
+
+
+def _backward_kernels():
+    from ...kernels import layer_norm_backward as K
 
     return K
 
@@ -95,16 +108,18 @@ def layer_norm_forward_triton(c: LayerNormCall) -> tuple[Tensor, Tensor, Tensor]
     c.grad_out, c.input, c.normalized_shape, {"weight": c.weight, "bias": c.bias}, {"mean": c.mean, "rstd": c.rstd}))
 def layer_norm_backward_triton(c: LayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm backward: dx, and dweight/dbias reduced through per-program partial sums."""
-    dx, dw, db = _kernels().norm_backward(c.grad_out, c.input, len(c.normalized_shape), c.weight, c.bias, c.mean,
-                                          c.rstd, c.output_mask)
+    dx, dw, db, _ = _backward_kernels().norm_backward(c.grad_out, c.input, len(c.normalized_shape), c.weight, c.bias,
+                                                      c.mean, c.rstd, c.output_mask)
     return dx, _grad_or_empty(dw, c.weight, c.input), _grad_or_empty(db, c.bias, c.input)
 
 
 @rms_norm_forward.register("triton", dtypes=TRITON_DTYPES,
                            why_not=lambda c: _shape_reasons(c.input, c.normalized_shape))
 def rms_norm_forward_triton(c: RmsNormCall) -> tuple[Tensor, Tensor]:
-    """RMSNorm forward through the Triton kernels."""
-    out, _, _, rstd = _kernels().norm_forward(c.input, None, len(c.normalized_shape), c.weight, None, c.eps, rms=True)
+    """RMSNorm forward through the Triton kernels: the scale ``offset + weight`` in float32,
+    ``x_hat`` rounded before it with ``cast_before_weight``."""
+    out, _, _, rstd = _kernels().norm_forward(c.input, None, len(c.normalized_shape), c.weight, None, c.eps,
+                                              rms=True, offset=c.offset, cast_before_weight=c.cast_before_weight)
     return out, rstd
 
 
@@ -112,10 +127,16 @@ def rms_norm_forward_triton(c: RmsNormCall) -> tuple[Tensor, Tensor]:
     c.grad_out, c.input, c.normalized_shape, {"weight": c.weight}, {"rstd": c.rstd}))
 def rms_norm_backward_triton(c: RmsNormBackwardCall) -> tuple[Tensor, Tensor]:
     """RMSNorm backward: dx and dweight (partial sums, no atomics)."""
-    dx, dw, _ = _kernels().norm_backward(
-        c.grad_out, c.input, len(c.normalized_shape), c.weight, None, None, c.rstd, list(c.output_mask), rms=True
+    dx, dw, _, _ = _backward_kernels().norm_backward(
+        c.grad_out, c.input, len(c.normalized_shape), c.weight, None, None, c.rstd, list(c.output_mask), rms=True,
+        offset=c.offset, cast_before_weight=c.cast_before_weight,
     )
     return dx, _grad_or_empty(dw, c.weight, c.input)
+
+
+def _d_input(d_input: Tensor | None, like: Tensor) -> Tensor:
+    """The backward op's ``d input`` slot: the dropout's gradient, or empty without dropout."""
+    return d_input if d_input is not None else like.new_empty((0,))
 
 
 @add_layer_norm_forward.register("triton", dtypes=TRITON_DTYPES,
@@ -123,7 +144,8 @@ def rms_norm_backward_triton(c: RmsNormBackwardCall) -> tuple[Tensor, Tensor]:
 def add_layer_norm_forward_triton(c: AddLayerNormCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One kernel: reads input and residual once, writes residual_out and the normed output."""
     out, residual_out, mean, rstd = _kernels().norm_forward(
-        c.input, c.residual, len(c.normalized_shape), c.weight, c.bias, c.eps, rms=False
+        c.input, c.residual, len(c.normalized_shape), c.weight, c.bias, c.eps, rms=False,
+        residual_dtype=residual_dtype(c.input.dtype, c.residual_in_fp32), dropout_p=c.dropout_p, seed=c.seed,
     )
     return out, residual_out, mean, rstd
 
@@ -131,10 +153,39 @@ def add_layer_norm_forward_triton(c: AddLayerNormCall) -> tuple[Tensor, Tensor, 
 @add_layer_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _backward_reasons(
     c.grad_out, c.residual_out, c.normalized_shape, {"weight": c.weight, "bias": c.bias},
     {"mean": c.mean, "rstd": c.rstd}, {"grad_residual_out": c.grad_residual_out}))
-def add_layer_norm_backward_triton(c: AddLayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
-    """d(input) = d(residual) = LayerNorm's dx + grad_residual_out, summed in float32, rounded once."""
-    dsum, dw, db = _kernels().norm_backward(
+def add_layer_norm_backward_triton(c: AddLayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """d(residual) = LayerNorm's dx + grad_residual_out, summed in float32, rounded once; with
+    dropout, d(input) from the same sum and the regenerated keep mask."""
+    dsum, dw, db, d_in = _backward_kernels().norm_backward(
         c.grad_out, c.residual_out, len(c.normalized_shape), c.weight, c.bias, c.mean, c.rstd,
-        [True, c.output_mask[1], c.output_mask[2]], grad_residual=c.grad_residual_out,
+        [True, c.output_mask[1], c.output_mask[2]], grad_residual=c.grad_residual_out, dropout_p=c.dropout_p,
+        seed=c.seed,
     )
-    return dsum, _grad_or_empty(dw, c.weight, c.residual_out), _grad_or_empty(db, c.bias, c.residual_out)
+    r = c.residual_out
+    return dsum, _d_input(d_in, r), _grad_or_empty(dw, c.weight, c.grad_out), _grad_or_empty(db, c.bias, c.grad_out)
+
+
+@add_rms_norm_forward.register("triton", dtypes=TRITON_DTYPES,
+                               why_not=lambda c: _shape_reasons(c.input, c.normalized_shape))
+def add_rms_norm_forward_triton(c: AddRmsNormCall) -> tuple[Tensor, Tensor, Tensor]:
+    """One kernel: (dropout +) residual add, then RMSNorm with its offset and casting."""
+    out, residual_out, _, rstd = _kernels().norm_forward(
+        c.input, c.residual, len(c.normalized_shape), c.weight, None, c.eps, rms=True, offset=c.offset,
+        cast_before_weight=c.cast_before_weight, residual_dtype=residual_dtype(c.input.dtype, c.residual_in_fp32),
+        dropout_p=c.dropout_p, seed=c.seed,
+    )
+    return out, residual_out, rstd
+
+
+@add_rms_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _backward_reasons(
+    c.grad_out, c.residual_out, c.normalized_shape, {"weight": c.weight}, {"rstd": c.rstd},
+    {"grad_residual_out": c.grad_residual_out}))
+def add_rms_norm_backward_triton(c: AddRmsNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
+    """d(residual) = RMSNorm's dx + grad_residual_out (float32 sum, rounded once); with
+    dropout, d(input) from the same sum and the regenerated keep mask."""
+    dsum, dw, _, d_in = _backward_kernels().norm_backward(
+        c.grad_out, c.residual_out, len(c.normalized_shape), c.weight, None, None, c.rstd,
+        [True, c.output_mask[1]], grad_residual=c.grad_residual_out, rms=True, offset=c.offset,
+        cast_before_weight=c.cast_before_weight, dropout_p=c.dropout_p, seed=c.seed,
+    )
+    return dsum, _d_input(d_in, c.residual_out), _grad_or_empty(dw, c.weight, c.grad_out)

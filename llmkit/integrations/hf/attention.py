@@ -3,12 +3,21 @@
 :func:`attention_function` has the signature of transformers' attention functions and runs
 :func:`llmkit.ops.scaled_dot_product_attention` on the module's query / key / value
 (grouped-query attention without repeating key/value heads, causal masks, padding masks,
-T5's relative-position bias); :mod:`.registration` registers it under :data:`NAME`.
+T5's relative-position bias, sliding windows, Gemma 2's logit softcapping); :mod:`.registration`
+registers it under :data:`NAME`.
+
+Sliding windows: transformers hands the window to the attention function (``sliding_window``,
+Mistral / Qwen2 / Gemma 2 and 3) together with its boolean mask, which holds the window too.
+When that mask lies inside the bottom-right causal band of the window (it does unless a
+static cache's empty slots break the alignment), the window goes to the kernel, which skips
+the key blocks outside it; the mask is dropped when it is exactly that band (no padding),
+else kept for the padding. The check reads each mask once (cached for the layers that share it).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -47,6 +56,31 @@ def _position_bias_mask(
     return position_bias + attention_mask
 
 
+_BAND_CACHE: list[tuple[weakref.ref, int, int, str]] = []
+"""(mask, its version, window, fit) of the last masks checked (a forward's layers share one)."""
+
+
+def _window_fit(mask: Tensor, sliding_window: int) -> str:
+    """How a boolean (B | 1, 1 | H, Sq, Sk) mask relates to the bottom-right causal band of a
+    sliding window (query ``i`` sees keys ``d - sliding_window < j <= d``, ``d = i + Sk - Sq``,
+    transformers' ``sliding_window_causal_mask_function``): ``"exact"`` (it is the band),
+    ``"inside"`` (the band and padding) or ``"no"``. Cached per mask (the layers share one)."""
+    for ref, version, window, fit in _BAND_CACHE:
+        if ref() is mask and version == mask._version and window == sliding_window:
+            return fit
+    sq, sk = mask.shape[-2], mask.shape[-1]
+    diag = torch.arange(sq, device=mask.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=mask.device)[None, :]
+    band = (j <= diag) & (j > diag - sliding_window)
+    if bool((mask & ~band).any()):
+        fit = "no"
+    else:
+        fit = "exact" if bool((mask == band).all()) else "inside"
+    _BAND_CACHE.insert(0, (weakref.ref(mask), mask._version, sliding_window, fit))
+    del _BAND_CACHE[4:]
+    return fit
+
+
 def attention_function(
     module: nn.Module,
     query: Tensor,
@@ -74,14 +108,12 @@ def attention_function(
             ``Sq > 1`` without an explicit mask, as transformers' ``sdpa`` does.
         position_bias: T5's relative-position bias ``(1 | B, H, Sq, Sk)``, added to the
             scores (combined with the mask into one additive mask; differentiable).
+        kwargs: ``sliding_window`` (the layer's window, see the module docstring) and
+            ``softcap`` (Gemma 2's ``attn_logit_softcapping``) are run by the kernel.
 
     Returns:
         ``(out, None)``, ``out`` of shape ``(B, Sq, Hq, D)``; no attention weights.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError(
-            "llmkit attention does not support softcap; use attn_implementation='eager' for this model"
-        )
     if kwargs.get("output_attentions", False):
         _say_once(
             "llmkit attention does not return attention weights (output_attentions=True); "
@@ -105,8 +137,18 @@ def attention_function(
         is_causal = False
     if mask is not None and mask.dtype != torch.bool and mask.dtype not in (query.dtype, torch.float32):
         mask = mask.to(query.dtype)
+    alignment, window = "top_left", (-1, -1)
+    sliding_window = kwargs.get("sliding_window")
+    if (sliding_window is not None and mask is not None and mask.dtype == torch.bool and position_bias is None
+            and not torch.compiler.is_compiling()):  # compiled graphs keep the mask (no data-dependent branch)
+        fit = _window_fit(mask, int(sliding_window))
+        if fit != "no":
+            alignment, window, is_causal = "bottom_right", (int(sliding_window) - 1, 0), True
+            mask = None if fit == "exact" else mask
+    softcap = kwargs.get("softcap")
     out = ops.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-        scale=scaling, enable_gqa=groups > 1,
+        scale=scaling, enable_gqa=groups > 1, causal_alignment=alignment, window_size=window,
+        softcap=float(softcap) if softcap is not None else 0.0,
     )
     return out.transpose(1, 2).contiguous(), None

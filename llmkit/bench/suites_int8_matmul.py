@@ -1,4 +1,4 @@
-"""Int8 linear suites: ``int8_w8a8`` and ``int8_w8a16``.
+"""Int8 suites: ``quantize_int8``, ``int8_w8a8`` and ``int8_w8a16``.
 
 A float ``nn.Linear``-shaped weight ``W (N, K)`` with bias, quantized per output channel
 (absmax, int8) by llmkit's ``quantize_int8``; activations ``x (M, K)`` in the benchmark
@@ -28,9 +28,37 @@ from .. import ops as L
 from .._compat import int_mm
 from . import formulas
 from .suite import Case, Context, Impl, OpCall, Suite, elem_size, llmkit_attr, optional_module, register, standard_impls
-from .suites_norm import quantize_eager
 
 MIN_SQNR_DB = {"w8a8": 20.0, "w8a16": 25.0}
+
+
+def quantize_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 quantization written as plain PyTorch ops."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv).clamp_(-127, 127).to(torch.int8)
+    return q, (amax / 127.0).squeeze(-1)
+
+
+def _dequantized(qs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    q, s = qs
+    return q.float() * s.float()[:, None]
+
+
+def _build_quantize(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
+    m, k = point["M"], point["K"]
+    x = torch.randn(m, k, device=ctx.device).to(dtype)
+    call = OpCall([x], pass_)
+    impls = standard_impls(ctx, "quantize_int8", call, quantize_eager, lambda x: L.quantize_int8(x),
+                           check="sqnr", min_sqnr_db=30.0)
+    for imp in impls:
+        if imp.fn is not None:
+            imp.output = (lambda f: lambda: _dequantized(f()))(imp.fn)
+        if imp.name == "torch.compile":
+            imp.check, imp.min_sqnr_db = "sqnr", 30.0
+    return Case("quantize_int8", pass_, point, dtype, formulas.quantize_int8(m, k, elem_size(dtype)), "memory", impls)
+
 
 
 def _int_mm_dequant(x: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -132,3 +160,4 @@ register(Suite("int8_w8a8", "op", ("fwd",), _int8_builder("w8a8"),
                "int8 x int8 linear with per-token activation quantization vs float F.linear"))
 register(Suite("int8_w8a16", "op", ("fwd",), _int8_builder("w8a16"),
                "weight-only int8 linear (decode-sized M) vs float F.linear"))
+register(Suite("quantize_int8", "op", ("fwd",), _build_quantize, "per-row absmax int8 quantization of x (M, K)"))
