@@ -137,3 +137,18 @@ def test_decode_large_scores_with_a_nan_value_column(backend):
     keep[2] = False
     assert out[..., 2].isnan().all()
     assert (out[..., keep].double() - ref[..., keep]).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_decode_splits_weigh_by_sum_at_large_scores(num_splits):
+    """Scores of 4e8, all equal (mean-1e4 float16 q and k): 17 keys in splits of 16 and 1 must
+    weigh 16 : 1; their float32 log-sum-exps (4e8 + 4 and 4e8) are the same number."""
+    from llmkit.kernels import decode_attention as K
+
+    q = (torch.randn(1, 1, 1, 16) + 1e4).half()
+    kc = (torch.randn(1, 1, 31, 16) + 1e4).half()
+    vc = torch.randn(1, 1, 31, 16).half()
+    lens = torch.tensor([17], dtype=torch.int32)
+    out, lse = K.decode_attention(q, kc, vc, lens, 0.25, False, num_splits=num_splits)
+    ref = R.decode_attention(q.to(F64), kc.to(F64), vc.to(F64), lens, 0.25, False)
+    assert (out.double() - ref).abs().max() < 1e-3

@@ -23,16 +23,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llmkit
-from _fuzz import F64, KINDS, check, fuzz, gens, layout, values
+from _fuzz import F64, KINDS, WARNINGS, check, gens, layout, run_fuzz, values
 from llmkit import reference64 as R
 
-# the interpreter's numpy warns on the NaN / inf arithmetic the specials are drawn for
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings(w) for w in WARNINGS]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # huge values whose products stay inside float32 (and float16) range: scores at most ~1e30
@@ -121,29 +119,28 @@ def _baseline(q, k64, v64, lens, scale, causal, dtype, kernel):
     return torch.stack(outs).to(q.dtype) if outs else None
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fuzz_decode(backend):
-    @fuzz(EXAMPLES[backend], f"decode-{backend}")
-    @given(call=decode_calls())
-    def run(call):
-        gen, dtype, b, hkv, group, t, d, s_max, lens, cache, bs, causal, scale, kinds = call
-        lens = list(lens)
-        q, kc, vc, kw, k64, v64 = _build(gen, dtype, b, hkv, group, t, d, s_max, lens, cache, bs, kinds)
-        lens_t = torch.tensor(lens, dtype=torch.int32).view(b)
-        with llmkit.use_backend(backend):
-            out = llmkit.ops.decode_attention(q, kc, vc, lens_t, scale=scale, is_causal=causal, **kw)
-        s = 1.0 / math.sqrt(d) if scale is None else scale
-        if b == 0:
-            assert out.shape == (0, hkv * group, t, d)
-            return
-        ref = R.decode_attention(q.to(F64), k64.to(F64), v64.to(F64), lens_t, s, causal)
-        base = [_baseline(q, k64, v64, lens, s, causal, dt, kernel)
-                for dt in {dtype, torch.float32} for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)]
-        # rows that see no key are zeros by convention (the float64 p @ v gives 0 * NaN there)
-        tok = torch.arange(t)
-        has_key = (lens_t[:, None] - t + tok + 1 > 0) if causal else (lens_t[:, None] > 0).expand(b, t)
-        dead = ~has_key[:, None, :, None]
-        assert (out.masked_select(dead.expand(out.shape)) == 0).all(), "a row with no visible key is not zeros"
-        check(f"decode {backend} {cache}", out, ref, base, allow_finite=dead)
+def _case(backend, data):
+    gen, dtype, b, hkv, group, t, d, s_max, lens, cache, bs, causal, scale, kinds = data.draw(decode_calls())
+    lens = list(lens)
+    q, kc, vc, kw, k64, v64 = _build(gen, dtype, b, hkv, group, t, d, s_max, lens, cache, bs, kinds)
+    lens_t = torch.tensor(lens, dtype=torch.int32).view(b)
+    with llmkit.use_backend(backend):
+        out = llmkit.ops.decode_attention(q, kc, vc, lens_t, scale=scale, is_causal=causal, **kw)
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    if b == 0:
+        assert out.shape == (0, hkv * group, t, d)
+        return
+    ref = R.decode_attention(q.to(F64), k64.to(F64), v64.to(F64), lens_t, s, causal)
+    base = [_baseline(q, k64, v64, lens, s, causal, dt, kernel)
+            for dt in {dtype, torch.float32} for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)]
+    # rows that see no key are zeros by convention (the float64 p @ v gives 0 * NaN there)
+    tok = torch.arange(t)
+    has_key = (lens_t[:, None] - t + tok + 1 > 0) if causal else (lens_t[:, None] > 0).expand(b, t)
+    dead = ~has_key[:, None, :, None]
+    assert (out.masked_select(dead.expand(out.shape)) == 0).all(), "a row with no visible key is not zeros"
+    check(f"decode {backend} {cache}", out, ref, base, allow_finite=dead)
 
-    run()
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fuzz_decode(backend, request):
+    run_fuzz(request, backend, EXAMPLES[backend], f"decode-{backend}", _case)
