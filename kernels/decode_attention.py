@@ -13,10 +13,11 @@ Kernels:
   into splits so that a small batch still fills the GPU (flash-decoding). One program
   reads one split of one K/V head once and serves every query head of its GQA group
   and every new token: its rows are the ``G * T`` (query head, token) pairs, so K/V are
-  not re-read per query head. It writes a normalised partial output and its base-2
-  log-sum-exp per split (float32), or, with a single split, the final output.
-* ``_decode_combine_kernel`` [B * Hq * T / 16]: merges the splits of 16 rows by their
-  log-sum-exp weights. Rows that see no key are zeros.
+  not re-read per query head. It writes a normalised partial output with its row maximum
+  (base 2) and sum per split (float32, kept apart: their float32 log-sum-exp loses the sum
+  at large scores), or, with a single split, the final output and lse.
+* ``_decode_combine_kernel`` [B * Hq * T / 16]: merges the splits of 16 rows, each weighted by
+  its sum times 2 ** (its maximum - the largest). Rows that see no key are zeros.
 
 Split counts come from :func:`decode_config` (multiprocessor count, batch, heads and the
 cache capacity, never the lengths, so there is no device-to-host sync).
@@ -146,7 +147,9 @@ def _decode_split_kernel(
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
-    out = acc * (1.0 / l_safe)[:, None]
+    # a row that sees no key at all is zeros (the op's convention), even where a value it does
+    # not see, read for the other rows of the tile, holds NaN / inf (p = 0 times it)
+    out = tl.where((row_limit > 0)[:, None], acc * (1.0 / l_safe)[:, None], 0.0)
     if SINGLE_SPLIT:
         o_ptrs = _aligned_ptr(out_ptr, b64 * stride_ob, STRIDE_ALIGN) + head[:, None].to(tl.int64) * stride_oh \
             + tok[:, None] * stride_ot + offs_dv[None, :]
@@ -156,10 +159,13 @@ def _decode_split_kernel(
         lse = tl.where(dead, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         tl.store(lse_ptr + (b64 * num_heads + head) * q_len + tok, lse, mask=rows < n_rows)
     else:
-        # partials are (B, Hq, T, splits[, Dv]) float32; the base-2 lse is -inf when empty
+        # partials are (B, Hq, T, splits[, Dv]) float32, and per split the row maximum (base 2,
+        # -inf when empty) and sum apart: m + log2(l) in float32 drops log2(l) once |m| passes
+        # ~2**24 * log2(l) (scores of 4e8), and every split would weigh alike
         part_row = ((b64 * num_heads + head) * q_len + tok) * num_splits + split
-        lse2 = tl.where(dead, float("-inf"), m_i + tl.math.log2(l_safe))
-        tl.store(part_lse_ptr + part_row, lse2, mask=rows < n_rows)
+        stats = part_lse_ptr + 2 * part_row
+        tl.store(stats, tl.where(dead, float("-inf"), m_i), mask=rows < n_rows)
+        tl.store(stats + 1, l_i, mask=rows < n_rows)
         po_ptrs = part_out_ptr + part_row[:, None] * HEAD_DV + offs_dv[None, :]
         _store_tile(po_ptrs, out, rows, n_rows, offs_dv, HEAD_DV, BLOCK_DV)
 
@@ -171,7 +177,7 @@ def _decode_combine_kernel(
     n_rows, num_heads, q_len, num_splits,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """out[row] = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse), for BLOCK_R rows.
+    """out[row] = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - max m), for BLOCK_R rows.
 
     Rows are ``(b * Hq + h) * T + t``; the splits are merged one by one with a running
     maximum, so any number of splits fits in registers.
@@ -184,11 +190,12 @@ def _decode_combine_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     for split in range(0, num_splits):
         part = rows64 * num_splits + split
-        lse = tl.load(part_lse_ptr + part, mask=rows < n_rows, other=float("-inf"))
-        m_new = tl.maximum(m, lse)
+        m_s = tl.load(part_lse_ptr + 2 * part, mask=rows < n_rows, other=float("-inf"))
+        l_s = tl.load(part_lse_ptr + 2 * part + 1, mask=rows < n_rows, other=0.0)
+        m_new = tl.maximum(m, m_s)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        w = tl.math.exp2(lse - m_use)  # an empty split (lse = -inf) weighs 0
+        w = l_s * tl.math.exp2(m_s - m_use)  # an empty split (m = -inf, l = 0) weighs 0
         o = _load_tile(part_out_ptr + part[:, None] * HEAD_DV + offs_dv[None, :], rows, n_rows,
                        offs_dv, HEAD_DV, BLOCK_DV, True)
         acc = acc * alpha[:, None] + o * w[:, None]
@@ -266,6 +273,8 @@ def decode_config(
         # Triton 3.6 spills hundreds of bytes on sm_90)
         warps = 8 if block_m * bd >= 64 * 128 or dtype == torch.float32 else 4
         stages = 4 if arch >= 90 and bd <= 128 else 3 if bd <= 128 else 2
+        if arch < 90 and block_m == 64 and bd == 64 and warps == 4:
+            stages = 2  # sm_80, 64 rows x D 64 on 4 warps: 3 stages spilled 8 bytes (Triton 3.9)
         if paged and dtype == torch.float32:
             # gathered float32 rows are not staged through shared memory: a deeper pipeline
             # only holds more of them in registers (sm_90 spilled 8 bytes at 4 stages)
@@ -337,7 +346,7 @@ def decode_attention(
         part_out = part_lse = out  # unused
     else:
         part_out = _empty((b, hq, t, cfg.num_splits, dv), torch.float32, query.device)
-        part_lse = _empty((b, hq, t, cfg.num_splits), torch.float32, query.device)
+        part_lse = _empty((b, hq, t, cfg.num_splits, 2), torch.float32, query.device)  # (max, sum)
     seqlens = cache_seqlens.contiguous()
     if is_paged:
         assert block_table is not None

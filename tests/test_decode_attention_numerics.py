@@ -94,3 +94,61 @@ def test_cuda_ext_decode_hands_clean_values(monkeypatch):
     out, _ = E.decode_attention_forward_cuda_ext(DecodeAttentionCall(q, dk, dv, lens, 0.25, True))
     clean, _ = E.decode_attention_forward_cuda_ext(DecodeAttentionCall(q, kc, vc, lens, 0.25, True))
     assert torch.isfinite(out).all() and torch.equal(out, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_row_without_key_is_zeros_whatever_values_hold(backend):
+    """T = 2 against one key, causal: token 0 sees nothing (zeros), token 1 sees the key, whose
+    value holds NaN / inf in some columns (NaN / inf there, like the float64 math)."""
+    q, kc, vc = _cache(1, 2, 1, 2, 4, 16, 16, torch.float16)
+    vc[0, 0, 0, 3], vc[0, 0, 0, 7] = float("nan"), float("inf")
+    out = _decode(backend, q, kc, vc, torch.tensor([1], device=DEVICE))
+    assert (out[:, :, 0] == 0).all()
+    assert out[0, :, 1, 3].isnan().all() and out[0, :, 1, 7].isinf().all()
+    assert torch.equal(torch.isfinite(out[0, :, 1]), torch.isfinite(vc[0, 0, 0]).expand(2, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_nan_or_inf_scores_give_nan(backend):
+    """Every key a row sees gives a NaN score, or one gives +inf: the math is NaN (ATen's CPU
+    kernel returned zeros for such rows)."""
+    q, kc, vc = _cache(2, 2, 2, 1, 3, 16, 16, torch.float32)
+    kc[0, :, :, 0] = float("nan")  # sequence 0: every key NaN
+    kc[1, :, 1] = float("inf")
+    q[1] = q[1].abs()  # sequence 1: q . inf = +inf
+    out = _decode(backend, q, kc, vc, torch.tensor([3, 3], device=DEVICE), causal=False)
+    ref = R.decode_attention(q.to(F64), kc.to(F64), vc.to(F64), torch.tensor([3, 3]), 0.25, False)
+    assert ref.isnan().all() and out.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_large_scores_with_a_nan_value_column(backend):
+    """Scores of ~4e8 (mean-1e4 q and k) and a NaN in one value column: the other columns are the
+    softmax's, not scaled by a rounded log-sum-exp (4e8 + log 2 is 4e8 in float32)."""
+    q = torch.randn(2, 1, 1, 16, dtype=torch.float64) + 1e4
+    kc = torch.randn(2, 1, 2, 16, dtype=torch.float64) + 1e4
+    vc = torch.randn(2, 1, 2, 16, dtype=torch.float64)
+    vc[:, 0, 0, 2] = float("nan")
+    q, kc, vc = (t.to(torch.float16).to(DEVICE) for t in (q, kc, vc))
+    lens = torch.tensor([2, 1], device=DEVICE)  # ragged: the masked path
+    out = _decode(backend, q, kc, vc, lens, causal=False)
+    ref = R.decode_attention(q.to(F64), kc.to(F64), vc.to(F64), lens.cpu(), 0.25, False)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[2] = False
+    assert out[..., 2].isnan().all()
+    assert (out[..., keep].double() - ref[..., keep]).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_decode_splits_weigh_by_sum_at_large_scores(num_splits):
+    """Scores of 4e8, all equal (mean-1e4 float16 q and k): 17 keys in splits of 16 and 1 must
+    weigh 16 : 1; their float32 log-sum-exps (4e8 + 4 and 4e8) are the same number."""
+    from llmkit.kernels import decode_attention as K
+
+    q = (torch.randn(1, 1, 1, 16) + 1e4).half()
+    kc = (torch.randn(1, 1, 31, 16) + 1e4).half()
+    vc = torch.randn(1, 1, 31, 16).half()
+    lens = torch.tensor([17], dtype=torch.int32)
+    out, lse = K.decode_attention(q, kc, vc, lens, 0.25, False, num_splits=num_splits)
+    ref = R.decode_attention(q.to(F64), kc.to(F64), vc.to(F64), lens, 0.25, False)
+    assert (out.double() - ref).abs().max() < 1e-3
