@@ -22,7 +22,8 @@ against the copy bandwidth. On CUDA it is timed inside CUDA graphs (launch-bound
 ``(num_blocks, block, Hkv, D)`` blocks, shuffled so that no sequence is contiguous).
 Baseline: gather the blocks, then SDPA; llmkit's paged decode on each backend, and its
 contiguous-cache decode of the same data (``llmkit[<backend>]+contiguous``: the paged
-call's target is to be within 10% of it).
+call's target is to be within 10% of it), and the paged call that appends the new tokens' keys
+and values itself (``llmkit[<backend>]+append``, ``k_new`` / ``v_new``).
 """
 
 from __future__ import annotations
@@ -202,9 +203,18 @@ def _build_decode_paged(ctx: Context, point: dict[str, Any], pass_: str, dtype: 
     call = OpCall([q, k_pages, v_pages], pass_)
     impls = standard_impls(ctx, "decode_attention", call, eager,
                            lambda q, kp, vp: L.decode_attention(q, kp, vp, lens, block_table=table))
+    # the same tokens' keys / values appended by the call itself (k_new / v_new written into the pages
+    # first: the lengths then count the tokens before the call)
+    k_new, v_new = k_flat[:, :, cache - t:].clone(), v_flat[:, :, cache - t:].clone()
+    before = lens - t
     for be in ctx.backends:
         impls.append(call.impl(f"llmkit[{be}]+contiguous",
                                lambda q, kp, vp: L.decode_attention(q, k_flat, v_flat, lens), backend=be))
+        impls.append(call.impl(
+            f"llmkit[{be}]+append",
+            lambda q, kp, vp: L.decode_attention(q, kp, vp, before, k_new=k_new, v_new=v_new, block_table=table),
+            backend=be,
+        ))
     work = formulas.decode_paged(b, h, hkv, t, cache, d, elem_size(dtype), blk)
     return Case("decode_paged", pass_, point, dtype, work, "memory", impls, cuda_graph=True)
 
