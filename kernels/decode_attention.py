@@ -231,7 +231,7 @@ def _rows_block(n_rows: int, padded_dim: int) -> int:
 def decode_config(
     batch: int, kv_heads: int, n_rows: int, s_max: int, head_dim: int, head_dim_v: int,
     dtype: torch.dtype, arch: int | None, num_sms: int, aligned: bool = True,
-    block_n: int | None = None, num_splits: int | None = None,
+    block_n: int | None = None, num_splits: int | None = None, paged: bool = False,
 ) -> DecodeConfig:
     """Tiles and split count for a decode call.
 
@@ -266,6 +266,10 @@ def decode_config(
         # Triton 3.6 spills hundreds of bytes on sm_90)
         warps = 8 if block_m * bd >= 64 * 128 or dtype == torch.float32 else 4
         stages = 4 if arch >= 90 and bd <= 128 else 3 if bd <= 128 else 2
+        if paged and dtype == torch.float32:
+            # gathered float32 rows are not staged through shared memory: a deeper pipeline
+            # only holds more of them in registers (sm_90 spilled 8 bytes at 4 stages)
+            stages = 2
     return DecodeConfig(block_m, block_n, num_splits, split_size, warps, stages)
 
 
@@ -325,7 +329,8 @@ def decode_attention(
     target = device_target(query.device)
     arch, sms = (target.arch, target.sms) if target is not None else (None, INTERPRETER_NUM_SMS)
     align = stride_align(q, k, v, out)
-    cfg = decode_config(b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits)
+    cfg = decode_config(b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits,
+                        paged=is_paged)
     row_blocks = triton.cdiv(n_rows, cfg.block_m)
     single = cfg.num_splits == 1
     if single:
@@ -373,20 +378,29 @@ def decode_attention(
 
 
 def _decode_call(dtype: torch.dtype, d: int, n_rows: int, aligned: bool, b: int = 4, hkv: int = 8,
-                 s_max: int = 4096) -> Callable[[], object]:
+                 s_max: int = 4096, block_size: int | None = None, batch_idx: bool = False) -> Callable[[], object]:
     """The launcher call of one compile spec: ``n_rows`` = G x T (query heads per K/V head x new
-    tokens) on a (B, Hkv, S_max, D) cache; an unaligned cache is a view at an odd element offset."""
+    tokens) on a (B, Hkv, S_max, D) cache; an unaligned cache is a view at an odd element offset.
+    ``block_size``: a paged (num_blocks, block_size, Hkv, D) pool of ``B * S_max`` positions with
+    a (B, S_max / block_size) table instead; ``batch_idx``: rows of a twice larger cache."""
     t = 1 if n_rows <= 16 else 4
     group = max(1, n_rows // t)
 
     def call():
         q = meta(b, hkv * group, t, d, dtype=dtype)
-        if aligned:
-            k, v = meta(b, hkv, s_max, d, dtype=dtype), meta(b, hkv, s_max, d, dtype=dtype)
-        else:
-            k, v = (meta(b * hkv * s_max * d + 1, dtype=dtype)[1:].view(b, hkv, s_max, d) for _ in range(2))
         seqlens = meta(b, dtype=torch.int32)
-        return decode_attention(q, k, v, seqlens, d ** -0.5, True)
+        if block_size is not None:
+            per_seq = triton.cdiv(s_max, block_size)
+            k, v = (meta(b * per_seq, block_size, hkv, d, dtype=dtype) for _ in range(2))
+            table = meta(b, per_seq, dtype=torch.int32)
+            return decode_attention(q, k, v, seqlens, d ** -0.5, True, block_table=table)
+        rows = 2 * b if batch_idx else b
+        if aligned:
+            k, v = meta(rows, hkv, s_max, d, dtype=dtype), meta(rows, hkv, s_max, d, dtype=dtype)
+        else:
+            k, v = (meta(rows * hkv * s_max * d + 1, dtype=dtype)[1:].view(rows, hkv, s_max, d) for _ in range(2))
+        idx = meta(b, dtype=torch.int32) if batch_idx else None
+        return decode_attention(q, k, v, seqlens, d ** -0.5, True, cache_batch_idx=idx)
     return call
 
 
@@ -396,7 +410,9 @@ def compile_specs() -> list[CompileSpec]:
     and 64 rows (GQA groups of 16 times 4 new tokens); a cache whose rows are not 16-byte
     aligned; float32 at D = 128; the combine kernel per value head dim; and a batch of 128,
     for which the heuristics pick a single split (the kernel then writes the output itself),
-    without and with GQA (groups of 4).
+    without and with GQA (groups of 4). Paged caches (``block_table``) at D = 64 / 128 / 256 with
+    16 and 64 rows, blocks of 16 (a block size divisible by 16, as Triton specializes it) and of
+    12, float32 and the single split; a contiguous cache read through ``cache_batch_idx``.
     """
     specs = []
     cases = [(torch.bfloat16, d, rows, True, 4) for d in (64, 128, 256) for rows in (1, 64)]
@@ -411,4 +427,16 @@ def compile_specs() -> list[CompileSpec]:
                                  matrix=dtype != torch.float32))
         if dtype == torch.bfloat16 and n_rows == 1 and aligned and batch == 4:
             specs.append(CompileSpec(f"combine_bf16_dv{d}", _decode_combine_kernel, call))
+    paged = [(torch.bfloat16, d, rows, 16, 4) for d in (64, 128, 256) for rows in (1, 64)]
+    paged += [(torch.bfloat16, 128, 1, 12, 4), (torch.bfloat16, 128, 64, 12, 4), (torch.float32, 128, 4, 16, 4),
+              (torch.bfloat16, 128, 4, 16, 128)]
+    for dtype, d, n_rows, bs, batch in paged:
+        ty = _TRITON_DTYPE[dtype]
+        rows = _rows_block(n_rows, padded_head_dim(d))
+        tag = "" if batch == 4 else f"_gqa{n_rows}_b{batch}"
+        specs.append(CompileSpec(f"split_paged{bs}_{ty}_d{d}_rows{rows}{tag}", _decode_split_kernel,
+                                 _decode_call(dtype, d, n_rows, True, b=batch, block_size=bs),
+                                 matrix=dtype != torch.float32))
+    specs.append(CompileSpec("split_batch_idx_bf16_d128_rows16", _decode_split_kernel,
+                             _decode_call(torch.bfloat16, 128, 1, True, batch_idx=True)))
     return specs

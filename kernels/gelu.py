@@ -82,7 +82,10 @@ def _gelu_fwd_kernel(
         z = z + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if APPROX_TANH:
         u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)  # 2u
-        y = z / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))  # z * sigmoid(2u); clamped: no inf
+        # z * sigmoid(2u); below 2u = -80 (z < ~-9.3) it is under 1e-33 and, from z ~ -1e12 on
+        # (z^3 overflows), z / (1 + exp(80)) would not be: 0 there (0 * z: z = -inf gives NaN, as
+        # float64's formula)
+        y = tl.where(u2 < -80.0, 0.0 * z, z / (1.0 + tl.exp(tl.minimum(-u2, 80.0))))
     else:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -119,10 +122,15 @@ def _gelu_bwd_kernel(
         if HAS_BIAS:
             z = z + bias[None, :]
         if APPROX_TANH:
-            e = tl.exp(tl.minimum(-1.5957691216057308 * (z + 0.044715 * z * z * z), 80.0))
+            u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+            e = tl.exp(tl.minimum(-u2, 80.0))
             s = 1.0 / (1.0 + e)
             du2 = 1.5957691216057308 * (1.0 + 0.134145 * z * z)  # d(2u)/dz
             grad = s + z * (e * s) * s * du2
+            # the tails: below 2u = -80 the derivative is under 1e-33 (z * du2 could overflow
+            # against e * s * s = 0 in between); above 2u = 80 it is 1 (e = 0 against z^3 = inf)
+            # (times 0 * z: at z = +-inf the derivative stays NaN, as float64's)
+            grad = tl.where(u2 < -80.0, 0.0, tl.where(u2 > 80.0, 1.0, grad)) + 0.0 * z
         else:
             cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
             grad = cdf + z * (0.3989422804014327 * tl.exp(-0.5 * z * z))

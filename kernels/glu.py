@@ -66,7 +66,8 @@ def _glu_fwd_kernel(
         act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
         u2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)  # 2u
-        act = g / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))  # g * sigmoid(2u); clamped: no inf
+        # g * sigmoid(2u); 0 below 2u = -80, where g / (1 + exp(80)) is not once g^3 overflows
+        act = tl.where(u2 < -80.0, 0.0 * g, g / (1.0 + tl.exp(tl.minimum(-u2, 80.0))))
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out_ptr + out_offs, round_to(act * u, out_ptr.dtype.element_ty), mask=mask)
 
@@ -100,10 +101,13 @@ def _glu_bwd_kernel(
         act = g * cdf
         grad = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
     else:
-        e = tl.exp(tl.minimum(-1.5957691216057308 * (g + 0.044715 * g * g * g), 80.0))
+        u2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)
+        e = tl.exp(tl.minimum(-u2, 80.0))
         s = 1.0 / (1.0 + e)
-        act = g * s
+        act = tl.where(u2 < -80.0, 0.0 * g, g * s)
         grad = s + g * (e * s) * s * (1.5957691216057308 * (1.0 + 0.134145 * g * g))
+        # the tails (see kernels/gelu.py): 0 below 2u = -80, 1 above 80; NaN at g = +-inf
+        grad = tl.where(u2 < -80.0, 0.0, tl.where(u2 > 80.0, 1.0, grad)) + 0.0 * g
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(dg_ptr + out_offs, round_to(dy * u * grad, dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + out_offs, round_to(dy * act, du_ptr.dtype.element_ty), mask=mask)

@@ -24,10 +24,12 @@ def _d(t: Tensor | None) -> Tensor | None:
 def layer_norm(
     x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dims (two-pass)."""
+    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dims (two-pass; the mean
+    refined once, so that a constant row centres to exactly 0 in float64 too)."""
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     n = math.prod(normalized_shape)
     mean = x.sum(dims, keepdim=True) / n
+    mean = mean + (x - mean).sum(dims, keepdim=True) / n
     xc = x - mean
     var = (xc * xc).sum(dims, keepdim=True) / n
     y = xc / torch.sqrt(var + eps)
@@ -65,7 +67,8 @@ def rms_norm(
 
 
 def _dropped(x: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
-    return x if keep is None else x * keep.to(F64) / (1.0 - dropout_p)
+    """Kept values scaled by 1 / (1 - p), dropped ones 0 (also where x is inf or NaN)."""
+    return x if keep is None else torch.where(keep, x / (1.0 - dropout_p), torch.zeros((), dtype=x.dtype))
 
 
 def add_layer_norm(

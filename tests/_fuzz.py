@@ -33,6 +33,18 @@ from hypothesis import strategies as st
 from llmkit.testing import ATOL_FLOOR, max_abs_error, tolerance
 
 F64 = torch.float64
+HALF = (torch.float16, torch.bfloat16)
+HALF_AND_FLOAT = [torch.float16, torch.bfloat16, torch.float32]
+WARNINGS = [
+    "ignore:Mismatch dtype",  # ATen's mixed-dtype norms with a float32 weight
+    "ignore::RuntimeWarning",  # numpy under the Triton interpreter, on inf / NaN values
+]
+"""``pytestmark`` filters of the fuzz files: ``[pytest.mark.filterwarnings(w) for w in WARNINGS]``."""
+
+
+def leaf(t):
+    """A fresh leaf that requires grad (None stays None)."""
+    return None if t is None else t.detach().clone().requires_grad_(True)
 PROFILE = os.environ.get("LLMKIT_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"LLMKIT_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
@@ -235,6 +247,38 @@ def run_isolated(nodeid: str, timeout: float = 600) -> None:
         cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode < 0:
-        raise AssertionError(f"{nodeid} crashed with signal {-proc.returncode}:\n{proc.stdout[-6000:]}{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{nodeid} crashed with signal {-proc.returncode}:\n{proc.stdout[-6000:]}{proc.stderr[-3000:]}"
+        )
     if proc.returncode not in (0, 5):  # 5: nothing collected / all deselected
         raise AssertionError(f"{nodeid} failed:\n{proc.stdout[-8000:]}{proc.stderr[-2000:]}")
+
+
+def need_ext() -> None:
+    """The C++ extension loaded (built here once if missing); a failed build fails the test."""
+    from llmkit import _ext
+
+    if _ext.load() is not None:
+        res = _ext.build()
+        assert res.ok, res.summary()
+        assert _ext.load() is None
+
+
+def run_fuzz(request, backend: str, examples: int, name: str, case) -> None:
+    """Run ``case(backend, data)`` (``data``: hypothesis' ``st.data()``) on ``examples``
+    examples (:func:`fuzz`). ``cuda_ext``: the extension loaded, and the test re-run in a
+    subprocess (:func:`run_isolated`) so a crash of the C++ kernels fails it."""
+    from hypothesis import given
+
+    if backend == "cuda_ext":
+        need_ext()
+        if not CHILD:
+            run_isolated(request.node.nodeid)
+            return
+
+    @fuzz(examples, name)
+    @given(data=st.data())
+    def run(data):
+        case(backend, data)
+
+    run()

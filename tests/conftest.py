@@ -61,13 +61,19 @@ def ext():
 
 def poison_kernel_buffers(monkeypatch, *modules) -> None:
     """Every buffer the given kernel modules allocate through their ``_empty`` starts as NaN
-    (integer buffers at their minimum): an element a kernel fails to write shows."""
-    from llmkit.kernels import layer_norm
+    (integer buffers at their minimum), and so does every buffer of the shared helpers of
+    ``kernels/_common.py`` (the sums of partial rows): an element a kernel fails to write shows."""
+    from llmkit.kernels import _common
     from llmkit.testing import poison_
 
-    real = layer_norm._empty
+    real = _common.empty
+
+    def poisoned(shape, dtype, device):
+        return poison_(real(shape, dtype, device))
+
     for module in modules:
-        monkeypatch.setattr(module, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
+        monkeypatch.setattr(module, "_empty", poisoned)
+    monkeypatch.setattr(_common, "empty", poisoned)
 
 
 def assert_refused_then_falls_back(calls, backend: str, reason: str) -> None:

@@ -1,6 +1,6 @@
 """GeGLU and SwiGLU: every backend against the float64 reference.
 
-The DESIGN.md rule (error <= 2 x PyTorch's own error in the dtype + floor) against
+The correctness rule of llmkit.testing (error <= 2 x PyTorch's own error in the dtype + floor) against
 llmkit/reference64.py, PyTorch's ``act(gate) * up`` in the input dtype being the baseline.
 The Triton kernels run through the interpreter (TRITON_INTERPRET=1, set by conftest) with
 every output buffer poisoned with NaN before the kernels write it.

@@ -1,6 +1,6 @@
 """LayerNorm, RMSNorm and add_layer_norm: both backends against the float64 reference.
 
-Every result is held to the DESIGN.md rule (error <= 2 x PyTorch's own error in the
+Every result is held to the correctness rule of llmkit.testing (error <= 2 x PyTorch's own error in the
 same dtype + floor) against llmkit/reference64.py, PyTorch's own F.layer_norm /
 F.rms_norm in that dtype being the baseline. The Triton kernels run through the
 interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest) with every output
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import llmkit
+from conftest import poison_kernel_buffers
 from llmkit import reference64 as R
 from llmkit.dispatch import triton_interpreting
-from llmkit.testing import ATOL_FLOOR, assert_close_to_reference, poison_
+from llmkit.testing import ATOL_FLOOR, assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -39,18 +40,10 @@ def _cases(dtypes_of=_dtypes):
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
     """Every buffer the Triton launchers allocate starts as NaN (the sums of partial rows too)."""
-    from llmkit.kernels import _common
     from llmkit.kernels import layer_norm as K
     from llmkit.kernels import layer_norm_backward as KB
 
-    real = _common.empty
-
-    def poisoned(shape, dtype, device):
-        return poison_(real(shape, dtype, device))
-
-    for module in (K, KB):
-        monkeypatch.setattr(module, "_empty", poisoned)
-    monkeypatch.setattr(_common, "empty", poisoned)
+    poison_kernel_buffers(monkeypatch, K, KB)
 
 
 def _randn(shape, dtype, mean=0.0, scale=1.0):

@@ -139,3 +139,19 @@ def test_ordinary_rows_unchanged_by_scaling(backend, path):
     assert torch.equal(out, out2)
     assert torch.equal(mean * 2.0**40, mean2) and torch.equal(rstd, rstd2 * 2.0**40)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=["float32", "bfloat16", "float64"])
+def test_constant_rows(backend, dtype, path, request):
+    """A constant row normalizes to exactly 0 (LayerNorm: the output is the bias), whatever its
+    magnitude; with eps = 0 it is 0 / 0, NaN, as the float64 formula gives (the convention)."""
+    if dtype == F64 and backend != "reference":
+        pytest.skip("float64 is the reference backend's")
+    x = torch.tensor([10000.37, 1e20, -3.0, 0.0], dtype=F64)[:, None].expand(4, 768).to(dtype)
+    b = _randn((768,), dtype)
+    with llmkit.use_backend(backend):
+        out = llmkit.ops.layer_norm(x, [768], None, b, 1e-5)
+        flat = llmkit.ops.layer_norm(x, [768], None, None, 0.0)
+    assert torch.equal(out, b.expand(4, 768))
+    assert torch.isnan(flat).all() and torch.isnan(R.layer_norm(x.to(F64), [768], None, None, 0.0)).all()

@@ -170,6 +170,45 @@ def attention(
     return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
 
 
+def window_keys(sq: int, sk: int, left: int, right: int) -> float:
+    """Keys the query rows of a bottom-right aligned sliding window see, summed over the rows:
+    row ``i`` sees keys ``[i + sk - sq - left, i + sk - sq + right]`` within ``[0, sk)``
+    (``-1``: unbounded on that side)."""
+    total = 0.0
+    shift = sk - sq
+    for i in range(sq):
+        lo = 0 if left < 0 else max(0, i + shift - left)
+        hi = sk - 1 if right < 0 else min(sk - 1, i + shift + right)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def attention_window(
+    b: int, hq: int, s: int, d: int, elem: int, left: int, right: int = 0, backward: bool = False,
+    hkv: int | None = None,
+) -> Work:
+    """Sliding-window attention over ``s`` tokens (FlashAttention convention, counting only the
+    (query, key) pairs inside the window): forward flops ``4 * B * Hq * D * pairs``, backward
+    2.5x; bytes as :func:`attention` (q, k, v, out and the row statistics, each once)."""
+    hkv = hq if hkv is None else hkv
+    fwd = 4.0 * b * hq * d * window_keys(s, s, left, right)
+    q = o = b * hq * s * d
+    k = v = b * hkv * s * d
+    rows = b * hq * s
+    if backward:
+        return Work(2.5 * fwd, elem * (2 * (q + k + v) + 2 * o) + 3 * STATS_BYTES * rows)
+    return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
+
+
+def decode_paged(
+    b: int, hq: int, hkv: int, t: int, cache_len: int, d: int, elem: int, block_size: int
+) -> Work:
+    """Paged decode attention: :func:`decode_attention`'s work plus the int32 block-table
+    entries the sequences use."""
+    w = decode_attention(b, hq, hkv, t, cache_len, d, elem)
+    return Work(w.flops, w.bytes + 4 * b * -(-cache_len // block_size))
+
+
 def decode_attention(
     b: int, hq: int, hkv: int, t: int, cache_len: int, d: int, elem: int, dv: int | None = None
 ) -> Work:

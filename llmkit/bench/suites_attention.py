@@ -8,9 +8,21 @@ take the case is reported skipped), ``torch.compile`` of the written-out referen
 (softmax(Q K^T * scale) V), llmkit's op on each backend, and flash-attn's
 ``flash_attn_func`` on CUDA when installed. TFLOP/s by FlashAttention's convention.
 
+``attention_window``: causal sliding-window attention (Mistral's ``window_size=(W, 0)``) over
+``S`` tokens. Baseline: SDPA with the window as a dense ``(S, S)`` boolean mask; llmkit's op
+with ``window_size`` on each backend (key blocks outside the window skipped), and with the
+same dense mask (``llmkit[<backend>]+mask``: what the window saves); flash-attn's
+``window_size`` on CUDA when installed. TFLOP/s counting only the pairs inside the window.
+
 ``decode_attention``: ``T`` new queries against a full KV cache of length ``L`` with GQA.
 Baseline: SDPA over the cache; llmkit's decode op on each backend. Memory-bound: GB/s
 against the copy bandwidth. On CUDA it is timed inside CUDA graphs (launch-bound).
+
+``decode_paged``: the same call against a paged cache (``block_table`` into
+``(num_blocks, block, Hkv, D)`` blocks, shuffled so that no sequence is contiguous).
+Baseline: gather the blocks, then SDPA; llmkit's paged decode on each backend, and its
+contiguous-cache decode of the same data (``llmkit[<backend>]+contiguous``: the paged
+call's target is to be within 10% of it).
 """
 
 from __future__ import annotations
@@ -130,7 +142,78 @@ def _build_decode(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.
     return Case("decode_attention", pass_, point, dtype, work, "memory", impls, cuda_graph=True)
 
 
+def _build_window(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
+    b, h, s, d, w = point["B"], point["H"], point["S"], point["D"], point["W"]
+    hkv = point.get("Hkv", h)
+    dev = ctx.device
+    q = torch.randn(b, s, h, d, device=dev).to(dtype).transpose(1, 2)
+    k = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
+    v = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
+    dout = torch.randn(b, h, s, d, device=dev).to(dtype)
+    gqa = hkv != h
+    i = torch.arange(s, device=dev)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - w)  # query rows, key columns
+    call = OpCall([q, k, v], pass_, wrt=(0, 1, 2), grads=[dout])
+    impls = standard_impls(
+        ctx, "attention", call,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa),
+        lambda q, k, v: L.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, window_size=(w, 0)),
+    )
+    for be in ctx.backends:
+        impls.append(call.impl(
+            f"llmkit[{be}]+mask",
+            lambda q, k, v: L.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa),
+            backend=be,
+        ))
+    fa = optional_module("flash_attn") if ctx.device.type == "cuda" else None
+    if fa is not None:
+
+        def flash(q, k, v):  # flash-attn takes (B, S, H, D)
+            out = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                     window_size=(w, 0))
+            return out.transpose(1, 2)
+
+        impls.append(call.impl("flash-attn", flash))
+    work = formulas.attention_window(b, h, s, d, elem_size(dtype), w, 0, pass_ == "bwd", hkv=hkv)
+    return Case("attention_window", pass_, point, dtype, work, "compute", impls)
+
+
+def _build_decode_paged(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
+    b, h, t, cache, d, blk = point["B"], point["H"], point["T"], point["L"], point["D"], point["block"]
+    hkv = point.get("Hkv", h)
+    dev = ctx.device
+    per_seq = -(-cache // blk)
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randperm(b * per_seq, generator=gen).view(b, per_seq).to(device=dev, dtype=torch.int32)
+    k_pages = torch.randn(b * per_seq, blk, hkv, d, device=dev).to(dtype)
+    v_pages = torch.randn(b * per_seq, blk, hkv, d, device=dev).to(dtype)
+    q = torch.randn(b, h, t, d, device=dev).to(dtype)
+    lens = torch.full((b,), cache, dtype=torch.int32, device=dev)
+    visible = decode_mask(lens, t, cache, True) if t > 1 else None
+
+    def gathered(pages: torch.Tensor) -> torch.Tensor:  # (B, Hkv, L, D), sequence b's blocks in order
+        return pages[table.long()].reshape(b, per_seq * blk, hkv, d)[:, :cache].transpose(1, 2)
+
+    k_flat, v_flat = gathered(k_pages).contiguous(), gathered(v_pages).contiguous()
+
+    def eager(q, kp, vp):
+        return F.scaled_dot_product_attention(q, gathered(kp), gathered(vp), attn_mask=visible, enable_gqa=hkv != h)
+
+    call = OpCall([q, k_pages, v_pages], pass_)
+    impls = standard_impls(ctx, "decode_attention", call, eager,
+                           lambda q, kp, vp: L.decode_attention(q, kp, vp, lens, block_table=table))
+    for be in ctx.backends:
+        impls.append(call.impl(f"llmkit[{be}]+contiguous",
+                               lambda q, kp, vp: L.decode_attention(q, k_flat, v_flat, lens), backend=be))
+    work = formulas.decode_paged(b, h, hkv, t, cache, d, elem_size(dtype), blk)
+    return Case("decode_paged", pass_, point, dtype, work, "memory", impls, cuda_graph=True)
+
+
 register(Suite("attention", "op", ("fwd", "bwd"), _build_attention,
                "scaled dot-product attention, (B, H, S, D) views of (B, S, H, D) storage"))
 register(Suite("decode_attention", "op", ("fwd",), _build_decode,
                "T new queries against a KV cache of length L (GQA)"))
+register(Suite("attention_window", "op", ("fwd", "bwd"), _build_window,
+               "causal sliding-window attention (window W) vs SDPA with the window as a dense mask"))
+register(Suite("decode_paged", "op", ("fwd",), _build_decode_paged,
+               "decode against a paged KV cache (block_table) vs gather + SDPA and the contiguous cache"))

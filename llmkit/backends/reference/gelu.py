@@ -19,6 +19,17 @@ from ...ops.gelu import (
 from ._common import compute_dtype
 
 
+def gelu_grad(grad_out: Tensor, z: Tensor, approximate: str) -> Tensor:
+    """``grad_out * gelu'(z)`` through ATen; for the tanh form, past |z| = 10 the derivative is
+    0 or 1 to within 1e-33 and ATen's ``z**3`` overflows float32 (NaN from |z| ~ 1e13): the
+    tails are taken as such (``+ 0 * z``: NaN at z = +-inf, as float64's formula)."""
+    dz = torch.ops.aten.gelu_backward(grad_out, z, approximate=approximate)
+    if approximate != "tanh":
+        return dz
+    tail = grad_out * ((z > 0).to(z.dtype) + 0.0 * z)
+    return torch.where(z.abs() > 10.0, tail, dz)
+
+
 @gelu_forward.register("reference")
 def gelu_forward_reference(c: GeluCall) -> Tensor:
     """GELU through ATen, which computes float16 / bfloat16 inputs in float32 and rounds once."""
@@ -29,7 +40,7 @@ def gelu_forward_reference(c: GeluCall) -> Tensor:
 def gelu_backward_reference(c: GeluBackwardCall) -> Tensor:
     """d GELU / d input times grad_out, in float32 for half inputs."""
     cdt = compute_dtype(c.input.dtype)
-    dx = torch.ops.aten.gelu_backward(c.grad_out.to(cdt), c.input.to(cdt), approximate=c.approximate)
+    dx = gelu_grad(c.grad_out.to(cdt), c.input.to(cdt), c.approximate)
     return dx.to(c.input.dtype).contiguous()
 
 
@@ -46,7 +57,7 @@ def bias_gelu_backward_reference(c: BiasGeluBackwardCall) -> tuple[Tensor, Tenso
     """(d input, d bias) of gelu(input + bias); d bias sums d input over leading dims."""
     cdt = compute_dtype(c.input.dtype)
     pre = torch.add(c.input.to(cdt), c.bias.to(cdt))
-    dpre = torch.ops.aten.gelu_backward(c.grad_out.to(cdt), pre, approximate=c.approximate)
+    dpre = gelu_grad(c.grad_out.to(cdt), pre, c.approximate)
     # sum over the leading dims (reshape(-1, N) is ambiguous when N == 0)
     dbias = (dpre.flatten(0, -2) if dpre.dim() > 1 else dpre.unsqueeze(0)).sum(0)
     return dpre.to(c.input.dtype).contiguous(), dbias.to(c.bias.dtype)

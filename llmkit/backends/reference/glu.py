@@ -22,6 +22,7 @@ from ...ops.glu import (
     swiglu_forward,
 )
 from ._common import compute_dtype
+from .gelu import gelu_grad
 
 
 def _wide(c_gate: Tensor, c_up: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,7 +43,7 @@ def geglu_backward_reference(c: GegluBackwardCall) -> tuple[Tensor, Tensor]:
     """d gate = grad_out * up * gelu'(gate), d up = grad_out * gelu(gate); the GELU recomputed."""
     g, u = _wide(c.gate, c.up)
     dy = c.grad_out.to(g.dtype)
-    dgate = torch.ops.aten.gelu_backward(dy * u, g, approximate=c.approximate)
+    dgate = gelu_grad(dy * u, g, c.approximate)
     dup = F.gelu(g, approximate=c.approximate).mul_(dy)
     return dgate.to(c.gate.dtype).contiguous(), dup.to(c.gate.dtype).contiguous()
 
