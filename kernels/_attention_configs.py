@@ -92,7 +92,7 @@ _TABLE_FP32: dict[int, _Entry] = {
                BackwardConfig(T(32, 16, 4, 1), T(16, 16, 2, 1))),
     128: _Entry(T(16, 16, 8, 1), T(16, 16, 8, 1),
                 BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1)),
-                BackwardConfig(T(16, 16, 4, 1), T(16, 16, 4, 1))),
+                BackwardConfig(T(16, 16, 4, 1), T(16, 16, 2, 1))),
 }
 FP32_MAX_HEAD_DIM = 128
 # The Triton interpreter (CPU tensors): small tiles so that tests cover many blocks.
