@@ -201,11 +201,14 @@ def _mask_scores(s, q_idx, k_idx, q_len, k_len, mask_base, stride_mm, stride_mn,
 
 
 @triton.jit
-def _seen_keys(seen_base, offs_n, kv_lo, kv_hi, HAS_SEEN: tl.constexpr):
+def _seen_keys(seen_base, offs_n, kv_lo, kv_hi, HAS_SEEN: tl.constexpr, LOWER: tl.constexpr):
     """Which keys of a block some query row may see: in [``kv_lo``, ``kv_hi``) (see
-    :func:`_keys_bound`) and, with ``HAS_SEEN``, marked in the launcher's :func:`keys_seen`
-    vector (int32 per key)."""
-    ok = (offs_n >= kv_lo) & (offs_n < kv_hi)
+    :func:`_keys_bound`; ``kv_lo`` is 0 without ``LOWER``) and, with ``HAS_SEEN``, marked in
+    the launcher's :func:`keys_seen` vector (int32 per key)."""
+    if LOWER:
+        ok = (offs_n >= kv_lo) & (offs_n < kv_hi)
+    else:
+        ok = offs_n < kv_hi
     if HAS_SEEN:
         ok = tl.load(seen_base + offs_n, mask=ok, other=0) != 0
     return ok

@@ -133,7 +133,7 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m,
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0), offs_dv, HEAD_DV,
+        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER), offs_dv, HEAD_DV,
                        BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         acc = acc * alpha[:, None]
         acc = _mma(_cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)

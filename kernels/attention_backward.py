@@ -64,7 +64,7 @@ def _stats_kv_loop(m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_tile(k_ptrs, offs_n, k_len, offs_d, HEAD_D, BLOCK_D, BOUNDARY)
-        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0), offs_dv, HEAD_DV,
+        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER), offs_dv, HEAD_DV,
                        BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         s, t = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
         s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
@@ -195,7 +195,7 @@ def _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_ba
     v_ptrs = _aligned_ptr(v_base, start * stride_vn, STRIDE_ALIGN) + offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0)
+        seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER)
         k = _load_keys(k_ptrs, seen, offs_d, HEAD_D, BLOCK_D, BOUNDARY or MASK_KIND != 0)
         v = _load_keys(v_ptrs, seen, offs_dv, HEAD_DV, BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         s, t = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
@@ -400,7 +400,7 @@ def _attn_bwd_dkdv_kernel(
     kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
     seen_base = seen_ptr + b64 * stride_sb + kvh64 * stride_sh
     k_rows = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh + n064 * stride_kn, STRIDE_ALIGN)
-    seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0)
+    seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER)
     k = _load_keys(k_rows + cols[:, None] * stride_kn + offs_d[None, :], seen, offs_d, HEAD_D, BLOCK_D, True)
     v_rows = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh + n064 * stride_vn, STRIDE_ALIGN)
     v = _load_keys(v_rows + cols[:, None] * stride_vn + offs_dv[None, :], seen, offs_dv, HEAD_DV, BLOCK_DV, True)
