@@ -435,7 +435,7 @@ class MaskArgs:
         if self.kind == MASK_NONE:
             return 0, 0
         sizes, strides = self.seen.shape[:2], self.seen.stride()[:2]
-        return tuple(0 if n == 1 else int(st) for n, st in zip(sizes, strides, strict=True))
+        return (0 if sizes[0] == 1 else int(strides[0]), 0 if sizes[1] == 1 else int(strides[1]))
 
     def seen_per_kv_head(self, groups: int) -> MaskArgs:
         """The same with ``seen`` per K/V head (seen by any query head of its group), for the

@@ -56,6 +56,7 @@ spills for sm_80 and sm_90, ``python -m llmkit.compile_report``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -374,7 +375,8 @@ def compile_specs() -> list[CompileSpec]:
         (torch.float32, 128, True, MASK_NONE, False, False),
         (torch.float32, 128, True, MASK_BOOL, False, False),
     ]
-    cases = [c + ({},) for c in plain if c not in both] + [c + ({},) for c in both] + [c + (ragged,) for c in both]
+    cases: list[tuple[Any, ...]] = [c + ({},) for c in plain if c not in both]
+    cases += [c + ({},) for c in both] + [c + (ragged,) for c in both]
     bwd_dims = (64, 128, 80, 256)
     for dtype, d, causal, mask_kind, row_bcast, dropout, shape in cases:
         ty = _TRITON_DTYPE[dtype]

@@ -473,7 +473,8 @@ def attention_backward(
     b, hq, sq, d = query.shape
     hkv, sk, dv = key.shape[1], key.shape[2], value.shape[3]
     if b * hq * sq == 0 or sk == 0:  # nothing attends: every gradient is zero
-        return tuple(_c._empty(tuple(t.shape), t.dtype, t.device).zero_() for t in (query, key, value))
+        zq, zk, zv = (_c._empty(tuple(t.shape), t.dtype, t.device).zero_() for t in (query, key, value))
+        return zq, zk, zv
     dq, dk, dvv = (_c._padded_empty(tuple(t.shape), t.dtype, t.device) for t in (query, key, value))
     q, k, v, do = (_c._aligned_rows(t) for t in (query, key, value, grad_out))
     stats = _c._empty((3, b, hq, sq), torch.float32, query.device)  # delta, row max m, log2(row sum)

@@ -1,6 +1,6 @@
 """scaled_dot_product_attention: both backends against the float64 reference.
 
-Forward output and dq / dk / dv are held to the DESIGN.md rule (error <= 2 x PyTorch's
+Forward output and dq / dk / dv are held to the correctness rule of llmkit.testing (error <= 2 x PyTorch's
 own error in the same dtype + floor) against ``llmkit.reference64.attention`` (float64
 autograd), PyTorch's math ``F.scaled_dot_product_attention`` computing in that dtype
 (``allow_fp16_bf16_reduction_math_sdp``; by default it would compute half inputs in

@@ -1,6 +1,6 @@
 """decode_attention (KV-cache, flash-decoding): both backends against the float64 reference.
 
-Each result is held to the DESIGN.md rule against ``llmkit.reference64.decode_attention``;
+Each result is held to the correctness rule of llmkit.testing against ``llmkit.reference64.decode_attention``;
 the baseline is PyTorch's math ``F.scaled_dot_product_attention`` in the inputs' dtype on
 each sequence's valid cache prefix with the bottom-right causal mask (rows with no
 visible key are checked on their own). The Triton kernels run through the interpreter

@@ -52,7 +52,7 @@ meaningful: ``lse`` in float32 cannot hold ``-3.4e38 + log(n)``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -421,6 +421,24 @@ def _causal_bias(op: str, attn_mask, is_causal: bool, causal_alignment: str, que
         raise ValueError(f"{op}: attn_mask is a CausalBias for (Sq, Sk) = ({sq}, {sk}) but query and key "
                          f"have ({query.shape[-2]}, {key.shape[-2]})")
     return True, variant
+
+
+@overload
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+    causal_alignment: str = "top_left", window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None, return_lse: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+    causal_alignment: str = "top_left", window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None, return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
 
 
 def scaled_dot_product_attention(

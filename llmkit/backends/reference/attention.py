@@ -125,6 +125,7 @@ class Visible:
         if mask is None:  # causal alone hides no whole row or column once cut to Sq keys
             return Visible(key, value, mask, full, None, None)
         allowed = allowed_keys(mask, is_causal, sq, sk, query.device)
+        assert allowed is not None  # a mask is given
         dead_cols = ~allowed.any(-2)
         return Visible(key, value, mask, full, ~allowed.any(-1), dead_cols if bool(dead_cols.any()) else None)
 
@@ -242,6 +243,11 @@ def _math_probs(query: Tensor, key: Tensor, mask: Tensor | None, is_causal: bool
     return s, p, t
 
 
+def _dims4(t: Tensor) -> tuple[int, int, int, int]:
+    b, h, sq, sk = t.shape
+    return b, h, sq, sk
+
+
 def _keep_scale(seed: int, offset: int, shape: tuple[int, int, int, int], full_k_len: int, dropout_p: float,
                 dtype: torch.dtype, device: torch.device) -> Tensor:
     """Dropout's keep mask times 1 / (1 - p), cut to the keys read (counters use the full Sk)."""
@@ -272,7 +278,7 @@ def attention_forward_reference(c: AttentionCall) -> tuple[Tensor, Tensor]:
         s, p, _ = _math_probs(q, k, vis.mask, is_causal, scale, vis.dead_rows, c.softcap)
         lse = torch.logsumexp(s, dim=-1)
         if dropout_p > 0.0:
-            p = p * _keep_scale(seed, offset, tuple(p.shape), vis.full_k_len, dropout_p, cdt, query.device)
+            p = p * _keep_scale(seed, offset, _dims4(p), vis.full_k_len, dropout_p, cdt, query.device)
         out = torch.matmul(p, v).to(query.dtype)
     if vis.dead_rows is not None and bool(vis.dead_rows.any()):
         dead = vis.dead_rows.expand(b, hq, sq)
@@ -335,7 +341,7 @@ def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tens
         _, p, t = _math_probs(q, k, vis.mask, is_causal, scale, vis.dead_rows, c.softcap)
         dp = torch.matmul(do, v.transpose(-1, -2))
         if dropout_p > 0.0:
-            z = _keep_scale(seed, offset, tuple(p.shape), vis.full_k_len, dropout_p, cdt, query.device)
+            z = _keep_scale(seed, offset, _dims4(p), vis.full_k_len, dropout_p, cdt, query.device)
             dv = torch.matmul((p * z).transpose(-1, -2), do)
             dp = dp * z
         else:
