@@ -98,8 +98,9 @@ HAS_CPU_FLASH_ATTENTION = _CPU_FLASH is not None and _CPU_FLASH_BWD is not None
 """ATen's fused CPU attention (forward and backward) exists in this torch."""
 
 
-def cpu_flash_attention(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
-                        attn_mask: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+def cpu_flash_attention(
+    query: Tensor, key: Tensor, value: Tensor, is_causal: bool, attn_mask: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor]:
     """ATen's CPU flash attention without dropout: ``(out, lse)``; callers check
     :data:`HAS_CPU_FLASH_ATTENTION` and take their math path without it."""
     assert _CPU_FLASH is not None
@@ -107,13 +108,20 @@ def cpu_flash_attention(query: Tensor, key: Tensor, value: Tensor, is_causal: bo
     return out, lse
 
 
-def cpu_flash_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
-                                 lse: Tensor, is_causal: bool, attn_mask: Tensor | None,
-                                 scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+def cpu_flash_attention_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    is_causal: bool,
+    attn_mask: Tensor | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`cpu_flash_attention`: ``(dq, dk, dv)``."""
     assert _CPU_FLASH_BWD is not None
-    dq, dk, dv = _CPU_FLASH_BWD(grad_out, query, key, value, out, lse, 0.0, is_causal,
-                               attn_mask=attn_mask, scale=scale)
+    dq, dk, dv = _CPU_FLASH_BWD(grad_out, query, key, value, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
     return dq, dk, dv
 
 
@@ -136,8 +144,7 @@ _FUSED_RMS_NORM = _aten_op("_fused_rms_norm")
 HAS_FUSED_RMS_NORM = _FUSED_RMS_NORM is not None
 
 
-def fused_rms_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None,
-                   eps: float) -> tuple[Tensor, Tensor]:
+def fused_rms_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm of ``x`` over its last ``len(normalized_shape)`` dims in ``x``'s dtype:
     ``(out, rstd)``, ``rstd`` of the leading shape with the normalized dims kept as 1.
 
@@ -278,12 +285,17 @@ def register_dtensor_strategy(
         single = []
         for out, inp in placements(*args, **kwargs):
             if len(out) != n_out or len(inp) != n_in:  # a rule's bug: say so, do not mis-pair placements
-                raise ValueError(f"{op}: a sharding rule gave {len(out)} output and {len(inp)} input "
-                                 f"placements; the op has {n_out} outputs and {n_in} arguments")
+                raise ValueError(
+                    f"{op}: a sharding rule gave {len(out)} output and {len(inp)} input "
+                    f"placements; the op has {n_out} outputs and {n_in} arguments"
+                )
             single.append(list(out) + list(inp))
         return expand_to_full_mesh_op_strategy(
-            op_schema.get_mesh_from_args(), op_schema, single,
-            input_index=n_out, is_valid_strategy_cb=is_valid,
+            op_schema.get_mesh_from_args(),
+            op_schema,
+            single,
+            input_index=n_out,
+            is_valid_strategy_cb=is_valid,
         )
 
     DTensor._op_dispatcher.sharding_propagator.register_op_strategy(
@@ -387,8 +399,15 @@ def fix_triton_interpreter() -> str | None:
 
 
 _TRITON_POINTER_TYPES = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int8: "i8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
     torch.bool: "u1",
 }
 
@@ -455,8 +474,9 @@ def _specialize_by_rule(kernel: Any, args: dict[str, Any]) -> tuple[dict, dict, 
     return signature, constexprs, attrs
 
 
-def triton_launch_specialization(kernel: Any, args: dict[str, Any], options: dict[str, Any],
-                                 arch: int) -> tuple[dict, dict, dict]:
+def triton_launch_specialization(
+    kernel: Any, args: dict[str, Any], options: dict[str, Any], arch: int
+) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` that Triton's JIT compiles for a launch of ``kernel``
     (a JITFunction) with ``args`` (every parameter by name, tensors or any object with
     ``data_ptr()`` and ``dtype``) and launch ``options`` on ``sm_<arch>``: the arguments of

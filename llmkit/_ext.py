@@ -162,8 +162,12 @@ def find_builds() -> list[tuple[Path, dict]]:
             continue
         for d in sorted(root.glob(prefix + "*")):
             info = _read_json(d / _INFO_FILE)
-            if (isinstance(info, dict) and isinstance(info.get("library"), str)
-                    and (d / info["library"]).is_file() and _isa_runs_here(info.get("cpu_isa"))):
+            if (
+                isinstance(info, dict)
+                and isinstance(info.get("library"), str)
+                and (d / info["library"]).is_file()
+                and _isa_runs_here(info.get("cpu_isa"))
+            ):
                 found.append((d, info))
 
     def rank(item: tuple[Path, dict]) -> tuple[int, int, int]:
@@ -231,10 +235,7 @@ def _not_built_reason(rejected: list[str]) -> str:
     failed = _failed_builds()
     if failed:
         f = failed[0]
-        return (
-            f"the last build failed: {f.get('first_error')} (log: {f.get('log')}); fix it and run "
-            f"`{BUILD_COMMAND}`"
-        )
+        return f"the last build failed: {f.get('first_error')} (log: {f.get('log')}); fix it and run `{BUILD_COMMAND}`"
     return (
         f"not built for torch {torch.__version__} (sources {h}): run `{BUILD_COMMAND}` "
         f"(a few minutes), or set {AUTOBUILD_ENV}=1 to build on first use"
@@ -264,8 +265,12 @@ def _load_first_good(state: _State) -> None:
             state.loaded, state.reason, state.directory, state.info = True, None, directory, info
             return
         state.rejected.append(f"{directory}: {why}")
-        logger.warning("llmkit: the C++/CUDA extension build in %s is not used: %s; `%s` rebuilds it",
-                       directory, why, BUILD_COMMAND)
+        logger.warning(
+            "llmkit: the C++/CUDA extension build in %s is not used: %s; `%s` rebuilds it",
+            directory,
+            why,
+            BUILD_COMMAND,
+        )
 
 
 def _autobuild_wanted() -> bool:
@@ -346,9 +351,8 @@ def unavailable_reason(device_type: str) -> str | None:
             caps = _device_archs()
             low = [c for c in caps if c < MIN_CUDA_CAPABILITY]
             if low:
-                reason = (
-                    "the CUDA kernels need compute capability >= 8.0 (bfloat16 tensor cores), got "
-                    + ", ".join(f"{c[0]}.{c[1]}" for c in low)
+                reason = "the CUDA kernels need compute capability >= 8.0 (bfloat16 tensor cores), got " + ", ".join(
+                    f"{c[0]}.{c[1]}" for c in low
                 )
             else:
                 reason = _arch_mismatch(_state.info if _state else {})
@@ -399,9 +403,7 @@ def add_build_ext_arguments(p) -> None:
     """Options of ``llmkit build-ext`` (an argparse parser)."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--cpu-only", action="store_true", help="build the C++ CPU kernels only")
-    mode.add_argument(
-        "--cuda", action="store_true", help="require the CUDA kernels (fail if they cannot be built)"
-    )
+    mode.add_argument("--cuda", action="store_true", help="require the CUDA kernels (fail if they cannot be built)")
     p.add_argument(
         "--arch",
         metavar="LIST",
@@ -409,8 +411,9 @@ def add_build_ext_arguments(p) -> None:
     )
     p.add_argument("--jobs", type=int, metavar="N", help="parallel compiler jobs (MAX_JOBS)")
     p.add_argument("--cache-dir", metavar="DIR", help=f"cache root (default ${CACHE_ENV} or {cache_root()})")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild from scratch even when an identical build is in the cache")
+    p.add_argument(
+        "--force", action="store_true", help="rebuild from scratch even when an identical build is in the cache"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 

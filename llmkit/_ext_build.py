@@ -92,8 +92,14 @@ _ISA_FLAGS = {
     "default": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
     ],
 }
 
@@ -220,10 +226,7 @@ def first_error(log_text: str) -> str | None:
 
 def _check_can_build_cuda() -> str | None:
     if torch.version.cuda is None:
-        return (
-            f"torch {torch.__version__} is a CPU-only build: the CUDA kernels need a CUDA build "
-            "of torch"
-        )
+        return f"torch {torch.__version__} is a CPU-only build: the CUDA kernels need a CUDA build of torch"
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
@@ -317,9 +320,7 @@ def build(
         env["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     cmd = [sys.executable, "-c", _WORKER, json.dumps(config)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)

@@ -96,8 +96,7 @@ def _grads(out: Tensor, grad: Tensor, named: dict[str, Tensor | None]) -> Output
     leaves = {k: v for k, v in named.items() if v is not None and v.requires_grad}
     gs = torch.autograd.grad(out, list(leaves.values()), grad.to(out.dtype), allow_unused=True)
     return {
-        f"grad_{k}": (g if g is not None else torch.zeros_like(v))
-        for (k, v), g in zip(leaves.items(), gs, strict=True)
+        f"grad_{k}": (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), gs, strict=True)
     }
 
 
@@ -346,8 +345,10 @@ def _attention_cases() -> Iterable[Case]:
                 y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
                 return {"out": y} | _grads(y, d["gy"], {"query": q, "key": k, "value": v})
 
-            label = (f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{'' if dv == dh else f'/{dv}'}"
-                     f"{' causal' if causal else ''}{' ' + mask_kind if mask_kind else ''}")
+            label = (
+                f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{'' if dv == dh else f'/{dv}'}"
+                f"{' causal' if causal else ''}{' ' + mask_kind if mask_kind else ''}"
+            )
             yield Case("attention", label, dtype, make, run_a, ref_a, base_a, quick=quick, interp=interp)
 
     # B, Hq, Hkv, T, S_max, D, layout, quick, interp
@@ -423,8 +424,18 @@ def _int8_cases() -> Iterable[Case]:
                 q, s = R.quantize_int8(d["x"])
                 return {"q": q, "scale": s}
 
-            yield Case("quantize_int8", _label(shape, layout), dtype, make_q, run_q, ref_q, None, exact=True,
-                       quick=quick, interp=interp)
+            yield Case(
+                "quantize_int8",
+                _label(shape, layout),
+                dtype,
+                make_q,
+                run_q,
+                ref_q,
+                None,
+                exact=True,
+                quick=quick,
+                interp=interp,
+            )
 
     # M, K, N, b layout, quick, interp
     for m, k, n, b_layout, quick, interp in (
@@ -443,10 +454,16 @@ def _int8_cases() -> Iterable[Case]:
             }
 
         yield Case(
-            "int8_matmul", _label((m, k, n), b_layout), torch.int8, make_mm,
+            "int8_matmul",
+            _label((m, k, n), b_layout),
+            torch.int8,
+            make_mm,
             lambda d: {"out": L.int8_matmul(d["a"], d["b"])},
             lambda d: {"out": R.int8_matmul(d["a"], d["b"]).to(torch.int32)},
-            None, exact=True, quick=quick, interp=interp,
+            None,
+            exact=True,
+            quick=quick,
+            interp=interp,
         )
 
     # the scaled epilogue: acc * a_scale * b_scale + bias in float32, written as out_dtype
@@ -473,8 +490,16 @@ def _int8_cases() -> Iterable[Case]:
                 acc = (d["a"].double() @ d["b"].double()).float()
                 return {"out": (acc * d["sa"][:, None] * d["sb"][None, :] + d["bias"]).to(od)}
 
-            yield Case("int8_matmul", f"{m}x{k}x{n} scaled->{_names(out_dtype)}", out_dtype, make_ep, run_ep,
-                       ref_ep, base_ep, quick=quick)
+            yield Case(
+                "int8_matmul",
+                f"{m}x{k}x{n} scaled->{_names(out_dtype)}",
+                out_dtype,
+                make_ep,
+                run_ep,
+                ref_ep,
+                base_ep,
+                quick=quick,
+            )
 
     for dtype in HALF_AND_FLOAT:
         for mode, min_db in (("w8a8", 25.0), ("w8a16", 30.0)):
@@ -490,8 +515,13 @@ def _int8_cases() -> Iterable[Case]:
                 def make_lin(dev, lead=lead, k=k, n=n, dtype=dtype, layout=layout):
                     w = torch.randn(n, k, device=dev)
                     wq, ws = R.quantize_int8(w)
-                    return {"x": laid_out(torch.randn(*lead, k, device=dev).to(dtype), layout), "w": wq, "ws": ws,
-                            "bias": torch.randn(n, device=dev).to(dtype), "wf": w}
+                    return {
+                        "x": laid_out(torch.randn(*lead, k, device=dev).to(dtype), layout),
+                        "w": wq,
+                        "ws": ws,
+                        "bias": torch.randn(n, device=dev).to(dtype),
+                        "wf": w,
+                    }
 
                 def run_lin(d, mode=mode, act=act):
                     return {"out": L.int8_linear(d["x"], d["w"], d["ws"], d["bias"], mode=mode, activation=act)}
@@ -501,8 +531,9 @@ def _int8_cases() -> Iterable[Case]:
                     return {"out": R.gelu(y) if act == "gelu" else y}
 
                 label = f"{mode} {_label((*lead, k, n), layout)}{' gelu' if act != 'none' else ''}"
-                yield Case("int8_linear", label, dtype, make_lin, run_lin, ref_lin, None, min_sqnr_db=min_db,
-                           quick=quick)
+                yield Case(
+                    "int8_linear", label, dtype, make_lin, run_lin, ref_lin, None, min_sqnr_db=min_db, quick=quick
+                )
 
 
 def all_cases() -> list[Case]:
@@ -510,8 +541,16 @@ def all_cases() -> list[Case]:
     from . import check_decode, check_llm  # the cases of the LLM norms, gated activations, decode caches
     from .check_attention import attention_llm_cases  # attention's LLM options (imports this module)
 
-    return [*_norm_cases(), *check_llm.llm_norm_cases(), *_gelu_cases(), *check_llm.glu_cases(), *_attention_cases(),
-            *attention_llm_cases(), *check_decode.decode_cache_cases(), *_int8_cases()]
+    return [
+        *_norm_cases(),
+        *check_llm.llm_norm_cases(),
+        *_gelu_cases(),
+        *check_llm.glu_cases(),
+        *_attention_cases(),
+        *attention_llm_cases(),
+        *check_decode.decode_cache_cases(),
+        *_int8_cases(),
+    ]
 
 
 # the running half lives in check_run.py (it imports the cases above)

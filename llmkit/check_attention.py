@@ -29,10 +29,21 @@ ATTENTION_LLM_CONFIGS = [
 ]
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
-                    bottom_right: bool = False, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                    slopes: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                    keep: torch.Tensor | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
+    bottom_right: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    slopes: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the formula of :func:`llmkit.reference64.attention_llm` in the inputs'
     dtype, the softmax in float32 (HuggingFace's eager attention): the baseline of the tolerance
     rule. ``mask``: boolean (True = attend); ``keep``: a dropout keep-mask."""
@@ -82,24 +93,51 @@ def attention_llm_cases() -> Iterable[Case]:
             def run(d, opts=opts):
                 q, k, v = _leaf(d["q"]), _leaf(d["k"]), _leaf(d["v"])
                 y = L.scaled_dot_product_attention(
-                    q, k, v, is_causal=opts["causal"], enable_gqa=q.shape[1] != k.shape[1],
-                    causal_alignment="bottom_right" if opts["br"] else "top_left", window_size=opts["window"],
-                    softcap=opts["softcap"], alibi_slopes=d["slopes"])
+                    q,
+                    k,
+                    v,
+                    is_causal=opts["causal"],
+                    enable_gqa=q.shape[1] != k.shape[1],
+                    causal_alignment="bottom_right" if opts["br"] else "top_left",
+                    window_size=opts["window"],
+                    softcap=opts["softcap"],
+                    alibi_slopes=d["slopes"],
+                )
                 return {"out": y} | _grads(y, d["gy"], {"query": q, "key": k, "value": v})
 
             def ref(d, opts=opts):
                 q, k, v = (_f64(_leaf(d[n])) for n in ("q", "k", "v"))
-                y, _ = R.attention_llm(q, k, v, None, opts["causal"], bottom_right=opts["br"], window=opts["window"],
-                                       softcap=opts["softcap"], alibi_slopes=d["slopes"])
+                y, _ = R.attention_llm(
+                    q,
+                    k,
+                    v,
+                    None,
+                    opts["causal"],
+                    bottom_right=opts["br"],
+                    window=opts["window"],
+                    softcap=opts["softcap"],
+                    alibi_slopes=d["slopes"],
+                )
                 return {"out": y} | _grads(y, d["gy"], {"query": q, "key": k, "value": v})
 
             def base(d, opts=opts):
                 q, k, v = _leaf(d["q"]), _leaf(d["k"]), _leaf(d["v"])
-                y, _ = eager_attention(q, k, v, q.shape[-1] ** -0.5, causal=opts["causal"], bottom_right=opts["br"],
-                                       window=opts["window"], softcap=opts["softcap"], slopes=d["slopes"])
+                y, _ = eager_attention(
+                    q,
+                    k,
+                    v,
+                    q.shape[-1] ** -0.5,
+                    causal=opts["causal"],
+                    bottom_right=opts["br"],
+                    window=opts["window"],
+                    softcap=opts["softcap"],
+                    slopes=d["slopes"],
+                )
                 return {"out": y} | _grads(y, d["gy"], {"query": q, "key": k, "value": v})
 
-            label = (f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{' causal' if causal else ''}"
-                     f"{' bottom-right' if br else ''}{f' window{window}' if window != (-1, -1) else ''}"
-                     f"{f' softcap{softcap:g}' if softcap else ''}{' alibi' if alibi else ''}")
+            label = (
+                f"B{b} H{hq}/{hkv} S{sq}x{sk} D{dh}{' causal' if causal else ''}"
+                f"{' bottom-right' if br else ''}{f' window{window}' if window != (-1, -1) else ''}"
+                f"{f' softcap{softcap:g}' if softcap else ''}{' alibi' if alibi else ''}"
+            )
             yield Case("attention", label, dtype, make, run, ref, base, quick=quick, interp=interp)

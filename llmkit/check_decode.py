@@ -64,8 +64,9 @@ def decode_cache_cases() -> Iterable[Case]:
     for dtype in HALF_AND_FLOAT:
         for b, hq, hkv, t, dh, bs, option, quick, interp in DECODE_CACHE_CONFIGS:
 
-            def make(dev: torch.device, b=b, hq=hq, hkv=hkv, t=t, dh=dh, bs=bs, option=option,
-                     dtype=dtype, quick=quick) -> dict[str, Any]:
+            def make(
+                dev: torch.device, b=b, hq=hq, hkv=hkv, t=t, dh=dh, bs=bs, option=option, dtype=dtype, quick=quick
+            ) -> dict[str, Any]:
                 s_max = 300 if quick else 2100
                 lens = torch.randint(t, s_max - t + 1, (b,), dtype=torch.int32)
                 d: dict[str, Any] = {"q": torch.randn(b, hq, t, dh, device=dev).to(dtype), "lens": lens.to(dev)}
@@ -103,8 +104,10 @@ def decode_cache_cases() -> Iterable[Case]:
                 n = int(lens.max()) if lens.numel() else 0
                 k, v = (_gather(d[x].to(dtype), d["table"], n) for x in ("k", "v"))
                 if option == "append":
-                    k, v = torch.cat([k, k.new_zeros(k.shape[:2] + (d["k_new"].shape[2], k.shape[3]))], 2), \
-                        torch.cat([v, v.new_zeros(v.shape[:2] + (d["v_new"].shape[2], v.shape[3]))], 2)
+                    k, v = (
+                        torch.cat([k, k.new_zeros(k.shape[:2] + (d["k_new"].shape[2], k.shape[3]))], 2),
+                        torch.cat([v, v.new_zeros(v.shape[:2] + (d["v_new"].shape[2], v.shape[3]))], 2),
+                    )
                     for i in range(k.shape[0]):  # the new tokens right after each sequence's length
                         n_i, t_new = int(lens[i]), d["k_new"].shape[2]
                         k[i, :, n_i : n_i + t_new] = d["k_new"][i].to(dtype)

@@ -38,7 +38,7 @@ GLU_ACTIVATIONS = (("swiglu", None), ("geglu", "none"), ("geglu", "tanh"))
 def _pair(shape: tuple[int, ...], layout: str, dtype: torch.dtype, dev: torch.device) -> tuple[torch.Tensor, ...]:
     if layout == "halves":
         h = (torch.randn((*shape[:-1], 2 * shape[-1]), device=dev) * 3).to(dtype)
-        return h[..., : shape[-1]], h[..., shape[-1]:]
+        return h[..., : shape[-1]], h[..., shape[-1] :]
     gate = laid_out((torch.randn(shape, device=dev) * 3).to(dtype), layout)
     return gate, laid_out(torch.randn(shape, device=dev).to(dtype), layout)
 
@@ -58,8 +58,11 @@ def glu_cases() -> Iterable[Case]:
                 def fns(op=op, approx=approx):
                     if op == "swiglu":
                         return L.swiglu, R.swiglu, lambda g, u: F.silu(g) * u
-                    return (lambda g, u: L.geglu(g, u, approx), lambda g, u: R.geglu(g, u, approx),
-                            lambda g, u: F.gelu(g, approximate=approx) * u)
+                    return (
+                        lambda g, u: L.geglu(g, u, approx),
+                        lambda g, u: R.geglu(g, u, approx),
+                        lambda g, u: F.gelu(g, approximate=approx) * u,
+                    )
 
                 def run(d, fns=fns):
                     g, u = _leaf(d["gate"]), _leaf(d["up"])
@@ -169,21 +172,24 @@ def llm_norm_cases() -> Iterable[Case]:
                 def run_aln(d, fp32_res=fp32_res, p=p):
                     x, r, w, b = (_leaf(d[k]) for k in ("x", "r", "w", "b"))
                     y, s, _, _ = torch.ops.llmkit.add_layer_norm(x, r, [d["n"]], w, b, 1e-5, fp32_res, p, _SEED)
-                    return {"out": y, "residual_out": s} | _add_grads(y, s, d, {"input": x, "residual": r,
-                                                                               "weight": w, "bias": b})
+                    return {"out": y, "residual_out": s} | _add_grads(
+                        y, s, d, {"input": x, "residual": r, "weight": w, "bias": b}
+                    )
 
                 def ref_aln(d, rdt=rdt, p=p, keep=keep):
                     x, r, w, b = (_f64(_leaf(d[k])) for k in ("x", "r", "w", "b"))
                     y, s = R.add_layer_norm(x, r, [d["n"]], w, b, 1e-5, rdt, keep(d), p)
-                    return {"out": y, "residual_out": s} | _add_grads(y, s, d, {"input": x, "residual": r,
-                                                                               "weight": w, "bias": b})
+                    return {"out": y, "residual_out": s} | _add_grads(
+                        y, s, d, {"input": x, "residual": r, "weight": w, "bias": b}
+                    )
 
                 def base_aln(d, rdt=rdt, keep=keep, p=p):
                     x, r, w, b = (_leaf(d[k]) for k in ("x", "r", "w", "b"))
                     s = _model_add(x, r, rdt, keep(d), p)
                     y = F.layer_norm(s, [d["n"]], w.to(s.dtype), b.to(s.dtype), 1e-5).to(x.dtype)
-                    return {"out": y, "residual_out": s} | _add_grads(y, s, d, {"input": x, "residual": r,
-                                                                               "weight": w, "bias": b})
+                    return {"out": y, "residual_out": s} | _add_grads(
+                        y, s, d, {"input": x, "residual": r, "weight": w, "bias": b}
+                    )
 
                 yield Case("add_layer_norm", label, dtype, make, run_aln, ref_aln, base_aln, **kw)
 
@@ -198,8 +204,7 @@ def _model_rms(x: torch.Tensor, w: torch.Tensor, offset: float, cast: bool) -> t
     return (h * (offset + w.to(h.dtype))).to(x.dtype)
 
 
-def _model_add(x: torch.Tensor, r: torch.Tensor, rdt: torch.dtype, keep: torch.Tensor | None,
-               p: float) -> torch.Tensor:
+def _model_add(x: torch.Tensor, r: torch.Tensor, rdt: torch.dtype, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     """``dropout(x) + r`` as unfused code does it, the sum in ``rdt``."""
     if keep is not None:
         x = (x.float() * keep * (1.0 / (1.0 - p))).to(x.dtype)
@@ -209,7 +214,9 @@ def _model_add(x: torch.Tensor, r: torch.Tensor, rdt: torch.dtype, keep: torch.T
 def _add_grads(y: torch.Tensor, s: torch.Tensor, d: dict, named: dict) -> dict:
     """Gradients of (out, residual_out) with random output gradients into every named leaf."""
     leaves = {k: v for k, v in named.items() if v is not None and v.requires_grad}
-    gs = torch.autograd.grad([y, s], list(leaves.values()), [d["gy"].to(y.dtype), d["gs"].to(s.dtype)],
-                             allow_unused=True)
-    return {f"grad_{k}": (g if g is not None else torch.zeros_like(v))
-            for (k, v), g in zip(leaves.items(), gs, strict=True)}
+    gs = torch.autograd.grad(
+        [y, s], list(leaves.values()), [d["gy"].to(y.dtype), d["gs"].to(s.dtype)], allow_unused=True
+    )
+    return {
+        f"grad_{k}": (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), gs, strict=True)
+    }

@@ -35,8 +35,13 @@ def _judge(
     """(max abs err, rel err, tolerance, status, note) of one output."""
     if case.exact:
         if out.shape != r.shape or out.dtype != r.dtype:
-            return math.inf, math.nan, 0.0, "FAIL", (f"got {_names(out.dtype)} {list(out.shape)}, expected "
-                                                     f"{_names(r.dtype)} {list(r.shape)}")
+            return (
+                math.inf,
+                math.nan,
+                0.0,
+                "FAIL",
+                (f"got {_names(out.dtype)} {list(out.shape)}, expected {_names(r.dtype)} {list(r.shape)}"),
+            )
         exact = torch.equal(out.cpu(), r.cpu())
         diff = 0.0 if exact else float((out.cpu().double() - r.cpu().double()).abs().nan_to_num(math.inf).max())
         return diff, 0.0 if exact else math.nan, 0.0, "PASS" if exact else "FAIL", "" if exact else "must be bit-exact"
@@ -60,8 +65,18 @@ def run_case(case: Case, backend: str, device: torch.device) -> list[Row]:
     )
 
     def one(status: str, note: str, output: str = "-") -> list[Row]:
-        return [Row(**base, output=output, max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
-                    status=status, note=note, seconds=time.perf_counter() - t0)]
+        return [
+            Row(
+                **base,
+                output=output,
+                max_abs_err=math.nan,
+                rel_err=math.nan,
+                tolerance=math.nan,
+                status=status,
+                note=note,
+                seconds=time.perf_counter() - t0,
+            )
+        ]
 
     try:
         data = case.make(device)
@@ -89,8 +104,17 @@ def run_case(case: Case, backend: str, device: torch.device) -> list[Row]:
         rows.append(Row(**base, output=name, max_abs_err=err, rel_err=rel, tolerance=tol, status=status, note=note))
     missing = set(ref) - set(got)
     for name in sorted(missing):
-        rows.append(Row(**base, output=name, max_abs_err=math.nan, rel_err=math.nan, tolerance=math.nan,
-                        status="FAIL", note="output missing"))
+        rows.append(
+            Row(
+                **base,
+                output=name,
+                max_abs_err=math.nan,
+                rel_err=math.nan,
+                tolerance=math.nan,
+                status="FAIL",
+                note="output missing",
+            )
+        )
     for r in rows:
         r.seconds = (time.perf_counter() - t0) / len(rows)
     return rows
@@ -133,8 +157,11 @@ def plan_check(
     device: str | None = None,
 ) -> Plan:
     """Every (case, backend, device) to run, and notes on what is left out."""
-    cases = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not quick)
-             and (dtypes is None or _fmt_dtype(c.dtype) in dtypes)]
+    cases = [
+        c
+        for c in all_cases()
+        if (ops is None or c.op in ops) and (c.quick or not quick) and (dtypes is None or _fmt_dtype(c.dtype) in dtypes)
+    ]
     work: list[tuple[Case, str, torch.device]] = []
     notes: list[str] = []
     for backend, dev in targets(backends, device):
@@ -156,11 +183,15 @@ def plan_check(
         if missing:
             notes.append(f"{backend} ({dev.type}) has no implementation of: {', '.join(sorted(missing))}")
         if too_big:
-            notes.append(f"{backend} ({dev.type}, interpreter): {too_big} large cases left out "
-                         "(too slow to interpret; they run on a GPU and on the other backends)")
+            notes.append(
+                f"{backend} ({dev.type}, interpreter): {too_big} large cases left out "
+                "(too slow to interpret; they run on a GPU and on the other backends)"
+            )
         if half_left:
-            notes.append(f"{backend} ({dev.type}, interpreter, --quick): {half_left} float16 cases left out "
-                         "(bfloat16 and float32 run; the full check runs float16 too)")
+            notes.append(
+                f"{backend} ({dev.type}, interpreter, --quick): {half_left} float16 cases left out "
+                "(bfloat16 and float32 run; the full check runs float16 too)"
+            )
     return Plan(work, notes)
 
 
@@ -201,8 +232,10 @@ def counts(rows: list[Row]) -> dict[str, int]:
 
 def format_rows(rows: list[Row]) -> str:
     """The table ``llmkit check`` prints."""
-    head = (f"{'op':16} {'backend':9} {'dev':4} {'dtype':8} {'shape':32} {'output':13} "
-            f"{'max abs err':>11} {'rel err':>9} {'tolerance':>9}  result")
+    head = (
+        f"{'op':16} {'backend':9} {'dev':4} {'dtype':8} {'shape':32} {'output':13} "
+        f"{'max abs err':>11} {'rel err':>9} {'tolerance':>9}  result"
+    )
     lines = [head, "-" * len(head)]
 
     def num(x: float) -> str:
@@ -222,18 +255,33 @@ def format_rows(rows: list[Row]) -> str:
 
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``llmkit check``."""
-    p.add_argument("--op", action="append", dest="ops", metavar="OP",
-                   help="check only this op (repeatable); default: all")
-    p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                   help=f"check only this backend (repeatable): {', '.join(BACKEND_NAMES)}")
-    p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
-                   help="check only this dtype (repeatable): float32, float16, bfloat16, float64, int8")
+    p.add_argument(
+        "--op", action="append", dest="ops", metavar="OP", help="check only this op (repeatable); default: all"
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        dest="backends",
+        metavar="NAME",
+        help=f"check only this backend (repeatable): {', '.join(BACKEND_NAMES)}",
+    )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        dest="dtypes",
+        metavar="DTYPE",
+        help="check only this dtype (repeatable): float32, float16, bfloat16, float64, int8",
+    )
     p.add_argument("--quick", action="store_true", help="only the small shapes")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="check only on this device (default: every device here, CUDA first)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), help="check only on this device (default: every device here, CUDA first)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write every row as JSON to FILE")
-    p.add_argument("--compile", action="store_true",
-                   help="also compile every Triton kernel for sm_80 and sm_90 and report resources")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also compile every Triton kernel for sm_80 and sm_90 and report resources",
+    )
 
 
 def _environment() -> dict[str, Any]:
@@ -293,8 +341,9 @@ def run_check_cli(args: argparse.Namespace) -> int:
     dtypes = None
     if getattr(args, "dtypes", None):
         dtypes = [d for d in args.dtypes if d in known_dtypes]
-        skipped += [f"unknown dtype {d!r}; dtypes are {', '.join(known_dtypes)}" for d in args.dtypes
-                    if d not in known_dtypes]
+        skipped += [
+            f"unknown dtype {d!r}; dtypes are {', '.join(known_dtypes)}" for d in args.dtypes if d not in known_dtypes
+        ]
     for b in args.backends or []:
         check_backend_name(b, "--backend")
     if args.json:
@@ -310,8 +359,9 @@ def run_check_cli(args: argparse.Namespace) -> int:
     for name in args.backends or BACKEND_NAMES:
         if not any(n == name for n, _ in pairs):
             devs = (device,) if device else ("cuda", "cpu")
-            reasons = {d: BACKENDS[name].unavailable_reason(d) if d in here else "no CUDA GPU is available"
-                       for d in devs}
+            reasons = {
+                d: BACKENDS[name].unavailable_reason(d) if d in here else "no CUDA GPU is available" for d in devs
+            }
             why = "; ".join(f"{d}: {r}" for d, r in reasons.items() if r)
             print(f"backend {name}: not checked ({why})")
             if args.backends:
@@ -344,9 +394,16 @@ def run_check_cli(args: argparse.Namespace) -> int:
     else:
         code = EXIT_OK
     if args.json:
-        doc = {"environment": _environment(), "rows": [dataclasses.asdict(r) for r in rows],
-               "counts": counts(rows), "notes": plan.notes, "skipped": skipped,
-               "compile_problems": compile_problems, "elapsed_s": round(elapsed, 2), "exit_code": code}
+        doc = {
+            "environment": _environment(),
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "counts": counts(rows),
+            "notes": plan.notes,
+            "skipped": skipped,
+            "compile_problems": compile_problems,
+            "elapsed_s": round(elapsed, 2),
+            "exit_code": code,
+        }
         try:
             with open(args.json, "w") as f:
                 json.dump(_finite(doc), f, indent=1, default=str, allow_nan=False)

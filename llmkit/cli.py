@@ -48,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llmkit``."""
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="llmkit", description="Fused GPU kernels for PyTorch Transformers."
-    )
+    parser = argparse.ArgumentParser(prog="llmkit", description="Fused GPU kernels for PyTorch Transformers.")
     parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

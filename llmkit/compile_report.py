@@ -87,9 +87,7 @@ def kernel_modules() -> list[str]:
     """Every module of ``llmkit.kernels`` (imported by name, so new ops are found)."""
     import llmkit.kernels as pkg
 
-    return sorted(
-        f"llmkit.kernels.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")
-    )
+    return sorted(f"llmkit.kernels.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
 def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
@@ -127,8 +125,7 @@ def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path],
-                             capture_output=True, text=True)
+        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path], capture_output=True, text=True)
         usage = parse_res_usage(res.stdout)
         sass = subprocess.run([os.path.join(tools, "nvdisasm"), path], capture_output=True, text=True)
     if not usage:
@@ -145,8 +142,12 @@ def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
     return rep
 
 
-def collect(archs: tuple[int, ...] = (80, 90), modules: list[str] | None = None,
-            only: str | None = None, shard: tuple[int, int] = (0, 1)) -> list[KernelReport]:
+def collect(
+    archs: tuple[int, ...] = (80, 90),
+    modules: list[str] | None = None,
+    only: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> list[KernelReport]:
     """Compile every spec of every kernel module (or of ``modules``; only the specs whose name
     contains ``only``) for ``archs``. ``shard=(i, n)``: only every n-th compile, from the i-th
     (what one of n worker processes compiles)."""
@@ -198,8 +199,10 @@ def problems(reports: list[KernelReport]) -> list[str]:
 
 def format_table(reports: list[KernelReport]) -> str:
     """A plain-text table of the reports."""
-    head = (f"{'kernel':44} {'arch':>5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>6} {'smem KB':>8} "
-            f"{'matrix':>14} {'s':>5}")
+    head = (
+        f"{'kernel':44} {'arch':>5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>6} {'smem KB':>8} "
+        f"{'matrix':>14} {'s':>5}"
+    )
     lines = [head, "-" * len(head)]
     for r in reports:
         if not r.ok:
@@ -224,8 +227,13 @@ def default_jobs() -> int:
     return max(1, min(cpus, 8))
 
 
-def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800, jobs: int | None = None,
-               modules: list[str] | None = None, only: str | None = None) -> list[KernelReport]:
+def run_report(
+    archs: tuple[int, ...] = (80, 90),
+    timeout: float = 1800,
+    jobs: int | None = None,
+    modules: list[str] | None = None,
+    only: str | None = None,
+) -> list[KernelReport]:
     """Run the report without TRITON_INTERPRET in ``jobs`` fresh interpreters (each compiles a
     shard of the specs: compiling is CPU-bound and single-threaded) and return it, in spec order."""
     env = dict(os.environ)
@@ -235,10 +243,24 @@ def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800, jobs: i
         paths = [os.path.join(tmp, f"report{i}.json") for i in range(jobs)]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "llmkit.compile_report", "--json", path, "--quiet", "--shard", f"{i}/{jobs}",
-                 "--arch", *[str(a) for a in archs], *(["--module", *modules] if modules else []),
-                 *(["--only", only] if only else [])],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "llmkit.compile_report",
+                    "--json",
+                    path,
+                    "--quiet",
+                    "--shard",
+                    f"{i}/{jobs}",
+                    "--arch",
+                    *[str(a) for a in archs],
+                    *(["--module", *modules] if modules else []),
+                    *(["--only", only] if only else []),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for i, path in enumerate(paths)
         ]
@@ -249,8 +271,9 @@ def run_report(archs: tuple[int, ...] = (80, 90), timeout: float = 1800, jobs: i
                 raise RuntimeError(f"compile report failed (exit {proc.returncode}):\n{err[-2000:]}")
             with open(path) as f:
                 shards.append(json.load(f)["kernels"])
-    merged = [d for i in range(max(map(len, shards), default=0)) for shard in shards if i < len(shard)
-              for d in [shard[i]]]
+    merged = [
+        d for i in range(max(map(len, shards), default=0)) for shard in shards if i < len(shard) for d in [shard[i]]
+    ]
     return [KernelReport(**{k: v for k, v in d.items() if k in KernelReport.__dataclass_fields__}) for d in merged]
 
 
@@ -269,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = problems(reports)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"kernels": [dataclasses.asdict(r) | {"spills": r.spills} for r in reports],
-                       "problems": bad}, f, indent=1)
+            json.dump(
+                {"kernels": [dataclasses.asdict(r) | {"spills": r.spills} for r in reports], "problems": bad},
+                f,
+                indent=1,
+            )
     if not args.quiet:
         print(format_table(reports))
         for b in bad:

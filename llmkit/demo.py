@@ -48,8 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=32, help="prompt / input length in tokens (default 32)")
     p.add_argument("--new-tokens", type=int, default=8, help="gpt2: greedy tokens to decode (default 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
-                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3, after one warm-up)")
     p.add_argument("--no-hf", action="store_true", help="do not use transformers even if installed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
@@ -76,8 +75,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_rounds(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                  what: str = "timing") -> dict[str, float]:
+def _timed_rounds(
+    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, what: str = "timing"
+) -> dict[str, float]:
     """Median seconds of each fn over ``repeats`` interleaved rounds, after one warm-up."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for round_ in range(repeats + 1):
@@ -172,8 +172,14 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         import transformers
 
         hf_cfg = transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.n_positions,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
         _progress(f"building a GPT-2 {size}-shaped HF GPT2LMHeadModel with random weights")
         hf = _hf_without_init(transformers.GPT2LMHeadModel, hf_cfg)
@@ -213,8 +219,9 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
             prefill["HF"] = lambda: hf(ids)
             prefill["HF + llmkit.swap"] = lambda: swapped(ids)
             decode["HF"] = lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            decode["HF + llmkit.swap"] = lambda: swapped.generate(ids, max_new_tokens=n, min_new_tokens=n,
-                                                                  do_sample=False, pad_token_id=0)
+            decode["HF + llmkit.swap"] = lambda: swapped.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
         prefill["llmkit GPT"] = lambda: ours(ids)
         decode["llmkit GPT"] = lambda: ours.generate(ids, n)
         t_prefill = _timed_rounds(prefill, args.repeats, device, "timing prefill")
@@ -224,11 +231,16 @@ def _gpt2(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     # tokens/s of generate, prefill included (like the gpt2_decode bench suite): no
     # difference of two noisy medians, which can be near zero or negative on a busy machine
     for name in t_prefill:
-        rows.append((
-            name, f"{t_prefill[name] * 1e3:.1f}", f"{t_prefill[base] / t_prefill[name]:.2f}x",
-            f"{t_decode[name] * 1e3:.1f}", f"{args.batch * n / t_decode[name]:.1f}",
-            f"{t_decode[base] / t_decode[name]:.2f}x",
-        ))
+        rows.append(
+            (
+                name,
+                f"{t_prefill[name] * 1e3:.1f}",
+                f"{t_prefill[base] / t_prefill[name]:.2f}x",
+                f"{t_decode[name] * 1e3:.1f}",
+                f"{args.batch * n / t_decode[name]:.1f}",
+                f"{t_decode[base] / t_decode[name]:.2f}x",
+            )
+        )
     head = (
         f"GPT-2 {size} shape: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, "
         f"vocab {cfg.vocab_size}, random weights"
@@ -245,8 +257,9 @@ def _token_check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.
         return _Check(name, "identical", "identical", True)
     agree = (got == want).float().mean().item()
     # in half precision near-ties may flip a token; float32 must agree exactly
-    return _Check(name, f"{agree:.0%} equal", "identical" if dtype == torch.float32 else "informative",
-                  dtype != torch.float32)
+    return _Check(
+        name, f"{agree:.0%} equal", "identical" if dtype == torch.float32 else "informative", dtype != torch.float32
+    )
 
 
 def _swapped_copy_of(model: Any) -> Any:
@@ -285,8 +298,10 @@ def _bert(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         import transformers
 
         _progress(f"building a BERT-{size}-shaped HF BertModel with random weights")
-        hf = _hf_without_init(transformers.BertModel, transformers.BertConfig(
-            **shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        hf = _hf_without_init(
+            transformers.BertModel,
+            transformers.BertConfig(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        )
         _randomize_(hf)
         hf = hf.to(device=device, dtype=dtype).eval()
         _progress("loading its weights into llmkit BERT (BERT.from_hf)")
@@ -305,8 +320,14 @@ def _bert(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         if hf is not None:
             want = hf(ids, attention_mask=mask).last_hidden_state
             swapped = _swapped_copy_of(hf)
-            checks.append(_logit_check("HF + llmkit.swap vs HF (hidden states)",
-                                       swapped(ids, attention_mask=mask).last_hidden_state, want, dtype))
+            checks.append(
+                _logit_check(
+                    "HF + llmkit.swap vs HF (hidden states)",
+                    swapped(ids, attention_mask=mask).last_hidden_state,
+                    want,
+                    dtype,
+                )
+            )
             checks.append(_logit_check("llmkit BERT vs HF (hidden states)", out_ours, want, dtype))
             fns["HF"] = lambda: hf(ids, attention_mask=mask)
             fns["HF + llmkit.swap"] = lambda: swapped(ids, attention_mask=mask)
@@ -346,8 +367,11 @@ def run(args: argparse.Namespace) -> int:
     started = _STARTED[0] = time.perf_counter()
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"llmkit {llmkit.__version__} demo on {device.type} ({name}{threads}), {str(dtype).replace('torch.', '')}, "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"llmkit {llmkit.__version__} demo on {device.type} ({name}{threads}), {str(dtype).replace('torch.', '')}, "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     checks, body = (_gpt2 if args.model == "gpt2" else _bert)(args, device, dtype)
     print("\n".join(body))
     print()
@@ -356,8 +380,10 @@ def run(args: argparse.Namespace) -> int:
     print(_table(rows))
     if not _hf_available(args):
         print("\n(transformers is not installed or --no-hf was given: only the llmkit model ran)")
-    print(f"\ndone in {time.perf_counter() - started:.1f}s; timings are medians of {args.repeats} interleaved rounds "
-          f"measured in this run")
+    print(
+        f"\ndone in {time.perf_counter() - started:.1f}s; timings are medians of {args.repeats} interleaved rounds "
+        f"measured in this run"
+    )
     return 0 if all(c.ok for c in checks) else 1
 
 

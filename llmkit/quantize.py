@@ -48,7 +48,7 @@ __all__ = ["quantize", "calibrate", "QuantizeReport", "CalibrationReport"]
 
 
 def _kind(module: nn.Module) -> str | None:
-    """"Linear" / "Conv1D" for the modules quantize() swaps, else None."""
+    """ "Linear" / "Conv1D" for the modules quantize() swaps, else None."""
     if type(module) is nn.Linear:
         return "Linear"
     if is_conv1d(module):
@@ -183,8 +183,16 @@ class QuantizeReport:
     def __str__(self) -> str:
         lines = [f"llmkit.quantize(mode={self.mode!r}): {len(self.quantized)} quantized, {len(self.skipped)} skipped"]
         if self.quantized:
-            rows = [[q.name, q.kind, f"{q.in_features}x{q.out_features}", _format_bytes(q.bytes_before),
-                     _format_bytes(q.bytes_after)] for q in self.quantized]
+            rows = [
+                [
+                    q.name,
+                    q.kind,
+                    f"{q.in_features}x{q.out_features}",
+                    _format_bytes(q.bytes_before),
+                    _format_bytes(q.bytes_after),
+                ]
+                for q in self.quantized
+            ]
             lines += _table(["quantized", "kind", "in x out", "before", "after"], rows)
         if self.skipped:
             lines.append("")
@@ -266,9 +274,13 @@ def quantize(
         if kind is not None:
             linears[name], kinds[name] = m, kind
         elif isinstance(m, nn.Linear):
-            report.skipped.append(SkippedLayer(
-                name, type(m).__name__,
-                f"subclass of nn.Linear ({type(m).__name__}): its owner or forward may use the weight directly"))
+            report.skipped.append(
+                SkippedLayer(
+                    name,
+                    type(m).__name__,
+                    f"subclass of nn.Linear ({type(m).__name__}): its owner or forward may use the weight directly",
+                )
+            )
     heads = _head_reasons(model, linears) if keep_head else {}
 
     replaced: dict[int, Int8Linear] = {}
@@ -349,11 +361,15 @@ class CalibrationReport:
     """Cosine similarity of the model's float outputs on the first batch, after vs before."""
 
     def __str__(self) -> str:
-        lines = [f"llmkit.calibrate(alpha={self.alpha}): {self.batches} batch(es), {len(self.smoothed)} norm(s) "
-                 f"folded, float output cosine after/before {self.output_cosine:.7f}"]
+        lines = [
+            f"llmkit.calibrate(alpha={self.alpha}): {self.batches} batch(es), {len(self.smoothed)} norm(s) "
+            f"folded, float output cosine after/before {self.output_cosine:.7f}"
+        ]
         if self.smoothed:
-            rows = [[g.norm, ", ".join(g.linears), f"{g.channel_ratio_before:.1f} -> {g.channel_ratio_after:.1f}"]
-                    for g in self.smoothed]
+            rows = [
+                [g.norm, ", ".join(g.linears), f"{g.channel_ratio_before:.1f} -> {g.channel_ratio_after:.1f}"]
+                for g in self.smoothed
+            ]
             lines += _table(["norm", "linears", "outlier ratio (max/median)"], rows)
         if self.left:
             lines.append("")
@@ -475,6 +491,7 @@ def calibrate(
         def hook(module, args, output):
             if isinstance(output, Tensor):
                 state.norm_outputs[id(output)] = (name, output)
+
         return hook
 
     def linear_pre_hook(name):
@@ -489,6 +506,7 @@ def calibrate(
                 state.act_absmax[name] = amax if prev is None else torch.maximum(prev, amax)
             state.busy = False
             state.depth += 1
+
         return hook
 
     def linear_hook(module, args, output):
@@ -542,8 +560,9 @@ def calibrate(
         act = torch.stack([state.act_absmax[n] for n in members]).amax(dim=0)
         wmax = torch.stack([_weight_in_channels(linears[n]).to(act.device) for n in members]).amax(dim=0)
         usable = (act > 0) & (wmax > 0)
-        s = torch.where(usable, act.clamp_min(1e-30).pow(alpha) / wmax.clamp_min(1e-30).pow(1.0 - alpha),
-                        torch.ones_like(act)).clamp(1e-5, 1e5)
+        s = torch.where(
+            usable, act.clamp_min(1e-30).pow(alpha) / wmax.clamp_min(1e-30).pow(1.0 - alpha), torch.ones_like(act)
+        ).clamp(1e-5, 1e5)
         bias = getattr(norm, "bias", None)
         norm_params = [_weight(norm)] + ([bias] if isinstance(bias, Tensor) else [])
         saved += [(p, p.detach().clone()) for p in norm_params + [_weight(linears[n]) for n in members]]
@@ -552,8 +571,9 @@ def calibrate(
         for n in members:
             _scale_in_channels_(linears[n], s.to(_weight(linears[n]).device))
         after = act / s
-        report.smoothed.append(SmoothedGroup(norm_name, members, float(act.max()), float(after.max()),
-                                             _ratio(act), _ratio(after)))
+        report.smoothed.append(
+            SmoothedGroup(norm_name, members, float(act.max()), float(after.max()), _ratio(act), _ratio(after))
+        )
 
     if report.smoothed:
         model.eval()

@@ -221,8 +221,11 @@ def attention_llm(
     # only a row with no visible key (denom exactly 0) is zeros; NaN (a NaN score) stays NaN
     dead = denom == 0
     p = torch.where(dead, torch.zeros_like(e), e / torch.where(dead, torch.ones_like(denom), denom))
-    lse = torch.where(dead, torch.full_like(denom, float("inf")),
-                      row_max + torch.log(torch.where(dead, torch.ones_like(denom), denom))).squeeze(-1)
+    lse = torch.where(
+        dead,
+        torch.full_like(denom, float("inf")),
+        row_max + torch.log(torch.where(dead, torch.ones_like(denom), denom)),
+    ).squeeze(-1)
     if keep is not None:
         p = p * keep.to(F64) / (1.0 - dropout_p)
     return torch.einsum("...ij,...jd->...id", p, v), lse

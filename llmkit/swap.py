@@ -115,8 +115,10 @@ class SwapReport:
     def __str__(self) -> str:
         head = f"{self.title}: {len(self.swapped)} {self.verb}, {len(self.left)} left"
         if self.already:
-            head += (f"; {self.already} already llmkit's (swapped before, or built with llmkit.nn; "
-                     "llmkit.unswap restores what a swap replaced)")
+            head += (
+                f"; {self.already} already llmkit's (swapped before, or built with llmkit.nn; "
+                "llmkit.unswap restores what a swap replaced)"
+            )
         if not self.swapped and not self.left:
             return head if self.already else head + " (nothing llmkit knows in this model)"
         rows = [("", "module", "kind", "class", "now / reason")]
@@ -240,10 +242,14 @@ def swap(
         base = _torch_base(cls)
         if base is not None:
             if _TORCH_KIND[base] in kinds:
-                report.left.append(SwapEntry(
-                    name, _TORCH_KIND[base], cls.__name__,
-                    f"subclass of torch.nn.{base.__name__} with its own code; not swapped",
-                ))
+                report.left.append(
+                    SwapEntry(
+                        name,
+                        _TORCH_KIND[base],
+                        cls.__name__,
+                        f"subclass of torch.nn.{base.__name__} with its own code; not swapped",
+                    )
+                )
             continue
         plan = hf.plan_module(module)
         if plan is None or plan.kind not in kinds:
@@ -265,10 +271,14 @@ def swap(
         cls = type(module)
         missing = [c for c in plan.needs if gelu_approximate(getattr(module, c, None)) is None]
         if missing:
-            report.left.append(SwapEntry(
-                name, plan.kind, cls.__name__,
-                f"its {missing[0]} is not an llmkit GELU (swap kind 'gelu' too to fuse it)",
-            ))
+            report.left.append(
+                SwapEntry(
+                    name,
+                    plan.kind,
+                    cls.__name__,
+                    f"its {missing[0]} is not an llmkit GELU (swap kind 'gelu' too to fuse it)",
+                )
+            )
             continue
         assert plan.new_class is not None  # a "reclass" plan names the class
         module.__class__ = plan.new_class
@@ -288,17 +298,25 @@ def _swap_hf_attention(prefix: str, model: PreTrainedModel, report: SwapReport, 
         report.already += 1
         return
     if not can_set_attn_implementation(model):
-        report.left.append(SwapEntry(prefix, "attention", cls.__name__,
-                                     "this model's attention does not go through AttentionInterface"))
+        report.left.append(
+            SwapEntry(
+                prefix, "attention", cls.__name__, "this model's attention does not go through AttentionInterface"
+            )
+        )
         return
     model.set_attn_implementation(hf.NAME)
     if attn_implementation(model.config) != hf.NAME:
-        report.left.append(SwapEntry(prefix, "attention", cls.__name__,
-                                     f"transformers kept attn_implementation={attn_implementation(model.config)!r}"))
+        report.left.append(
+            SwapEntry(
+                prefix,
+                "attention",
+                cls.__name__,
+                f"transformers kept attn_implementation={attn_implementation(model.config)!r}",
+            )
+        )
         return
     undo.append(_Undo("attn", model, before, name=prefix, kind="attention"))
-    report.swapped.append(SwapEntry(prefix, "attention", cls.__name__,
-                                    f"attn_implementation {before!r} -> 'llmkit'"))
+    report.swapped.append(SwapEntry(prefix, "attention", cls.__name__, f"attn_implementation {before!r} -> 'llmkit'"))
     for name, m in model.named_modules(prefix=prefix):
         config = getattr(m, "config", None)
         if type(m).__name__.endswith("Attention") and attn_implementation(config) == hf.NAME:

@@ -74,9 +74,7 @@ class Comparison:
         return self.max_abs_err <= self.tolerance
 
 
-def tolerance(
-    baseline_err: float, dtype: torch.dtype, floor: float | None = None, ref_max: float = 0.0
-) -> float:
+def tolerance(baseline_err: float, dtype: torch.dtype, floor: float | None = None, ref_max: float = 0.0) -> float:
     """2 x the baseline's error, plus the floor for ``dtype``, plus one unit of rounding.
 
     ``ref_max`` is the largest magnitude in the reference: ``eps(dtype) * ref_max`` bounds
@@ -88,9 +86,7 @@ def tolerance(
     return 2.0 * baseline_err + f + rounding
 
 
-def compare(
-    name: str, out: Tensor, ref64: Tensor, baseline: Tensor, floor: float | None = None
-) -> Comparison:
+def compare(name: str, out: Tensor, ref64: Tensor, baseline: Tensor, floor: float | None = None) -> Comparison:
     """Compare ``out`` with ``ref64``, the tolerance set by ``baseline`` (PyTorch, same dtype)."""
     base = max_abs_error(baseline, ref64)
     if base == float("inf"):

@@ -94,15 +94,17 @@ def tp_sp_plan() -> dict:
     }
     for i in range(2):
         p = f"layers.{i}."
-        plan.update({
-            p + "norm1": SequenceParallel(),
-            p + "norm2": SequenceParallel(),
-            p + "attn": gather_input(),
-            **{p + f"attn.{w}": ColwiseParallel(use_local_output=False) for w in ("wq", "wk", "wv")},
-            p + "attn.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-            p + "w1": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
-            p + "w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        })
+        plan.update(
+            {
+                p + "norm1": SequenceParallel(),
+                p + "norm2": SequenceParallel(),
+                p + "attn": gather_input(),
+                **{p + f"attn.{w}": ColwiseParallel(use_local_output=False) for w in ("wq", "wk", "wv")},
+                p + "attn.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+                p + "w1": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+                p + "w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            }
+        )
     return plan
 
 
@@ -123,13 +125,23 @@ def _train(model: nn.Module, batches: list, loss_fn) -> list[float]:
 
 
 def _same_training(name: str, got: list[float], want: list[float], model: nn.Module, ref: nn.Module) -> None:
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6,
-                               msg=lambda m: f"{name}: losses {got} vs one process {want}: {m}")
+    torch.testing.assert_close(
+        torch.tensor(got),
+        torch.tensor(want),
+        rtol=1e-5,
+        atol=1e-6,
+        msg=lambda m: f"{name}: losses {got} vs one process {want}: {m}",
+    )
     ref_params = dict(ref.named_parameters())
     for pname, p in model.named_parameters():
         pname = pname.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
-        torch.testing.assert_close(_full(p.detach()), ref_params[pname].detach(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, n=pname: f"{name}: parameter {n} after {STEPS} steps: {m}")
+        torch.testing.assert_close(
+            _full(p.detach()),
+            ref_params[pname].detach(),
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m, n=pname: f"{name}: parameter {n} after {STEPS} steps: {m}",
+        )
 
 
 def _lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -198,10 +210,12 @@ def check_fsdp2_llmkit_transformer(mesh) -> None:
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(VOCAB, DIM)
-            layer = llmkit.nn.TransformerEncoderLayer(DIM, HEADS, 2 * DIM, dropout=0.0, activation="gelu",
-                                                      batch_first=True, norm_first=True)
-            self.encoder = llmkit.nn.TransformerEncoder(layer, 2, norm=llmkit.nn.LayerNorm(DIM),
-                                                        enable_nested_tensor=False)
+            layer = llmkit.nn.TransformerEncoderLayer(
+                DIM, HEADS, 2 * DIM, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            self.encoder = llmkit.nn.TransformerEncoder(
+                layer, 2, norm=llmkit.nn.LayerNorm(DIM), enable_nested_tensor=False
+            )
             self.head = nn.Linear(DIM, VOCAB)
 
         def forward(self, tokens):
@@ -214,8 +228,18 @@ def check_fsdp2_llmkit_transformer(mesh) -> None:
 def _hf_gpt2():
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ + 1, n_embd=DIM, n_layer=2, n_head=HEADS,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ + 1,
+        n_embd=DIM,
+        n_layer=2,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     llmkit.swap(model)
     return model
@@ -232,10 +256,19 @@ def check_fsdp2_swapped_gpt2(mesh) -> None:
 def _hf_llama():
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=2 * DIM,
-                                   num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                   max_position_embeddings=2 * SEQ, bos_token_id=0, eos_token_id=0,
-                                   pad_token_id=0, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        intermediate_size=2 * DIM,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=2 * SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     llmkit.swap(model)
     # RMSNorms on llmkit's op (float32 model: the same formula as LlamaRMSNorm); sharing the
@@ -259,25 +292,30 @@ def llama_tp_sp_plan(layers: int) -> dict:
     )
 
     plan = {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
-                                              use_local_output=False),
+        "model.embed_tokens": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+        ),
         "model.norm": SequenceParallel(),
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     }
     for i in range(layers):
         p = f"model.layers.{i}."
-        plan.update({
-            p + "input_layernorm": SequenceParallel(),
-            p + "post_attention_layernorm": SequenceParallel(),
-            p + "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                                desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            **{p + f"self_attn.{w}": ColwiseParallel() for w in ("q_proj", "k_proj", "v_proj")},
-            p + "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-            p + "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            p + "mlp.gate_proj": ColwiseParallel(),
-            p + "mlp.up_proj": ColwiseParallel(),
-            p + "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        })
+        plan.update(
+            {
+                p + "input_layernorm": SequenceParallel(),
+                p + "post_attention_layernorm": SequenceParallel(),
+                p + "self_attn": PrepareModuleInput(
+                    input_kwarg_layouts={"hidden_states": Shard(1)},
+                    desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                ),
+                **{p + f"self_attn.{w}": ColwiseParallel() for w in ("q_proj", "k_proj", "v_proj")},
+                p + "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+                p + "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                p + "mlp.gate_proj": ColwiseParallel(),
+                p + "mlp.up_proj": ColwiseParallel(),
+                p + "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            }
+        )
     return plan
 
 
@@ -290,8 +328,7 @@ def check_tp_sp_swapped_llama(mesh) -> None:
     # DTensor F.linear fails on a replicated input gathered from an uneven Shard(1): "view
     # size is not compatible with input tensor's size and stride"; torch 2.13 takes it)
     batches = [b[:, :SEQ] for b in _token_batches()]
-    _same_training("TP+SP swapped Llama", _train(model, batches, _hf_loss), _train(ref, batches, _hf_loss),
-                   model, ref)
+    _same_training("TP+SP swapped Llama", _train(model, batches, _hf_loss), _train(ref, batches, _hf_loss), model, ref)
 
 
 def check_fsdp2_swapped_llama(mesh) -> None:
@@ -311,8 +348,7 @@ def check_int8_tensor_parallel(mesh) -> None:
         ref = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM))
         llmkit.quantize(ref, mode, keep_head=False)
         assert all(isinstance(m, llmkit.nn.Int8Linear) for m in ref), ref
-        model = parallelize_module(copy.deepcopy(ref), mesh, {"0": Int8ColwiseParallel(),
-                                                              "1": Int8RowwiseParallel()})
+        model = parallelize_module(copy.deepcopy(ref), mesh, {"0": Int8ColwiseParallel(), "1": Int8RowwiseParallel()})
         assert model[0].weight.to_local().shape == (2 * DIM, DIM), model[0].weight.shape
         with torch.no_grad():
             got, want = model(x), ref(x)

@@ -61,7 +61,8 @@ def run_case(
     whole = [leaf(a) for a in args]
     dts = [
         distribute_tensor(a.detach(), mesh, many(p)).requires_grad_(grad and a.is_floating_point())
-        if isinstance(a, Tensor) else a
+        if isinstance(a, Tensor)
+        else a
         for a, p in zip(args, placements, strict=True)
     ]
     out_whole, out_dt = fn(*whole), fn(*dts)
@@ -148,18 +149,46 @@ def check_norms(mesh) -> None:
         # a sharded weight is gathered too
         run_case(mesh, ln, ln64, (x, w, b), (S(1), S(0), Rep), S(1), label="layer_norm weight Shard(0)")
         # no weight / bias: the empty gradient placeholders
-        run_case(mesh, lambda x: ops.layer_norm(x, [24]), lambda x: R64.layer_norm(x, [24], None, None, 1e-5),
-                 (x,), (S(0),), S(0), label="layer_norm no affine")
-        run_case(mesh, lambda x: ops.rms_norm(x, [24], None, 1e-6), lambda x: R64.rms_norm(x, [24], None, 1e-6),
-                 (x,), (S(1),), S(1), label="rms_norm no weight")
+        run_case(
+            mesh,
+            lambda x: ops.layer_norm(x, [24]),
+            lambda x: R64.layer_norm(x, [24], None, None, 1e-5),
+            (x,),
+            (S(0),),
+            S(0),
+            label="layer_norm no affine",
+        )
+        run_case(
+            mesh,
+            lambda x: ops.rms_norm(x, [24], None, 1e-6),
+            lambda x: R64.rms_norm(x, [24], None, 1e-6),
+            (x,),
+            (S(1),),
+            S(1),
+            label="rms_norm no weight",
+        )
         # a strided (transposed) input and a normalized shape of two dims
         xt = torch.randn(5, 3, 24).transpose(0, 1)
         run_case(mesh, ln, ln64, (xt, w, b), (S(0), Rep, Rep), S(0), label="layer_norm strided")
         x4 = torch.randn(4, 3, 6, 8)
-        run_case(mesh, lambda x: ops.layer_norm(x, [6, 8]), lambda x: R64.layer_norm(x, [6, 8], None, None, 1e-5),
-                 (x4,), (S(1),), S(1), label="layer_norm 2-D normalized shape")
-        run_case(mesh, lambda x: ops.layer_norm(x, [6, 8]), lambda x: R64.layer_norm(x, [6, 8], None, None, 1e-5),
-                 (x4,), (S(2),), Rep, label="layer_norm 2-D normalized shape, dim 2 sharded")
+        run_case(
+            mesh,
+            lambda x: ops.layer_norm(x, [6, 8]),
+            lambda x: R64.layer_norm(x, [6, 8], None, None, 1e-5),
+            (x4,),
+            (S(1),),
+            S(1),
+            label="layer_norm 2-D normalized shape",
+        )
+        run_case(
+            mesh,
+            lambda x: ops.layer_norm(x, [6, 8]),
+            lambda x: R64.layer_norm(x, [6, 8], None, None, 1e-5),
+            (x4,),
+            (S(2),),
+            Rep,
+            label="layer_norm 2-D normalized shape, dim 2 sharded",
+        )
 
 
 def check_llm_norms(mesh) -> None:
@@ -172,14 +201,24 @@ def check_llm_norms(mesh) -> None:
         half = dtype != torch.float32
         cast_to = dtype if half else None
         for d in (0, 1):
-            run_case(mesh, lambda x, w: ops.rms_norm(x, [24], w, 1e-6, offset=1.0, cast_before_weight=True),
-                     lambda x, w, cast_to=cast_to: R64.rms_norm(x, [24], w, 1e-6, 1.0, cast_to), (x, w),
-                     (S(d), Rep), S(d),
-                     label=f"rms_norm offset llama order {dtype} Shard({d})")
-            run_case(mesh, lambda x, r, w: ops.add_rms_norm(x, r, [24], w, 1e-6, residual_in_fp32=True),
-                     lambda x, r, w: R64.add_rms_norm(x, r, [24], w, 1e-6, round_to=torch.float32),
-                     (x, res.to(torch.float32 if half else dtype), w), (S(d), S(d), Rep), S(d),
-                     label=f"add_rms_norm residual_in_fp32 {dtype} Shard({d})")
+            run_case(
+                mesh,
+                lambda x, w: ops.rms_norm(x, [24], w, 1e-6, offset=1.0, cast_before_weight=True),
+                lambda x, w, cast_to=cast_to: R64.rms_norm(x, [24], w, 1e-6, 1.0, cast_to),
+                (x, w),
+                (S(d), Rep),
+                S(d),
+                label=f"rms_norm offset llama order {dtype} Shard({d})",
+            )
+            run_case(
+                mesh,
+                lambda x, r, w: ops.add_rms_norm(x, r, [24], w, 1e-6, residual_in_fp32=True),
+                lambda x, r, w: R64.add_rms_norm(x, r, [24], w, 1e-6, round_to=torch.float32),
+                (x, res.to(torch.float32 if half else dtype), w),
+                (S(d), S(d), Rep),
+                S(d),
+                label=f"add_rms_norm residual_in_fp32 {dtype} Shard({d})",
+            )
 
     x, res, w = torch.randn(4, 6, 16), torch.randn(4, 6, 16), torch.randn(16)
 
@@ -187,12 +226,27 @@ def check_llm_norms(mesh) -> None:
         def run(x, r, w):
             torch.manual_seed(3)  # the same seed on every rank and for the whole-tensor run
             return fn(x, r, w)
+
         return run
 
-    run_case(mesh, dropped(lambda x, r, w: ops.add_rms_norm(x, r, [16], w, 1e-6, dropout_p=0.3)), None,
-             (x, res, w), (S(0), S(0), Rep), Rep, label="add_rms_norm dropout")
-    run_case(mesh, dropped(lambda x, r, w: ops.add_layer_norm(x, r, [16], w, None, dropout_p=0.3)), None,
-             (x, res, w), (S(1), S(1), Rep), Rep, label="add_layer_norm dropout")
+    run_case(
+        mesh,
+        dropped(lambda x, r, w: ops.add_rms_norm(x, r, [16], w, 1e-6, dropout_p=0.3)),
+        None,
+        (x, res, w),
+        (S(0), S(0), Rep),
+        Rep,
+        label="add_rms_norm dropout",
+    )
+    run_case(
+        mesh,
+        dropped(lambda x, r, w: ops.add_layer_norm(x, r, [16], w, None, dropout_p=0.3)),
+        None,
+        (x, res, w),
+        (S(1), S(1), Rep),
+        Rep,
+        label="add_layer_norm dropout",
+    )
 
 
 def check_triton_backend_on_shards(mesh) -> None:
@@ -207,9 +261,15 @@ def check_triton_backend_on_shards(mesh) -> None:
     S, Rep, _ = _placements()
     with llmkit.use_backend("triton"):
         x, w, b = torch.randn(3, 5, 16), torch.randn(16), torch.randn(16)
-        run_case(mesh, lambda x, w, b: ops.layer_norm(x, [16], w, b),
-                 lambda x, w, b: R64.layer_norm(x, [16], w, b, 1e-5),
-                 (x, w, b), (S(1), Rep, Rep), S(1), label="triton layer_norm")
+        run_case(
+            mesh,
+            lambda x, w, b: ops.layer_norm(x, [16], w, b),
+            lambda x, w, b: R64.layer_norm(x, [16], w, b, 1e-5),
+            (x, w, b),
+            (S(1), Rep, Rep),
+            S(1),
+            label="triton layer_norm",
+        )
         fn, ref = _sdpa(True, True)
         q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
         run_case(mesh, fn, ref, (q, k, v), (S(1),) * 3, S(1), label="triton attention")
@@ -220,18 +280,41 @@ def check_strategy_cache_keys_on_values(mesh) -> None:
     normalized_shape, dropout_p or activation must get their own strategy, not the cached one."""
     S, Rep, _ = _placements()
     x = torch.randn(4, 6, 8)
-    run_case(mesh, lambda x: ops.layer_norm(x, [8]), lambda x: R64.layer_norm(x, [8], None, None, 1e-5),
-             (x,), (S(1),), S(1), grad=False, label="layer_norm [8]")
-    run_case(mesh, lambda x: ops.layer_norm(x, [6, 8]), lambda x: R64.layer_norm(x, [6, 8], None, None, 1e-5),
-             (x,), (S(1),), Rep, grad=False, label="layer_norm [6, 8] after [8]")
+    run_case(
+        mesh,
+        lambda x: ops.layer_norm(x, [8]),
+        lambda x: R64.layer_norm(x, [8], None, None, 1e-5),
+        (x,),
+        (S(1),),
+        S(1),
+        grad=False,
+        label="layer_norm [8]",
+    )
+    run_case(
+        mesh,
+        lambda x: ops.layer_norm(x, [6, 8]),
+        lambda x: R64.layer_norm(x, [6, 8], None, None, 1e-5),
+        (x,),
+        (S(1),),
+        Rep,
+        grad=False,
+        label="layer_norm [6, 8] after [8]",
+    )
     xi = torch.randn(3, 4, 16)
     wq, ws = ops.quantize_int8(torch.randn(10, 16))
     bias = torch.randn(10)
     for act in ("none", "gelu"):
         expect = _placements()[2] if act == "none" else None  # row-wise only without activation
-        run_case(mesh, lambda x, w, s, b: ops.int8_linear(x, w, s, b, mode="w8a16", activation=act),  # noqa: B023
-                 lambda x, w, s, b: R64.int8_linear(x, w, s, b, "w8a16", act),  # noqa: B023
-                 (xi, wq, ws, bias), (S(2), S(1), Rep, Rep), expect, grad=False, label=f"int8_linear w8a16 {act}")
+        run_case(
+            mesh,
+            lambda x, w, s, b: ops.int8_linear(x, w, s, b, mode="w8a16", activation=act),  # noqa: B023
+            lambda x, w, s, b: R64.int8_linear(x, w, s, b, "w8a16", act),  # noqa: B023
+            (xi, wq, ws, bias),
+            (S(2), S(1), Rep, Rep),
+            expect,
+            grad=False,
+            label=f"int8_linear w8a16 {act}",
+        )
     # dropout_p is checked in check_attention_dropout_replicates
 
 
@@ -246,19 +329,45 @@ def check_gelu(mesh) -> None:
         for approx in ("none", "tanh"):
             tag = f"{dtype} {approx}"
             for d in range(3):  # pointwise: any dim, the hidden one included
-                run_case(mesh, lambda x: ops.gelu(x, approx), lambda x: R64.gelu(x, approx),  # noqa: B023
-                         (x,), (S(d),), S(d), label=f"gelu {tag} Shard({d})")
+                run_case(
+                    mesh,
+                    lambda x, a=approx: ops.gelu(x, a),
+                    lambda x, a=approx: R64.gelu(x, a),
+                    (x,),
+                    (S(d),),
+                    S(d),
+                    label=f"gelu {tag} Shard({d})",
+                )
             for d in (0, 1):
-                run_case(mesh, lambda x, b: ops.bias_gelu(x, b, approx),  # noqa: B023
-                         lambda x, b: R64.bias_gelu(x, b, approx),  # noqa: B023
-                         (x, bias), (S(d), Rep), S(d), label=f"bias_gelu {tag} Shard({d})")
+                run_case(
+                    mesh,
+                    lambda x, b: ops.bias_gelu(x, b, approx),  # noqa: B023
+                    lambda x, b: R64.bias_gelu(x, b, approx),  # noqa: B023
+                    (x, bias),
+                    (S(d), Rep),
+                    S(d),
+                    label=f"bias_gelu {tag} Shard({d})",
+                )
             # ColwiseParallel's output and bias: the hidden dim with the bias sharded alike
-            run_case(mesh, lambda x, b: ops.bias_gelu(x, b, approx),  # noqa: B023
-                     lambda x, b: R64.bias_gelu(x, b, approx),  # noqa: B023
-                     (x, bias), (S(2), S(0)), S(2), label=f"bias_gelu {tag} hidden sharded")
+            run_case(
+                mesh,
+                lambda x, b: ops.bias_gelu(x, b, approx),  # noqa: B023
+                lambda x, b: R64.bias_gelu(x, b, approx),  # noqa: B023
+                (x, bias),
+                (S(2), S(0)),
+                S(2),
+                label=f"bias_gelu {tag} hidden sharded",
+            )
         # hidden dim sharded but the bias replicated: the bias is split to match
-        run_case(mesh, lambda x, b: ops.bias_gelu(x, b), lambda x, b: R64.bias_gelu(x, b),
-                 (x, bias), (S(2), Rep), S(2), label=f"bias_gelu {dtype} replicated bias")
+        run_case(
+            mesh,
+            lambda x, b: ops.bias_gelu(x, b),
+            lambda x, b: R64.bias_gelu(x, b),
+            (x, bias),
+            (S(2), Rep),
+            S(2),
+            label=f"bias_gelu {dtype} replicated bias",
+        )
 
 
 # -- GeGLU / SwiGLU ---------------------------------------------------------------------
@@ -271,8 +380,15 @@ def check_glu(mesh) -> None:
         for d in range(3):  # elementwise: any dim, the hidden one (ColwiseParallel's output) included
             run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(d), S(d)), S(d), label=f"swiglu {dtype} Shard({d})")
             for approx in ("none", "tanh"):
-                run_case(mesh, lambda g, u, a=approx: ops.geglu(g, u, a), lambda g, u, a=approx: R64.geglu(g, u, a),
-                         (gate, up), (S(d), S(d)), S(d), label=f"geglu {approx} {dtype} Shard({d})")
+                run_case(
+                    mesh,
+                    lambda g, u, a=approx: ops.geglu(g, u, a),
+                    lambda g, u, a=approx: R64.geglu(g, u, a),
+                    (gate, up),
+                    (S(d), S(d)),
+                    S(d),
+                    label=f"geglu {approx} {dtype} Shard({d})",
+                )
     # gate and up placed differently: redistributed to one placement, never computed mixed
     gate, up = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
     run_case(mesh, ops.swiglu, R64.swiglu, (gate, up), (S(0), S(2)), None, label="swiglu mixed placements")
@@ -284,8 +400,7 @@ def check_glu(mesh) -> None:
 
 def _sdpa(is_causal: bool, gqa: bool, scale: float | None = None):
     def fn(q, k, v, m=None):
-        return ops.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal, enable_gqa=gqa,
-                                                scale=scale)
+        return ops.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal, enable_gqa=gqa, scale=scale)
 
     def ref(q, k, v, m=None):
         return R64.attention(q, k, v, m, is_causal, scale, gqa)
@@ -343,21 +458,32 @@ def check_attention_llm_options(mesh) -> None:
     S, Rep, _ = _placements()
 
     def fn(q, k, v, slopes):
-        return ops.scaled_dot_product_attention(q, k, v, is_causal=True, causal_alignment="bottom_right",
-                                                window_size=(3, -1), softcap=2.0, alibi_slopes=slopes)
+        return ops.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            causal_alignment="bottom_right",
+            window_size=(3, -1),
+            softcap=2.0,
+            alibi_slopes=slopes,
+        )
 
     def ref(q, k, v, slopes):
-        return R64.attention_llm(q, k, v, None, True, bottom_right=True, window=(3, -1), softcap=2.0,
-                                 alibi_slopes=slopes)[0]
+        return R64.attention_llm(
+            q, k, v, None, True, bottom_right=True, window=(3, -1), softcap=2.0, alibi_slopes=slopes
+        )[0]
 
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
     heads, batch_heads = torch.rand(4), torch.rand(2, 4)
     run_case(mesh, fn, ref, (q, k, v, heads), (S(1),) * 3 + (S(0),), S(1), grad=False, label="alibi (Hq,), heads")
     run_case(mesh, fn, ref, (q, k, v, heads), (S(0),) * 3 + (Rep,), S(0), grad=False, label="alibi (Hq,), batch")
-    run_case(mesh, fn, ref, (q, k, v, batch_heads), (S(0),) * 3 + (S(0),), S(0), grad=False,
-             label="alibi (B, Hq), batch")
-    run_case(mesh, fn, ref, (q, k, v, batch_heads), (S(2), Rep, Rep, Rep), None, grad=False,
-             label="window rows gathered")
+    run_case(
+        mesh, fn, ref, (q, k, v, batch_heads), (S(0),) * 3 + (S(0),), S(0), grad=False, label="alibi (B, Hq), batch"
+    )
+    run_case(
+        mesh, fn, ref, (q, k, v, batch_heads), (S(2), Rep, Rep, Rep), None, grad=False, label="window rows gathered"
+    )
 
 
 def check_attention_dropout_replicates(mesh) -> None:
@@ -428,10 +554,26 @@ def check_int8(mesh) -> None:
     S, Rep, P = _placements()
     x = torch.randn(5, 6, 8)
     for d, dim in ((0, -1), (1, -1), (2, 0)):
-        run_case(mesh, lambda x: ops.quantize_int8(x, dim), lambda x: R64.quantize_int8(x, dim),  # noqa: B023
-                 (x,), (S(d),), S(d), grad=False, label=f"quantize_int8 Shard({d}) dim {dim}")
-    run_case(mesh, lambda x: ops.quantize_int8(x, -1), lambda x: R64.quantize_int8(x, -1),
-             (x,), (S(2),), Rep, grad=False, label="quantize_int8 along the sharded dim")
+        run_case(
+            mesh,
+            lambda x, dm=dim: ops.quantize_int8(x, dm),
+            lambda x, dm=dim: R64.quantize_int8(x, dm),
+            (x,),
+            (S(d),),
+            S(d),
+            grad=False,
+            label=f"quantize_int8 Shard({d}) dim {dim}",
+        )
+    run_case(
+        mesh,
+        lambda x: ops.quantize_int8(x, -1),
+        lambda x: R64.quantize_int8(x, -1),
+        (x,),
+        (S(2),),
+        Rep,
+        grad=False,
+        label="quantize_int8 along the sharded dim",
+    )
     a, b = torch.randint(-127, 128, (6, 16), dtype=torch.int8), torch.randint(-127, 128, (16, 10), dtype=torch.int8)
     mm = lambda a, b: ops.int8_matmul(a, b)  # noqa: E731
     run_case(mesh, mm, None, (a, b), (S(0), Rep), S(0), grad=False, label="int8_matmul rows")
@@ -445,26 +587,67 @@ def check_int8(mesh) -> None:
     def mms64(a, b, sa, sb, bias):
         return R64.int8_matmul(a, b).to(F64) * sa[:, None] * sb[None, :] + bias
 
-    run_case(mesh, mms, mms64, (a, b, sa, sb, bias), (S(0), Rep, S(0), Rep, Rep), S(0), grad=False,
-             label="int8_matmul scaled rows")
-    run_case(mesh, mms, mms64, (a, b, sa, sb, bias), (Rep, S(1), Rep, S(0), S(0)), S(1), grad=False,
-             label="int8_matmul scaled columns")
-    run_case(mesh, mms, mms64, (a, b, sa, sb, bias), (S(1), S(0), Rep, Rep, Rep), None, grad=False,
-             label="int8_matmul scaled, K sharded: gathered")
+    run_case(
+        mesh,
+        mms,
+        mms64,
+        (a, b, sa, sb, bias),
+        (S(0), Rep, S(0), Rep, Rep),
+        S(0),
+        grad=False,
+        label="int8_matmul scaled rows",
+    )
+    run_case(
+        mesh,
+        mms,
+        mms64,
+        (a, b, sa, sb, bias),
+        (Rep, S(1), Rep, S(0), S(0)),
+        S(1),
+        grad=False,
+        label="int8_matmul scaled columns",
+    )
+    run_case(
+        mesh,
+        mms,
+        mms64,
+        (a, b, sa, sb, bias),
+        (S(1), S(0), Rep, Rep, Rep),
+        None,
+        grad=False,
+        label="int8_matmul scaled, K sharded: gathered",
+    )
     xi = torch.randn(3, 5, 16)
     wq, ws = ops.quantize_int8(torch.randn(10, 16))
     lb = torch.randn(10)
     for mode in ("w8a8", "w8a16"):
+
         def lin(x, w, s, b):
             return ops.int8_linear(x, w, s, b, mode=mode, activation="gelu")  # noqa: B023
 
         def lin64(x, w, s, b):
             return R64.int8_linear(x, w, s, b, mode, "gelu")  # noqa: B023
 
-        run_case(mesh, lin, lin64, (xi, wq, ws, lb), (S(1), Rep, Rep, Rep), S(1), grad=False,
-                 label=f"int8_linear {mode} rows")
-        run_case(mesh, lin, lin64, (xi, wq, ws, lb), (Rep, S(0), S(0), S(0)), S(2), grad=False,
-                 label=f"int8_linear {mode} column-wise")
+        run_case(
+            mesh,
+            lin,
+            lin64,
+            (xi, wq, ws, lb),
+            (S(1), Rep, Rep, Rep),
+            S(1),
+            grad=False,
+            label=f"int8_linear {mode} rows",
+        )
+        run_case(
+            mesh,
+            lin,
+            lin64,
+            (xi, wq, ws, lb),
+            (Rep, S(0), S(0), S(0)),
+            S(2),
+            grad=False,
+            label=f"int8_linear {mode} column-wise",
+        )
 
         def plain(x, w, s, b):
             return ops.int8_linear(x, w, s, b, mode=mode)  # noqa: B023
@@ -473,8 +656,16 @@ def check_int8(mesh) -> None:
             return R64.int8_linear(x, w, s, b, mode, "none")  # noqa: B023
 
         # row-wise: W8A16 gives partial sums; W8A8 needs each input row whole (its absmax)
-        run_case(mesh, plain, plain64, (xi, wq, ws, lb), (S(2), S(1), Rep, Rep), P if mode == "w8a16" else None,
-                 grad=False, label=f"int8_linear {mode} row-wise")
+        run_case(
+            mesh,
+            plain,
+            plain64,
+            (xi, wq, ws, lb),
+            (S(2), S(1), Rep, Rep),
+            P if mode == "w8a16" else None,
+            grad=False,
+            label=f"int8_linear {mode} row-wise",
+        )
 
 
 def check_2d_mesh(mesh) -> None:
@@ -486,9 +677,15 @@ def check_2d_mesh(mesh) -> None:
     for shape in ((1, 2), (2, 1)):
         mesh2 = init_device_mesh("cpu", shape)
         x, w, b = torch.randn(4, 6, 16), torch.randn(16), torch.randn(16)
-        run_case(mesh2, lambda x, w, b: ops.layer_norm(x, [16], w, b),
-                 lambda x, w, b: R64.layer_norm(x, [16], w, b, 1e-5),
-                 (x, w, b), ((S(0), S(1)), (Rep, Rep), (Rep, Rep)), (S(0), S(1)), label=f"layer_norm {shape}")
+        run_case(
+            mesh2,
+            lambda x, w, b: ops.layer_norm(x, [16], w, b),
+            lambda x, w, b: R64.layer_norm(x, [16], w, b, 1e-5),
+            (x, w, b),
+            ((S(0), S(1)), (Rep, Rep), (Rep, Rep)),
+            (S(0), S(1)),
+            label=f"layer_norm {shape}",
+        )
         run_case(mesh2, lambda x: ops.gelu(x), R64.gelu, (x,), ((S(1), S(2)),), (S(1), S(2)), label=f"gelu {shape}")
         fn, ref = _sdpa(True, True)
         q, k, v = torch.randn(2, 8, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
@@ -497,10 +694,16 @@ def check_2d_mesh(mesh) -> None:
         run_case(mesh2, fn, ref, (q, k, v), ((S(1), S(1)),) * 3, None, label=f"gqa heads x heads {shape}")
         xi = torch.randn(3, 5, 16)
         wq, ws = ops.quantize_int8(torch.randn(10, 16))
-        run_case(mesh2, lambda x, w, s: ops.int8_linear(x, w, s, None, mode="w8a16"),
-                 lambda x, w, s: R64.int8_linear(x, w, s, None, "w8a16", "none"),
-                 (xi, wq, ws), ((S(0), Rep), (Rep, S(0)), (Rep, S(0))), (S(0), S(2)), grad=False,
-                 label=f"int8_linear rows x columns {shape}")
+        run_case(
+            mesh2,
+            lambda x, w, s: ops.int8_linear(x, w, s, None, mode="w8a16"),
+            lambda x, w, s: R64.int8_linear(x, w, s, None, "w8a16", "none"),
+            (xi, wq, ws),
+            ((S(0), Rep), (Rep, S(0)), (Rep, S(0))),
+            (S(0), S(2)),
+            grad=False,
+            label=f"int8_linear rows x columns {shape}",
+        )
 
 
 CHECKS = {

@@ -45,6 +45,8 @@ WARNINGS = [
 def leaf(t):
     """A fresh leaf that requires grad (None stays None)."""
     return None if t is None else t.detach().clone().requires_grad_(True)
+
+
 PROFILE = os.environ.get("LLMKIT_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"LLMKIT_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
@@ -61,8 +63,14 @@ def _session_seed() -> int:
 def fuzz(examples: int, name: str):
     """Decorator: hypothesis settings, ``examples`` examples in CI (derandomized: the same ones
     every run) or 20x that many in the long profile (seeded from the session seed and ``name``)."""
-    s = settings(max_examples=examples * _FACTOR, deadline=None, database=None, derandomize=PROFILE == "ci",
-                 suppress_health_check=list(HealthCheck), print_blob=True)
+    s = settings(
+        max_examples=examples * _FACTOR,
+        deadline=None,
+        database=None,
+        derandomize=PROFILE == "ci",
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
     if PROFILE == "ci":
         return s
     sd = seed((_session_seed() + zlib.crc32(name.encode())) % (2**32))
@@ -105,8 +113,8 @@ def _fill(x: torch.Tensor, dtype, kind: str, gen: torch.Generator, huge: float |
         n = max(1, flat.numel() // 50)
         idx = torch.randint(0, flat.numel(), (3 * n,), generator=gen)
         flat[idx[:n]] = float("nan")
-        flat[idx[n:2 * n]] = float("inf")
-        flat[idx[2 * n:]] = float("-inf")
+        flat[idx[n : 2 * n]] = float("inf")
+        flat[idx[2 * n :]] = float("-inf")
 
 
 STRICT_KINDS = ("huge", "tiny")
@@ -114,8 +122,15 @@ STRICT_KINDS = ("huge", "tiny")
 are held to the float64 result rounded to the dtype, not to PyTorch's error."""
 
 
-def values(shape, dtype, kind: str, gen: torch.Generator, row_dims: int = 1, huge: float | None = None,
-           strict_rows: list | None = None) -> torch.Tensor:
+def values(
+    shape,
+    dtype,
+    kind: str,
+    gen: torch.Generator,
+    row_dims: int = 1,
+    huge: float | None = None,
+    strict_rows: list | None = None,
+) -> torch.Tensor:
     """A tensor of ``shape`` whose rows (the last ``row_dims`` dims) follow ``kind``. With
     ``strict_rows`` (a list), a boolean of the leading shape marking the rows of
     :data:`STRICT_KINDS` is appended to it."""
@@ -123,7 +138,7 @@ def values(shape, dtype, kind: str, gen: torch.Generator, row_dims: int = 1, hug
     lead = tuple(shape[: len(shape) - row_dims])
     strict = torch.zeros(lead, dtype=torch.bool)
     if x.numel():
-        rows = x.reshape(-1, math.prod(shape[len(shape) - row_dims:]))
+        rows = x.reshape(-1, math.prod(shape[len(shape) - row_dims :]))
         strict = strict.view(-1)
         if kind in STRICT_KINDS:
             strict[:] = True
@@ -173,8 +188,14 @@ LEAD_DIMS = st.lists(st.sampled_from([1, 2, 3, 5, 13, 1, 2, 3, 5, 13, 0]), min_s
 # --------------------------------------------------------------------------------------
 
 
-def check(name: str, out: torch.Tensor | None, ref: torch.Tensor | None, baselines=(),
-          allow_finite: torch.Tensor | None = None, strict: torch.Tensor | None = None) -> None:
+def check(
+    name: str,
+    out: torch.Tensor | None,
+    ref: torch.Tensor | None,
+    baselines=(),
+    allow_finite: torch.Tensor | None = None,
+    strict: torch.Tensor | None = None,
+) -> None:
     """The fuzz rule (module docstring) for one output ``out`` against the float64 ``ref``;
     ``baselines``: PyTorch's own results (in ``out``'s dtype; computed in that dtype or in
     float32 and rounded), each where it is finite. ``strict`` (broadcastable to ``out``):
@@ -183,8 +204,14 @@ def check(name: str, out: torch.Tensor | None, ref: torch.Tensor | None, baselin
         strict = strict.expand(out.shape)
         check(name + " [strict rows]", out[strict], ref.detach()[strict], (), None, None)
         keep = ~strict
-        check(name, out[keep], ref.detach()[keep], [None if b is None else b.detach()[keep] for b in baselines],
-              None if allow_finite is None else allow_finite.expand(out.shape)[keep], None)
+        check(
+            name,
+            out[keep],
+            ref.detach()[keep],
+            [None if b is None else b.detach()[keep] for b in baselines],
+            None if allow_finite is None else allow_finite.expand(out.shape)[keep],
+            None,
+        )
         return
     if out is None and ref is None:
         return
@@ -244,7 +271,11 @@ def run_isolated(nodeid: str, timeout: float = 600) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", nodeid, "-q", "-p", "no:cacheprovider", "-x", "--runxfail"],
-        cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=os.path.dirname(here),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode < 0:
         raise AssertionError(

@@ -33,10 +33,7 @@ def _fresh_seed(request):
 def pytest_report_header(config):
     import llmkit
 
-    lines = [
-        f"llmkit {llmkit.__version__}, torch {torch.__version__}, "
-        f"LLMKIT_TEST_SEED={SESSION_SEED}"
-    ]
+    lines = [f"llmkit {llmkit.__version__}, torch {torch.__version__}, LLMKIT_TEST_SEED={SESSION_SEED}"]
     for info in llmkit.backend_info():
         avail = ", ".join(f"{d}: {'yes' if r is None else 'no'}" for d, r in info.available.items())
         lines.append(f"backend {info.name}: {avail}")
@@ -99,7 +96,7 @@ def select_linear_path(monkeypatch, path: str) -> None:
     from llmkit.ops.linear import linear_forward
 
     order = ["onednn", "bias_in_gemm", "bias_gelu"]
-    keep = set(order[order.index(path):])
+    keep = set(order[order.index(path) :])
     for v in linear_forward.variants["reference"]:
         if v.variant not in keep:
             monkeypatch.setattr(v, "prefer", lambda c: False)

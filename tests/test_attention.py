@@ -64,6 +64,7 @@ def _counted(fn, name):
 
 def _qkv(b, hq, hkv, sq, sk, d, dv, dtype, layout="bhsd"):
     """q, k, v needing gradients; with layout 'bshd' they are views of (B, S, H, D) leaves."""
+
     def make(h, s, width):
         if layout == "bshd":
             return torch.randn(b, s, h, width, dtype=dtype, device=DEVICE, requires_grad=True).transpose(1, 2)
@@ -484,8 +485,9 @@ def test_dropout_forward_and_backward_on_different_backends(fwd, bwd):
     seed, offset, scale = 2**40 + 17, 123, 0.2
     out, lse = A.attention_forward.call_backend(fwd, q, k, v, None, p, True, scale, False, seed, offset)
     g = torch.randn_like(out)
-    dq, dk, dv, _ = A.attention_backward.call_backend(bwd, g, q, k, v, out, lse, None, p, True, scale, False,
-                                                 seed, offset, False)
+    dq, dk, dv, _ = A.attention_backward.call_backend(
+        bwd, g, q, k, v, out, lse, None, p, True, scale, False, seed, offset, False
+    )
     keep = dropout_keep_mask(seed, offset, b, h, sq, sk, p, q.device)
     q64, k64, v64 = (_leaf(t, F64) for t in (q, k, v))
     ref = R.attention(q64, k64, v64, None, True, scale, keep=keep, dropout_p=p)
@@ -493,8 +495,12 @@ def test_dropout_forward_and_backward_on_different_backends(fwd, bwd):
     qb, kb, vb = (_leaf(t) for t in (q, k, v))
     base = _manual_dropout_sdpa(qb, kb, vb, keep, p, scale, True)
     base.backward(g)
-    for name, a, r, bl in (("out", out, ref, base), ("dq", dq, q64.grad, qb.grad),
-                           ("dk", dk, k64.grad, kb.grad), ("dv", dv, v64.grad, vb.grad)):
+    for name, a, r, bl in (
+        ("out", out, ref, base),
+        ("dq", dq, q64.grad, qb.grad),
+        ("dk", dk, k64.grad, kb.grad),
+        ("dv", dv, v64.grad, vb.grad),
+    ):
         assert_close_to_reference(a, r.detach(), bl.detach(), name)
 
 
@@ -532,8 +538,22 @@ def test_opcheck_sdpa(backend):
         out, lse = torch.ops.llmkit.scaled_dot_product_attention(q, k, v, mask, 0.0, True, 0.25, True, 0, 0)
         torch.library.opcheck(
             torch.ops.llmkit.scaled_dot_product_attention_backward.default,
-            (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, 0.0, True,
-             0.25, True, 0, 0, False),
+            (
+                torch.randn_like(out),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out.detach(),
+                lse,
+                mask,
+                0.0,
+                True,
+                0.25,
+                True,
+                0,
+                0,
+                False,
+            ),
         )
 
 
@@ -575,8 +595,11 @@ def test_bad_inputs():
     sdpa = llmkit.ops.scaled_dot_product_attention
     q, k, v = _qkv(2, 4, 2, 8, 8, 16, 16, torch.float16)
     with pytest.raises(ValueError, match="head dims disagree"):
-        sdpa(q, torch.randn(2, 4, 8, 8, dtype=torch.float16, device=DEVICE),
-             torch.randn(2, 4, 8, 16, dtype=torch.float16, device=DEVICE))
+        sdpa(
+            q,
+            torch.randn(2, 4, 8, 8, dtype=torch.float16, device=DEVICE),
+            torch.randn(2, 4, 8, 16, dtype=torch.float16, device=DEVICE),
+        )
     with pytest.raises(ValueError, match="batch sizes disagree"):
         sdpa(q, k[:1], v[:1], enable_gqa=True)
     with pytest.raises(ValueError, match="multiple"):

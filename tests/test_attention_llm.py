@@ -48,27 +48,76 @@ def _inputs(b, hq, hkv, sq, sk, d, dtype, alibi=None):
     return q, k, v, slopes
 
 
-def _check(backend, q, k, v, slopes, causal=False, br=False, window=(-1, -1), softcap=0.0, mask=None,
-           dropout=0.0, seed=5, grads=True):
+def _check(
+    backend,
+    q,
+    k,
+    v,
+    slopes,
+    causal=False,
+    br=False,
+    window=(-1, -1),
+    softcap=0.0,
+    mask=None,
+    dropout=0.0,
+    seed=5,
+    grads=True,
+):
     """out, lse and dq / dk / dv of ``backend`` against float64 by the tolerance rule."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     qq, kk, vv = (_leaf(t) for t in (q, k, v))
     before = dict(LAUNCHES)
     with llmkit.use_backend(backend):
         out, lse = torch.ops.llmkit.scaled_dot_product_attention(
-            qq, kk, vv, mask, dropout, causal, scale, q.shape[1] != k.shape[1], seed, 0,
-            window[0], window[1], br, softcap, slopes)
+            qq,
+            kk,
+            vv,
+            mask,
+            dropout,
+            causal,
+            scale,
+            q.shape[1] != k.shape[1],
+            seed,
+            0,
+            window[0],
+            window[1],
+            br,
+            softcap,
+            slopes,
+        )
         g = torch.randn_like(out)
         if grads:
             out.backward(g)
     b, hq, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     keep = dropout_keep_mask(seed, 0, b, hq, sq, sk, dropout, q.device) if dropout else None
     q6, k6, v6 = (_leaf(t, F64) for t in (q, k, v))
-    ref, ref_lse = R.attention_llm(q6, k6, v6, mask, causal, scale, bottom_right=br, window=window, softcap=softcap,
-                                   alibi_slopes=slopes, keep=keep, dropout_p=dropout)
+    ref, ref_lse = R.attention_llm(
+        q6,
+        k6,
+        v6,
+        mask,
+        causal,
+        scale,
+        bottom_right=br,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=slopes,
+        keep=keep,
+        dropout_p=dropout,
+    )
     leaves = [_leaf(t) for t in (q, k, v)]
-    base, base_lse = eager_attention(*leaves, scale, causal=causal, bottom_right=br, window=window, softcap=softcap,
-                                     slopes=slopes, mask=mask, keep=keep, dropout_p=dropout)
+    base, base_lse = eager_attention(
+        *leaves,
+        scale,
+        causal=causal,
+        bottom_right=br,
+        window=window,
+        softcap=softcap,
+        slopes=slopes,
+        mask=mask,
+        keep=keep,
+        dropout_p=dropout,
+    )
     assert_close_to_reference(out, ref.detach(), base.detach(), f"{backend} out")
     assert lse.dtype == (F64 if q.dtype == F64 else torch.float32) and lse.shape == (b, hq, sq)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without a visible key: lse = +inf"
@@ -149,8 +198,9 @@ def test_keys_outside_every_window_never_reach_a_result(backend):
     for kk, vv in ((k, v), (dk, dv)):
         qq, kk, vv = (_leaf(t) for t in (q, kk, vv))
         with llmkit.use_backend(backend):
-            out = llmkit.ops.scaled_dot_product_attention(qq, kk, vv, causal_alignment="bottom_right",
-                                                          window_size=window)
+            out = llmkit.ops.scaled_dot_product_attention(
+                qq, kk, vv, causal_alignment="bottom_right", window_size=window
+            )
             out.backward(torch.ones_like(out))
         results.append((out.detach(), qq.grad, kk.grad, vv.grad))
     for name, clean, dirty in zip(("out", "dq", "dk", "dv"), *results, strict=True):
@@ -174,8 +224,9 @@ def test_causal_bias_objects_are_honoured(backend, sq, sk):
             got = llmkit.ops.scaled_dot_product_attention(q, k, v, attn_mask=factory(sq, sk))
             want = llmkit.ops.scaled_dot_product_attention(q, k, v, is_causal=True, causal_alignment=alignment)
             assert torch.equal(got, want)
-            ref, _ = R.attention_llm(q.double(), k.double(), v.double(), None, True,
-                                     bottom_right=alignment == "bottom_right")
+            ref, _ = R.attention_llm(
+                q.double(), k.double(), v.double(), None, True, bottom_right=alignment == "bottom_right"
+            )
             assert (got.double() - ref).abs().max() < 5e-3
 
 
@@ -189,8 +240,7 @@ def test_causal_bias_conflicts_are_refused():
     with pytest.raises(ValueError, match=r"CausalBias for \(Sq, Sk\) = \(5, 9\)"):
         sdpa(q, k, v, attn_mask=causal_lower_right(5, 9))
     with pytest.raises(TypeError, match="CausalBias"):  # the custom op itself never reads one as data
-        torch.ops.llmkit.scaled_dot_product_attention(q, k, v, causal_lower_right(4, 9), 0.0, False, 0.1, False,
-                                                      0, 0)
+        torch.ops.llmkit.scaled_dot_product_attention(q, k, v, causal_lower_right(4, 9), 0.0, False, 0.1, False, 0, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -217,19 +267,22 @@ def test_return_lse_merges_partial_attentions(backend):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\] \(left\) must be an int >= -1"),
-    (dict(window_size=(3, 1.5)), ValueError, r"window_size\[1\] \(right\) must be an int >= -1 .*, got 1.5"),
-    (dict(window_size=3), ValueError, "window_size must be a pair"),
-    (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
-    (dict(softcap=float("nan")), ValueError, "softcap must be a finite number >= 0"),
-    (dict(softcap="a"), TypeError, "softcap must be a number"),
-    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes has shape \[3\]; it must be \(Hq,\) = \[4\]"),
-    (dict(alibi_slopes=torch.ones(2, 4, 1)), ValueError, "alibi_slopes has shape"),
-    (dict(alibi_slopes=torch.ones(4, dtype=torch.int32)), TypeError, "alibi_slopes"),
-    (dict(alibi_slopes=torch.ones(4, requires_grad=True)), ValueError, "alibi_slopes requires grad"),
-    (dict(causal_alignment="bottom"), ValueError, "causal_alignment must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\] \(left\) must be an int >= -1"),
+        (dict(window_size=(3, 1.5)), ValueError, r"window_size\[1\] \(right\) must be an int >= -1 .*, got 1.5"),
+        (dict(window_size=3), ValueError, "window_size must be a pair"),
+        (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+        (dict(softcap=float("nan")), ValueError, "softcap must be a finite number >= 0"),
+        (dict(softcap="a"), TypeError, "softcap must be a number"),
+        (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes has shape \[3\]; it must be \(Hq,\) = \[4\]"),
+        (dict(alibi_slopes=torch.ones(2, 4, 1)), ValueError, "alibi_slopes has shape"),
+        (dict(alibi_slopes=torch.ones(4, dtype=torch.int32)), TypeError, "alibi_slopes"),
+        (dict(alibi_slopes=torch.ones(4, requires_grad=True)), ValueError, "alibi_slopes requires grad"),
+        (dict(causal_alignment="bottom"), ValueError, "causal_alignment must be one of"),
+    ],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_options_are_refused_before_any_launch(backend, kwargs, error, match):
     q, k, v, _ = _inputs(2, 4, 2, 5, 7, 16, torch.float16)
@@ -256,11 +309,21 @@ def test_cuda_ext_declines_the_llm_options_with_a_reason():
 
 
 @triton.jit
-def _range_probe(out_q, out_k, q_len, k_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          UPPER: tl.constexpr, LOWER: tl.constexpr):
+def _range_probe(
+    out_q,
+    out_k,
+    q_len,
+    k_len,
+    diag_off,
+    upper,
+    lower,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPPER: tl.constexpr,
+    LOWER: tl.constexpr,
+):
     pid = tl.program_id(0)
-    lo, full_lo, full_hi, hi = _key_range(pid * BLOCK_M, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N,
-                                          UPPER, LOWER)
+    lo, full_lo, full_hi, hi = _key_range(pid * BLOCK_M, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
     tl.store(out_q + pid * 4, lo)
     tl.store(out_q + pid * 4 + 1, full_lo)
     tl.store(out_q + pid * 4 + 2, full_hi)
@@ -270,11 +333,19 @@ def _range_probe(out_q, out_k, q_len, k_len, diag_off, upper, lower, BLOCK_M: tl
     tl.store(out_k + pid * 2 + 1, m_hi)
 
 
-@pytest.mark.parametrize("sq,sk,causal,br,window", [
-    (100, 100, True, False, (7, -1)), (40, 300, True, True, (20, -1)), (300, 40, False, True, (5, 9)),
-    (64, 64, False, False, (0, 0)), (77, 130, True, True, (-1, -1)), (130, 77, True, True, (-1, -1)),
-    (50, 50, False, False, (-1, 12)), (33, 90, False, False, (200, 200)),
-])
+@pytest.mark.parametrize(
+    "sq,sk,causal,br,window",
+    [
+        (100, 100, True, False, (7, -1)),
+        (40, 300, True, True, (20, -1)),
+        (300, 40, False, True, (5, 9)),
+        (64, 64, False, False, (0, 0)),
+        (77, 130, True, True, (-1, -1)),
+        (130, 77, True, True, (-1, -1)),
+        (50, 50, False, False, (-1, 12)),
+        (33, 90, False, False, (200, 200)),
+    ],
+)
 def test_block_ranges_cover_the_band_and_skip_the_rest(sq, sk, causal, br, window):
     """_key_range and _query_range (run through the interpreter): every visible (i, j) lies in
     a visited block, the mask-free blocks are visible to every row, and no more key blocks
@@ -285,25 +356,29 @@ def test_block_ranges_cover_the_band_and_skip_the_rest(sq, sk, causal, br, windo
     n = max(triton.cdiv(sq, bm), triton.cdiv(sk, bn))
     kr, qr = torch.zeros(n, 4, dtype=torch.int32), torch.zeros(n, 2, dtype=torch.int32)
     c = band.constexprs()
-    _range_probe[(n,)](kr, qr, sq, sk, *band.kernel_args(kr)[:3], BLOCK_M=bm, BLOCK_N=bn, UPPER=c["UPPER"],
-                LOWER=c["LOWER"])
+    _range_probe[(n,)](
+        kr, qr, sq, sk, *band.kernel_args(kr)[:3], BLOCK_M=bm, BLOCK_N=bn, UPPER=c["UPPER"], LOWER=c["LOWER"]
+    )
     vis = band.visible(sq, sk, torch.device("cpu"))
     vis = torch.ones(sq, sk, dtype=torch.bool) if vis is None else vis
     for m in range(triton.cdiv(sq, bm)):
         lo, full_lo, full_hi, hi = kr[m].tolist()
-        rows = vis[m * bm:(m + 1) * bm]
+        rows = vis[m * bm : (m + 1) * bm]
         cols = rows.any(0).nonzero().flatten()
         assert lo <= full_lo <= full_hi <= hi and lo % bn == 0
         if len(cols):
             assert lo <= cols.min() and cols.max() < hi, (m, lo, hi, cols.min(), cols.max())
         assert rows[:, full_lo:full_hi].all(), (m, full_lo, full_hi)
         if window[0] >= 0 or causal or window[1] >= 0:  # skipped: at most the band's span plus a block each side
-            span = bm + (window[0] if window[0] >= 0 else sk) + (0 if causal else max(window[1], 0) if window[1] >= 0
-                                                                 else sk)
+            span = (
+                bm
+                + (window[0] if window[0] >= 0 else sk)
+                + (0 if causal else max(window[1], 0) if window[1] >= 0 else sk)
+            )
             assert hi - lo <= span + 2 * bn
     for nb in range(triton.cdiv(sk, bn)):
         m_lo, m_hi = qr[nb].tolist()
-        rows = vis[:, nb * bn:(nb + 1) * bn].any(1).nonzero().flatten()
+        rows = vis[:, nb * bn : (nb + 1) * bn].any(1).nonzero().flatten()
         if len(rows):
             assert m_lo <= rows.min() and rows.max() < m_hi, (nb, m_lo, m_hi)
         assert m_lo % bm == 0

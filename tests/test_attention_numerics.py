@@ -288,11 +288,15 @@ def _math_in_dtype(q, k, v, g, causal):
     return [[out.detach(), qq.grad, kk.grad, vv.grad]]
 
 
-@pytest.mark.parametrize("dtype,b,sq,sk,d,causal", [
-    (torch.float16, 1, 100_000, 16, 40, False),  # flash-attention's split-KV case: dK 0.65 against 0.24
-    (torch.bfloat16, 2, 108, 256, 40, True),
-    (torch.float16, 2, 113, 203, 64, False),
-], ids=["fp16_long_query_few_keys", "bf16_causal", "fp16_odd"])
+@pytest.mark.parametrize(
+    "dtype,b,sq,sk,d,causal",
+    [
+        (torch.float16, 1, 100_000, 16, 40, False),  # flash-attention's split-KV case: dK 0.65 against 0.24
+        (torch.bfloat16, 2, 108, 256, 40, True),
+        (torch.float16, 2, 113, 203, 64, False),
+    ],
+    ids=["fp16_long_query_few_keys", "bf16_causal", "fp16_odd"],
+)
 def test_reference_half_backward_meets_the_rule(dtype, b, sq, sk, d, causal):
     """ATen's float16 / bfloat16 CPU backward missed the rule on long-query / few-key shapes;
     the reference differentiates half inputs with its float32 kernel (exact widening)."""

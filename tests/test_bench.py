@@ -144,9 +144,21 @@ def test_shapes_file_is_versioned_and_covers_every_suite():
     for name in SUITES:
         for set_name in ("gpu", "cpu", "quick"):
             assert shapes.points(name, set_name), (name, set_name)
-    for name in ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "attention",
-                 "decode_attention", "quantize_int8", "int8_w8a8", "int8_w8a16", "bert", "gpt2_prefill",
-                 "gpt2_decode"):
+    for name in (
+        "layer_norm",
+        "rms_norm",
+        "add_layer_norm",
+        "gelu",
+        "bias_gelu",
+        "attention",
+        "decode_attention",
+        "quantize_int8",
+        "int8_w8a8",
+        "int8_w8a16",
+        "bert",
+        "gpt2_prefill",
+        "gpt2_decode",
+    ):
         assert name in SUITES
     # the CPU targets of the other issues are in the cpu sets
     assert {"M": 512, "N": 4096, "K": 4096} in shapes.points("int8_w8a8", "cpu")
@@ -158,11 +170,15 @@ def test_shapes_file_is_versioned_and_covers_every_suite():
 
 
 def test_check_shapes_names_every_problem():
-    bad = {"version": "1", "models": {}, "suites": {
-        "a": {"x": "N", "sets": {"s": [{"M": 1}]}},
-        "b": {"x": "N", "sets": {"s": [{"N": -1}, {"N": 2, "model": "nope"}]}},
-        "c": {"sets": {}},
-    }}
+    bad = {
+        "version": "1",
+        "models": {},
+        "suites": {
+            "a": {"x": "N", "sets": {"s": [{"M": 1}]}},
+            "b": {"x": "N", "sets": {"s": [{"N": -1}, {"N": 2, "model": "nope"}]}},
+            "c": {"sets": {}},
+        },
+    }
     problems = "\n".join(check_shapes(bad))
     assert "'version' must be an integer" in problems
     assert "suite a, set s, point 0: lacks the x key 'N'" in problems
@@ -181,16 +197,14 @@ def test_point_labels_and_groups():
 
 def test_plan_reports_unknown_and_cuda_only_requests():
     shapes = load_shapes()
-    units, skips, set_name = plan(Options(ops=["gelu", "nosuch", "roofline"], quick=True), shapes,
-                                  torch.device("cpu"))
+    units, skips, set_name = plan(Options(ops=["gelu", "nosuch", "roofline"], quick=True), shapes, torch.device("cpu"))
     assert set_name == "quick"
     assert {u.suite for u in units} == {"gelu"}
     assert {u.pass_ for u in units} == {"fwd", "bwd"}
     why = {s.what: s.reason for s in skips}
     assert why["nosuch"].startswith("unknown suite")
     assert why["roofline"] == "CUDA-only suite on a CPU machine: skipped"
-    units, skips, _ = plan(Options(ops=["gelu"], shapes="bert-base", dtypes=["float8"]), shapes,
-                           torch.device("cpu"))
+    units, skips, _ = plan(Options(ops=["gelu"], shapes="bert-base", dtypes=["float8"]), shapes, torch.device("cpu"))
     assert not units
     assert any("no shape set 'bert-base'" in s.reason for s in skips)
     assert any(s.what == "dtype float8" for s in skips)
@@ -204,8 +218,9 @@ def test_cpu_samples_count_page_faults_per_call():
         pytest.skip("another allocator is preloaded")
     big = torch.empty(16 << 20)  # 64 MiB of float32
     small = torch.ones(64)
-    samples = measure_cpu_interleaved({"fresh": lambda: torch.ones_like(big), "small": lambda: small * 2},
-                                      CpuBudget(0.05, threads=1))
+    samples = measure_cpu_interleaved(
+        {"fresh": lambda: torch.ones_like(big), "small": lambda: small * 2}, CpuBudget(0.05, threads=1)
+    )
     fresh, tiny = samples["fresh"].page_faults_per_call, samples["small"].page_faults_per_call
     assert fresh is not None and tiny is not None and tiny < 1
     assert fresh >= 16, fresh  # 16384 pages of 4 KiB; 32 of 2 MiB with transparent huge pages
@@ -233,8 +248,9 @@ def test_compare_outputs_catches_wrong_answers():
     assert not ok and "NaN" in what
     ok, what = compare_outputs(ref[:, :16], ref, Impl("x"), torch.float32)
     assert not ok and "shape" in what
-    ok, what = compare_outputs(ref + 0.01 * torch.randn_like(ref), ref, Impl("x", check="sqnr", min_sqnr_db=30),
-                               torch.float32)
+    ok, what = compare_outputs(
+        ref + 0.01 * torch.randn_like(ref), ref, Impl("x", check="sqnr", min_sqnr_db=30), torch.float32
+    )
     assert ok and what.startswith("SQNR")
     ok, what = compare_outputs(torch.randn_like(ref), ref, Impl("x", check="cosine"), torch.float32)
     assert not ok and "cosine" in what
@@ -257,9 +273,11 @@ def test_compare_outputs_judges_both_sides_against_float64_when_the_baseline_is_
     worse = (exact + 0.5 * torch.randn_like(exact)).to(torch.bfloat16)
     ok, what = compare_outputs(worse, sloppy_baseline, Impl("x"), torch.bfloat16, truth)
     assert not ok and "against float64" in what and "allowed" in what
+
     # a float64 recomputation that fails keeps the plain verdict and says why
     def broken():
         raise RuntimeError("no double kernel")
+
     ok, what = compare_outputs(accurate, sloppy_baseline, Impl("x"), torch.bfloat16, Truth(broken))
     assert not ok and "float64 recomputation failed: RuntimeError: no double kernel" in what
 
@@ -292,8 +310,9 @@ def test_baseline_truth_is_the_eager_computation_in_float64(pass_):
     dy = torch.randn(37, n).to(torch.bfloat16)
     ctx = Context(torch.device("cpu"), ["reference"], False, load_shapes(None))
     call = OpCall([x, w, b], pass_, wrt=(0, 1, 2), grads=[dy])
-    impls = standard_impls(ctx, "layer_norm", call, lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b),
-                           lambda x, w, b: x)
+    impls = standard_impls(
+        ctx, "layer_norm", call, lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b), lambda x, w, b: x
+    )
     got = Truth(impls[0].truth).tensors()
     # independently: llmkit.reference64's formula on the inputs in float64 (and its autograd)
     x64, w64, b64 = (t.double().requires_grad_(pass_ == "bwd") for t in (x, w, b))
@@ -332,21 +351,64 @@ def _hand_report() -> Report:
     def res(impl, median, vs, status="ok", reason="", frac=None):
         sample = make_sample([median * 0.9, median, median * 1.1], 5, "test") if status == "ok" else None
         w = Fm.layer_norm(4096, 1024, 2)
-        return Result("layer_norm", "fwd", "bfloat16", "cuda", {"M": 4096, "N": 1024}, "M=4096 N=1024",
-                      "M=4096", 1024, impl, status, reason=reason, check="baseline" if impl == "eager" else "",
-                      sample=sample, flops=w.flops, bytes=w.bytes,
-                      gbps=w.gbps(median) if sample else None, vs_eager=vs, roofline="bandwidth",
-                      fraction_of_roofline=frac, x_name="N", bound="memory",
-                      peak_mem_bytes=8 << 20 if sample else None)
+        return Result(
+            "layer_norm",
+            "fwd",
+            "bfloat16",
+            "cuda",
+            {"M": 4096, "N": 1024},
+            "M=4096 N=1024",
+            "M=4096",
+            1024,
+            impl,
+            status,
+            reason=reason,
+            check="baseline" if impl == "eager" else "",
+            sample=sample,
+            flops=w.flops,
+            bytes=w.bytes,
+            gbps=w.gbps(median) if sample else None,
+            vs_eager=vs,
+            roofline="bandwidth",
+            fraction_of_roofline=frac,
+            x_name="N",
+            bound="memory",
+            peak_mem_bytes=8 << 20 if sample else None,
+        )
 
-    rows = [res("eager", 2e-3, 1.0, frac=0.3), res("llmkit[triton]", 1e-3, 2.0, frac=0.6),
-            res("liger-kernel", 0.0, None, "skipped", "could not set up")]
-    env = {"device": "cuda", "device_name": "Test GPU", "driver": "1.0", "cuda": "12.8", "torch": "2.13",
-           "triton": "3.9", "llmkit": "0.1.0", "git_commit": "abc", "date": "2026-01-01T00:00:00+00:00",
-           "command": "llmkit bench --op layer_norm", "python": "3.11", "threads": 1, "capability": "sm_90"}
+    rows = [
+        res("eager", 2e-3, 1.0, frac=0.3),
+        res("llmkit[triton]", 1e-3, 2.0, frac=0.6),
+        res("liger-kernel", 0.0, None, "skipped", "could not set up"),
+    ]
+    env = {
+        "device": "cuda",
+        "device_name": "Test GPU",
+        "driver": "1.0",
+        "cuda": "12.8",
+        "torch": "2.13",
+        "triton": "3.9",
+        "llmkit": "0.1.0",
+        "git_commit": "abc",
+        "date": "2026-01-01T00:00:00+00:00",
+        "command": "llmkit bench --op layer_norm",
+        "python": "3.11",
+        "threads": 1,
+        "capability": "sm_90",
+    }
     roof = Roofline(copy_gbps=3000.0, bf16_tflops=700.0, int8_tops=1400.0, copy_bytes=1 << 30, matmul_size=8192)
-    return Report(env, {"quick": False}, "bench/shapes.json", 1, "gpu", roof, ["a note"], rows,
-                  [Skip("nosuch", "unknown suite")], elapsed_s=1.5)
+    return Report(
+        env,
+        {"quick": False},
+        "bench/shapes.json",
+        1,
+        "gpu",
+        roof,
+        ["a note"],
+        rows,
+        [Skip("nosuch", "unknown suite")],
+        elapsed_s=1.5,
+    )
 
 
 def test_table_and_markdown_show_ratios_fractions_and_skips():
@@ -431,8 +493,22 @@ def test_progress_bar_draws_when_forced():
 
 def test_tiny_quick_run_writes_table_json_markdown_and_png(tmp_path, capsys):
     out = tmp_path / "res"
-    code = cli.main(["bench", "--quick", "--op", "layer_norm,gelu", "--op", "int8_w8a8", "--op", "gpt2_prefill",
-                     "--seconds", "0.003", "--out", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--op",
+            "layer_norm,gelu",
+            "--op",
+            "int8_w8a8",
+            "--op",
+            "gpt2_prefill",
+            "--seconds",
+            "0.003",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     doc = json.loads((out / "quick.json").read_text())
     assert validate(doc) == [], validate(doc)[:5]
@@ -440,8 +516,10 @@ def test_tiny_quick_run_writes_table_json_markdown_and_png(tmp_path, capsys):
     assert code in (0, 3), printed  # 3: some llmkit part not built yet, reported as skipped
     assert "layer_norm fwd float32 (cpu)" in printed and "gpt2_prefill prefill float32 (cpu)" in printed
     env = doc["environment"]
-    assert env["command"] == "llmkit bench --op layer_norm,gelu --op int8_w8a8 --op gpt2_prefill " \
-                             "--seconds 0.003 --out " + str(out) + " --quick"
+    assert (
+        env["command"] == "llmkit bench --op layer_norm,gelu --op int8_w8a8 --op gpt2_prefill "
+        "--seconds 0.003 --out " + str(out) + " --quick"
+    )
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
     rows = doc["results"]
     assert {r["suite"] for r in rows} == {"layer_norm", "gelu", "int8_w8a8", "gpt2_prefill"}
@@ -474,8 +552,21 @@ def test_a_wrong_implementation_is_an_error_not_a_speedup(tmp_path, monkeypatch,
     impl = OPS["gelu"]["forward"].impls["reference"]
     good = impl.fn
     monkeypatch.setattr(impl, "fn", lambda c: good(c) * 1.05)
-    code = cli.main(["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.003", "--no-plots",
-                     "--out", str(tmp_path)])
+    code = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--op",
+            "gelu",
+            "--pass",
+            "fwd",
+            "--seconds",
+            "0.003",
+            "--no-plots",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 1
     assert "ERROR: wrong output: output 0 differs from the baseline" in printed
@@ -485,25 +576,47 @@ def test_a_wrong_implementation_is_an_error_not_a_speedup(tmp_path, monkeypatch,
 
 
 def test_bad_requests_are_skipped_with_reasons_and_the_rest_runs(tmp_path, capsys):
-    code = cli.main(["bench", "--quick", "--op", "nosuch", "--op", "roofline", "--op", "gelu", "--pass", "fwd",
-                     "--backend", "reference", "--backend", "cuda_ext", "--seconds", "0.003", "--no-plots",
-                     "--out", str(tmp_path)])
+    code = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--op",
+            "nosuch",
+            "--op",
+            "roofline",
+            "--op",
+            "gelu",
+            "--pass",
+            "fwd",
+            "--backend",
+            "reference",
+            "--backend",
+            "cuda_ext",
+            "--seconds",
+            "0.003",
+            "--no-plots",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 3
     assert "skipped: nosuch: unknown suite" in printed
     if not torch.cuda.is_available():
         assert "skipped: roofline: CUDA-only suite on a CPU machine: skipped" in printed
     doc = json.loads((tmp_path / "quick.json").read_text())
-    assert any(r["suite"] == "gelu" and r["impl"] == "llmkit[reference]" and r["status"] == "ok"
-               for r in doc["results"])
+    assert any(
+        r["suite"] == "gelu" and r["impl"] == "llmkit[reference]" and r["status"] == "ok" for r in doc["results"]
+    )
     from llmkit.dispatch import BACKENDS
 
     if BACKENDS["cuda_ext"].unavailable_reason("cpu"):
         assert any(s["what"] == "backend cuda_ext" for s in doc["skipped"])
     # nothing runnable at all: exit 2 (docs/benchmarks.md) and no result files
     empty = tmp_path / "empty"
-    assert cli.main(["bench", "--quick", "--op", "gelu", "--shapes", "nosuchset", "--no-plots",
-                     "--out", str(empty)]) == 2
+    assert (
+        cli.main(["bench", "--quick", "--op", "gelu", "--shapes", "nosuchset", "--no-plots", "--out", str(empty)]) == 2
+    )
     assert "no shape set 'nosuchset'" in capsys.readouterr().out
     assert cli.main(["bench", "--op", "nosuch", "--no-plots", "--out", str(empty)]) == 2
     assert "nothing ran: no result files written" in capsys.readouterr().out
@@ -513,8 +626,19 @@ def test_bad_requests_are_skipped_with_reasons_and_the_rest_runs(tmp_path, capsy
 def test_a_backend_declining_a_case_is_not_applicable_unless_asked_for(tmp_path, monkeypatch, capsys):
     impl = OPS["gelu"]["forward"].impls["reference"]
     monkeypatch.setattr(impl, "why_not", lambda *a, **k: ["this test declines"])
-    argv = ["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.002", "--no-plots", "--out",
-            str(tmp_path)]
+    argv = [
+        "bench",
+        "--quick",
+        "--op",
+        "gelu",
+        "--pass",
+        "fwd",
+        "--seconds",
+        "0.002",
+        "--no-plots",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "N/A: backend cannot take this case (reference: this test declines)" in out
@@ -527,8 +651,7 @@ def test_missing_matplotlib_means_no_png_said_so(tmp_path, monkeypatch, capsys):
     import llmkit.bench.plot as P
 
     monkeypatch.setattr(P, "matplotlib_missing", lambda: "matplotlib is not installed (test)")
-    code = cli.main(["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.003", "--out",
-                     str(tmp_path)])
+    code = cli.main(["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.003", "--out", str(tmp_path)])
     assert code in (0, 3)
     assert "no plots: matplotlib is not installed (test)" in capsys.readouterr().out
     assert not (tmp_path / "quick-plots").exists()

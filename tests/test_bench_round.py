@@ -30,12 +30,22 @@ def _with_point(suite: str, set_name: str, point: dict) -> dict:
 @pytest.mark.parametrize(
     "suite, point, problem",
     [
-        ("gpt2_decode", {"model": "gpt2-small", "B": 8, "prompt": 1024, "new": 128},
-         "suite gpt2_decode, set s, point 0: prompt + new = 1152 tokens exceed the 1024 positions of model gpt2-small"),
-        ("gpt2_prefill", {"model": "gpt2-tiny", "B": 1, "S": 257},
-         "suite gpt2_prefill, set s, point 0: S = 257 tokens exceed the 256 positions of model gpt2-tiny"),
-        ("bert", {"model": "bert-base", "B": 1, "S": 513},
-         "suite bert, set s, point 0: S = 513 tokens exceed the 512 positions of model bert-base"),
+        (
+            "gpt2_decode",
+            {"model": "gpt2-small", "B": 8, "prompt": 1024, "new": 128},
+            "suite gpt2_decode, set s, point 0: prompt + new = 1152 tokens exceed the 1024 positions "
+            "of model gpt2-small",
+        ),
+        (
+            "gpt2_prefill",
+            {"model": "gpt2-tiny", "B": 1, "S": 257},
+            "suite gpt2_prefill, set s, point 0: S = 257 tokens exceed the 256 positions of model gpt2-tiny",
+        ),
+        (
+            "bert",
+            {"model": "bert-base", "B": 1, "S": 513},
+            "suite bert, set s, point 0: S = 513 tokens exceed the 512 positions of model bert-base",
+        ),
     ],
 )
 def test_a_model_point_longer_than_the_models_positions_is_named(suite, point, problem):
@@ -58,15 +68,29 @@ def test_a_set_that_exceeds_is_refused_before_any_model_runs(tmp_path, monkeypat
     """HuggingFace's GPT-2 raises IndexError past its positions on the CPU and hits a
     device-side assert on CUDA (which poisons the process): the file is refused first."""
     bad = tmp_path / "shapes.json"
-    bad.write_text(json.dumps(_with_point("gpt2_decode", "quick", {"model": "gpt2-tiny", "B": 1, "prompt": 250,
-                                                                   "new": 8})))
+    bad.write_text(
+        json.dumps(_with_point("gpt2_decode", "quick", {"model": "gpt2-tiny", "B": 1, "prompt": 250, "new": 8}))
+    )
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(suites_models, "hf_model", no_model)
-    code = cli.main(["bench", "--quick", "--op", "gpt2_decode", "--shapes-file", str(bad), "--device", "cpu",
-                     "--no-plots", "--out", str(tmp_path / "out")])
+    code = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--op",
+            "gpt2_decode",
+            "--shapes-file",
+            str(bad),
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == runner.EXIT_NOTHING
     assert "suite gpt2_decode, set quick, point 0: prompt + new = 258 tokens exceed the 256 positions" in err
@@ -77,8 +101,21 @@ def test_a_set_that_exceeds_is_refused_before_any_model_runs(tmp_path, monkeypat
 
 def test_the_round_set_covers_the_reduced_benchmark():
     shapes = load_shapes()
-    for suite in ("layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "quantize_int8", "attention",
-                  "decode_attention", "int8_w8a8", "int8_w8a16", "gpt2_prefill", "gpt2_decode", "bert"):
+    for suite in (
+        "layer_norm",
+        "rms_norm",
+        "add_layer_norm",
+        "gelu",
+        "bias_gelu",
+        "quantize_int8",
+        "attention",
+        "decode_attention",
+        "int8_w8a8",
+        "int8_w8a16",
+        "gpt2_prefill",
+        "gpt2_decode",
+        "bert",
+    ):
         assert shapes.points(suite, "round"), suite
     assert {p["causal"] for p in shapes.points("attention", "round")} == {False, True}
     assert {p["M"] for p in shapes.points("int8_w8a16", "round")} >= {1}
@@ -101,8 +138,25 @@ def _interrupt_call(monkeypatch, module, name: str, nth: int) -> None:
 
 def test_an_interrupted_bench_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     _interrupt_call(monkeypatch, runner, "run_case", 2)
-    code = cli.main(["bench", "--quick", "--op", "gelu", "--backend", "reference", "--seconds", "0.002",
-                     "--no-plots", "--device", "cpu", "--out", str(tmp_path), "--name", "cut"])
+    code = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--op",
+            "gelu",
+            "--backend",
+            "reference",
+            "--seconds",
+            "0.002",
+            "--no-plots",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cut",
+        ]
+    )
     doc = json.loads((tmp_path / "cut.json").read_text())
     assert code == runner.EXIT_SKIPPED == doc["exit_code"]
     assert {r["status"] for r in doc["results"]} == {"ok"} and len({r["pass"] for r in doc["results"]}) == 1
@@ -113,8 +167,22 @@ def test_an_interrupted_bench_run_keeps_what_it_measured(tmp_path, monkeypatch, 
 def test_an_interrupted_check_keeps_its_rows(monkeypatch, tmp_path, capsys):
     _interrupt_call(monkeypatch, C, "run_case", 3)
     out = tmp_path / "c.json"
-    code = cli.main(["check", "--quick", "--op", "gelu", "--backend", "reference", "--device", "cpu",
-                     "--dtype", "float32", "--json", str(out)])
+    code = cli.main(
+        [
+            "check",
+            "--quick",
+            "--op",
+            "gelu",
+            "--backend",
+            "reference",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--json",
+            str(out),
+        ]
+    )
     doc = json.loads(out.read_text())
     assert code == C.EXIT_SKIPPED == doc["exit_code"]
     assert doc["rows"] and {r["status"] for r in doc["rows"]} == {"PASS"}

@@ -39,8 +39,21 @@ def _triton_on_cpu_reason(op: str) -> str | None:
 def test_sweep_follows_the_design_rules():
     cases = all_cases()
     ops = {c.op for c in cases}
-    assert ops == {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
-                   "attention", "decode_attention", "quantize_int8", "int8_matmul", "int8_linear"}
+    assert ops == {
+        "layer_norm",
+        "rms_norm",
+        "add_layer_norm",
+        "add_rms_norm",
+        "gelu",
+        "bias_gelu",
+        "geglu",
+        "swiglu",
+        "attention",
+        "decode_attention",
+        "quantize_int8",
+        "int8_matmul",
+        "int8_linear",
+    }
     cpu = torch.device("cpu")
     for op in ops:
         mine = [c for c in cases if c.op == op]
@@ -77,8 +90,17 @@ def test_reference_backend_passes_the_quick_sweep():
     ops = {r.op for r in rows}
     assert ops == {c.op for c in all_cases()}
     # backward is checked: every differentiable op has gradient rows, including on empty inputs
-    for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
-               "attention"):
+    for op in (
+        "layer_norm",
+        "rms_norm",
+        "add_layer_norm",
+        "add_rms_norm",
+        "gelu",
+        "bias_gelu",
+        "geglu",
+        "swiglu",
+        "attention",
+    ):
         grads = [r for r in rows if r.op == op and r.output.startswith("grad_")]
         assert grads, op
     assert any(r.shape.startswith("0x33") and r.output == "grad_input" for r in rows if r.op == "layer_norm")
@@ -113,8 +135,9 @@ def test_a_wrong_gradient_fails_exactly_the_gradient(monkeypatch, capsys, tmp_pa
 
     _break(monkeypatch, "layer_norm", "backward", "reference", wrap)
     path = tmp_path / "c.json"
-    code = cli.main(["check", "--quick", "--op", "layer_norm", "--backend", "reference", "--dtype", "float32",
-                     "--json", str(path)])
+    code = cli.main(
+        ["check", "--quick", "--op", "layer_norm", "--backend", "reference", "--dtype", "float32", "--json", str(path)]
+    )
     assert code == 1
     doc = json.loads(path.read_text())
     assert doc["exit_code"] == 1 and doc["environment"]["torch"] == torch.__version__
@@ -163,8 +186,20 @@ def test_an_exception_fails_and_a_refusal_skips(monkeypatch, capsys):
 
 
 def test_unknown_names_are_skipped_and_the_rest_runs(capsys):
-    code = cli.main(["check", "--quick", "--op", "layernorm", "--op", "quantize_int8", "--backend", "reference",
-                     "--dtype", "float32"])
+    code = cli.main(
+        [
+            "check",
+            "--quick",
+            "--op",
+            "layernorm",
+            "--op",
+            "quantize_int8",
+            "--backend",
+            "reference",
+            "--dtype",
+            "float32",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 3
     assert "unknown op 'layernorm'" in err and "skipped: unknown op 'layernorm'" in out
@@ -172,8 +207,20 @@ def test_unknown_names_are_skipped_and_the_rest_runs(capsys):
     assert cli.main(["check", "--op", "layernorm"]) == 2
     if BACKENDS["cuda_ext"].unavailable_reason("cpu") and not torch.cuda.is_available():
         capsys.readouterr()
-        code = cli.main(["check", "--quick", "--op", "gelu", "--backend", "reference", "--backend", "cuda_ext",
-                         "--dtype", "float32"])
+        code = cli.main(
+            [
+                "check",
+                "--quick",
+                "--op",
+                "gelu",
+                "--backend",
+                "reference",
+                "--backend",
+                "cuda_ext",
+                "--dtype",
+                "float32",
+            ]
+        )
         assert code == 3
         assert "skipped: backend cuda_ext is not available here" in capsys.readouterr().out
 

@@ -27,8 +27,9 @@ def test_info_lists_versions_devices_and_every_backend(capsys):
 
 def test_check_passes_and_writes_json(tmp_path, capsys):
     path = tmp_path / "check.json"
-    code = cli.main(["check", "--quick", "--op", "gelu", "--op", "quantize_int8", "--backend", "reference",
-                     "--json", str(path)])
+    code = cli.main(
+        ["check", "--quick", "--op", "gelu", "--op", "quantize_int8", "--backend", "reference", "--json", str(path)]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "PASS" in out and "FAIL" not in out.replace("0 failed", "")
@@ -94,8 +95,21 @@ def test_bench_draws_a_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys)
 
     err = Tty()
     monkeypatch.setattr(sys, "stderr", err)
-    code = cli.main(["bench", "--quick", "--op", "gelu", "--pass", "fwd", "--seconds", "0.002", "--no-plots",
-                     "--out", str(tmp_path)])
+    code = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--op",
+            "gelu",
+            "--pass",
+            "fwd",
+            "--seconds",
+            "0.002",
+            "--no-plots",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     drawn = err.getvalue()
     assert "\r[" in drawn and "gelu fwd float32" in drawn and "] 2/2 done" in drawn

@@ -55,8 +55,9 @@ def _int8_layouts(rows: int, cols: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("m,k,n", [(5, 1, 64), (1, 1, 7), (64, 1, 64), (3, 8, 1), (17, 33, 1), (1, 8, 5),
-                                   (7, 3, 9), (40, 64, 48)])
+@pytest.mark.parametrize(
+    "m,k,n", [(5, 1, 64), (1, 1, 7), (64, 1, 64), (3, 8, 1), (17, 33, 1), (1, 8, 5), (7, 3, 9), (40, 64, 48)]
+)
 def test_int_mm_is_exact_for_every_layout(m, k, n):
     """torch._int_mm (oneDNN on AVX512-VNNI CPUs) leaves its output unwritten for stride-0
     operands and for a (1, N) operand with strides (1, 1); int_mm gives it layouts it reads."""
@@ -130,8 +131,12 @@ def test_onednn_linear_exists_where_onednn_does_and_matches_f_linear():
     assert C.ONEDNN_LINEAR is not None, "mkldnn._linear_pointwise is gone: swapped blocks use F.linear"
     x, w, b = torch.randn(6, 32), torch.randn(48, 32), torch.randn(48)
     torch.testing.assert_close(C.ONEDNN_LINEAR(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(C.ONEDNN_LINEAR(x, w, b, "gelu", [], "tanh"),
-                               F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        C.ONEDNN_LINEAR(x, w, b, "gelu", [], "tanh"),
+        F.gelu(F.linear(x, w, b), approximate="tanh"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_mode_probes_exist_and_see_modes():
@@ -225,8 +230,13 @@ def test_registered_dtensor_strategy_is_keyed_on_every_value_and_filtered():
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_gloo_available():
         pytest.skip("needs gloo")
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(DTENSOR_CACHE_PROBE)], capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(DTENSOR_CACHE_PROBE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     seen, placements, refused = (ast.literal_eval(line) for line in res.stdout.split("\n")[:3])
     assert seen == [("a", 2), ("b", 2), ("a", 3)], seen  # a new value: a new strategy
@@ -293,14 +303,27 @@ def test_triton_launch_specialization_is_what_the_jit_derives(monkeypatch):
     kernel = JITFunction(_specialization_probe, do_not_specialize=["seed"])
     x = torch.empty(64, dtype=torch.bfloat16)
     args = dict(x_ptr=x, y_ptr=x[1:], w_ptr=None, n=1, m=32, k=17, big=2**33, seed=48, f=0.5, flag=True, BLOCK=64)
-    want_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "constexpr", "n": "constexpr", "m": "i32", "k": "i32",
-                "big": "i64", "seed": "i32", "f": "fp32", "flag": "u1", "BLOCK": "constexpr"}
+    want_sig = {
+        "x_ptr": "*bf16",
+        "y_ptr": "*bf16",
+        "w_ptr": "constexpr",
+        "n": "constexpr",
+        "m": "i32",
+        "k": "i32",
+        "big": "i64",
+        "seed": "i32",
+        "f": "fp32",
+        "flag": "u1",
+        "BLOCK": "constexpr",
+    }
     want_const = {(2,): None, (3,): 1, (10,): 64}
     want_attrs = {(0,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (6,): [["tt.divisibility", 16]]}
     assert C.has_triton_jit_binder(), "Triton's JIT binder moved: the compile report now applies the rules itself"
     options = {"num_warps": 4}
-    for label, got in (("jit", C.triton_launch_specialization(kernel, args, options, 90)),
-                       ("rules", C._specialize_by_rule(kernel, args))):
+    for label, got in (
+        ("jit", C.triton_launch_specialization(kernel, args, options, 90)),
+        ("rules", C._specialize_by_rule(kernel, args)),
+    ):
         sig, const, attrs = got
         assert sig == want_sig, label
         assert {k: (v.value if hasattr(v, "value") else v) for k, v in const.items()} == want_const, label
@@ -342,8 +365,12 @@ def test_cache_argument_name_is_one_llmkit_knows():
     from transformers.models.bert import modeling_bert
     from transformers.models.gpt2 import modeling_gpt2
 
-    for fn in (modeling_gpt2.GPT2Attention.forward, modeling_gpt2.GPT2Block.forward,
-               modeling_gpt2.GPT2LMHeadModel.forward, modeling_bert.BertSelfAttention.forward):
+    for fn in (
+        modeling_gpt2.GPT2Attention.forward,
+        modeling_gpt2.GPT2Block.forward,
+        modeling_gpt2.GPT2LMHeadModel.forward,
+        modeling_bert.BertSelfAttention.forward,
+    ):
         import inspect
 
         params = inspect.signature(fn).parameters

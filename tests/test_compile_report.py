@@ -47,12 +47,14 @@ def test_problems():
     clean = _report("clean")
     assert not clean.spills
     assert C.problems([clean, _report("mma", matrix=True, sass_matrix=["HGMMA"])]) == []
-    found = C.problems([
-        _report("failed", ok=False, error="CompilationError: boom"),
-        _report("stack", stack=16),
-        _report("local", local=8, arch=80),
-        _report("no_mma", matrix=True, sass_matrix=[]),
-    ])
+    found = C.problems(
+        [
+            _report("failed", ok=False, error="CompilationError: boom"),
+            _report("stack", stack=16),
+            _report("local", local=8, arch=80),
+            _report("no_mma", matrix=True, sass_matrix=[]),
+        ]
+    )
     assert len(found) == 4
     assert "llmkit.kernels.x:failed sm_90: compile failed: CompilationError: boom" in found
     assert "llmkit.kernels.x:stack sm_90: spills (local 0 B, stack 16 B, 64 registers)" in found
@@ -127,8 +129,17 @@ def test_matrix_kernels_use_tensor_cores(reports):
 
 def test_norm_and_gelu_kernels_fit_in_registers(reports):
     """The memory-bound kernels of this package stay well inside the register file."""
-    mine = [r for r in reports if r.module in ("llmkit.kernels.layer_norm", "llmkit.kernels.layer_norm_backward",
-                                               "llmkit.kernels.gelu", "llmkit.kernels.glu")]
+    mine = [
+        r
+        for r in reports
+        if r.module
+        in (
+            "llmkit.kernels.layer_norm",
+            "llmkit.kernels.layer_norm_backward",
+            "llmkit.kernels.gelu",
+            "llmkit.kernels.glu",
+        )
+    ]
     assert len(mine) >= 2 * 72
     for r in mine:
         assert r.registers * r.num_warps * 32 <= 65536, (r.name, r.arch, r.registers, r.num_warps)
@@ -139,9 +150,16 @@ def test_memory_bound_kernels_use_128bit_accesses(reports):
     divisible by 16), the bulk loads and stores of the norm and GELU kernels are 128-bit
     (LDG/STG.E.128). Without those attributes the compiler cannot prove 16-byte alignment
     and emits narrower accesses: this also checks that the report compiles what runs."""
-    names = ["ln_fwd_bf16_n4096", "ln_fwd_looped_bf16_n262144", "ln_bwd_fused_bf16_n8192",
-             "ln_bwd_tiled_bf16_n16384_dres", "gelu_fwd_flat_erf_bf16", "gelu_bwd_bias_n4096_tanh_bf16",
-             "glu_fwd_flat_silu_bf16", "glu_bwd_halves_n11008_gelu_tanh_bf16"]
+    names = [
+        "ln_fwd_bf16_n4096",
+        "ln_fwd_looped_bf16_n262144",
+        "ln_bwd_fused_bf16_n8192",
+        "ln_bwd_tiled_bf16_n16384_dres",
+        "gelu_fwd_flat_erf_bf16",
+        "gelu_bwd_bias_n4096_tanh_bf16",
+        "glu_fwd_flat_silu_bf16",
+        "glu_bwd_halves_n11008_gelu_tanh_bf16",
+    ]
     found = {r.name: r.sass_memory for r in reports if r.name in names and r.arch == 90}
     assert set(found) == set(names)
     for name, ops in found.items():

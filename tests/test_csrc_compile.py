@@ -64,8 +64,7 @@ def _ninja_file(out: Path) -> str:
     torch_inc = " ".join(f"-isystem {p}" for p in cpp.include_paths())
     lines = [
         f"nvcc = {NVCC}",
-        "nvflags = -std=c++17 -O3 -lineinfo -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror "
-        f"-I{CSRC}",
+        f"nvflags = -std=c++17 -O3 -lineinfo -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -I{CSRC}",
         f"cxxflags = -std=c++20 -fsyntax-only -Wall -Wextra -Werror -DLLMKIT_WITH_CUDA -I{CSRC} "
         f"-I{out / 'shim'} {torch_inc} -isystem {cuda_home / 'include'}",
         "rule nvcc",

@@ -163,8 +163,11 @@ def test_builds_for_a_wider_isa_than_this_cpu_are_never_loaded(tmp_path, monkeyp
         (d / "lib.so").write_bytes(b"")
         (d / "build_info.json").write_text(f'{{"library": "lib.so", "cpu_isa": "{isa}", "cuda": null}}')
     monkeypatch.setattr(_ext, "_search_roots", lambda: [tmp_path])
-    for here, expected in (("avx512", ["avx512", "avx2", "default"]), ("avx2", ["avx2", "default"]),
-                           ("default", ["default"])):
+    for here, expected in (
+        ("avx512", ["avx512", "avx2", "default"]),
+        ("avx2", ["avx2", "default"]),
+        ("default", ["default"]),
+    ):
         monkeypatch.setattr(_ext, "cpu_isa", lambda here=here: here)
         assert [info["cpu_isa"] for _, info in _ext.find_builds()] == expected
     assert _ext._cpu_flags("avx512")[-1] == "-DCPU_CAPABILITY_AVX512"
@@ -174,15 +177,23 @@ def test_builds_for_a_wider_isa_than_this_cpu_are_never_loaded(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "log, expected",
     [
-        ("[1/3] c++ -c a.cpp\nFAILED: a.o\n/x/a.cpp:3:5: error: 'foo' was not declared\n",
-         "/x/a.cpp:3:5: error: 'foo'"),
-        ("/x/k.cu(12): error: identifier \"bar\" is undefined\n1 error detected", "/x/k.cu(12): error: identifier"),
-        ("x.o: In function f:\nx.cpp:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1",
-         "x.cpp:(.text+0x1): undefined reference"),
-        ("In file included from a.h:1,\na.h:2:10: fatal error: nope.h: No such file or directory\n",
-         "a.h:2:10: fatal error: nope.h"),
-        ("OSError: /c/llmkit_ext.so: undefined symbol: _ZN2at3vec5AVX5121fE\n",
-         "OSError: /c/llmkit_ext.so: undefined symbol"),
+        (
+            "[1/3] c++ -c a.cpp\nFAILED: a.o\n/x/a.cpp:3:5: error: 'foo' was not declared\n",
+            "/x/a.cpp:3:5: error: 'foo'",
+        ),
+        ('/x/k.cu(12): error: identifier "bar" is undefined\n1 error detected', "/x/k.cu(12): error: identifier"),
+        (
+            "x.o: In function f:\nx.cpp:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1",
+            "x.cpp:(.text+0x1): undefined reference",
+        ),
+        (
+            "In file included from a.h:1,\na.h:2:10: fatal error: nope.h: No such file or directory\n",
+            "a.h:2:10: fatal error: nope.h",
+        ),
+        (
+            "OSError: /c/llmkit_ext.so: undefined symbol: _ZN2at3vec5AVX5121fE\n",
+            "OSError: /c/llmkit_ext.so: undefined symbol",
+        ),
         ("all good\n", None),
     ],
 )
@@ -406,8 +417,27 @@ def test_gelu_cpu_math_over_the_whole_range(ext, dtype, approximate):
     big = torch.finfo(dtype).max
     inf, nan = float("inf"), float("nan")
     special = torch.tensor(
-        [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 9.5, -9.5, 13.4, -13.4, 40.0, -40.0, 1e3, -1e3,
-         big, -big, inf, -inf, nan]
+        [
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            1e-3,
+            -1e-3,
+            9.5,
+            -9.5,
+            13.4,
+            -13.4,
+            40.0,
+            -40.0,
+            1e3,
+            -1e3,
+            big,
+            -big,
+            inf,
+            -inf,
+            nan,
+        ]
     ).to(dtype)
     out, grad = _gelu_and_grad(special, approximate, "cuda_ext")
     ref, ref_grad = _gelu_and_grad(special.double(), approximate, None)
@@ -539,7 +569,7 @@ def test_quantize_int8_bit_exact(ext, device, dtype, shape, dim):
     with llmkit.use_backend("reference"):
         q_ref, s_ref = llmkit.ops.quantize_int8(x, dim)
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and q.is_contiguous()
-    assert q.shape == x.shape and scale.shape == q_ref.shape[:dim % x.dim()] + q_ref.shape[dim % x.dim() + 1:]
+    assert q.shape == x.shape and scale.shape == q_ref.shape[: dim % x.dim()] + q_ref.shape[dim % x.dim() + 1 :]
     assert torch.equal(q, q_ref)
     assert torch.equal(scale.nan_to_num(), s_ref.nan_to_num())
     assert torch.equal(torch.isnan(scale), torch.isnan(s_ref))
@@ -556,11 +586,13 @@ def test_quantize_int8_bit_exact(ext, device, dtype, shape, dim):
 
 
 def test_philox_header_matches_python(ext):
-    offsets = torch.cat([
-        torch.arange(0, 300, dtype=torch.int64),
-        torch.randint(0, 2**62, (300,), dtype=torch.int64),
-        torch.tensor([2**32 - 1, 2**32, 2**33 + 5, 2**63 - 1], dtype=torch.int64),
-    ])
+    offsets = torch.cat(
+        [
+            torch.arange(0, 300, dtype=torch.int64),
+            torch.randint(0, 2**62, (300,), dtype=torch.int64),
+            torch.tensor([2**32 - 1, 2**32, 2**33 + 5, 2**63 - 1], dtype=torch.int64),
+        ]
+    )
     for seed in (0, 1, 123456789, 2**40 + 17, int(torch.randint(0, 2**62, (1,)).item())):
         got = torch.ops.llmkit_ext.philox_uniform(seed, offsets)
         want = _philox.philox_uniform(seed, offsets)
@@ -608,8 +640,13 @@ def _attention_vs_reference(q, k, v, g, mask, causal, scale, gqa):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "b, hq, hkv, sq, sk, d, dv",
-    [(1, 1, 1, 1, 1, 16, 16), (2, 3, 3, 7, 33, 64, 64), (1, 4, 2, 130, 77, 128, 128), (2, 8, 1, 65, 200, 40, 72),
-     (1, 2, 2, 257, 257, 96, 96)],
+    [
+        (1, 1, 1, 1, 1, 16, 16),
+        (2, 3, 3, 7, 33, 64, 64),
+        (1, 4, 2, 130, 77, 128, 128),
+        (2, 8, 1, 65, 200, 40, 72),
+        (1, 2, 2, 257, 257, 96, 96),
+    ],
 )
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
@@ -745,5 +782,5 @@ def test_cli_info_shows_the_extension(ext):
     from llmkit.info import format_info
 
     text = format_info()
-    block = text[text.index("cuda_ext"):]
+    block = text[text.index("cuda_ext") :]
     assert "cpu   available" in block and "cpu kernels: yes" in block and "cuda kernels:" in block

@@ -235,8 +235,9 @@ def test_norms_at_every_regime_boundary_gpu(ext, dtype):
         assert_close_to_reference(xs.grad, x64.grad, xt.grad, f"d input, {what}")
         assert_close_to_reference(ws.grad, w64.grad, wt.grad, f"d weight, {what}")
         assert_close_to_reference(bs.grad, b64.grad, bt.grad, f"d bias, {what}")
-        assert_close_to_reference(rms, R.rms_norm(x.double(), [n], w.double(), 1e-6), F.rms_norm(x, [n], w, 1e-6),
-                                  f"rms_norm out, {what}")
+        assert_close_to_reference(
+            rms, R.rms_norm(x.double(), [n], w.double(), 1e-6), F.rms_norm(x, [n], w, 1e-6), f"rms_norm out, {what}"
+        )
 
 
 @gpu_only
@@ -290,8 +291,10 @@ def test_int8_matmul_at_tile_edges_gpu(ext, m, n, k):
     _need_cuda_kernels("cuda")
     wide = torch.randint(-127, 128, (m, k + 5), device="cuda", dtype=torch.int8)
     for a in (wide[:, :k].contiguous(), wide[:, 1 : k + 1]):
-        for b in (torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8),
-                  torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8).t()):
+        for b in (
+            torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8),
+            torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8).t(),
+        ):
             with llmkit.use_backend("cuda_ext"):
                 acc = llmkit.ops.int8_matmul(a, b)
             assert torch.equal(acc.cpu().to(torch.int64), R.int8_matmul(a.cpu(), b.cpu())), (a.stride(), b.stride())
@@ -299,8 +302,9 @@ def test_int8_matmul_at_tile_edges_gpu(ext, m, n, k):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d, sq, sk", [(16, 1, 1), (32, 63, 64), (33, 64, 65), (64, 65, 63), (65, 129, 128),
-                                       (96, 64, 200), (128, 130, 129)])
+@pytest.mark.parametrize(
+    "d, sq, sk", [(16, 1, 1), (32, 63, 64), (33, 64, 65), (64, 65, 63), (65, 129, 128), (96, 64, 200), (128, 130, 129)]
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_at_head_dim_and_block_edges_gpu(ext, dtype, d, sq, sk, causal):
     """Head dims padded to 32 / 64 / 128 (one past each switch), query and key blocks of 64."""

@@ -35,20 +35,35 @@ OPCHECK_CASES = {
     "bias_gelu": lambda: (L.bias_gelu, (rq(3, 7), rq(7), "tanh")),
     "geglu": lambda: (L.geglu, (rq(3, 7), rq(3, 7), "none")),
     "swiglu": lambda: (L.swiglu, (rq(3, 7), rq(3, 7))),
-    "sdpa causal gqa": lambda: (L.scaled_dot_product_attention,
-                                (rq(2, 4, 5, 8), rq(2, 2, 6, 8), rq(2, 2, 6, 8), None, 0.0, True, 0.3, True, 0, 0)),
+    "sdpa causal gqa": lambda: (
+        L.scaled_dot_product_attention,
+        (rq(2, 4, 5, 8), rq(2, 2, 6, 8), rq(2, 2, 6, 8), None, 0.0, True, 0.3, True, 0, 0),
+    ),
     "sdpa float mask with grad and dropout": lambda: (
         L.scaled_dot_product_attention,
-        (rq(1, 2, 5, 8), rq(1, 2, 6, 8), rq(1, 2, 6, 8), rq(1, 1, 5, 6), 0.25, False, 0.35, False, 1234, 7)),
-    "decode_attention": lambda: (L.decode_attention,
-                                 (torch.randn(2, 4, 2, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8),
-                                  torch.tensor([3, 6], dtype=torch.int32), 0.3, True)),
+        (rq(1, 2, 5, 8), rq(1, 2, 6, 8), rq(1, 2, 6, 8), rq(1, 1, 5, 6), 0.25, False, 0.35, False, 1234, 7),
+    ),
+    "decode_attention": lambda: (
+        L.decode_attention,
+        (
+            torch.randn(2, 4, 2, 8),
+            torch.randn(2, 2, 6, 8),
+            torch.randn(2, 2, 6, 8),
+            torch.tensor([3, 6], dtype=torch.int32),
+            0.3,
+            True,
+        ),
+    ),
     "quantize_int8": lambda: (L.quantize_int8, (torch.randn(3, 7), 0)),
     "int8_matmul int32": lambda: (L.int8_matmul, (i8(5, 7), i8(7, 3), None, None, None, None)),
-    "int8_matmul scaled": lambda: (L.int8_matmul, (i8(5, 7), i8(7, 3), torch.rand(5), torch.rand(3),
-                                                   torch.rand(3), torch.bfloat16)),
-    "int8_linear": lambda: (L.int8_linear, (torch.randn(2, 5, 7), i8(3, 7), torch.rand(3), torch.rand(3),
-                                            "w8a8", "gelu")),
+    "int8_matmul scaled": lambda: (
+        L.int8_matmul,
+        (i8(5, 7), i8(7, 3), torch.rand(5), torch.rand(3), torch.rand(3), torch.bfloat16),
+    ),
+    "int8_linear": lambda: (
+        L.int8_linear,
+        (torch.randn(2, 5, 7), i8(3, 7), torch.rand(3), torch.rand(3), "w8a8", "gelu"),
+    ),
 }
 
 
@@ -68,10 +83,14 @@ GRADCHECK_CASES = {
     "bias_gelu": (lambda x, b: ops.bias_gelu(x, b, "none"), [(4, 5), (5,)]),
     "geglu tanh": (lambda g, u: ops.geglu(g, u, "tanh"), [(4, 5), (4, 5)]),
     "swiglu": (lambda g, u: ops.swiglu(g, u), [(4, 5), (4, 5)]),
-    "sdpa causal gqa": (lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                        [(1, 4, 5, 4), (1, 2, 7, 4), (1, 2, 7, 3)]),
-    "sdpa float mask": (lambda q, k, v, m: ops.scaled_dot_product_attention(q, k, v, m),
-                        [(1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4), (1, 1, 3, 5)]),
+    "sdpa causal gqa": (
+        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        [(1, 4, 5, 4), (1, 2, 7, 4), (1, 2, 7, 3)],
+    ),
+    "sdpa float mask": (
+        lambda q, k, v, m: ops.scaled_dot_product_attention(q, k, v, m),
+        [(1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4), (1, 1, 3, 5)],
+    ),
 }
 
 

@@ -58,10 +58,16 @@ def _baseline(q, kc, vc, lengths, scale, causal):
             jj = torch.arange(n, device=q.device)[None, :]
             mask = jj < n - t + tt + 1
         with math_in_input_dtype():
-            outs.append(F.scaled_dot_product_attention(
-                q[i : i + 1], kc[i : i + 1, :, :n], vc[i : i + 1, :, :n], attn_mask=mask, scale=scale,
-                enable_gqa=True,
-            ))
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[i : i + 1],
+                    kc[i : i + 1, :, :n],
+                    vc[i : i + 1, :, :n],
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
+                )
+            )
     return torch.cat(outs)
 
 

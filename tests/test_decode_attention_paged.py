@@ -144,8 +144,9 @@ def test_paged_splits(num_splits):
     lens, bs, d = [70, 5, 41], 12, 32
     kc, vc, table = _paged(3, 2, lens, bs, d, d, torch.float16)
     q = torch.randn(3, 8, 4, d, dtype=torch.float16, device=DEVICE)
-    out, lse = K.decode_attention(q, kc, vc, torch.tensor(lens, device=DEVICE), 0.2, True, table, None,
-                                  block_n=16, num_splits=num_splits)
+    out, lse = K.decode_attention(
+        q, kc, vc, torch.tensor(lens, device=DEVICE), 0.2, True, table, None, block_n=16, num_splits=num_splits
+    )
     keys = [_gather(kc, table[i], n) for i, n in enumerate(lens)]
     values = [_gather(vc, table[i], n) for i, n in enumerate(lens)]
     ck, cv = _contiguous(kc, vc, table, lens, max(lens))
@@ -259,13 +260,21 @@ def _bad_cases():
     """(name, kwargs changes, error type, message regex) for a paged / appending call."""
     i32 = dict(dtype=torch.int32, device=DEVICE)
     return [
-        ("table past the pool", dict(table_entry=(0, 1, 99)), ValueError,
-         r"block_table\[0, 1\] = 99 points outside the cache.*\[0, 8\)"),
+        (
+            "table past the pool",
+            dict(table_entry=(0, 1, 99)),
+            ValueError,
+            r"block_table\[0, 1\] = 99 points outside the cache.*\[0, 8\)",
+        ),
         ("negative entry in use", dict(table_entry=(1, 0, -1)), ValueError, r"block_table\[1, 0\] = -1 points outside"),
         ("block size mismatch", dict(v_block=8), ValueError, "key_cache has shape .* but value_cache has"),
         ("lengths past capacity", dict(lens=[25, 3]), ValueError, r"cache_seqlens must lie in \[0, 24\] \(max_blocks"),
-        ("append past capacity", dict(lens=[23, 3], new=2), ValueError,
-         r"cache_seqlens \+ 2 new tokens must lie in \[0, 24\]"),
+        (
+            "append past capacity",
+            dict(lens=[23, 3], new=2),
+            ValueError,
+            r"cache_seqlens \+ 2 new tokens must lie in \[0, 24\]",
+        ),
         ("append into a -1 entry", dict(lens=[16, 3], new=1), ValueError, r"block_table\[0, 2\] = -1"),
         ("k_new heads", dict(new=1, k_new_shape=(2, 1, 1, 16)), ValueError, r"k_new has shape \[2, 1, 1, 16\]"),
         ("v_new tokens", dict(new=1, v_new_shape=(2, 2, 2, 16)), ValueError, r"v_new has shape \[2, 2, 2, 16\]"),
@@ -273,8 +282,12 @@ def _bad_cases():
         ("k_new dtype", dict(new=1, k_new_dtype=torch.float32), TypeError, "k_new has dtype float32"),
         ("table dtype", dict(table_dtype=torch.int64), TypeError, "block_table has dtype int64"),
         ("table rows", dict(table_rows=1), ValueError, r"block_table has shape \[1, 3\]; it must be \[2, max_blocks\]"),
-        ("batch idx with table", dict(batch_idx=torch.tensor([0, 1], **i32)), ValueError,
-         "cache_batch_idx cannot be combined with block_table"),
+        (
+            "batch idx with table",
+            dict(batch_idx=torch.tensor([0, 1], **i32)),
+            ValueError,
+            "cache_batch_idx cannot be combined with block_table",
+        ),
         ("block size 0", dict(block0=True), ValueError, "block size must be at least 1"),
     ]
 
@@ -302,15 +315,24 @@ def test_paged_bad_input_before_any_write(case):
     extra = {}
     if kw.get("new"):
         t_new = kw["new"]
-        k_new = torch.randn(*kw.get("k_new_shape", (2, 2, t_new, d)), dtype=kw.get("k_new_dtype", torch.float16),
-                            device=DEVICE)
+        k_new = torch.randn(
+            *kw.get("k_new_shape", (2, 2, t_new, d)), dtype=kw.get("k_new_dtype", torch.float16), device=DEVICE
+        )
         v_new = torch.randn(*kw.get("v_new_shape", (2, 2, t_new, d)), dtype=torch.float16, device=DEVICE)
         extra = dict(k_new=k_new) if kw.get("drop_v") else dict(k_new=k_new, v_new=v_new)
     before = kc.clone(), vc.clone()
     for backend in BACKENDS:
         with pytest.raises(err, match=msg):
-            _decode(backend, q, kc, vc, torch.tensor(lens, device=DEVICE), block_table=table,
-                    cache_batch_idx=kw.get("batch_idx"), **extra)
+            _decode(
+                backend,
+                q,
+                kc,
+                vc,
+                torch.tensor(lens, device=DEVICE),
+                block_table=table,
+                cache_batch_idx=kw.get("batch_idx"),
+                **extra,
+            )
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 

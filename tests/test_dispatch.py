@@ -223,11 +223,10 @@ def test_cpu_order_cache_follows_registrations(toy_factory):
     assert point._default_order("cpu") == ("cuda_ext", "reference")
     point(small)
     assert calls == ["cuda_ext"]
+
     # a new registration replaces the cached order: a rule, then never, then always again
     def reregister(cpu_default, label):
-        point.register("cuda_ext", dtypes=(torch.float32,), cpu_default=cpu_default)(
-            lambda x: calls.append(label) or x
-        )
+        point.register("cuda_ext", dtypes=(torch.float32,), cpu_default=cpu_default)(lambda x: calls.append(label) or x)
 
     reregister(HALVES_AND_BIG_FLOAT32, "rule")
     point(small), point(big)
@@ -327,8 +326,10 @@ def test_selection_is_local_to_each_thread():
             seen[name] = requested("layer_norm").order
             barrier.wait()
 
-    threads = [threading.Thread(target=worker, args=("a", "reference")),
-               threading.Thread(target=worker, args=("b", "triton"))]
+    threads = [
+        threading.Thread(target=worker, args=("a", "reference")),
+        threading.Thread(target=worker, args=("b", "triton")),
+    ]
     with use_backend("cuda_ext"):
         for t in threads:
             t.start()
@@ -363,8 +364,18 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_every_op_has_a_reference_implementation_for_every_stage():
-    expected = {"layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "attention",
-                "decode_attention", "quantize_int8", "int8_matmul", "int8_linear"}
+    expected = {
+        "layer_norm",
+        "rms_norm",
+        "add_layer_norm",
+        "gelu",
+        "bias_gelu",
+        "attention",
+        "decode_attention",
+        "quantize_int8",
+        "int8_matmul",
+        "int8_linear",
+    }
     assert expected <= set(OPS)
     for op in expected:
         for stage, point in OPS[op].items():
@@ -394,9 +405,14 @@ def test_named_backend_that_is_unavailable_raises_with_its_reason(monkeypatch):
 # -- what a bad selection says ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, words", [(3, ["use_backend", "got 3 (int)", "name"]),
-                                          ([3], ["use_backend", "got 3 (int)", "strings"]),
-                                          ("nope", ["use_backend", "unknown backend 'nope'", "reference"])])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (3, ["use_backend", "got 3 (int)", "name"]),
+        ([3], ["use_backend", "got 3 (int)", "strings"]),
+        ("nope", ["use_backend", "unknown backend 'nope'", "reference"]),
+    ],
+)
 def test_use_backend_names_what_it_got(value, words):
     with pytest.raises((TypeError, ValueError)) as info:
         with use_backend(value):
@@ -405,10 +421,16 @@ def test_use_backend_names_what_it_got(value, words):
         assert w in str(info.value)
 
 
-@pytest.mark.parametrize("value, words", [
-    ("nope", ["LLMKIT_BACKEND='nope'", "unknown backend 'nope'", "triton, cuda_ext, reference"]),
-    ("gelu=reference;layer_norm=nope", ["LLMKIT_BACKEND='gelu=reference;layer_norm=nope'", "(layer_norm)", "'nope'"]),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("nope", ["LLMKIT_BACKEND='nope'", "unknown backend 'nope'", "triton, cuda_ext, reference"]),
+        (
+            "gelu=reference;layer_norm=nope",
+            ["LLMKIT_BACKEND='gelu=reference;layer_norm=nope'", "(layer_norm)", "'nope'"],
+        ),
+    ],
+)
 def test_an_invalid_llmkit_backend_is_named_in_errors_and_in_info(monkeypatch, value, words):
     from llmkit.info import format_info
 
@@ -425,7 +447,9 @@ def test_info_shows_a_valid_llmkit_backend(monkeypatch):
     from llmkit.info import format_info
 
     monkeypatch.setenv("LLMKIT_BACKEND", "triton,reference;gelu=reference")
-    assert "LLMKIT_BACKEND='triton,reference;gelu=reference' (every op: triton, reference; gelu: reference)" \
+    assert (
+        "LLMKIT_BACKEND='triton,reference;gelu=reference' (every op: triton, reference; gelu: reference)"
         in format_info()
+    )
     monkeypatch.delenv("LLMKIT_BACKEND")
     assert "LLMKIT_BACKEND is not set" in format_info()

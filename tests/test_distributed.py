@@ -44,8 +44,7 @@ def _worker(rank: int, port: int, seed: int, out_dir: str, names: list[str]) -> 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)  # two processes on a shared 2-core machine
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -72,13 +71,19 @@ def results(request, tmp_path_factory) -> dict[str, list[dict]]:
     import conftest
 
     # only the checks whose tests were selected (-k), in their order
-    names = [item.callspec.params["name"] for item in request.session.items
-             if item.module is request.module and item.originalname == "test_distributed"]
+    names = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and item.originalname == "test_distributed"
+    ]
 
     out_dir = tmp_path_factory.mktemp("dist")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.start_processes(
-        _worker, args=(store.port, conftest.SESSION_SEED, str(out_dir), names), nprocs=WORLD, join=False,
+        _worker,
+        args=(store.port, conftest.SESSION_SEED, str(out_dir), names),
+        nprocs=WORLD,
+        join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + DEADLINE_S
@@ -110,8 +115,10 @@ def results(request, tmp_path_factory) -> dict[str, list[dict]]:
 def test_distributed(name: str, results: dict[str, list[dict]]) -> None:
     rows = results.get(name, [])
     if len(rows) < WORLD:
-        pytest.fail(f"{name} did not finish on every rank ({len(rows)} of {WORLD}); "
-                    f"{results['__crashed__'][0]['error'] or 'no worker reported it'}")
+        pytest.fail(
+            f"{name} did not finish on every rank ({len(rows)} of {WORLD}); "
+            f"{results['__crashed__'][0]['error'] or 'no worker reported it'}"
+        )
     errors = [r["error"] for r in rows if r["error"]]
     assert not errors, errors[0]
 
@@ -127,8 +134,9 @@ def test_every_llmkit_op_has_a_sharding_rule():
 
     ops = {n for n in dir(torch.ops.llmkit) if hasattr(getattr(torch.ops.llmkit, n), "overloads")}
     assert len(ops) >= 16, ops
-    assert ops == set(rules()), f"ops without a rule: {sorted(ops - set(rules()))}; rules without an op: " \
-                                f"{sorted(set(rules()) - ops)}"
+    assert ops == set(rules()), (
+        f"ops without a rule: {sorted(ops - set(rules()))}; rules without an op: {sorted(set(rules()) - ops)}"
+    )
 
 
 def test_register_says_why_when_torch_cannot_take_strategies(monkeypatch):
@@ -142,8 +150,9 @@ def test_register_says_why_when_torch_cannot_take_strategies(monkeypatch):
 
 def _python(code: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), GLOO_SOCKET_IFNAME="lo")
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout.strip()
 

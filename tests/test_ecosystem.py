@@ -53,8 +53,14 @@ def test_compile_fullgraph_encoder_layer_forward_backward(norm_first):
 def test_compile_fullgraph_swapped_hf_model():
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
-    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=40, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=32,
+    )
     model = transformers.BertModel(cfg).eval()
     llmkit.swap(model)
     ids = torch.randint(0, 60, (2, 8))
@@ -74,7 +80,10 @@ def test_compile_fullgraph_swapped_hf_model():
     assert len(graphs) == 1  # one graph: no breaks
     gelu = "llmkit.gelu"  # CPU: the GEMM adds the bias (the bias_in_gemm variant of the linear point)
     assert _llmkit_ops_in(graphs[0]) == {
-        "llmkit.layer_norm", "llmkit.add_layer_norm", gelu, "llmkit.scaled_dot_product_attention",
+        "llmkit.layer_norm",
+        "llmkit.add_layer_norm",
+        gelu,
+        "llmkit.scaled_dot_product_attention",
     }
 
 

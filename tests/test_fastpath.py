@@ -24,8 +24,15 @@ from llmkit.ops import _fastpath as FP
 from llmkit.testing import assert_close_to_reference
 from test_decode_attention import _baseline, _cache
 
-OPS = ["layer_norm", "rms_norm", "add_layer_norm", "gelu", "bias_gelu", "scaled_dot_product_attention",
-       "decode_attention"]
+OPS = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "gelu",
+    "bias_gelu",
+    "scaled_dot_product_attention",
+    "decode_attention",
+]
 
 
 def _args(op: str, dtype=torch.float32, strided: bool = False):
@@ -35,15 +42,15 @@ def _args(op: str, dtype=torch.float32, strided: bool = False):
     w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
     lib = torch.ops.llmkit
     if op == "layer_norm":
-        return (lambda: llmkit.ops.layer_norm(x, n, w, b, 1e-5),
-                lambda: lib.layer_norm(x, [n], w, b, 1e-5)[0])
+        return (lambda: llmkit.ops.layer_norm(x, n, w, b, 1e-5), lambda: lib.layer_norm(x, [n], w, b, 1e-5)[0])
     if op == "rms_norm":
-        return (lambda: llmkit.ops.rms_norm(x, [n], w, 1e-6),
-                lambda: lib.rms_norm(x, [n], w, 1e-6)[0])
+        return (lambda: llmkit.ops.rms_norm(x, [n], w, 1e-6), lambda: lib.rms_norm(x, [n], w, 1e-6)[0])
     if op == "add_layer_norm":
         r = torch.randn(5, 7, n, dtype=dtype)
-        return (lambda: llmkit.ops.add_layer_norm(x, r, n, w, b, 1e-5),
-                lambda: tuple(lib.add_layer_norm(x, r, [n], w, b, 1e-5)[:2]))
+        return (
+            lambda: llmkit.ops.add_layer_norm(x, r, n, w, b, 1e-5),
+            lambda: tuple(lib.add_layer_norm(x, r, [n], w, b, 1e-5)[:2]),
+        )
     if op == "gelu":
         return (lambda: llmkit.ops.gelu(x, "tanh"), lambda: lib.gelu(x, "tanh"))
     if op == "bias_gelu":
@@ -54,14 +61,18 @@ def _args(op: str, dtype=torch.float32, strided: bool = False):
         v = torch.randn(2, 2, 13, 16, dtype=dtype)
         mask = torch.rand(2, 1, 11, 13) > 0.3
         mask[0, 0, 3] = False  # a row with no key: zeros
-        return (lambda: llmkit.ops.scaled_dot_product_attention(q, k, v, mask, is_causal=True, enable_gqa=True),
-                lambda: lib.scaled_dot_product_attention(q, k, v, mask, 0.0, True, 0.25, True, 0, 0)[0])
+        return (
+            lambda: llmkit.ops.scaled_dot_product_attention(q, k, v, mask, is_causal=True, enable_gqa=True),
+            lambda: lib.scaled_dot_product_attention(q, k, v, mask, 0.0, True, 0.25, True, 0, 0)[0],
+        )
     if op == "decode_attention":
         q = torch.randn(3, 4, 2, 16, dtype=dtype)
         kc, vc = torch.randn(3, 2, 19, 16, dtype=dtype), torch.randn(3, 2, 19, 16, dtype=dtype)
         lengths = torch.tensor([19, 2, 7], dtype=torch.int32)
-        return (lambda: llmkit.ops.decode_attention(q, kc, vc, lengths),
-                lambda: lib.decode_attention(q, kc, vc, lengths, 0.25, True)[0])
+        return (
+            lambda: llmkit.ops.decode_attention(q, kc, vc, lengths),
+            lambda: lib.decode_attention(q, kc, vc, lengths, 0.25, True)[0],
+        )
     raise AssertionError(op)
 
 
@@ -81,13 +92,17 @@ class OpCalls(list):
 
     def __exit__(self, *exc):
         self._prof.__exit__(*exc)
-        self.extend(e.name.split("::")[1] for e in self._prof.events()
-                    if e.name.startswith("llmkit::") and e.name.split("::")[1] in OPS)
+        self.extend(
+            e.name.split("::")[1]
+            for e in self._prof.events()
+            if e.name.startswith("llmkit::") and e.name.split("::")[1] in OPS
+        )
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("dtype,strided", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
-                                           (torch.float64, False)])
+@pytest.mark.parametrize(
+    "dtype,strided", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float64, False)]
+)
 def test_fast_path_gives_the_ops_result_bitwise(op, dtype, strided):
     fast, full = _args(op, dtype, strided)
     with torch.no_grad():
@@ -128,6 +143,7 @@ def test_fast_path_not_taken_while_compiling_or_under_modes(monkeypatch):
     with torch.no_grad(), Seen() as seen:
         llmkit.ops.layer_norm(x, 9)
     assert any("llmkit.layer_norm" in o for o in seen.ops)
+
     class Through(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
@@ -320,8 +336,12 @@ def test_add_norm_into_leaves_its_input_alone_off_the_reference():
     with torch.no_grad(), llmkit.use_backend(add_layer_norm="triton"):
         out, total = _fused.add_norm_into(x, r, ln)
     assert torch.equal(x, keep) and total is not x
-    assert_close_to_reference(out, R.add_layer_norm(x.double(), r.double(), [16], ln.weight.double(),
-                                                    ln.bias.double(), 1e-5)[0], F.layer_norm(x + r, (16,)), "out")
+    assert_close_to_reference(
+        out,
+        R.add_layer_norm(x.double(), r.double(), [16], ln.weight.double(), ln.bias.double(), 1e-5)[0],
+        F.layer_norm(x + r, (16,)),
+        "out",
+    )
     y = torch.randn(4, 16, requires_grad=True)
     out, total = _fused.add_norm_into(y * 1.0, r, ln)  # autograd: the op
     assert out.grad_fn is not None and not torch.equal(y.detach(), total.detach())

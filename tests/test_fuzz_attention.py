@@ -40,9 +40,13 @@ EXAMPLES = {"reference": 50, "triton": 24}
 
 def _values(shape, dtype, kind, gen):
     if kind == "mixed_finite":  # every row its own finite class
-        rows = [values(shape[1:], dtype, k, gen, huge=HUGE[dtype]) for k in
-                [("normal", "large_mean", "huge", "tiny", "constant", "zeros")[int(i)]
-                 for i in torch.randint(0, 6, (shape[0],), generator=gen)]]
+        rows = [
+            values(shape[1:], dtype, k, gen, huge=HUGE[dtype])
+            for k in [
+                ("normal", "large_mean", "huge", "tiny", "constant", "zeros")[int(i)]
+                for i in torch.randint(0, 6, (shape[0],), generator=gen)
+            ]
+        ]
         return torch.stack(rows) if rows else torch.zeros(shape, dtype=dtype)
     return values(shape, dtype, kind, gen, huge=HUGE[dtype])
 
@@ -80,7 +84,7 @@ def _mask(kind, b, hq, sq, sk, gen):
     shape = (sq, sk) if kind.endswith("2") else (b, 1 if hq == 1 else hq, sq, sk)
     keep = torch.rand(shape, generator=gen) > 0.3
     if keep.numel():
-        keep.view(-1, sk if sk else 1)[:: 3] = False  # some rows fully masked
+        keep.view(-1, sk if sk else 1)[::3] = False  # some rows fully masked
     if kind.startswith("bool"):
         return keep
     bias = torch.randn(shape, generator=gen, dtype=torch.float32)
@@ -97,12 +101,14 @@ def _check_call(backend, call):
     g = _values((b, hq, sq, dv), dtype, kinds[3], gen)
     mask = _mask(mask_kind, b, hq, sq, sk, gen)
     slopes = torch.rand(hq, generator=gen) if alibi else None
-    opts = dict(causal_alignment="bottom_right" if br else "top_left", window_size=window, softcap=softcap,
-                alibi_slopes=slopes)
+    opts = dict(
+        causal_alignment="bottom_right" if br else "top_left", window_size=window, softcap=softcap, alibi_slopes=slopes
+    )
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     with llmkit.use_backend(backend):
-        out, lse = llmkit.ops.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=causal, scale=scale,
-                                                           enable_gqa=True, return_lse=True, **opts)
+        out, lse = llmkit.ops.scaled_dot_product_attention(
+            *leaves, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True, return_lse=True, **opts
+        )
         out.backward(g)
     l64 = [t.detach().to(F64).requires_grad_(True) for t in (q, k, v)]
     if sk == 0:  # no key: zeros and zero gradients (the float64 formula has no empty softmax)
@@ -110,8 +116,16 @@ def _check_call(backend, call):
         for t in l64:
             t.grad = torch.zeros_like(t)
     else:
-        ref, ref_lse = R.attention_llm(*l64, mask, causal, scale, bottom_right=br, window=window, softcap=softcap,
-                                       alibi_slopes=None if slopes is None else slopes.to(F64))
+        ref, ref_lse = R.attention_llm(
+            *l64,
+            mask,
+            causal,
+            scale,
+            bottom_right=br,
+            window=window,
+            softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes.to(F64),
+        )
         ref.backward(g.to(F64))
     # PyTorch in the inputs' dtype and in float32: SDPA's math and default kernels where it has
     # the options, and the eager formula (HuggingFace's) always
@@ -126,8 +140,9 @@ def _check_call(backend, call):
                 if use_math == "eager":
                     if sk == 0 or (mask is not None and mask.dtype != torch.bool):
                         continue
-                    bo, bl_lse = eager_attention(*bl, s, causal=causal, bottom_right=br, window=window,
-                                                 softcap=softcap, slopes=slopes, mask=mask)
+                    bo, bl_lse = eager_attention(
+                        *bl, s, causal=causal, bottom_right=br, window=window, softcap=softcap, slopes=slopes, mask=mask
+                    )
                     lse_bases.append(bl_lse.masked_fill(torch.isneginf(bl_lse), float("inf")))
                 else:
                     bo = _baseline(*bl, mask, causal, scale, True, use_math)
@@ -201,30 +216,87 @@ def test_reference_gqa_backward_of_nothing(b, sk):
 def test_triton_half_backward_with_huge_query():
     """One key: P = 1 exactly and dK = 0 in exact math; delta taken from the bfloat16-rounded
     output left dS = dP - delta != 0, which |q| ~ 1e9 turned into dK of order 100."""
-    _check_call("triton", (torch.Generator().manual_seed(14090), torch.bfloat16, 2, 2, 3, 1, 1, 16, 16, False, None,
-                           None, "contiguous", ["huge", "normal", "normal", "normal"], (False, (-1, -1), 0.0, False)))
+    _check_call(
+        "triton",
+        (
+            torch.Generator().manual_seed(14090),
+            torch.bfloat16,
+            2,
+            2,
+            3,
+            1,
+            1,
+            16,
+            16,
+            False,
+            None,
+            None,
+            "contiguous",
+            ["huge", "normal", "normal", "normal"],
+            (False, (-1, -1), 0.0, False),
+        ),
+    )
 
 
 def test_reference_float32_backward_with_large_output_gradient():
     """float32 through ATen's CPU flash backward, dO of mean 1e4: dQ missed the 2x rule."""
-    _check_call("reference", (torch.Generator().manual_seed(0), torch.float32, 1, 1, 1, 1, 3, 16, 8, False, None,
-                              None, "contiguous", ["normal", "normal", "normal", "large_mean"],
-                              (False, (-1, -1), 0.0, False)))
+    _check_call(
+        "reference",
+        (
+            torch.Generator().manual_seed(0),
+            torch.float32,
+            1,
+            1,
+            1,
+            1,
+            3,
+            16,
+            8,
+            False,
+            None,
+            None,
+            "contiguous",
+            ["normal", "normal", "normal", "large_mean"],
+            (False, (-1, -1), 0.0, False),
+        ),
+    )
 
 
 _HALF_LLM = "bug on main: float16 backward of ALiBi / sliding windows at mean-1e4 inputs (dq off or inf)"
 
 
 @pytest.mark.xfail(strict=True, reason=_HALF_LLM)
-@pytest.mark.parametrize("backend,sk,kinds,llm", [
-    ("reference", 3, ["normal", "large_mean", "large_mean", "large_mean"], (False, (-1, -1), 0.0, True)),
-    ("triton", 3, ["normal", "large_mean", "large_mean", "large_mean"], (False, (-1, -1), 0.0, True)),
-    ("reference", 1, ["normal", "large_mean", "normal", "large_mean"], (False, (-1, -1), 0.0, True)),
-    ("reference", 1, ["normal", "large_mean", "normal", "large_mean"], (False, (3, 0), 0.0, False)),
-], ids=["reference-alibi-inf", "triton-alibi-inf", "reference-alibi-one-key", "reference-window-one-key"])
+@pytest.mark.parametrize(
+    "backend,sk,kinds,llm",
+    [
+        ("reference", 3, ["normal", "large_mean", "large_mean", "large_mean"], (False, (-1, -1), 0.0, True)),
+        ("triton", 3, ["normal", "large_mean", "large_mean", "large_mean"], (False, (-1, -1), 0.0, True)),
+        ("reference", 1, ["normal", "large_mean", "normal", "large_mean"], (False, (-1, -1), 0.0, True)),
+        ("reference", 1, ["normal", "large_mean", "normal", "large_mean"], (False, (3, 0), 0.0, False)),
+    ],
+    ids=["reference-alibi-inf", "triton-alibi-inf", "reference-alibi-one-key", "reference-window-one-key"],
+)
 def test_half_backward_of_llm_options_at_large_values(backend, sk, kinds, llm):
-    _check_call(backend, (torch.Generator().manual_seed(0), torch.float16, 1, 1, 1, 1, sk, 16, 16, False, None, None,
-                          "contiguous", kinds, llm))
+    _check_call(
+        backend,
+        (
+            torch.Generator().manual_seed(0),
+            torch.float16,
+            1,
+            1,
+            1,
+            1,
+            sk,
+            16,
+            16,
+            False,
+            None,
+            None,
+            "contiguous",
+            kinds,
+            llm,
+        ),
+    )
 
 
 def test_fuzz_rows_with_nan_query():

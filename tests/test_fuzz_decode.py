@@ -85,7 +85,7 @@ def _build(gen, dtype, b, hkv, group, t, d, s_max, lens, cache, bs, kinds):
             pk[perm[i, pos // bs].long(), pos % bs] = kc[i].transpose(0, 1)
             pv[perm[i, pos // bs].long(), pos % bs] = vc[i].transpose(0, 1)
         for i, n in enumerate(lens):  # entries past a sequence's need are never read
-            perm[i, -(-n // bs):] = -1
+            perm[i, -(-n // bs) :] = -1
         kw["block_table"] = perm
         return q, pk, pv, kw, k64, v64
     if cache == "batch_idx":
@@ -136,8 +136,11 @@ def _case(backend, data):
         assert out.shape == (0, hkv * group, t, d)
         return
     ref = R.decode_attention(q.to(F64), k64.to(F64), v64.to(F64), lens_t, s, causal)
-    base = [_baseline(q, k64, v64, lens, s, causal, dt, kernel)
-            for dt in {dtype, torch.float32} for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)]
+    base = [
+        _baseline(q, k64, v64, lens, s, causal, dt, kernel)
+        for dt in {dtype, torch.float32}
+        for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    ]
     # rows that see no key are zeros by convention (the float64 p @ v gives 0 * NaN there)
     tok = torch.arange(t)
     has_key = (lens_t[:, None] - t + tok + 1 > 0) if causal else (lens_t[:, None] > 0).expand(b, t)

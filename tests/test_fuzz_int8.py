@@ -40,9 +40,11 @@ from llmkit import reference64 as R
 pytestmark = [pytest.mark.filterwarnings(w) for w in WARNINGS]
 
 FLOATS = HALF_AND_FLOAT
-OPS = {"reference": ["quantize", "matmul", "matmul_scaled", "linear"],
-       "triton": ["quantize", "matmul", "matmul_scaled", "linear"],
-       "cuda_ext": ["quantize"]}
+OPS = {
+    "reference": ["quantize", "matmul", "matmul_scaled", "linear"],
+    "triton": ["quantize", "matmul", "matmul_scaled", "linear"],
+    "cuda_ext": ["quantize"],
+}
 EXAMPLES = {"reference": 80, "triton": 40, "cuda_ext": 40}
 N_OUT = st.sampled_from([1, 2, 7, 16, 33, 64])
 
@@ -148,8 +150,7 @@ def _linear(backend, data, gen):
         ref = R.int8_linear(qx.to(F64) * sx.to(F64)[..., None], weight, weight_scale, bias, mode, activation)
         bases = [act(acc * sx[..., None] * weight_scale + (0.0 if b32 is None else b32)).to(dtype)]
     else:
-        bases = [act(F.linear(x.float(), w32, b32)).to(dtype),
-                 act(F.linear(x, w32.to(dtype), bias)).to(dtype)]
+        bases = [act(F.linear(x.float(), w32, b32)).to(dtype), act(F.linear(x, w32.to(dtype), bias)).to(dtype)]
     rows = strict[0][..., None] if strict else None
     check(f"int8_linear {backend} ({mode}, {activation}, {kind}, {dtype}, k {k})", out, ref, bases, strict=rows)
 

@@ -120,9 +120,9 @@ def _run(op, backend, x, res, w, b, dy, dres, eps, ns, o):
     with llmkit.use_backend(backend):
         g = torch.autograd.grad(outs, [mine[i] for i in keep], gouts, allow_unused=True)
     g_ref = torch.autograd.grad(refs, [ref[i] for i in keep], [t.to(F64) for t in gouts], allow_unused=True)
-    g_base = torch.autograd.grad(bases, [base[i] for i in keep], [t.to(u.dtype) for t, u in zip(gouts, bases,
-                                                                                                strict=True)],
-                                 allow_unused=True)
+    g_base = torch.autograd.grad(
+        bases, [base[i] for i in keep], [t.to(u.dtype) for t, u in zip(gouts, bases, strict=True)], allow_unused=True
+    )
     g_base32 = torch.autograd.grad(bases32, [base32[i] for i in keep], [t.float() for t in gouts], allow_unused=True)
     results[0] = names + [("dinput", "dresidual", "dweight", "dbias")[i] for i in keep]
     results[1] = outs + list(g)
@@ -161,10 +161,16 @@ def _case(backend, data):
     if lay == "expanded" and x.shape[0]:
         strict[0] = strict[0][:1].expand(strict[0].shape)
     pdtype = torch.float32 if affine == "float32" and dtype != F64 else dtype
-    w = (torch.randn(n, dtype=F64, generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(pdtype) \
-        if affine != "none" else None
-    b = (torch.randn(n, dtype=F64, generator=gen) * 0.5).to(pdtype) if affine in ("both", "float32") and not rms \
+    w = (
+        (torch.randn(n, dtype=F64, generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(pdtype)
+        if affine != "none"
         else None
+    )
+    b = (
+        (torch.randn(n, dtype=F64, generator=gen) * 0.5).to(pdtype)
+        if affine in ("both", "float32") and not rms
+        else None
+    )
     o = {"offset": offset, "cast": cast, "rdt": dtype, "p": 0.0, "keep": None}
     res = None
     if op.startswith("add"):
@@ -182,8 +188,13 @@ def _case(backend, data):
         results = _run(op, backend, x, res, w, b, dy, dres, eps, [n], o)
     for name, out, r, base, base32 in zip(*results, strict=True):
         rows = strict[0][..., None] if name in ("out", "residual_out", "dinput", "dresidual") else None
-        check(f"{op} {backend} {name} ({kind}, {str(dtype)[6:]}, eps {eps}, {lay}, options {o})",
-              out, r, (base, base32), strict=rows)
+        check(
+            f"{op} {backend} {name} ({kind}, {str(dtype)[6:]}, eps {eps}, {lay}, options {o})",
+            out,
+            r,
+            (base, base32),
+            strict=rows,
+        )
 
 
 @contextlib.contextmanager
@@ -192,8 +203,10 @@ def _looped_paths():
     from llmkit.kernels import layer_norm as K
 
     fwd, bwd = K.forward_config, K.backward_config
-    with mock.patch.object(K, "forward_config", lambda m, n, e, s=2: fwd(m, n, e, s, 64, 128)), \
-            mock.patch.object(K, "backward_config", lambda m, n, e, s=2: bwd(m, n, e, s, 64, 128)):
+    with (
+        mock.patch.object(K, "forward_config", lambda m, n, e, s=2: fwd(m, n, e, s, 64, 128)),
+        mock.patch.object(K, "backward_config", lambda m, n, e, s=2: bwd(m, n, e, s, 64, 128)),
+    ):
         yield
 
 

@@ -130,8 +130,12 @@ def _strided(kind, shape, dtype):
     raise ValueError(kind)
 
 
-STRIDED = {"sliced_rows": (4, 5, 97), "transposed_lead": (3, 5, 97), "three_strides": (2, 3, 4, 33),
-           "last_dim_strided": (6, 97)}
+STRIDED = {
+    "sliced_rows": (4, 5, 97),
+    "transposed_lead": (3, 5, 97),
+    "three_strides": (2, 3, 4, 33),
+    "last_dim_strided": (6, 97),
+}
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["gelu", "bias_gelu"])
@@ -208,10 +212,11 @@ def _opcheck_cases(dtype, shape):
     return cases
 
 
-@pytest.mark.parametrize("backend,dtype,shape", [("reference", torch.float32, (3, 5, 8)),
-                                                 ("reference", F64, (3, 5, 8)),
-                                                 ("triton", torch.float32, (3, 8))],
-                         ids=["reference-float32", "reference-float64", "triton-float32"])
+@pytest.mark.parametrize(
+    "backend,dtype,shape",
+    [("reference", torch.float32, (3, 5, 8)), ("reference", F64, (3, 5, 8)), ("triton", torch.float32, (3, 8))],
+    ids=["reference-float32", "reference-float64", "triton-float32"],
+)
 def test_opcheck(backend, dtype, shape):
     with llmkit.use_backend(backend):
         for op, args in _opcheck_cases(dtype, shape):
@@ -241,8 +246,11 @@ def _bad_calls():
         (lambda: llmkit.ops.bias_gelu(x, torch.randn(7)), ValueError, "bias has shape [7]"),
         (lambda: llmkit.ops.bias_gelu(x, torch.randn(2, 4)), ValueError, "bias has shape [2, 4]"),
         (lambda: llmkit.ops.bias_gelu(x, torch.randn(8, dtype=F64)), TypeError, "bias has dtype float64"),
-        (lambda: llmkit.ops.bias_gelu(x.half(), torch.randn(8, dtype=torch.bfloat16)), TypeError,
-         "bias has dtype bfloat16"),
+        (
+            lambda: llmkit.ops.bias_gelu(x.half(), torch.randn(8, dtype=torch.bfloat16)),
+            TypeError,
+            "bias has dtype bfloat16",
+        ),
         (lambda: llmkit.ops.bias_gelu(torch.tensor(1.0), torch.randn(1)), ValueError, "0-d tensor"),
         (lambda: llmkit.ops.bias_gelu(x, torch.randn(8, device="meta")), ValueError, "bias is on meta"),
     ]
@@ -259,8 +267,11 @@ def test_bad_input(backend):
 def test_triton_refuses_float64():
     x = _randn((3, 16), F64)
     b = _randn((16,), F64)
-    assert_refused_then_falls_back((lambda: llmkit.ops.gelu(x), lambda: llmkit.ops.bias_gelu(x, b, "tanh")),
-                                   "triton", "triton: takes float16, bfloat16, float32, got float64")
+    assert_refused_then_falls_back(
+        (lambda: llmkit.ops.gelu(x), lambda: llmkit.ops.bias_gelu(x, b, "tanh")),
+        "triton",
+        "triton: takes float16, bfloat16, float32, got float64",
+    )
 
 
 def test_triton_backward_refuses_mismatched_arguments():

@@ -54,8 +54,11 @@ def _leaf(t):
 def _op(name, approximate):
     if name == "swiglu":
         return llmkit.ops.swiglu, R.swiglu, lambda g, u: F.silu(g) * u
-    return (lambda g, u: llmkit.ops.geglu(g, u, approximate), lambda g, u: R.geglu(g, u, approximate),
-            lambda g, u: F.gelu(g, approximate=approximate) * u)
+    return (
+        lambda g, u: llmkit.ops.geglu(g, u, approximate),
+        lambda g, u: R.geglu(g, u, approximate),
+        lambda g, u: F.gelu(g, approximate=approximate) * u,
+    )
 
 
 def check_glu(backend, name, approximate, gate, up, dy=None):
@@ -111,17 +114,23 @@ def test_saturated_inputs(backend, name, approximate):
 def _halves(shape, dtype):
     """gate and up as the two halves of one (*, 2N) projection: strided rows, read in place."""
     h = _randn(shape[:-1] + (2 * shape[-1],), dtype)
-    return h[..., : shape[-1]], h[..., shape[-1]:]
+    return h[..., : shape[-1]], h[..., shape[-1] :]
 
 
 STRIDED = {
     "halves": lambda shape, dt: _halves(shape, dt),
-    "transposed_lead": lambda shape, dt: (_randn((shape[1], shape[0], *shape[2:]), dt).transpose(0, 1),
-                                          _randn(shape, dt)),
-    "last_dim_strided": lambda shape, dt: (_randn(shape[:-1] + (2 * shape[-1],), dt)[..., ::2],
-                                           _randn(shape[:-1] + (3 * shape[-1],), dt)[..., ::3]),
-    "mixed_layouts": lambda shape, dt: (_randn(shape, dt),
-                                        _randn((shape[1], shape[0], *shape[2:]), dt).transpose(0, 1)),
+    "transposed_lead": lambda shape, dt: (
+        _randn((shape[1], shape[0], *shape[2:]), dt).transpose(0, 1),
+        _randn(shape, dt),
+    ),
+    "last_dim_strided": lambda shape, dt: (
+        _randn(shape[:-1] + (2 * shape[-1],), dt)[..., ::2],
+        _randn(shape[:-1] + (3 * shape[-1],), dt)[..., ::3],
+    ),
+    "mixed_layouts": lambda shape, dt: (
+        _randn(shape, dt),
+        _randn((shape[1], shape[0], *shape[2:]), dt).transpose(0, 1),
+    ),
 }
 
 
@@ -174,10 +183,11 @@ def _opcheck_cases(dtype, shape):
     return cases
 
 
-@pytest.mark.parametrize("backend,dtype,shape", [("reference", torch.float32, (3, 5, 8)),
-                                                 ("reference", F64, (3, 5, 8)),
-                                                 ("triton", torch.float32, (3, 8))],
-                         ids=["reference-float32", "reference-float64", "triton-float32"])
+@pytest.mark.parametrize(
+    "backend,dtype,shape",
+    [("reference", torch.float32, (3, 5, 8)), ("reference", F64, (3, 5, 8)), ("triton", torch.float32, (3, 8))],
+    ids=["reference-float32", "reference-float64", "triton-float32"],
+)
 def test_opcheck(backend, dtype, shape):
     with llmkit.use_backend(backend):
         for op, args in _opcheck_cases(dtype, shape):
@@ -195,8 +205,9 @@ def test_gradcheck_reference(name, approximate):
 
 def test_compile_sees_one_node():
     g, u = _randn((4, 8), torch.float32), _randn((4, 8), torch.float32)
-    fn = torch.compile(lambda g, u: llmkit.ops.swiglu(g, u) + llmkit.ops.geglu(g, u, "tanh"), fullgraph=True,
-                       backend="eager")
+    fn = torch.compile(
+        lambda g, u: llmkit.ops.swiglu(g, u) + llmkit.ops.geglu(g, u, "tanh"), fullgraph=True, backend="eager"
+    )
     assert torch.allclose(fn(g, u), F.silu(g) * u + F.gelu(g, approximate="tanh") * u, atol=1e-6)
 
 
@@ -215,10 +226,16 @@ def _bad_calls():
         (lambda: ops.geglu(x, x, "erf"), ValueError, "approximate must be 'none' or 'tanh', got 'erf'"),
         (lambda: ops.geglu(x, 3.0), TypeError, "up must be a torch.Tensor, got float"),
         (lambda: ops.swiglu(x, torch.randn(4, 8, device="meta")), ValueError, "up is on meta"),
-        (lambda: torch.ops.llmkit.swiglu_backward(x[:, :4], x, x), ValueError,
-         "grad_out has shape [4, 4]; it must equal gate's shape [4, 8]"),
-        (lambda: torch.ops.llmkit.geglu_backward(x.half(), x, x, "none"), TypeError,
-         "grad_out has dtype float16; it must be gate's dtype float32"),
+        (
+            lambda: torch.ops.llmkit.swiglu_backward(x[:, :4], x, x),
+            ValueError,
+            "grad_out has shape [4, 4]; it must equal gate's shape [4, 8]",
+        ),
+        (
+            lambda: torch.ops.llmkit.geglu_backward(x.half(), x, x, "none"),
+            TypeError,
+            "grad_out has dtype float16; it must be gate's dtype float32",
+        ),
         (lambda: torch.ops.llmkit.geglu_backward(x, x, x, "fast"), ValueError, "approximate must be"),
     ]
 
@@ -233,8 +250,11 @@ def test_bad_input(backend):
 
 def test_triton_refuses_float64():
     g, u = _randn((3, 16), F64), _randn((3, 16), F64)
-    assert_refused_then_falls_back((lambda: llmkit.ops.swiglu(g, u), lambda: llmkit.ops.geglu(g, u, "tanh")),
-                                   "triton", "triton: takes float16, bfloat16, float32, got float64")
+    assert_refused_then_falls_back(
+        (lambda: llmkit.ops.swiglu(g, u), lambda: llmkit.ops.geglu(g, u, "tanh")),
+        "triton",
+        "triton: takes float16, bfloat16, float32, got float64",
+    )
 
 
 def test_triton_backward_refuses_mismatched_arguments():

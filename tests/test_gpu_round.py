@@ -33,9 +33,21 @@ def _load(name: str):
 REPORT = _load("gpu_round_report")
 G = _load("gpu_round")
 
-GPU_STEPS = ("install", "build-ext", "pytest-rows", "pytest-attention", "check-triton-attention", "check-triton-rows",
-             "pytest-rest", "pytest-ext", "check-cuda-ext", "bench-attention", "bench-norms", "bench-int8",
-             "bench-models")
+GPU_STEPS = (
+    "install",
+    "build-ext",
+    "pytest-rows",
+    "pytest-attention",
+    "check-triton-attention",
+    "check-triton-rows",
+    "pytest-rest",
+    "pytest-ext",
+    "check-cuda-ext",
+    "bench-attention",
+    "bench-norms",
+    "bench-int8",
+    "bench-models",
+)
 SMOKE_STEPS = ("versions", "shapes", "info", "pytest-collect", "pytest-smoke", "check-smoke", "bench-smoke")
 
 
@@ -44,9 +56,21 @@ def test_dry_run_writes_its_summary_in_a_few_flat_files(tmp_path):
     the smoke steps run the same tools on the CPU and their results are read back."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_round.py"), "--dry-run", "--out", str(out),
-         "--work", str(tmp_path / "work"), "--budget", "240"],
-        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_round.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--budget",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     entries = list(out.iterdir())
@@ -100,16 +124,26 @@ def test_a_timed_out_pytest_step_keeps_its_junit_xml(tmp_path):
     of the tests that ran; the other steps are not touched."""
     test = tmp_path / "t" / "test_slow.py"
     test.parent.mkdir()
-    test.write_text(textwrap.dedent("""
+    test.write_text(
+        textwrap.dedent("""
         import time
         def test_a(): pass
         def test_b(): assert 1 + 1 == 2
         def test_slow(): time.sleep(300)
-    """))
+    """)
+    )
     rnd = _round(tmp_path)
     xml = tmp_path / "slow.xml"
-    slow = rnd.start(G.Step("slow", "pytest", [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                                               f"--junitxml={xml}", str(test)], cap_s=12, min_s=1, output=str(xml)))
+    slow = rnd.start(
+        G.Step(
+            "slow",
+            "pytest",
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={xml}", str(test)],
+            cap_s=12,
+            min_s=1,
+            output=str(xml),
+        )
+    )
     quick = rnd.start(G.Step("quick", "info", [sys.executable, "-c", "print('fine')"], cap_s=60, min_s=1))
     t0 = time.monotonic()
     rnd.wait(slow, quick)
@@ -148,7 +182,7 @@ def test_cuda_home_is_the_toolkit_not_a_wrapper_folder(tmp_path):
     real = toolkit(tmp_path / "cuda-12.9")
     wrap = tmp_path / "wrap" / "bin"  # a wrapper script: torch would guess tmp/wrap
     wrap.mkdir(parents=True)
-    (wrap / "nvcc").write_text(f"#!/bin/sh\nexec {real}/bin/nvcc \"$@\"\n")
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
     (wrap / "nvcc").chmod(0o755)
     link = tmp_path / "link" / "bin"  # a symbolic link into the toolkit
     link.mkdir(parents=True)
@@ -206,7 +240,7 @@ def test_junit_outcomes_are_read_back(tmp_path):
         '<error message="fixture failed">trace</error></testcase>'
         '<testcase classname="tests.test_attention" name="test_skip" time="0"><skipped message="needs 2 GPUs"/>'
         '</testcase><testcase classname="tests.test_models" name="test_gpt" time="1"/>'
-        '</testsuite></testsuites>'
+        "</testsuite></testsuites>"
     )
     got = REPORT.read_junit(xml)
     assert [(t["nodeid"], t["outcome"]) for t in got] == [
@@ -221,12 +255,27 @@ def test_junit_outcomes_are_read_back(tmp_path):
 
 def test_speed_is_the_geometric_mean_of_llmkit_against_eager():
     def res(impl, ratio, pass_="fwd", status="ok", roof=None):
-        return {"suite": "layer_norm", "pass": pass_, "impl": impl, "status": status, "vs_eager": ratio,
-                "device": "cuda", "shape_label": "M=1 N=2", "fraction_of_roofline": roof, "reason": "boom"}
+        return {
+            "suite": "layer_norm",
+            "pass": pass_,
+            "impl": impl,
+            "status": status,
+            "vs_eager": ratio,
+            "device": "cuda",
+            "shape_label": "M=1 N=2",
+            "fraction_of_roofline": roof,
+            "reason": "boom",
+        }
 
-    rows = [res("eager", 1.0), res("llmkit[triton]", 2.0, roof=0.5), res("llmkit[triton]", 8.0, roof=0.9),
-            res("sdpa[flash]", 5.0), res("llmkit[cuda_ext]", 1.0), res("llmkit[triton]", 0.5, "bwd"),
-            res("llmkit[cuda_ext]", None, "bwd", status="error")]
+    rows = [
+        res("eager", 1.0),
+        res("llmkit[triton]", 2.0, roof=0.5),
+        res("llmkit[triton]", 8.0, roof=0.9),
+        res("sdpa[flash]", 5.0),
+        res("llmkit[cuda_ext]", 1.0),
+        res("llmkit[triton]", 0.5, "bwd"),
+        res("llmkit[cuda_ext]", None, "bwd", status="error"),
+    ]
     s = REPORT.speed_summary(rows)["layer_norm"]
     assert set(s["passes"]["fwd"]) == {"llmkit[triton]", "llmkit[cuda_ext]"}  # peers and eager left out
     assert s["passes"]["fwd"]["llmkit[triton]"]["geomean_vs_eager"] == pytest.approx(4.0)

@@ -35,22 +35,50 @@ VOCAB = 89
 
 def bert(cls=None, **kw):
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw,
+        vocab_size=VOCAB,
+        hidden_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=52,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
     )
     return _widen_((cls or transformers.BertModel)(cfg)).eval()
 
 
 def gpt2(**kw):
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **kw,
+    )
     return _widen_(transformers.GPT2LMHeadModel(cfg)).eval()
 
 
 def t5():
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return _widen_(transformers.T5ForConditionalGeneration(cfg), std=0.2).eval()
 
 
@@ -68,8 +96,7 @@ def _python(*parts: str) -> str:
     """Run the code parts (each dedented) in a fresh interpreter; return its stdout."""
     code = "\n".join(textwrap.dedent(p) for p in parts)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -92,19 +119,25 @@ BUILD_AND_RUN = """
 
 
 def test_import_llmkit_first_then_transformers():
-    out = _python("""
+    out = _python(
+        """
         import sys, llmkit
         assert "transformers" not in sys.modules, "import llmkit must not import transformers"
-    """, BUILD_AND_RUN)
+    """,
+        BUILD_AND_RUN,
+    )
     impl, calls, err = out.split()
     assert impl == "eager" and int(calls) == 1 and float(err) < 1e-5
 
 
 def test_import_transformers_first_then_llmkit():
-    out = _python("""
+    out = _python(
+        """
         import transformers.modeling_utils, transformers.masking_utils
         import llmkit
-    """, BUILD_AND_RUN)
+    """,
+        BUILD_AND_RUN,
+    )
     impl, calls, err = out.split()
     assert int(calls) == 1 and float(err) < 1e-5
 
@@ -116,8 +149,9 @@ def test_from_pretrained_with_attn_implementation_llmkit(tmp_path):
     assert loaded.config._attn_implementation == "llmkit"
     ids, mask = _padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, attention_mask=mask).last_hidden_state,
-                                   model(ids, attention_mask=mask).last_hidden_state, **TOL)
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).last_hidden_state, model(ids, attention_mask=mask).last_hidden_state, **TOL
+        )
 
 
 def test_attention_function_warns_for_output_attentions(caplog):
@@ -147,9 +181,17 @@ def test_bert_family_swap_matches_and_unswap_is_bit_identical(family, bias_path,
     if family == "bert":
         model = bert()
     else:
-        cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=52, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0, pad_token_id=1)
+        cfg = transformers.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=52,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=1,
+        )
         model = _widen_(transformers.RobertaModel(cfg)).eval()
     ids, mask = _padded_batch()
     with torch.no_grad():
@@ -276,8 +318,9 @@ def test_a_script_in_the_repo_root_loads_a_transformers_model_with_llmkit():
         print(tuple(model(torch.randint(0, 50, (1, 5))).logits.shape))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-"], input=code, cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-"], input=code, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["(1,", "5,", "50)"]
 

@@ -18,15 +18,38 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB = 97
 WINDOW = 5
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=56,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    attention_dropout=0.0,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 MODELS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=WINDOW)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=2, use_sliding_window=True,
-                                                      sliding_window=WINDOW, max_window_layers=0)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        num_hidden_layers=2, sliding_window=WINDOW, head_dim=8, attn_logit_softcapping=2.0,
-        final_logit_softcapping=30.0, query_pre_attn_scalar=8, hidden_activation="gelu_pytorch_tanh")),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            sliding_window=WINDOW,
+            head_dim=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=8,
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+    ),
 }
 
 
@@ -88,11 +111,13 @@ def test_sliding_window_models_match_eager(name, padded, sdpa_calls):
     if name == "gemma2":
         assert all(c["softcap"] == 2.0 for c in sdpa_calls)
     with torch.no_grad():
-        t0 = eager.generate(ids[:, :WINDOW + 2], attention_mask=mask[:, :WINDOW + 2], max_new_tokens=2 * WINDOW,
-                            do_sample=False)
+        t0 = eager.generate(
+            ids[:, : WINDOW + 2], attention_mask=mask[:, : WINDOW + 2], max_new_tokens=2 * WINDOW, do_sample=False
+        )
         sdpa_calls.clear()
-        t1 = fused.generate(ids[:, :WINDOW + 2], attention_mask=mask[:, :WINDOW + 2], max_new_tokens=2 * WINDOW,
-                            do_sample=False)
+        t1 = fused.generate(
+            ids[:, : WINDOW + 2], attention_mask=mask[:, : WINDOW + 2], max_new_tokens=2 * WINDOW, do_sample=False
+        )
     assert torch.equal(t1, t0)
     assert any(c.get("window_size") == (WINDOW - 1, 0) for c in sdpa_calls)
 

@@ -37,18 +37,40 @@ FUSED_OPS = {"llama": "swiglu", "mistral": "swiglu", "qwen2": "swiglu", "gemma":
 def decoder(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     cfg_name, cls_name, extra = FAMILIES[family]
     cfg = getattr(transformers, cfg_name)(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=family == "gemma", **extra,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=family == "gemma",
+        **extra,
     )
     return _widen_(getattr(transformers, cls_name)(cfg), std=0.2).to(dtype).eval()
 
 
 def t5_gated() -> torch.nn.Module:
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                dropout_rate=0.0, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                                pad_token_id=0, eos_token_id=1)
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return _widen_(transformers.T5ForConditionalGeneration(cfg), std=0.2).eval()
 
 
@@ -99,8 +121,14 @@ def test_swapped_decoder_matches_forward_backward_and_greedy_generate(family, ra
     torch.testing.assert_close(out1, out0, **TOL)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], **TOL, msg=lambda m, n=n: f"{n}: {m}")
-    for point in ("rms_norm.forward", "add_rms_norm.forward", f"{FUSED_OPS[family]}.forward",
-                  "add_rms_norm.backward", f"{FUSED_OPS[family]}.backward", "rms_norm.backward"):
+    for point in (
+        "rms_norm.forward",
+        "add_rms_norm.forward",
+        f"{FUSED_OPS[family]}.forward",
+        "add_rms_norm.backward",
+        f"{FUSED_OPS[family]}.backward",
+        "rms_norm.backward",
+    ):
         assert point in ran, f"{point} did not run: {sorted(set(ran))}"
     with torch.no_grad():
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), tokens0)
@@ -198,6 +226,7 @@ def test_swapped_llama_pickles_and_deep_copies():
     ids, mask = _batch()
     again = copy.deepcopy(model)
     with torch.no_grad():
-        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits,
-                           model(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(
+            again(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+        )
     assert type(again.model.layers[0]).__name__ == "LlmkitLlamaDecoderLayer"

@@ -53,9 +53,7 @@ def test_int8_linear_with_one_input_feature(mode, dtype, m, n):
     weight, weight_scale = quantize_int8(torch.randn(n, 1), -1)
     bias = torch.randn(n)
     want = R.int8_linear(x, weight, weight_scale, bias, mode, "none")
-    baseline = torch.nn.functional.linear(
-        x, (weight.float() * weight_scale[:, None]).to(dtype), bias.to(dtype)
-    )
+    baseline = torch.nn.functional.linear(x, (weight.float() * weight_scale[:, None]).to(dtype), bias.to(dtype))
     for _ in range(2):
         with llmkit.use_backend("reference"):
             got = int8_linear(x, weight, weight_scale, bias, mode)

@@ -160,8 +160,7 @@ def test_dtype_moves_keep_int8_weight_and_float32_scales():
 
 def test_extra_repr_shows_mode_and_shapes():
     text = repr(Int8Linear.from_float(_float_linear(12, 7), mode="w8a16", activation="gelu"))
-    for part in ("in_features=12", "out_features=7", "mode='w8a16'", "activation='gelu'", "int8[7, 12]",
-                 "float32[7]"):
+    for part in ("in_features=12", "out_features=7", "mode='w8a16'", "activation='gelu'", "int8[7, 12]", "float32[7]"):
         assert part in text, text
 
 

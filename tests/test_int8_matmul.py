@@ -256,7 +256,7 @@ def test_int8_gemm_fused_activation(activation, out_dtype):
     out = poison_(torch.empty(m, n, dtype=out_dtype, device=DEVICE))
     K.int8_gemm(a, b, a_scale, b_scale, bias, out_dtype, activation, K.GemmConfig(16, 16, 32, 2, 4, 1), out)
     ref64 = _epilogue64(R.int8_matmul(a.cpu(), b.cpu()), a_scale.cpu(), b_scale.cpu(), bias.cpu(), activation)
-    base = (R.int8_matmul(a.cpu(), b.cpu()).float() * a_scale.cpu()[:, None] * b_scale.cpu()[None, :] + bias.cpu())
+    base = R.int8_matmul(a.cpu(), b.cpu()).float() * a_scale.cpu()[:, None] * b_scale.cpu()[None, :] + bias.cpu()
     base = base if activation == "none" else F.gelu(base, approximate="tanh" if activation == "gelu_tanh" else "none")
     assert_close_to_reference(out.cpu(), ref64, base.to(out_dtype), f"int8 epilogue {activation}")
 
@@ -436,8 +436,11 @@ def test_int8_kernels_on_gpu_default_configs(m, k):
         x, weight, weight_scale, bias = _linear_case(m, k, n, dtype)
         _assert_same_quantization(x, -1)
         out = _triton(int8_linear, x, weight, weight_scale, bias, "w8a8", "gelu")
-        assert_close_to_reference(out.cpu(), _w8a8_ref64(x, weight, weight_scale, bias, "gelu"),
-                                  _reference(int8_linear, x, weight, weight_scale, bias, "w8a8", "gelu"))
+        assert_close_to_reference(
+            out.cpu(),
+            _w8a8_ref64(x, weight, weight_scale, bias, "gelu"),
+            _reference(int8_linear, x, weight, weight_scale, bias, "w8a8", "gelu"),
+        )
         out = _triton(int8_linear, x, weight, weight_scale, bias, "w8a16", "none")
         ref64 = R.int8_linear(x.cpu(), weight.cpu(), weight_scale.cpu(), bias.cpu(), "w8a16", "none")
         assert_close_to_reference(out.cpu(), ref64, _w8a16_baseline(x, weight, weight_scale, bias, "none"))

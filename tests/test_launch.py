@@ -99,10 +99,18 @@ def test_attention_grid_fits_cuda_for_large_batch_times_heads(arch, b, hq, hkv):
     o = meta(b, hq, sq, d)
     bwd = record(lambda: A.attention_backward(o, q, k, v, None, 0.0, True, 0.125, 0, 0), arch)
     (f,), (st, dq, dkdv) = fwd, bwd
-    assert [x.name for x in (f, st, dq, dkdv)] == ["_attn_fwd_kernel", "_attn_bwd_stats_kernel", "_attn_bwd_dq_kernel",
-                                                   "_attn_bwd_dkdv_kernel"]
-    for rec, rows, heads, block in ((f, sq, hq, "BLOCK_M"), (st, sq, hq, "BLOCK_M"), (dq, sq, hq, "BLOCK_M"),
-                                    (dkdv, sk, hkv, "BLOCK_N")):
+    assert [x.name for x in (f, st, dq, dkdv)] == [
+        "_attn_fwd_kernel",
+        "_attn_bwd_stats_kernel",
+        "_attn_bwd_dq_kernel",
+        "_attn_bwd_dkdv_kernel",
+    ]
+    for rec, rows, heads, block in (
+        (f, sq, hq, "BLOCK_M"),
+        (st, sq, hq, "BLOCK_M"),
+        (dq, sq, hq, "BLOCK_M"),
+        (dkdv, sk, hkv, "BLOCK_N"),
+    ):
         assert rec.grid == (triton.cdiv(rows, rec.args[block]) * heads * b, 1, 1)
 
 
@@ -171,9 +179,10 @@ def huge():
 
 def _same(got: torch.Tensor, want: torch.Tensor, what: str):
     assert got.dtype == want.dtype and got.shape == want.shape, what
-    assert torch.equal(got.view(-1).view(torch.uint8) if got.dtype.is_floating_point else got,
-                       want.view(-1).view(torch.uint8) if want.dtype.is_floating_point else want), \
-        f"{what}: results on the strided view differ from the same kernel on a contiguous copy"
+    assert torch.equal(
+        got.view(-1).view(torch.uint8) if got.dtype.is_floating_point else got,
+        want.view(-1).view(torch.uint8) if want.dtype.is_floating_point else want,
+    ), f"{what}: results on the strided view differ from the same kernel on a contiguous copy"
 
 
 @needs_interpreter
@@ -183,16 +192,16 @@ def test_attention_offsets_past_2_31_elements(huge):
     b, h, s, d = 3, 2, 20, 32
     strides = (BIG, s * d, d, 1)
     q, k, v = (huge((b, h, s, d), strides, torch.bfloat16) for _ in range(3))
-    out, lse = A.attention_forward(q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
-    ref_out, ref_lse = A.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), None, 0.0, True,
-                                           d ** -0.5, 0, 0)
+    out, lse = A.attention_forward(q, k, v, None, 0.0, True, d**-0.5, 0, 0)
+    ref_out, ref_lse = A.attention_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), None, 0.0, True, d**-0.5, 0, 0
+    )
     _same(out, ref_out, "out")
     _same(lse, ref_lse, "lse")
     assert (out.double() - R.attention(q.double(), k.double(), v.double(), is_causal=True)).abs().max() < 0.05
     g = torch.randn(b, h, s, d).to(torch.bfloat16)
-    grads = A.attention_backward(g, q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
-    ref = A.attention_backward(g, q.contiguous(), k.contiguous(), v.contiguous(), None, 0.0, True,
-                               d ** -0.5, 0, 0)
+    grads = A.attention_backward(g, q, k, v, None, 0.0, True, d**-0.5, 0, 0)
+    ref = A.attention_backward(g, q.contiguous(), k.contiguous(), v.contiguous(), None, 0.0, True, d**-0.5, 0, 0)
     for name, x, y in zip(("dq", "dk", "dv"), grads, ref, strict=True):
         _same(x, y, name)
 
@@ -204,9 +213,9 @@ def test_decode_offsets_past_2_31_elements(huge):
     v = huge((b, hkv, s_max, d), (BIG, s_max * d, d, 1), torch.float16)
     q = torch.randn(b, 2 * hkv, 1, d).half()
     lens = torch.tensor([48, 17, 33], dtype=torch.int32)
-    got = D.decode_attention(q, k, v, lens, d ** -0.5, True)[0]
-    _same(got, D.decode_attention(q, k.contiguous(), v.contiguous(), lens, d ** -0.5, True)[0], "decode")
-    want = R.decode_attention(q.double(), k.double(), v.double(), lens, d ** -0.5, True)
+    got = D.decode_attention(q, k, v, lens, d**-0.5, True)[0]
+    _same(got, D.decode_attention(q, k.contiguous(), v.contiguous(), lens, d**-0.5, True)[0], "decode")
+    want = R.decode_attention(q.double(), k.double(), v.double(), lens, d**-0.5, True)
     assert (got.double() - want).abs().max() < 0.01
 
 
@@ -236,15 +245,21 @@ def test_quantize_norm_and_gelu_offsets_past_2_31_elements(huge):
     _same(q, q_ref, "quantize q")
     _same(s, s_ref, "quantize scale")
     w, bias = torch.randn(96).bfloat16(), torch.randn(96).bfloat16()
-    for got, want in zip(N.norm_forward(x, None, 1, w, bias, 1e-5, False),
-                         N.norm_forward(x.contiguous(), None, 1, w, bias, 1e-5, False), strict=True):
+    for got, want in zip(
+        N.norm_forward(x, None, 1, w, bias, 1e-5, False),
+        N.norm_forward(x.contiguous(), None, 1, w, bias, 1e-5, False),
+        strict=True,
+    ):
         if got is not None:
             _same(got, want, "layer_norm")
     _same(G.gelu_forward(x, bias, False), G.gelu_forward(x.contiguous(), bias, False), "bias_gelu")
     up = huge((3, 96), (BIG, 1), torch.bfloat16)
     _same(GL.glu_forward(x, up, GL.SILU), GL.glu_forward(x.contiguous(), up.contiguous(), GL.SILU), "swiglu")
-    for got, want in zip(GL.glu_backward(up, x, up, GL.GELU_TANH),
-                         GL.glu_backward(up.contiguous(), x.contiguous(), up.contiguous(), GL.GELU_TANH), strict=True):
+    for got, want in zip(
+        GL.glu_backward(up, x, up, GL.GELU_TANH),
+        GL.glu_backward(up.contiguous(), x.contiguous(), up.contiguous(), GL.GELU_TANH),
+        strict=True,
+    ):
         _same(got, want, "geglu backward")
 
 
@@ -256,12 +271,15 @@ def test_quantize_norm_and_gelu_offsets_past_2_31_elements(huge):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """``install(sms, capability)``: torch.cuda reports one such device."""
+
     def install(sms: int, capability: tuple[int, int]):
         L._cuda_target.cache_clear()
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda index=None: SimpleNamespace(multi_processor_count=sms))
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda index=None: SimpleNamespace(multi_processor_count=sms)
+        )
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
     yield install
     L._cuda_target.cache_clear()
 
@@ -275,8 +293,11 @@ def test_every_launcher_reads_the_sm_count_of_the_device(fake_gpu, sms, cap):
         assert Q._sm_count(dev) == sms and Q._arch(dev) == cap[0] * 10 + cap[1]
         assert A.device_arch(dev) == cap[0] * 10 + cap[1]
     cpu = torch.device("cpu")
-    assert (L.device_target(cpu), N.program_slots(cpu), Q._sm_count(cpu)) == (None, N.CPU_PROGRAM_SLOTS,
-                                                                               Q.INTERPRETER_SM_COUNT)
+    assert (L.device_target(cpu), N.program_slots(cpu), Q._sm_count(cpu)) == (
+        None,
+        N.CPU_PROGRAM_SLOTS,
+        Q.INTERPRETER_SM_COUNT,
+    )
     with L.planning_for(L.Target(90, 7)):
         assert N.program_slots(cpu) == 7 and L.device_target(torch.device("meta")) == L.Target(90, 7)
 
@@ -367,8 +388,10 @@ def test_w8a16_gemv_split_k_at_h100_and_a100_sizes(shape):
         assert cfg.SPLIT_K * cfg.BLOCK_K <= max(k, cfg.BLOCK_K)  # every split has K to sum
         x = meta(1, k, dtype=dtype)
         for arch in (80, 90):
-            gemv = record(partial(Q.w8a16_linear, x, meta(n, k, dtype=torch.int8), meta(n, dtype=torch.float32),
-                                  None, "none"), arch)
+            gemv = record(
+                partial(Q.w8a16_linear, x, meta(n, k, dtype=torch.int8), meta(n, dtype=torch.float32), None, "none"),
+                arch,
+            )
             split, per_split = gemv[0].grid[1], gemv[0].args["k_per_split"]
             planned = Q.w8a16_gemv_config(n, k, dtype, L.STANDARD_TARGETS[arch].sms).SPLIT_K
             assert split == gemv[0].args["SPLIT_K"] <= planned
@@ -407,8 +430,9 @@ def _views(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, torch.Tensor
         "odd_offset": base.as_strided(shape, (h * s * d, s * d, d, 1), 3),
         "row_stride_not_16B": base.as_strided(shape, (h * s * (d + 4), s * (d + 4), d + 4, 1), 0),
         "last_dim_strided": meta(b, h, s, 2 * d, dtype=dtype)[..., ::2],
-        "size1_batch_odd_stride": base.as_strided((1, h, s, d), (7, s * d, d, 1), 0) if b == 1 else
-        base.as_strided(shape, (h * s * d, s * d, d, 1), 16),
+        "size1_batch_odd_stride": base.as_strided((1, h, s, d), (7, s * d, d, 1), 0)
+        if b == 1
+        else base.as_strided(shape, (h * s * d, s * d, d, 1), 16),
         "expanded_batch": meta(1, h, s, d, dtype=dtype).expand(shape),
     }
 
@@ -431,13 +455,16 @@ def _check_stride_align(rec: L.Launch) -> bool:
     for name in PROMISED[rec.name]:
         t = rec.args[f"{name}_ptr"]
         assert align == 16 // t.element_size(), (rec.name, name, align)
-        assert rows_16(t), f"{rec.name}: STRIDE_ALIGN={align} but {name} is {tuple(t.shape)} strides " \
-                           f"{t.stride()} at byte {t.data_ptr()}"
+        assert rows_16(t), (
+            f"{rec.name}: STRIDE_ALIGN={align} but {name} is {tuple(t.shape)} strides "
+            f"{t.stride()} at byte {t.data_ptr()}"
+        )
     return True
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 72), (torch.float32, 36),
-                                     (torch.bfloat16, 20)])
+@pytest.mark.parametrize(
+    "dtype,d", [(torch.bfloat16, 64), (torch.float16, 72), (torch.float32, 36), (torch.bfloat16, 20)]
+)
 def test_attention_alignment_promises_hold_for_odd_views(dtype, d):
     shape = (2, 3, 17, d)
     views = _views(shape, dtype)
@@ -502,10 +529,17 @@ def test_w8a16_alignment_promise_matches_the_16_byte_rule(m):
     16-byte aligned; the contiguous case of a K that is a multiple of 16 keeps the fast path."""
     for dtype in (torch.bfloat16, torch.float32):
         for k in (64, 60, 37):
-            xs = {"contiguous": meta(m, k, dtype=dtype), "odd_offset": meta(m * k + 1, dtype=dtype)[1:].view(m, k),
-                  "sliced": meta(m, k + 1, dtype=dtype)[:, 1:], "transposed": meta(k, m, dtype=dtype).t()}
-            ws = {"contiguous": meta(48, k, dtype=torch.int8), "sliced": meta(48, k + 8, dtype=torch.int8)[:, 8:],
-                  "odd_offset": meta(48 * k + 3, dtype=torch.int8)[3:].view(48, k)}
+            xs = {
+                "contiguous": meta(m, k, dtype=dtype),
+                "odd_offset": meta(m * k + 1, dtype=dtype)[1:].view(m, k),
+                "sliced": meta(m, k + 1, dtype=dtype)[:, 1:],
+                "transposed": meta(k, m, dtype=dtype).t(),
+            }
+            ws = {
+                "contiguous": meta(48, k, dtype=torch.int8),
+                "sliced": meta(48, k + 8, dtype=torch.int8)[:, 8:],
+                "odd_offset": meta(48 * k + 3, dtype=torch.int8)[3:].view(48, k),
+            }
             for (xn, x), (wn, w) in ((x, w) for x in xs.items() for w in ws.items()):
                 rec = record(partial(Q.w8a16_linear, x, w, meta(48, dtype=torch.float32), None, "none"), 90)[0]
                 got, rule = rec.args["ALIGNED"], rows_16(rec.args["x_ptr"], 1) and rows_16(rec.args["w_ptr"], 1)
@@ -529,9 +563,9 @@ def _close(got: torch.Tensor, want64: torch.Tensor, baseline: torch.Tensor, what
 def test_gpu_attention_and_decode_with_batch_beyond_65535():
     b, s, d = 70_000, 16, 64
     q, k, v = (torch.randn(b, 1, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out, lse = A.attention_forward(q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
+    out, lse = A.attention_forward(q, k, v, None, 0.0, True, d**-0.5, 0, 0)
     g = torch.randn_like(out)
-    dq, dk, dv = A.attention_backward(g, q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
+    dq, dk, dv = A.attention_backward(g, q, k, v, None, 0.0, True, d**-0.5, 0, 0)
     for i in (0, 65_535, b - 1):
         sl = slice(i, i + 1)
         q64, k64, v64 = (t[sl].double().requires_grad_() for t in (q, k, v))
@@ -543,11 +577,12 @@ def test_gpu_attention_and_decode_with_batch_beyond_65535():
             assert (got[sl].double() - want).abs().max() <= 0.05 * want.abs().max() + 1e-2, (name, i)
     cache = torch.randn(b, 1, 64, d, device="cuda", dtype=torch.bfloat16)
     lens = torch.randint(1, 65, (b,), device="cuda", dtype=torch.int32)
-    dec = D.decode_attention(q[:, :, :1], cache, cache, lens, d ** -0.5, True)
+    dec = D.decode_attention(q[:, :, :1], cache, cache, lens, d**-0.5, True)
     for i in (0, 65_535, b - 1):
         sl = slice(i, i + 1)
-        want = R.decode_attention(q[sl, :, :1].double(), cache[sl].double(), cache[sl].double(), lens[sl], d ** -0.5,
-                                  True)
+        want = R.decode_attention(
+            q[sl, :, :1].double(), cache[sl].double(), cache[sl].double(), lens[sl], d**-0.5, True
+        )
         assert (dec[sl].double() - want).abs().max() < 0.02, i
 
 
@@ -559,9 +594,9 @@ def test_gpu_offsets_past_2_31_elements():
     b, h, s, d = 16, 66, 16384, 128
     assert b * h * s * d > 2**31
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out, lse = A.attention_forward(q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
+    out, lse = A.attention_forward(q, k, v, None, 0.0, True, d**-0.5, 0, 0)
     g = torch.randn_like(out)
-    dq, dk, dv = A.attention_backward(g, q, k, v, None, 0.0, True, d ** -0.5, 0, 0)
+    dq, dk, dv = A.attention_backward(g, q, k, v, None, 0.0, True, d**-0.5, 0, 0)
     last = (slice(b - 1, b), slice(h - 1, h))
     q64, k64, v64 = (t[last].double().requires_grad_() for t in (q, k, v))
     ref = R.attention(q64, k64, v64, is_causal=True)
@@ -577,9 +612,8 @@ def test_gpu_offsets_past_2_31_elements():
     assert cache.numel() > 2**31
     query = torch.randn(16, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((16,), 2**17 + 16, device="cuda", dtype=torch.int32)
-    dec = D.decode_attention(query, cache, cache, lens, 128 ** -0.5, True)
-    want = R.decode_attention(query[-1:].double(), cache[-1:].double(), cache[-1:].double(), lens[-1:],
-                              128 ** -0.5, True)
+    dec = D.decode_attention(query, cache, cache, lens, 128**-0.5, True)
+    want = R.decode_attention(query[-1:].double(), cache[-1:].double(), cache[-1:].double(), lens[-1:], 128**-0.5, True)
     assert (dec[-1:].double() - want).abs().max() < 0.02
     del cache, dec
     torch.cuda.empty_cache()

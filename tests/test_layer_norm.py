@@ -133,8 +133,10 @@ def check_op(op, backend, x, ns, weight=True, bias=True, dy=None, residual=None,
     dy = _randn(x.shape, x.dtype) if dy is None else dy
     extra = {}
     if op == "add_layer_norm":
-        extra = {"residual": _randn(x.shape, x.dtype, scale=0.5) if residual is None else residual,
-                 "dres": _randn(x.shape, x.dtype)}
+        extra = {
+            "residual": _randn(x.shape, x.dtype, scale=0.5) if residual is None else residual,
+            "dres": _randn(x.shape, x.dtype),
+        }
     names, ours, refs, bases = RUNNERS[op](backend, x, ns, w, b, dy, **extra)
     _check_all(names, ours, refs, bases, floors)
     return ours
@@ -155,8 +157,9 @@ def test_forward_backward(op, backend, dtype, shape, ns):
     check_op(op, backend, x, ns)
 
 
-@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)],
-                         ids=["no_affine", "weight_only", "bias_only"])
+@pytest.mark.parametrize(
+    "weight,bias", [(False, False), (True, False), (False, True)], ids=["no_affine", "weight_only", "bias_only"]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", list(RUNNERS))
 def test_weight_bias_absent(op, backend, weight, bias):
@@ -180,17 +183,22 @@ LONG_ROWS = [(op, 65537) for op in RUNNERS] + [("layer_norm", 262144)]
 
 
 @pytest.mark.parametrize("op,n", LONG_ROWS, ids=[f"{op}-{n}" for op, n in LONG_ROWS])
-@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("triton", torch.bfloat16)],
-                         ids=["reference-float32", "triton-bfloat16"])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("reference", torch.float32), ("triton", torch.bfloat16)],
+    ids=["reference-float32", "triton-bfloat16"],
+)
 def test_long_rows(op, n, backend, dtype):
     """Rows far beyond one register block take the looped forward and the tiled backward."""
     x = _randn((2, n) if n < 100000 else (1, n), dtype, mean=-1.0, scale=2.0)
     check_op(op, backend, x, [n])
 
 
-@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("triton", torch.float32),
-                                           ("triton", torch.bfloat16)],
-                         ids=["reference-float32", "triton-float32", "triton-bfloat16"])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("reference", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)],
+    ids=["reference-float32", "triton-float32", "triton-bfloat16"],
+)
 @pytest.mark.parametrize("n", [1500, 20000])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
 def test_large_mean(op, backend, dtype, n):
@@ -329,8 +337,11 @@ def test_heuristics():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,ns", [((0, 16), [16]), ((2, 0, 8), [8]), ((3, 0), [0]), ((2, 3, 0), [3, 0])],
-                         ids=["no_rows", "no_rows_3d", "empty_rows", "empty_rows_ns2"])
+@pytest.mark.parametrize(
+    "shape,ns",
+    [((0, 16), [16]), ((2, 0, 8), [8]), ((3, 0), [0]), ((2, 3, 0), [3, 0])],
+    ids=["no_rows", "no_rows_3d", "empty_rows", "empty_rows_ns2"],
+)
 @pytest.mark.parametrize("op", list(RUNNERS))
 def test_empty(op, shape, ns):
     """Empty tensors: both backends give the same shapes and values (and zero grads)."""
@@ -389,8 +400,10 @@ def test_output_mask(backend):
             torch.ones_like(out), x.detach(), [64], w.detach(), None, mean, rstd, [False, True, False]
         )
     assert torch.equal(dx, torch.zeros_like(dx)) and db.shape == (0,)
-    ref = (((x.detach().double() - x.detach().double().mean(1, keepdim=True))
-            / torch.sqrt(x.detach().double().var(1, unbiased=False, keepdim=True) + 1e-5)).sum(0))
+    ref = (
+        (x.detach().double() - x.detach().double().mean(1, keepdim=True))
+        / torch.sqrt(x.detach().double().var(1, unbiased=False, keepdim=True) + 1e-5)
+    ).sum(0)
     assert torch.allclose(dw.double(), ref, atol=1e-4) and torch.allclose(dw2.double(), ref, atol=1e-4)
 
 
@@ -420,8 +433,11 @@ def test_statistics_conventions():
     assert mean.dtype == rstd.dtype == F64
 
 
-@pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True), (False, False)],
-                         ids=["affine", "weight_only", "bias_only", "no_affine"])
+@pytest.mark.parametrize(
+    "weight,bias",
+    [(True, True), (True, False), (False, True), (False, False)],
+    ids=["affine", "weight_only", "bias_only", "no_affine"],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_half_statistics_are_float32_on_every_path(dtype, weight, bias):
     """The CPU reference reads 16-bit input directly where a parameter is given (ATen's mixed
@@ -465,9 +481,11 @@ def _opcheck_cases(dtype, lead=(3, 5)):
     ]
 
 
-@pytest.mark.parametrize("backend,dtype,lead", [("reference", torch.float32, (3, 5)), ("reference", F64, (3, 5)),
-                                                ("triton", torch.float32, (2, 3))],
-                         ids=["reference-float32", "reference-float64", "triton-float32"])
+@pytest.mark.parametrize(
+    "backend,dtype,lead",
+    [("reference", torch.float32, (3, 5)), ("reference", F64, (3, 5)), ("triton", torch.float32, (2, 3))],
+    ids=["reference-float32", "reference-float64", "triton-float32"],
+)
 def test_opcheck(backend, dtype, lead):
     with llmkit.use_backend(backend):
         for op, args in _opcheck_cases(dtype, lead):
@@ -501,27 +519,43 @@ def _bad_calls():
     w = torch.randn(8, device=DEVICE)
     xb = x.bfloat16()
     return [
-        ("int input", lambda: llmkit.ops.layer_norm(torch.ones(4, 8, dtype=torch.int32), [8]), TypeError,
-         "input has dtype int32"),
+        (
+            "int input",
+            lambda: llmkit.ops.layer_norm(torch.ones(4, 8, dtype=torch.int32), [8]),
+            TypeError,
+            "input has dtype int32",
+        ),
         ("wrong normalized_shape", lambda: llmkit.ops.layer_norm(x, [7]), ValueError, "normalized_shape [7]"),
         ("empty normalized_shape", lambda: llmkit.ops.rms_norm(x, []), ValueError, "at least one dimension"),
-        ("weight shape", lambda: llmkit.ops.layer_norm(x, [8], torch.randn(7)), ValueError,
-         "weight has shape [7]"),
-        ("weight dtype", lambda: llmkit.ops.layer_norm(xb, [8], w.double()), TypeError,
-         "weight has dtype float64"),
-        ("bias dtype", lambda: llmkit.ops.layer_norm(x, [8], w, w.bfloat16()), TypeError,
-         "bias has dtype bfloat16"),
-        ("weight device", lambda: llmkit.ops.layer_norm(x, [8], torch.randn(8, device="meta")), ValueError,
-         "weight is on meta"),
+        ("weight shape", lambda: llmkit.ops.layer_norm(x, [8], torch.randn(7)), ValueError, "weight has shape [7]"),
+        ("weight dtype", lambda: llmkit.ops.layer_norm(xb, [8], w.double()), TypeError, "weight has dtype float64"),
+        ("bias dtype", lambda: llmkit.ops.layer_norm(x, [8], w, w.bfloat16()), TypeError, "bias has dtype bfloat16"),
+        (
+            "weight device",
+            lambda: llmkit.ops.layer_norm(x, [8], torch.randn(8, device="meta")),
+            ValueError,
+            "weight is on meta",
+        ),
         ("negative eps", lambda: llmkit.ops.layer_norm(x, [8], eps=-1.0), ValueError, "eps must be"),
-        ("rms weight shape", lambda: llmkit.ops.rms_norm(x, [8], torch.randn(2, 4)), ValueError,
-         "weight has shape [2, 4]"),
-        ("residual shape", lambda: llmkit.ops.add_layer_norm(x, x[:, :4], [8]), ValueError,
-         "residual has shape [4, 4]"),
-        ("residual dtype", lambda: llmkit.ops.add_layer_norm(x, xb, [8]), TypeError,
-         "residual has dtype bfloat16"),
-        ("residual device", lambda: llmkit.ops.add_layer_norm(x, torch.randn(4, 8, device="meta"), [8]),
-         ValueError, "residual is on meta"),
+        (
+            "rms weight shape",
+            lambda: llmkit.ops.rms_norm(x, [8], torch.randn(2, 4)),
+            ValueError,
+            "weight has shape [2, 4]",
+        ),
+        (
+            "residual shape",
+            lambda: llmkit.ops.add_layer_norm(x, x[:, :4], [8]),
+            ValueError,
+            "residual has shape [4, 4]",
+        ),
+        ("residual dtype", lambda: llmkit.ops.add_layer_norm(x, xb, [8]), TypeError, "residual has dtype bfloat16"),
+        (
+            "residual device",
+            lambda: llmkit.ops.add_layer_norm(x, torch.randn(4, 8, device="meta"), [8]),
+            ValueError,
+            "residual is on meta",
+        ),
     ]
 
 
@@ -536,8 +570,11 @@ def test_bad_input(backend):
 def test_triton_refuses_float64():
     """Asked for by name, Triton raises with its reason; in an order, the next backend runs."""
     x = _randn((3, 16), F64)
-    for call in (lambda: llmkit.ops.layer_norm(x, [16]), lambda: llmkit.ops.rms_norm(x, [16]),
-                 lambda: llmkit.ops.add_layer_norm(x, x, [16])):
+    for call in (
+        lambda: llmkit.ops.layer_norm(x, [16]),
+        lambda: llmkit.ops.rms_norm(x, [16]),
+        lambda: llmkit.ops.add_layer_norm(x, x, [16]),
+    ):
         with llmkit.use_backend("triton"), pytest.raises(llmkit.BackendError) as info:
             call()
         assert "triton: takes float16, bfloat16, float32, got float64" in str(info.value)

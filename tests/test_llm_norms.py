@@ -42,8 +42,7 @@ def _setup(request, monkeypatch):
     poison_kernel_buffers(monkeypatch, K, KB)
 
 
-def takes(backend: str, dtype: torch.dtype, cast_before_weight=False, residual_in_fp32=False,
-          dropout_p=0.0) -> bool:
+def takes(backend: str, dtype: torch.dtype, cast_before_weight=False, residual_in_fp32=False, dropout_p=0.0) -> bool:
     """Whether ``backend`` implements this combination (cuda_ext's C++ kernels round once, after
     the weight, keep the residual in the input dtype and have no dropout)."""
     if backend != "cuda_ext" or dtype not in HALF:
@@ -61,8 +60,12 @@ def _leaf(t):
 
 def _grads(outs, leaves, grads):
     pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
-    got = torch.autograd.grad([o for o, _ in pairs], [t for t in leaves if t is not None],
-                              [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+    got = torch.autograd.grad(
+        [o for o, _ in pairs],
+        [t for t in leaves if t is not None],
+        [g.to(o.dtype) for o, g in pairs],
+        allow_unused=True,
+    )
     it = iter(got)
     return [None if t is None else next(it) for t in leaves]
 
@@ -151,8 +154,9 @@ def test_casting_order_matters_for_half_and_not_for_float32():
         assert not torch.equal(a, b)  # two roundings differ from one somewhere in 16k values
         assert torch.equal(b, _hf_rms(x, w, EPS, 0.0, True))  # Llama's code, bit for bit
         xf, wf = x.float(), w.float()
-        assert torch.equal(llmkit.ops.rms_norm(xf, 256, wf, EPS), llmkit.ops.rms_norm(xf, 256, wf, EPS,
-                                                                                     cast_before_weight=True))
+        assert torch.equal(
+            llmkit.ops.rms_norm(xf, 256, wf, EPS), llmkit.ops.rms_norm(xf, 256, wf, EPS, cast_before_weight=True)
+        )
 
 
 def test_rms_norm_options_need_what_they_scale():
@@ -172,8 +176,21 @@ def test_rms_norm_options_need_what_they_scale():
 # --------------------------------------------------------------------------------------
 
 
-def check_add(backend, kind, x, res, w, b=None, offset=0.0, cast=False, residual_in_fp32=False, dropout_p=0.0,
-              seed=1234, dy=None, dres=None):
+def check_add(
+    backend,
+    kind,
+    x,
+    res,
+    w,
+    b=None,
+    offset=0.0,
+    cast=False,
+    residual_in_fp32=False,
+    dropout_p=0.0,
+    seed=1234,
+    dy=None,
+    dres=None,
+):
     """add_rms_norm / add_layer_norm through the custom op (explicit seed) against the float64
     formula with the same keep mask, the unfused model code in the dtype as the baseline."""
     n = x.shape[-1]
@@ -183,19 +200,22 @@ def check_add(backend, kind, x, res, w, b=None, offset=0.0, cast=False, residual
     leaves = [_leaf(x), _leaf(res), _leaf(w), _leaf(b)]
     with llmkit.use_backend(backend):
         if kind == "rms":
-            out, s, _ = L.add_rms_norm(leaves[0], leaves[1], [n], leaves[2], EPS, offset, cast, residual_in_fp32,
-                                       dropout_p, seed)
+            out, s, _ = L.add_rms_norm(
+                leaves[0], leaves[1], [n], leaves[2], EPS, offset, cast, residual_in_fp32, dropout_p, seed
+            )
         else:
-            out, s, _, _ = L.add_layer_norm(leaves[0], leaves[1], [n], leaves[2], leaves[3], EPS, residual_in_fp32,
-                                            dropout_p, seed)
+            out, s, _, _ = L.add_layer_norm(
+                leaves[0], leaves[1], [n], leaves[2], leaves[3], EPS, residual_in_fp32, dropout_p, seed
+            )
         got = [out, s, *_grads([out, s], leaves, [dy, dres])]
     assert out.dtype == x.dtype and s.dtype == rdt and out.is_contiguous() and s.is_contiguous()
 
     keep = row_dropout_keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 else None
     l64 = [_leaf(t.double()) if t is not None else None for t in (x, res, w, b)]
     if kind == "rms":
-        r_out, r_s = R.add_rms_norm(l64[0], l64[1], [n], l64[2], EPS, offset, x.dtype if cast else None, rdt, keep,
-                                    dropout_p)
+        r_out, r_s = R.add_rms_norm(
+            l64[0], l64[1], [n], l64[2], EPS, offset, x.dtype if cast else None, rdt, keep, dropout_p
+        )
     else:
         r_out, r_s = R.add_layer_norm(l64[0], l64[1], [n], l64[2], l64[3], EPS, rdt, keep, dropout_p)
     refs = [r_out, r_s, *_grads([r_out, r_s], l64, [dy, dres])]
@@ -213,7 +233,11 @@ def check_add(backend, kind, x, res, w, b=None, offset=0.0, cast=False, residual
 
 
 ADD_CASES = [  # (residual_in_fp32, residual given in float32, dropout_p)
-    (False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (False, False, 0.3), (True, True, 0.2),
+    (False, False, 0.0),
+    (True, False, 0.0),
+    (True, True, 0.0),
+    (False, False, 0.3),
+    (True, True, 0.2),
 ]
 
 
@@ -228,8 +252,17 @@ def test_add_rms_norm(backend, dtype, cast, case):
     x = _randn((3, 7, 96), dtype, 2.0)
     res = _randn((3, 7, 96), torch.float32 if res_fp32 and residual_in_fp32 and dtype in HALF else dtype, 3.0)
     w = _randn((96,), dtype, 0.5)
-    check_add(backend, "rms", x, res, w, offset=1.0 if cast else 0.0, cast=cast, residual_in_fp32=residual_in_fp32,
-              dropout_p=p)
+    check_add(
+        backend,
+        "rms",
+        x,
+        res,
+        w,
+        offset=1.0 if cast else 0.0,
+        cast=cast,
+        residual_in_fp32=residual_in_fp32,
+        dropout_p=p,
+    )
 
 
 @pytest.mark.parametrize("case", ADD_CASES, ids=lambda c: f"fp32res{int(c[0])}{'f' if c[1] else ''}_p{c[2]}")
@@ -241,8 +274,16 @@ def test_add_layer_norm_residual_in_fp32_and_dropout(backend, dtype, case):
         pytest.skip("not this backend's combination (test_cuda_ext_refuses_what_its_kernels_do_not_do)")
     x = _randn((5, 130), dtype, 2.0)
     res = _randn((5, 130), torch.float32 if res_fp32 and residual_in_fp32 and dtype in HALF else dtype, 3.0, 4.0)
-    check_add(backend, "ln", x, res, _randn((130,), dtype), _randn((130,), dtype), residual_in_fp32=residual_in_fp32,
-              dropout_p=p)
+    check_add(
+        backend,
+        "ln",
+        x,
+        res,
+        _randn((130,), dtype),
+        _randn((130,), dtype),
+        residual_in_fp32=residual_in_fp32,
+        dropout_p=p,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -284,17 +325,26 @@ def test_dropout_is_a_function_of_the_seed():
     assert not torch.equal(llmkit.ops.add_rms_norm(x, res, 256, dropout_p=0.25)[1], outs[0])
 
 
-@pytest.mark.parametrize("case", [("cast_before_weight", dict(cast_before_weight=True)),
-                                  ("residual_in_fp32", dict(residual_in_fp32=True)),
-                                  ("dropout", dict(dropout_p=0.1))], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("cast_before_weight", dict(cast_before_weight=True)),
+        ("residual_in_fp32", dict(residual_in_fp32=True)),
+        ("dropout", dict(dropout_p=0.1)),
+    ],
+    ids=lambda c: c[0],
+)
 def test_cuda_ext_refuses_what_its_kernels_do_not_do(ext, case):
     """Asked for by name, cuda_ext says why; by default the reference takes the call."""
     what, kw = case
     x = _randn((4, 32), torch.bfloat16)
     with llmkit.use_backend("cuda_ext"), pytest.raises(llmkit.BackendError) as info:
         llmkit.ops.add_rms_norm(x, x, 32, torch.ones(32, dtype=torch.bfloat16, device=DEVICE), **kw)
-    assert {"cast_before_weight": "cast_before_weight", "residual_in_fp32": "residual_in_fp32",
-            "dropout": "input dropout"}[what] in str(info.value)
+    assert {
+        "cast_before_weight": "cast_before_weight",
+        "residual_in_fp32": "residual_in_fp32",
+        "dropout": "input dropout",
+    }[what] in str(info.value)
     with llmkit.use_backend(["cuda_ext", "reference"]):
         llmkit.ops.add_rms_norm(x, x, 32, torch.ones(32, dtype=torch.bfloat16, device=DEVICE), **kw)
 
@@ -331,10 +381,12 @@ def test_gradcheck_reference():
     w = torch.randn(6, dtype=F64, requires_grad=True)
     with llmkit.use_backend("reference"):
         torch.autograd.gradcheck(lambda x, w: llmkit.ops.rms_norm(x, 6, w, 1e-6, offset=1.0), (x, w))
-        torch.autograd.gradcheck(lambda x, r, w: L.add_rms_norm(x, r, [6], w, 1e-6, 1.0, False, False, 0.4, 3)[:2],
-                                 (x, r, w))
-        torch.autograd.gradcheck(lambda x, r, w: L.add_layer_norm(x, r, [6], w, None, 1e-5, False, 0.4, 3)[:2],
-                                 (x, r, w))
+        torch.autograd.gradcheck(
+            lambda x, r, w: L.add_rms_norm(x, r, [6], w, 1e-6, 1.0, False, False, 0.4, 3)[:2], (x, r, w)
+        )
+        torch.autograd.gradcheck(
+            lambda x, r, w: L.add_layer_norm(x, r, [6], w, None, 1e-5, False, 0.4, 3)[:2], (x, r, w)
+        )
 
 
 def _bad_calls():
@@ -342,28 +394,46 @@ def _bad_calls():
     w = torch.randn(8)
     ops = llmkit.ops
     return [
-        (lambda: ops.add_rms_norm(x, x.double(), 8, w), TypeError,
-         "residual has dtype float64; with a float32 input it must be float32"),
+        (
+            lambda: ops.add_rms_norm(x, x.double(), 8, w),
+            TypeError,
+            "residual has dtype float64; with a float32 input it must be float32",
+        ),
         (lambda: ops.add_rms_norm(xh, x, 8), TypeError, "residual has dtype float32; with a bfloat16 input it must"),
-        (lambda: ops.add_rms_norm(xh, x.half(), 8, residual_in_fp32=True), TypeError,
-         "with a bfloat16 input and residual_in_fp32 it must be bfloat16 or float32"),
+        (
+            lambda: ops.add_rms_norm(xh, x.half(), 8, residual_in_fp32=True),
+            TypeError,
+            "with a bfloat16 input and residual_in_fp32 it must be bfloat16 or float32",
+        ),
         (lambda: ops.add_rms_norm(x, x[:, :4], 8), ValueError, "residual has shape [4, 4]"),
         (lambda: ops.add_rms_norm(x, x, 8, w, dropout_p=1.0), ValueError, "dropout_p must be in [0, 1), got 1.0"),
         (lambda: ops.add_layer_norm(x, x, 8, dropout_p=-0.1), ValueError, "dropout_p must be in [0, 1)"),
         (lambda: ops.add_layer_norm(x, x, 8, residual_in_fp32="yes"), TypeError, "residual_in_fp32 must be a bool"),
         (lambda: ops.add_rms_norm(x, x, 8, None, offset=2.0), ValueError, "needs a weight"),
-        (lambda: L.add_rms_norm_backward(x.double(), x, x, [8], w, torch.ones(4), [True, True]), TypeError,
-         "grad_out has dtype float64; it must be residual_out's dtype float32 (or float16 / bfloat16 with a "
-         "float32 residual_out)"),
-        (lambda: L.add_rms_norm_backward(xh, x.half(), x, [8], w, torch.ones(4), [True, True]), TypeError,
-         "grad_residual_out has dtype float16; it must be residual_out's dtype float32"),
-        (lambda: L.add_rms_norm_backward(x, x, x, [8], w, torch.ones(5), [True, True]), ValueError,
-         "rstd has shape [5]; it must be [4]"),
-        (lambda: L.add_layer_norm_backward(xh, x, x, [8], w.half(), None, torch.ones(4), torch.ones(4),
-                                           [True, True, False]), TypeError,
-         "weight has dtype float16; with a bfloat16 input it must be bfloat16 or float32"),
-        (lambda: L.rms_norm_backward(x, x, [8], None, torch.ones(4), [True, False], 1.0), ValueError,
-         "needs a weight"),
+        (
+            lambda: L.add_rms_norm_backward(x.double(), x, x, [8], w, torch.ones(4), [True, True]),
+            TypeError,
+            "grad_out has dtype float64; it must be residual_out's dtype float32 (or float16 / bfloat16 with a "
+            "float32 residual_out)",
+        ),
+        (
+            lambda: L.add_rms_norm_backward(xh, x.half(), x, [8], w, torch.ones(4), [True, True]),
+            TypeError,
+            "grad_residual_out has dtype float16; it must be residual_out's dtype float32",
+        ),
+        (
+            lambda: L.add_rms_norm_backward(x, x, x, [8], w, torch.ones(5), [True, True]),
+            ValueError,
+            "rstd has shape [5]; it must be [4]",
+        ),
+        (
+            lambda: L.add_layer_norm_backward(
+                xh, x, x, [8], w.half(), None, torch.ones(4), torch.ones(4), [True, True, False]
+            ),
+            TypeError,
+            "weight has dtype float16; with a bfloat16 input it must be bfloat16 or float32",
+        ),
+        (lambda: L.rms_norm_backward(x, x, [8], None, torch.ones(4), [True, False], 1.0), ValueError, "needs a weight"),
     ]
 
 
@@ -392,12 +462,12 @@ def test_triton_dropout_mask_is_the_references_bit_for_bit(kind, n):
         with llmkit.use_backend(backend):
             if kind == "rms":
                 out, s, rstd = L.add_rms_norm(x, res, [n], w, EPS, 0.0, False, False, 0.4, 2**61 + 12345)
-                back = L.add_rms_norm_backward(dy, dres, s, [n], w, rstd, [True, True], 0.0, False, 0.4,
-                                               2**61 + 12345)
+                back = L.add_rms_norm_backward(dy, dres, s, [n], w, rstd, [True, True], 0.0, False, 0.4, 2**61 + 12345)
             else:
                 out, s, mean, rstd = L.add_layer_norm(x, res, [n], w, None, EPS, False, 0.4, 2**61 + 12345)
-                back = L.add_layer_norm_backward(dy, dres, s, [n], w, None, mean, rstd, [True, True, False], 0.4,
-                                                 2**61 + 12345)
+                back = L.add_layer_norm_backward(
+                    dy, dres, s, [n], w, None, mean, rstd, [True, True, False], 0.4, 2**61 + 12345
+                )
         got[backend] = (s, back[0], back[1])
     keep = row_dropout_keep_mask(2**61 + 12345, x.shape, 0.4, x.device)
     for backend, (s, dsum, d_input) in got.items():

@@ -31,16 +31,32 @@ def _widen_(model: torch.nn.Module, std: float = 0.15) -> torch.nn.Module:
 
 def hf_gpt2(**kw) -> torch.nn.Module:
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=1,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw,
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **kw,
     )
     return _widen_(transformers.GPT2LMHeadModel(cfg)).eval()
 
 
 def hf_bert(**kw) -> torch.nn.Module:
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=52,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw,
+        vocab_size=VOCAB,
+        hidden_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        intermediate_size=52,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
     )
     return _widen_(transformers.BertModel(cfg)).eval()
 
@@ -190,13 +206,16 @@ def test_top_k_restricts_the_support():
         assert all(t in row for t, row in zip(tok.tolist(), allowed.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(max_new_tokens=40), "n_positions"),
-    (dict(do_sample=True, temperature=0.0), "temperature"),
-    (dict(top_k=0), "top_k"),
-    (dict(attention_mask=torch.tensor([[1, 1, 0]])), "left"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_new_tokens=40), "n_positions"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(attention_mask=torch.tensor([[1, 1, 0]])), "left"),
+    ],
+)
 def test_generate_rejects_bad_arguments(bad, match):
     model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2))
     kw = dict(max_new_tokens=2) | bad
@@ -241,8 +260,13 @@ def test_gpt2_small_default_shape():
 
 def test_gpt_from_hf_rejects_unsupported_configs():
     with pytest.raises(ValueError, match="inverse layer"):
-        GPT.from_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, scale_attn_by_inverse_layer_idx=True)))
+        GPT.from_hf(
+            transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(
+                    vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, scale_attn_by_inverse_layer_idx=True
+                )
+            )
+        )
 
 
 def test_from_hf_of_a_quantized_model_says_so_and_quantizing_ours_instead_works():
@@ -280,8 +304,15 @@ def test_bert_from_hf_gives_the_same_hidden_states(kw):
 
 
 def test_bert_from_hf_head_model_and_gradients():
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=1, num_attention_heads=3,
-                                  intermediate_size=30, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        intermediate_size=30,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     hf = _widen_(transformers.BertForSequenceClassification(cfg))
     ours = BERT.from_hf(hf)
     ids = torch.randint(0, VOCAB, (2, 7))
@@ -302,22 +333,35 @@ def test_bert_defaults_and_errors():
         model = BERT()
     assert sum(p.numel() for p in model.parameters()) == 109_482_240  # bert-base-uncased
     with pytest.raises(ValueError, match="attention_mask"):
-        BERT(BERTConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=8))(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 4))
+        BERT(BERTConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))(
+            torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 4)
+        )
     with pytest.raises(ValueError, match="relative position"):
-        BERT.from_hf(transformers.BertModel(transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-            position_embedding_type="relative_key")))
+        BERT.from_hf(
+            transformers.BertModel(
+                transformers.BertConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=8,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=8,
+                    position_embedding_type="relative_key",
+                )
+            )
+        )
 
 
 # -- the demo (the README's main command) -----------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [
-    ["demo", "--layers", "1", "--seq-len", "8", "--new-tokens", "3", "--repeats", "1"],
-    ["demo", "--model", "bert", "--layers", "1", "--batch", "2", "--seq-len", "8", "--repeats", "1"],
-    ["demo", "--no-hf", "--layers", "1", "--seq-len", "5", "--new-tokens", "2", "--repeats", "1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--layers", "1", "--seq-len", "8", "--new-tokens", "3", "--repeats", "1"],
+        ["demo", "--model", "bert", "--layers", "1", "--batch", "2", "--seq-len", "8", "--repeats", "1"],
+        ["demo", "--no-hf", "--layers", "1", "--seq-len", "5", "--new-tokens", "2", "--repeats", "1"],
+    ],
+)
 def test_demo_runs_checks_and_prints_tables(argv, capsys):
     from llmkit.cli import main
 

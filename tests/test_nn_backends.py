@@ -53,8 +53,13 @@ def test_encoder_layer_on_kernel_backends(backend, norm_first, bias_gelu_path):
     # triton by name: strict; the extension implements only some ops on the CPU: it goes first
     order = "triton" if backend == "triton" else ["cuda_ext", "reference"]
     with llmkit.use_backend(order):
-        _assert_same(ref, ours, lambda: [torch.randn(2, 5, d, requires_grad=True)],
-                     lambda m, x: m(x, src_key_padding_mask=kpm), tol=TOL)
+        _assert_same(
+            ref,
+            ours,
+            lambda: [torch.randn(2, 5, d, requires_grad=True)],
+            lambda m, x: m(x, src_key_padding_mask=kpm),
+            tol=TOL,
+        )
 
 
 @TRITON_CPU
@@ -77,8 +82,15 @@ def test_gpt_generate_on_triton_matches_reference(bias_gelu_path):
 @TRITON_CPU
 def test_swapped_hf_bert_on_triton(bias_gelu_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = transformers.BertModel(cfg).eval()
     ids = torch.randint(0, 30, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
@@ -97,8 +109,16 @@ def test_swapped_hf_bert_on_triton(bias_gelu_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_swapped_hf_gpt2(dtype):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=500, n_positions=128, n_embd=256, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=500,
+        n_positions=128,
+        n_embd=256,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(cfg).cuda().eval()
     ids = torch.randint(0, 500, (4, 50), device="cuda")
     with torch.no_grad():

@@ -193,7 +193,15 @@ def _masks(kind: str, b: int, sq: int, s: int):
 
 
 MASK_KINDS = [
-    "none", "kpm_bool", "kpm_float", "mask_bool", "mask_float", "mask3d_float", "causal", "causal_kpm", "both_bool"
+    "none",
+    "kpm_bool",
+    "kpm_float",
+    "mask_bool",
+    "mask_float",
+    "mask3d_float",
+    "causal",
+    "causal_kpm",
+    "both_bool",
 ]
 
 
@@ -237,8 +245,11 @@ def test_mha_kdim_vdim_and_unbatched(batch_first):
     kpm[-3:] = True
 
     def make():
-        return [torch.randn(7, E, requires_grad=True), torch.randn(9, 5, requires_grad=True),
-                torch.randn(9, 11, requires_grad=True)]
+        return [
+            torch.randn(7, E, requires_grad=True),
+            torch.randn(9, 5, requires_grad=True),
+            torch.randn(9, 11, requires_grad=True),
+        ]
 
     def call(m, q, k, v):
         return m(q, k, v, key_padding_mask=kpm, need_weights=False)[0]
@@ -268,7 +279,9 @@ def test_mha_need_weights_takes_reference_path_and_says_so_once(average, caplog)
 def test_mha_unfused_options_work_through_reference(option):
     ref, ours = _mha_pair(**{option: True})
     _assert_same(
-        ref, ours, lambda: [torch.randn(6, 2, E, requires_grad=True)],
+        ref,
+        ours,
+        lambda: [torch.randn(6, 2, E, requires_grad=True)],
         lambda m, x: m(x, x, x, need_weights=False)[0],
     )
 
@@ -338,7 +351,7 @@ def test_mha_uses_the_llmkit_attention_op(monkeypatch):
 
 
 def test_seeded_construction_gives_torchs_weights():
-    for args in ((E, H), ):
+    for args in ((E, H),):
         torch.manual_seed(3)
         ref = nn.MultiheadAttention(*args, kdim=7)
         torch.manual_seed(3)

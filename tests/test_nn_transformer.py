@@ -66,15 +66,24 @@ def _layer_masks(kind: str, b: int, s: int):
 @pytest.mark.parametrize("mask_kind", ["none", "kpm", "mask_bool", "mask_float", "causal", "causal_kpm"])
 def test_encoder_layer_matches_torch(batch_first, norm_first, activation, bias, mask_kind):
     b, s = 2, 7
-    kw = dict(dim_feedforward=FF, dropout=0.0, activation=ACTIVATIONS[activation](), layer_norm_eps=1e-6,
-              batch_first=batch_first, norm_first=norm_first, bias=bias)
+    kw = dict(
+        dim_feedforward=FF,
+        dropout=0.0,
+        activation=ACTIVATIONS[activation](),
+        layer_norm_eps=1e-6,
+        batch_first=batch_first,
+        norm_first=norm_first,
+        bias=bias,
+    )
     ref = _randomize_(nn.TransformerEncoderLayer(D, H, **kw))
     ours = lnn.TransformerEncoderLayer(D, H, **kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
     mask, kpm, causal = _layer_masks(mask_kind, b, s)
     shape = (b, s, D) if batch_first else (s, b, D)
     _assert_same(
-        ref, ours, lambda: [torch.randn(shape, requires_grad=True)],
+        ref,
+        ours,
+        lambda: [torch.randn(shape, requires_grad=True)],
         lambda m, x: m(x, src_mask=mask, src_key_padding_mask=kpm, is_causal=causal),
     )
 
@@ -85,8 +94,13 @@ def test_encoder_layer_matches_torch(batch_first, norm_first, activation, bias, 
 @pytest.mark.parametrize("masks", ["none", "causal_padded", "bool_masks"])
 def test_decoder_layer_matches_torch(batch_first, norm_first, activation, masks):
     b, t, s = 3, 6, 5
-    kw = dict(dim_feedforward=FF, dropout=0.0, activation=ACTIVATIONS[activation](),
-              batch_first=batch_first, norm_first=norm_first)
+    kw = dict(
+        dim_feedforward=FF,
+        dropout=0.0,
+        activation=ACTIVATIONS[activation](),
+        batch_first=batch_first,
+        norm_first=norm_first,
+    )
     ref = _randomize_(nn.TransformerDecoderLayer(D, H, **kw))
     ours = lnn.TransformerDecoderLayer(D, H, **kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -94,8 +108,11 @@ def test_decoder_layer_matches_torch(batch_first, norm_first, activation, masks)
     if masks == "causal_padded":
         mem_kpm = torch.zeros(b, s, dtype=torch.bool)
         mem_kpm[1, -2:] = True
-        call_kw = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(t), tgt_is_causal=True,
-                       memory_key_padding_mask=mem_kpm)
+        call_kw = dict(
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(t),
+            tgt_is_causal=True,
+            memory_key_padding_mask=mem_kpm,
+        )
     elif masks == "bool_masks":
         tgt_kpm = torch.zeros(b, t, dtype=torch.bool)
         tgt_kpm[:, -1] = True
@@ -117,8 +134,9 @@ def test_unbatched_layers(norm_first):
     ours = lnn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", norm_first=norm_first)
     ours.load_state_dict(ref.state_dict())
     kpm = torch.tensor([False] * 4 + [True])
-    _assert_same(ref, ours, lambda: [torch.randn(5, D, requires_grad=True)],
-                 lambda m, x: m(x, src_key_padding_mask=kpm))
+    _assert_same(
+        ref, ours, lambda: [torch.randn(5, D, requires_grad=True)], lambda m, x: m(x, src_key_padding_mask=kpm)
+    )
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -126,8 +144,12 @@ def test_unbatched_layers(norm_first):
 def test_encoder_stack_matches_torch_with_causal_detection(batch_first, norm):
     layer = nn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", batch_first=batch_first)
     ref = _randomize_(nn.TransformerEncoder(layer, 3, nn.LayerNorm(D) if norm else None, enable_nested_tensor=False))
-    ours = lnn.TransformerEncoder(lnn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", batch_first=batch_first), 3,
-                                  lnn.LayerNorm(D) if norm else None, enable_nested_tensor=False)
+    ours = lnn.TransformerEncoder(
+        lnn.TransformerEncoderLayer(D, H, FF, 0.0, "gelu", batch_first=batch_first),
+        3,
+        lnn.LayerNorm(D) if norm else None,
+        enable_nested_tensor=False,
+    )
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert all(type(layer) is lnn.TransformerEncoderLayer for layer in ours.layers)
     causal = nn.Transformer.generate_square_subsequent_mask(6)  # is_causal=None: detected
@@ -165,8 +187,17 @@ def test_encoder_eval_padding_matches_torch_nested_tensor_path():
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_full_transformer_matches_torch(batch_first, norm_first):
-    kw = dict(d_model=D, nhead=H, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=FF, dropout=0.0,
-              activation="gelu", batch_first=batch_first, norm_first=norm_first)
+    kw = dict(
+        d_model=D,
+        nhead=H,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=FF,
+        dropout=0.0,
+        activation="gelu",
+        batch_first=batch_first,
+        norm_first=norm_first,
+    )
     torch.manual_seed(11)
     ref = _randomize_(nn.Transformer(**kw))
     torch.manual_seed(11)
@@ -183,8 +214,14 @@ def test_full_transformer_matches_torch(batch_first, norm_first):
             return [torch.randn(b, s, D, requires_grad=True), torch.randn(b, t, D, requires_grad=True)]
         return [torch.randn(s, b, D, requires_grad=True), torch.randn(t, b, D, requires_grad=True)]
 
-    _assert_same(ref, ours, make, lambda m, src, tgt: m(
-        src, tgt, tgt_mask=tgt_mask, src_key_padding_mask=src_kpm, memory_key_padding_mask=src_kpm))
+    _assert_same(
+        ref,
+        ours,
+        make,
+        lambda m, src, tgt: m(
+            src, tgt, tgt_mask=tgt_mask, src_key_padding_mask=src_kpm, memory_key_padding_mask=src_kpm
+        ),
+    )
 
 
 def test_seeded_transformer_has_torchs_weights():
@@ -252,8 +289,15 @@ def test_is_causal_detection_matches_torch():
     from torch.nn.modules.transformer import _detect_is_causal_mask
 
     causal = nn.Transformer.generate_square_subsequent_mask(5)
-    cases = [(causal, None, 5), (causal, None, 4), (causal.bool(), None, 5), (torch.zeros(5, 5), None, 5),
-             (None, None, 5), (torch.zeros(5, 5), True, 5), (causal, False, 5)]
+    cases = [
+        (causal, None, 5),
+        (causal, None, 4),
+        (causal.bool(), None, 5),
+        (torch.zeros(5, 5), None, 5),
+        (None, None, 5),
+        (torch.zeros(5, 5), True, 5),
+        (causal, False, 5),
+    ]
     for mask, hint, size in cases:
         ref_mask = mask
         if mask is not None and mask.dtype == torch.bool:

@@ -49,10 +49,10 @@ def path(request, monkeypatch):
         from llmkit.kernels import layer_norm as K
 
         fwd, bwd = K.forward_config, K.backward_config
-        monkeypatch.setattr(K, "forward_config",
-                            lambda m, n, e, s=8: fwd(m, n, e, s, max_fused_n=64, loop_block_n=128))
-        monkeypatch.setattr(K, "backward_config",
-                            lambda m, n, e, s=8: bwd(m, n, e, s, max_fused_n=64, tile_block_n=128))
+        monkeypatch.setattr(K, "forward_config", lambda m, n, e, s=8: fwd(m, n, e, s, max_fused_n=64, loop_block_n=128))
+        monkeypatch.setattr(
+            K, "backward_config", lambda m, n, e, s=8: bwd(m, n, e, s, max_fused_n=64, tile_block_n=128)
+        )
     return request.param
 
 
@@ -138,7 +138,6 @@ def test_ordinary_rows_unchanged_by_scaling(backend, path):
         out2, mean2, rstd2 = torch.ops.llmkit.layer_norm(x * 2.0**40, [n], None, None, 0.0)
     assert torch.equal(out, out2)
     assert torch.equal(mean * 2.0**40, mean2) and torch.equal(rstd, rstd2 * 2.0**40)
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -47,8 +47,9 @@ def test_rms_norm_any_shape(lead, n, dtype, seed):
 
 
 @SETTINGS
-@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
-       approx=st.sampled_from(["none", "tanh"]))
+@given(
+    lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31), approx=st.sampled_from(["none", "tanh"])
+)
 def test_bias_gelu_any_shape(lead, n, dtype, seed, approx):
     x = _x(lead + [n], dtype, seed) * 3
     b = _x([n], dtype, seed + 1)
@@ -64,8 +65,15 @@ def _model_rms(x, w, offset, cast):
 
 
 @SETTINGS
-@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31), offset=st.sampled_from([0.0, 1.0]),
-       cast=st.booleans(), fp32_residual=st.booleans())
+@given(
+    lead=LEAD,
+    n=st.integers(1, 300),
+    dtype=DTYPES,
+    seed=st.integers(0, 2**31),
+    offset=st.sampled_from([0.0, 1.0]),
+    cast=st.booleans(),
+    fp32_residual=st.booleans(),
+)
 def test_add_rms_norm_any_shape_and_options(lead, n, dtype, seed, offset, cast, fp32_residual):
     """add_rms_norm with Gemma's offset, Llama's casting order and a float32 residual stream on
     any shape: the normed output and the residual stream against float64."""
@@ -74,8 +82,9 @@ def test_add_rms_norm_any_shape_and_options(lead, n, dtype, seed, offset, cast, 
     rdt = torch.float32 if fp32_residual and half else dtype
     r = _x(lead + [n], rdt, seed + 1, shift=2.0)
     w = _x([n], dtype, seed + 2)
-    out, s = ops.add_rms_norm(x, r, [n], w, 1e-6, offset=offset, cast_before_weight=cast,
-                              residual_in_fp32=fp32_residual)
+    out, s = ops.add_rms_norm(
+        x, r, [n], w, 1e-6, offset=offset, cast_before_weight=cast, residual_in_fp32=fp32_residual
+    )
     ref, ref_s = R.add_rms_norm(x.double(), r.double(), [n], w.double(), 1e-6, offset, dtype if cast else None, rdt)
     base_s = x.to(rdt) + r
     assert out.dtype == dtype and s.dtype == rdt
@@ -84,8 +93,14 @@ def test_add_rms_norm_any_shape_and_options(lead, n, dtype, seed, offset, cast, 
 
 
 @SETTINGS
-@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
-       act=st.sampled_from(["silu", "none", "tanh"]), halves=st.booleans())
+@given(
+    lead=LEAD,
+    n=st.integers(1, 300),
+    dtype=DTYPES,
+    seed=st.integers(0, 2**31),
+    act=st.sampled_from(["silu", "none", "tanh"]),
+    halves=st.booleans(),
+)
 def test_glu_any_shape_forward_and_backward(lead, n, dtype, seed, act, halves):
     """swiglu / geglu on any shape, gate and up contiguous or the two halves of one
     projection, forward and both gradients."""
@@ -113,9 +128,17 @@ def test_glu_any_shape_forward_and_backward(lead, n, dtype, seed, act, halves):
 
 
 @SETTINGS
-@given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 3), sq=st.integers(1, 40),
-       sk=st.integers(1, 40), d=st.sampled_from([1, 8, 24]), causal=st.booleans(), dtype=DTYPES,
-       seed=st.integers(0, 2**31))
+@given(
+    b=st.integers(1, 3),
+    hkv=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    sq=st.integers(1, 40),
+    sk=st.integers(1, 40),
+    d=st.sampled_from([1, 8, 24]),
+    causal=st.booleans(),
+    dtype=DTYPES,
+    seed=st.integers(0, 2**31),
+)
 def test_attention_any_shape(b, hkv, groups, sq, sk, d, causal, dtype, seed):
     hq = hkv * groups
     q = _x([b, hq, sq, d], dtype, seed)
@@ -128,8 +151,9 @@ def test_attention_any_shape(b, hkv, groups, sq, sk, d, causal, dtype, seed):
 
 
 @SETTINGS
-@given(lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31),
-       scale=st.sampled_from([1e-3, 1.0, 1e4]))
+@given(
+    lead=LEAD, n=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**31), scale=st.sampled_from([1e-3, 1.0, 1e4])
+)
 def test_quantize_int8_matches_the_formula_bit_for_bit(lead, n, dtype, seed, scale):
     x = _x(lead + [n], torch.float32, seed).mul(scale).to(dtype)
     q, s = ops.quantize_int8(x)

@@ -26,14 +26,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:i
 
 
 def _gpt2(layers: int = 2) -> GPT2LMHeadModel:
-    cfg = GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        n_layer=layers, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def _bert_config() -> BertConfig:
-    return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=128, max_position_embeddings=64)
+    return BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
 
 
 def _ids(batch: int = 2, seq: int = 24) -> torch.Tensor:
@@ -204,8 +211,13 @@ def test_calibrate_folds_into_pre_norms_and_helps_w8a8():
     assert [g.norm for g in report.smoothed] == [f"transformer.h.{i}.{ln}" for i in (0, 1) for ln in ("ln_1", "ln_2")]
     assert all(g.channel_ratio_after < g.channel_ratio_before for g in report.smoothed)
     left = dict(report.left)
-    assert set(left) == {"transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_proj",
-                         "transformer.h.1.mlp.c_proj", "lm_head"}
+    assert set(left) == {
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.attn.c_proj",
+        "transformer.h.1.mlp.c_proj",
+        "lm_head",
+    }
     # the float model computes the same function
     assert _cosine(_logits(model, ids), ref) > 0.99999 and report.output_cosine > 0.99999
     llmkit.quantize(model, "w8a8")

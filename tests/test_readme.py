@@ -56,8 +56,9 @@ def test_readme_python_example_runs_and_gives_what_it_says(index, capsys):
         gate, up = scope["gate"], scope["up"]
         torch.testing.assert_close(scope["a"], F.silu(gate) * up)
         q = scope["q"]
-        torch.testing.assert_close(scope["o"], F.scaled_dot_product_attention(q, q, q, is_causal=True),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            scope["o"], F.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(scope["o_ref"], scope["o"], atol=1e-5, rtol=1e-5)
     if "gpt" in scope:  # the models example
         printed = capsys.readouterr().out

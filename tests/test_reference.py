@@ -19,7 +19,8 @@ def test_reference_backend_meets_the_rule(op):
     rows = run_check(ops=[op], backends=["reference"], quick=True)
     assert rows, f"no check case ran for {op}"
     failed = [r for r in rows if r.status != "PASS"]
-    assert not failed, "\n".join(f"{r.dtype} {r.shape} {r.output}: err {r.max_abs_err:.3g} "
-                                 f"tol {r.tolerance:.3g} {r.note}" for r in failed)
+    assert not failed, "\n".join(
+        f"{r.dtype} {r.shape} {r.output}: err {r.max_abs_err:.3g} tol {r.tolerance:.3g} {r.note}" for r in failed
+    )
     dtypes = {r.dtype for r in rows}
     assert len(dtypes) >= 1

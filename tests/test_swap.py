@@ -19,7 +19,9 @@ class ToyModel(nn.Module):
         self.norm_in = nn.LayerNorm(d)
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(d, heads, 40, 0.0, "gelu", batch_first=True, norm_first=True),
-            2, nn.LayerNorm(d), enable_nested_tensor=False,
+            2,
+            nn.LayerNorm(d),
+            enable_nested_tensor=False,
         )
         self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
         self.act = nn.GELU(approximate="tanh")

@@ -143,8 +143,9 @@ def test_swapped_bert_pickles_and_copies(how):
     llmkit.swap(model)
     with torch.no_grad():
         swapped = model(ids, attention_mask=mask).last_hidden_state
-    copied = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "torch.save": _save_load,
-              "deepcopy": copy.deepcopy}[how](model)
+    copied = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "torch.save": _save_load, "deepcopy": copy.deepcopy}[
+        how
+    ](model)
     layer = copied.encoder.layer[0]
     assert type(layer.output) is type(model.encoder.layer[0].output)  # the same fused class
     modeling_bert = transformers.models.bert.modeling_bert

@@ -28,31 +28,74 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``llmkit bench``."""
-    p.add_argument("--op", action="append", dest="ops", metavar="SUITE",
-                   help="run only this suite (repeatable or comma-separated); see --list. Default: every suite")
-    p.add_argument("--shapes", metavar="SET", help="shape set of bench/shapes.json (default: gpu on CUDA, "
-                   "cpu on the CPU, quick with --quick; model suites also have e.g. bert-base, gpt2-medium)")
+    p.add_argument(
+        "--op",
+        action="append",
+        dest="ops",
+        metavar="SUITE",
+        help="run only this suite (repeatable or comma-separated); see --list. Default: every suite",
+    )
+    p.add_argument(
+        "--shapes",
+        metavar="SET",
+        help="shape set of bench/shapes.json (default: gpu on CUDA, "
+        "cpu on the CPU, quick with --quick; model suites also have e.g. bert-base, gpt2-medium)",
+    )
     p.add_argument("--shapes-file", metavar="FILE", help="another shapes file (default: bench/shapes.json)")
-    p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
-                   help="float32, float16, bfloat16 (repeatable; default bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                   help=f"llmkit backends to measure (repeatable): {', '.join(BACKEND_NAMES)}; "
-                   "default: every one available here")
-    p.add_argument("--pass", action="append", dest="passes", metavar="PASS",
-                   help="fwd, bwd, prefill or decode (repeatable; default: all of each suite)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, short timings, no torch.compile: a smoke run (about a minute on 2 CPU cores)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="include torch.compile baselines (default: on, off with --quick)")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        dest="dtypes",
+        metavar="DTYPE",
+        help="float32, float16, bfloat16 (repeatable; default bfloat16 on CUDA, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        dest="backends",
+        metavar="NAME",
+        help=f"llmkit backends to measure (repeatable): {', '.join(BACKEND_NAMES)}; default: every one available here",
+    )
+    p.add_argument(
+        "--pass",
+        action="append",
+        dest="passes",
+        metavar="PASS",
+        help="fwd, bwd, prefill or decode (repeatable; default: all of each suite)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, short timings, no torch.compile: a smoke run (about a minute on 2 CPU cores)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="include torch.compile baselines (default: on, off with --quick)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave torch.compile baselines out")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is available")
-    p.add_argument("--seconds", type=float, metavar="S",
-                   help="CPU: timed seconds per implementation and case (default 0.4; 0.02 with --quick)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU: torch threads while timing (default: torch's default; 1 with --quick, which keeps "
-                   "a shared machine's load from stalling multi-threaded regions)")
-    p.add_argument("--out", metavar="DIR", help="folder for the JSON, markdown and PNGs "
-                   "(default llmkit-bench-results/<device>; committed results go to bench/results/<device>)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        metavar="S",
+        help="CPU: timed seconds per implementation and case (default 0.4; 0.02 with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU: torch threads while timing (default: torch's default; 1 with --quick, which keeps "
+        "a shared machine's load from stalling multi-threaded regions)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for the JSON, markdown and PNGs "
+        "(default llmkit-bench-results/<device>; committed results go to bench/results/<device>)",
+    )
     p.add_argument("--name", metavar="NAME", help="file name stem (default: bench, or quick with --quick)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG")
     p.add_argument("--list", action="store_true", help="list the suites and their shape sets, then exit")
@@ -66,8 +109,15 @@ def _command(args: argparse.Namespace) -> list[str]:
     for flag, dest in (("--op", "ops"), ("--dtype", "dtypes"), ("--backend", "backends"), ("--pass", "passes")):
         for v in getattr(args, dest) or []:
             out += [flag, v]
-    for flag, dest in (("--shapes", "shapes"), ("--shapes-file", "shapes_file"), ("--device", "device"),
-                       ("--seconds", "seconds"), ("--threads", "threads"), ("--out", "out"), ("--name", "name")):
+    for flag, dest in (
+        ("--shapes", "shapes"),
+        ("--shapes-file", "shapes_file"),
+        ("--device", "device"),
+        ("--seconds", "seconds"),
+        ("--threads", "threads"),
+        ("--out", "out"),
+        ("--name", "name"),
+    ):
         if getattr(args, dest) is not None:
             out += [flag, str(getattr(args, dest))]
     if args.quick:
@@ -108,9 +158,17 @@ def run_bench_cli(args: argparse.Namespace) -> int:
             print(f"llmkit bench: {exc}", file=sys.stderr)
             return EXIT_NOTHING
     opts = Options(
-        ops=_split(args.ops), shapes=args.shapes, shapes_file=args.shapes_file, dtypes=_split(args.dtypes),
-        backends=_split(args.backends), passes=_split(args.passes), quick=args.quick, compile=args.compile,
-        device=args.device, seconds=args.seconds, threads=args.threads,
+        ops=_split(args.ops),
+        shapes=args.shapes,
+        shapes_file=args.shapes_file,
+        dtypes=_split(args.dtypes),
+        backends=_split(args.backends),
+        passes=_split(args.passes),
+        quick=args.quick,
+        compile=args.compile,
+        device=args.device,
+        seconds=args.seconds,
+        threads=args.threads,
     )
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("llmkit bench: --device cuda, but no CUDA GPU is available", file=sys.stderr)

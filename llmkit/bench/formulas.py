@@ -184,7 +184,14 @@ def window_keys(sq: int, sk: int, left: int, right: int) -> float:
 
 
 def attention_window(
-    b: int, hq: int, s: int, d: int, elem: int, left: int, right: int = 0, backward: bool = False,
+    b: int,
+    hq: int,
+    s: int,
+    d: int,
+    elem: int,
+    left: int,
+    right: int = 0,
+    backward: bool = False,
     hkv: int | None = None,
 ) -> Work:
     """Sliding-window attention over ``s`` tokens (FlashAttention convention, counting only the
@@ -200,9 +207,7 @@ def attention_window(
     return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
 
 
-def decode_paged(
-    b: int, hq: int, hkv: int, t: int, cache_len: int, d: int, elem: int, block_size: int
-) -> Work:
+def decode_paged(b: int, hq: int, hkv: int, t: int, cache_len: int, d: int, elem: int, block_size: int) -> Work:
     """Paged decode attention: :func:`decode_attention`'s work plus the int32 block-table
     entries the sequences use."""
     w = decode_attention(b, hq, hkv, t, cache_len, d, elem)
@@ -262,9 +267,7 @@ def copy(nbytes: int) -> Work:
 # -- models ----------------------------------------------------------------------------
 
 
-def transformer_tokens(
-    layers: int, hidden: int, ffn: int, tokens: int, context: int, causal: bool = False
-) -> float:
+def transformer_tokens(layers: int, hidden: int, ffn: int, tokens: int, context: int, causal: bool = False) -> float:
     """Nominal forward flops of a Transformer stack for ``tokens`` tokens.
 
     Per layer and token: the four attention projections ``2 * 4 * hidden^2``, the MLP

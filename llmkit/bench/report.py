@@ -34,7 +34,7 @@ def fmt_time(seconds: float | None) -> str:
 def _num(x: float | None, digits: int = 3) -> str:
     if x is None or not math.isfinite(x):
         return "-"
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
 
 
 def throughput(r: Result, bound: str | None) -> float | None:
@@ -70,8 +70,17 @@ def _row_cells(r: Result, bound: str | None, show_shape: bool) -> list[str]:
     else:
         info = f"{r.status.upper()}: {r.reason}"
     mem = "" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f} MiB"
-    return [r.shape_label if show_shape else "", r.impl, fmt_time(s.median_s if s else None), spread,
-            _num(throughput(r, bound)), frac, vs, mem, info]
+    return [
+        r.shape_label if show_shape else "",
+        r.impl,
+        fmt_time(s.median_s if s else None),
+        spread,
+        _num(throughput(r, bound)),
+        frac,
+        vs,
+        mem,
+        info,
+    ]
 
 
 HEAD = ["shape", "implementation", "median", "IQR", "{unit}", "roofline", "vs eager", "peak mem", "check / note"]
@@ -143,16 +152,17 @@ def format_markdown(report: Report) -> str:
         "| | |",
         "|---|---|",
     ]
-    for k in ("device_name", "driver", "cuda", "torch", "triton", "llmkit", "git_commit", "date", "command",
-              "threads"):
+    for k in ("device_name", "driver", "cuda", "torch", "triton", "llmkit", "git_commit", "date", "command", "threads"):
         v = e.get(k)
         lines.append(f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |")
     shapes = Path(report.shapes_file or "-").name
     lines.append(f"| shapes | {shapes} v{report.shapes_version}, set `{report.shape_set}` |")
     if report.roofline is not None:
         rf = report.roofline
-        lines.append(f"| roofline | copy {_num(rf.copy_gbps)} GB/s, bf16 matmul {_num(rf.bf16_tflops)} TFLOP/s, "
-                     f"int8 {_num(rf.int8_tops)} TOP/s |")
+        lines.append(
+            f"| roofline | copy {_num(rf.copy_gbps)} GB/s, bf16 matmul {_num(rf.bf16_tflops)} TFLOP/s, "
+            f"int8 {_num(rf.int8_tops)} TOP/s |"
+        )
     lines.append("")
     lines.extend(f"- {n}" for n in report.notes)
     lines.append("")

@@ -96,8 +96,9 @@ def measure_roofline(copy_bytes: int, matmul_size: int, budget: CudaBudget) -> R
     out.samples["bf16_matmul"] = s
     out.bf16_tflops = formulas.linear(n, n, n, 2, bias=False).tflops(s.median_s)
 
-    s = _sample(int_mm, *(torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8) for _ in range(2)),
-                budget=budget)
+    s = _sample(
+        int_mm, *(torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8) for _ in range(2)), budget=budget
+    )
     out.samples["int8_int_mm"] = s
     out.int8_tops = formulas.linear(n, n, n, 1, bias=False).tflops(s.median_s)
     torch.cuda.empty_cache()

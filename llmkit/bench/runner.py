@@ -213,8 +213,7 @@ class Truth:
         return self._got
 
 
-def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype,
-                    truth: Truth | None = None) -> tuple[bool, str]:
+def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype, truth: Truth | None = None) -> tuple[bool, str]:
     """Check an implementation's output against the baseline's; (passed, what was seen).
 
     'close': within the dtype's :data:`CLOSE_TOL` of the baseline (relative to its largest
@@ -256,8 +255,9 @@ def compare_outputs(out: Any, ref: Any, impl: Impl, dtype: torch.dtype,
     return True, worst
 
 
-def _against_truth(i: int, got: torch.Tensor, base: torch.Tensor, rel: float, tol: float,
-                   dtype: torch.dtype, truth: Truth | None) -> tuple[bool, str]:
+def _against_truth(
+    i: int, got: torch.Tensor, base: torch.Tensor, rel: float, tol: float, dtype: torch.dtype, truth: Truth | None
+) -> tuple[bool, str]:
     """Output ``i`` missed the baseline by ``rel`` > ``tol``: judge both against float64."""
     missed = f"output {i} differs from the baseline: max rel err {rel:.2e} > {tol:.0e}"
     exact = truth.tensors() if truth is not None else None
@@ -290,16 +290,30 @@ def _reason(exc: BaseException) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget, cuda: CudaBudget,
-             x_axis: str) -> list[Result]:
+def run_case(
+    case: Case, ctx: Context, roofline: Roofline | None, cpu: CpuBudget, cuda: CudaBudget, x_axis: str
+) -> list[Result]:
     """Set up, check and time every implementation of ``case``."""
     dtype_name = str(case.dtype).replace("torch.", "")
     label = point_label(case.point)
 
     def result(impl: Impl, status: str, **kw: Any) -> Result:
-        return Result(case.suite, case.pass_, dtype_name, ctx.device.type, dict(case.point), label,
-                      group_key(case.point, x_axis), case.point.get(x_axis), impl.name, status,
-                      note=impl.note, bound=case.bound, x_name=x_axis, **kw)
+        return Result(
+            case.suite,
+            case.pass_,
+            dtype_name,
+            ctx.device.type,
+            dict(case.point),
+            label,
+            group_key(case.point, x_axis),
+            case.point.get(x_axis),
+            impl.name,
+            status,
+            note=impl.note,
+            bound=case.bound,
+            x_name=x_axis,
+            **kw,
+        )
 
     rows: dict[str, Result] = {}
     fns: dict[str, Callable[[], Any]] = {}
@@ -385,8 +399,10 @@ def page_fault_note(sample: Sample, bytes_moved: float | None) -> str:
     share = faults * PAGE_BYTES / bytes_moved
     if share < FAULT_SHARE:
         return ""
-    return (f"{faults:.0f} page faults per call ({share:.0%} of the bytes it moves): allocation-bound here, "
-            "the time depends on the allocator's state")
+    return (
+        f"{faults:.0f} page faults per call ({share:.0%} of the bytes it moves): allocation-bound here, "
+        "the time depends on the allocator's state"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -460,8 +476,9 @@ def plan(opts: Options, shapes: Shapes, device: torch.device) -> tuple[list[Unit
     return units, skips, set_name
 
 
-def run_bench(opts: Options, argv: list[str] | None = None,
-              progress: Callable[[int, int, str], None] | None = None) -> Report:
+def run_bench(
+    opts: Options, argv: list[str] | None = None, progress: Callable[[int, int, str], None] | None = None
+) -> Report:
     """Run ``llmkit bench`` with ``opts`` and return the report (nothing is printed)."""
     t0 = time.perf_counter()
     device = _device(opts)
@@ -478,8 +495,9 @@ def run_bench(opts: Options, argv: list[str] | None = None,
     compile_on = (not opts.quick) if opts.compile is None else opts.compile
     if not compile_on:
         notes.append("torch.compile baselines not measured (" + ("--quick" if opts.quick else "--no-compile") + ")")
-    env["peers_installed"] = {m: importlib.util.find_spec(m) is not None
-                              for m in ("flash_attn", "liger_kernel", "bitsandbytes")}
+    env["peers_installed"] = {
+        m: importlib.util.find_spec(m) is not None for m in ("flash_attn", "liger_kernel", "bitsandbytes")
+    }
     ctx = Context(device, backends, compile_on, shapes, explicit_backends=bool(opts.backends))
     threads = opts.threads or (1 if opts.quick else torch.get_num_threads())
     cpu_budget = CpuBudget(opts.seconds if opts.seconds is not None else (0.02 if opts.quick else 0.4), threads)
@@ -507,13 +525,30 @@ def run_bench(opts: Options, argv: list[str] | None = None,
     finally:
         torch.set_num_threads(saved_threads)
     opt_json = dataclasses.asdict(opts) | {"compile": compile_on, "device": device.type, "backends": backends}
-    return Report(env, opt_json, shapes.path, shapes.version, set_name, roofline, notes, results, skips,
-                  elapsed_s=time.perf_counter() - t0)
+    return Report(
+        env,
+        opt_json,
+        shapes.path,
+        shapes.version,
+        set_name,
+        roofline,
+        notes,
+        results,
+        skips,
+        elapsed_s=time.perf_counter() - t0,
+    )
 
 
-def _run_units(units: list[Unit], ctx: Context, shapes: Shapes, roofline: Roofline | None, cpu_budget: CpuBudget,
-               cuda_budget: CudaBudget, results: list[Result],
-               progress: Callable[[int, int, str], None] | None) -> None:
+def _run_units(
+    units: list[Unit],
+    ctx: Context,
+    shapes: Shapes,
+    roofline: Roofline | None,
+    cpu_budget: CpuBudget,
+    cuda_budget: CudaBudget,
+    results: list[Result],
+    progress: Callable[[int, int, str], None] | None,
+) -> None:
     device = ctx.device
     total = len(units)
     for i, u in enumerate(units):
@@ -529,10 +564,22 @@ def _run_units(units: list[Unit], ctx: Context, shapes: Shapes, roofline: Roofli
             results.extend(run_case(case, ctx, roofline, cpu_budget, cuda_budget, shapes.x_axis(u.suite)))
         except Exception as exc:
             status, reason = _reason(exc)
-            results.append(Result(u.suite, u.pass_, str(u.dtype).replace("torch.", ""), device.type, dict(u.point),
-                                  point_label(u.point), group_key(u.point, shapes.x_axis(u.suite)),
-                                  u.point.get(shapes.x_axis(u.suite)), "(set-up)", status,
-                                  reason=f"building the case failed: {reason}", x_name=shapes.x_axis(u.suite)))
+            results.append(
+                Result(
+                    u.suite,
+                    u.pass_,
+                    str(u.dtype).replace("torch.", ""),
+                    device.type,
+                    dict(u.point),
+                    point_label(u.point),
+                    group_key(u.point, shapes.x_axis(u.suite)),
+                    u.point.get(shapes.x_axis(u.suite)),
+                    "(set-up)",
+                    status,
+                    reason=f"building the case failed: {reason}",
+                    x_name=shapes.x_axis(u.suite),
+                )
+            )
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -105,7 +105,9 @@ def _build_attention(ctx: Context, point: dict[str, Any], pass_: str, dtype: tor
     gqa = hkv != h
     call = OpCall([q, k, v], pass_, wrt=(0, 1, 2), grads=[dout])
     impls = standard_impls(
-        ctx, "attention", call,
+        ctx,
+        "attention",
+        call,
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
         lambda q, k, v: L.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
     )
@@ -156,22 +158,27 @@ def _build_window(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.
     band = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - w)  # query rows, key columns
     call = OpCall([q, k, v], pass_, wrt=(0, 1, 2), grads=[dout])
     impls = standard_impls(
-        ctx, "attention", call,
+        ctx,
+        "attention",
+        call,
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa),
         lambda q, k, v: L.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, window_size=(w, 0)),
     )
     for be in ctx.backends:
-        impls.append(call.impl(
-            f"llmkit[{be}]+mask",
-            lambda q, k, v: L.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa),
-            backend=be,
-        ))
+        impls.append(
+            call.impl(
+                f"llmkit[{be}]+mask",
+                lambda q, k, v: L.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa),
+                backend=be,
+            )
+        )
     fa = optional_module("flash_attn") if ctx.device.type == "cuda" else None
     if fa is not None:
 
         def flash(q, k, v):  # flash-attn takes (B, S, H, D)
-            out = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                     window_size=(w, 0))
+            out = fa.flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=(w, 0)
+            )
             return out.transpose(1, 2)
 
         impls.append(call.impl("flash-attn", flash))
@@ -201,29 +208,55 @@ def _build_decode_paged(ctx: Context, point: dict[str, Any], pass_: str, dtype: 
         return F.scaled_dot_product_attention(q, gathered(kp), gathered(vp), attn_mask=visible, enable_gqa=hkv != h)
 
     call = OpCall([q, k_pages, v_pages], pass_)
-    impls = standard_impls(ctx, "decode_attention", call, eager,
-                           lambda q, kp, vp: L.decode_attention(q, kp, vp, lens, block_table=table))
+    impls = standard_impls(
+        ctx, "decode_attention", call, eager, lambda q, kp, vp: L.decode_attention(q, kp, vp, lens, block_table=table)
+    )
     # the same tokens' keys / values appended by the call itself (k_new / v_new written into the pages
     # first: the lengths then count the tokens before the call)
-    k_new, v_new = k_flat[:, :, cache - t:].clone(), v_flat[:, :, cache - t:].clone()
+    k_new, v_new = k_flat[:, :, cache - t :].clone(), v_flat[:, :, cache - t :].clone()
     before = lens - t
     for be in ctx.backends:
-        impls.append(call.impl(f"llmkit[{be}]+contiguous",
-                               lambda q, kp, vp: L.decode_attention(q, k_flat, v_flat, lens), backend=be))
-        impls.append(call.impl(
-            f"llmkit[{be}]+append",
-            lambda q, kp, vp: L.decode_attention(q, kp, vp, before, k_new=k_new, v_new=v_new, block_table=table),
-            backend=be,
-        ))
+        impls.append(
+            call.impl(
+                f"llmkit[{be}]+contiguous", lambda q, kp, vp: L.decode_attention(q, k_flat, v_flat, lens), backend=be
+            )
+        )
+        impls.append(
+            call.impl(
+                f"llmkit[{be}]+append",
+                lambda q, kp, vp: L.decode_attention(q, kp, vp, before, k_new=k_new, v_new=v_new, block_table=table),
+                backend=be,
+            )
+        )
     work = formulas.decode_paged(b, h, hkv, t, cache, d, elem_size(dtype), blk)
     return Case("decode_paged", pass_, point, dtype, work, "memory", impls, cuda_graph=True)
 
 
-register(Suite("attention", "op", ("fwd", "bwd"), _build_attention,
-               "scaled dot-product attention, (B, H, S, D) views of (B, S, H, D) storage"))
-register(Suite("decode_attention", "op", ("fwd",), _build_decode,
-               "T new queries against a KV cache of length L (GQA)"))
-register(Suite("attention_window", "op", ("fwd", "bwd"), _build_window,
-               "causal sliding-window attention (window W) vs SDPA with the window as a dense mask"))
-register(Suite("decode_paged", "op", ("fwd",), _build_decode_paged,
-               "decode against a paged KV cache (block_table) vs gather + SDPA and the contiguous cache"))
+register(
+    Suite(
+        "attention",
+        "op",
+        ("fwd", "bwd"),
+        _build_attention,
+        "scaled dot-product attention, (B, H, S, D) views of (B, S, H, D) storage",
+    )
+)
+register(Suite("decode_attention", "op", ("fwd",), _build_decode, "T new queries against a KV cache of length L (GQA)"))
+register(
+    Suite(
+        "attention_window",
+        "op",
+        ("fwd", "bwd"),
+        _build_window,
+        "causal sliding-window attention (window W) vs SDPA with the window as a dense mask",
+    )
+)
+register(
+    Suite(
+        "decode_paged",
+        "op",
+        ("fwd",),
+        _build_decode_paged,
+        "decode against a paged KV cache (block_table) vs gather + SDPA and the contiguous cache",
+    )
+)

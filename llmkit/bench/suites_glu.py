@@ -53,7 +53,9 @@ def _glu_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dty
     return build
 
 
-register(Suite("swiglu", "op", ("fwd", "bwd"), _glu_builder("swiglu"),
-               "fused silu(gate) * up vs eager F.silu then mul"))
-register(Suite("geglu", "op", ("fwd", "bwd"), _glu_builder("geglu"),
-               "fused gelu_tanh(gate) * up vs eager F.gelu then mul"))
+register(
+    Suite("swiglu", "op", ("fwd", "bwd"), _glu_builder("swiglu"), "fused silu(gate) * up vs eager F.silu then mul")
+)
+register(
+    Suite("geglu", "op", ("fwd", "bwd"), _glu_builder("geglu"), "fused gelu_tanh(gate) * up vs eager F.gelu then mul")
+)

@@ -50,15 +50,15 @@ def _build_quantize(ctx: Context, point: dict[str, Any], pass_: str, dtype: torc
     m, k = point["M"], point["K"]
     x = torch.randn(m, k, device=ctx.device).to(dtype)
     call = OpCall([x], pass_)
-    impls = standard_impls(ctx, "quantize_int8", call, quantize_eager, lambda x: L.quantize_int8(x),
-                           check="sqnr", min_sqnr_db=30.0)
+    impls = standard_impls(
+        ctx, "quantize_int8", call, quantize_eager, lambda x: L.quantize_int8(x), check="sqnr", min_sqnr_db=30.0
+    )
     for imp in impls:
         if imp.fn is not None:
             imp.output = (lambda f: lambda: _dequantized(f()))(imp.fn)
         if imp.name == "torch.compile":
             imp.check, imp.min_sqnr_db = "sqnr", 30.0
     return Case("quantize_int8", pass_, point, dtype, formulas.quantize_int8(m, k, elem_size(dtype)), "memory", impls)
-
 
 
 def _int_mm_dequant(x: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -102,8 +102,9 @@ def _bnb_impls(ctx: Context, call: OpCall, weight: torch.Tensor, bias: torch.Ten
     def make() -> Any:
         n, k = weight.shape
         mod = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=0.0)
-        mod.weight = bnb.nn.Int8Params(weight.detach().cpu().to(torch.float16), requires_grad=False,
-                                       has_fp16_weights=False)
+        mod.weight = bnb.nn.Int8Params(
+            weight.detach().cpu().to(torch.float16), requires_grad=False, has_fp16_weights=False
+        )
         mod.bias = torch.nn.Parameter(bias.detach().cpu().to(torch.float16), requires_grad=False)
         mod = mod.to(ctx.device)
         x = call.inputs[0].to(torch.float16)
@@ -122,10 +123,13 @@ def _int8_builder(mode: str):
         wq, ws = L.quantize_int8(weight)
         call = OpCall([x], pass_)
         impls = standard_impls(
-            ctx, "int8_linear", call,
+            ctx,
+            "int8_linear",
+            call,
             lambda x: F.linear(x, weight.to(dtype), bias),
             lambda x: L.int8_linear(x, wq, ws, bias, mode=mode),
-            check="sqnr", min_sqnr_db=MIN_SQNR_DB[mode],
+            check="sqnr",
+            min_sqnr_db=MIN_SQNR_DB[mode],
         )
         # the float baseline is not compiled here; the compiled baseline is the int8 one
         impls = [i for i in impls if i.name != "torch.compile"]
@@ -156,8 +160,22 @@ def _int8_builder(mode: str):
     return build
 
 
-register(Suite("int8_w8a8", "op", ("fwd",), _int8_builder("w8a8"),
-               "int8 x int8 linear with per-token activation quantization vs float F.linear"))
-register(Suite("int8_w8a16", "op", ("fwd",), _int8_builder("w8a16"),
-               "weight-only int8 linear (decode-sized M) vs float F.linear"))
+register(
+    Suite(
+        "int8_w8a8",
+        "op",
+        ("fwd",),
+        _int8_builder("w8a8"),
+        "int8 x int8 linear with per-token activation quantization vs float F.linear",
+    )
+)
+register(
+    Suite(
+        "int8_w8a16",
+        "op",
+        ("fwd",),
+        _int8_builder("w8a16"),
+        "weight-only int8 linear (decode-sized M) vs float F.linear",
+    )
+)
 register(Suite("quantize_int8", "op", ("fwd",), _build_quantize, "per-row absmax int8 quantization of x (M, K)"))

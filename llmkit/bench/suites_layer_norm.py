@@ -67,7 +67,9 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
         if kind == "layer_norm":
             call = OpCall([x, w, b], pass_, wrt=(0, 1, 2), grads=[d["dy"]])
             impls = standard_impls(
-                ctx, kind, call,
+                ctx,
+                kind,
+                call,
                 lambda x, w, b: F.layer_norm(x, (n,), w, b, LN_EPS),
                 lambda x, w, b: L.layer_norm(x, [n], w, b, LN_EPS),
             ) + _liger_impls(ctx, call, kind, n, w, b)
@@ -75,7 +77,9 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
         elif kind == "rms_norm":
             call = OpCall([x, w], pass_, wrt=(0, 1), grads=[d["dy"]])
             impls = standard_impls(
-                ctx, kind, call,
+                ctx,
+                kind,
+                call,
                 lambda x, w: F.rms_norm(x, (n,), w, RMS_EPS),
                 lambda x, w: L.rms_norm(x, [n], w, RMS_EPS),
             ) + _liger_impls(ctx, call, kind, n, w, None)
@@ -88,7 +92,10 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
 
             call = OpCall([x, r, w], pass_, wrt=(0, 1, 2), grads=[d["dy"], d["ds"]])
             impls = standard_impls(
-                ctx, kind, call, eager_rms,
+                ctx,
+                kind,
+                call,
+                eager_rms,
                 lambda x, r, w: L.add_rms_norm(x, r, [n], w, RMS_EPS),
             )
             work = formulas.add_rms_norm(m, n, elem_size(dtype), bwd)
@@ -100,7 +107,10 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
 
             call = OpCall([x, r, w, b], pass_, wrt=(0, 1, 2, 3), grads=[d["dy"], d["ds"]])
             impls = standard_impls(
-                ctx, kind, call, eager,
+                ctx,
+                kind,
+                call,
+                eager,
                 lambda x, r, w, b: L.add_layer_norm(x, r, [n], w, b, LN_EPS),
             )
             work = formulas.add_layer_norm(m, n, elem_size(dtype), bwd)

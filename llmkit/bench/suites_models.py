@@ -42,22 +42,33 @@ def hf_model(family: str, cfg: dict[str, Any], device: torch.device, dtype: torc
     model: Any
     if family == "bert":
         config = tf.BertConfig(
-            vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
-            num_attention_heads=cfg["heads"], intermediate_size=cfg["ffn"],
+            vocab_size=cfg["vocab"],
+            hidden_size=cfg["hidden"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            intermediate_size=cfg["ffn"],
             max_position_embeddings=cfg["positions"],
         )
         model = tf.BertModel(config)
     elif family == "gpt2":
         config = tf.GPT2Config(
-            vocab_size=cfg["vocab"], n_positions=cfg["positions"], n_embd=cfg["hidden"],
-            n_layer=cfg["layers"], n_head=cfg["heads"], n_inner=cfg["ffn"],
+            vocab_size=cfg["vocab"],
+            n_positions=cfg["positions"],
+            n_embd=cfg["hidden"],
+            n_layer=cfg["layers"],
+            n_head=cfg["heads"],
+            n_inner=cfg["ffn"],
         )
         model = tf.GPT2LMHeadModel(config)
     elif family == "llama":
         config = tf.LlamaConfig(
-            vocab_size=cfg["vocab"], max_position_embeddings=cfg["positions"], hidden_size=cfg["hidden"],
-            num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-            num_key_value_heads=cfg.get("kv_heads", cfg["heads"]), intermediate_size=cfg["ffn"],
+            vocab_size=cfg["vocab"],
+            max_position_embeddings=cfg["positions"],
+            hidden_size=cfg["hidden"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg.get("kv_heads", cfg["heads"]),
+            intermediate_size=cfg["ffn"],
         )
         model = tf.LlamaForCausalLM(config)
     else:
@@ -105,8 +116,9 @@ def _variants(ctx: Context, family: str, base: Any) -> list[tuple[str, Callable[
 
     out.append(("hf+swap", swapped if swap else None, why_swap, False))
     out.append(("hf+quantize[w8a8]", (lambda: quantized(False)) if quantize else None, why_q, True))
-    out.append(("hf+swap+quantize[w8a8]", (lambda: quantized(True)) if swap and quantize else None,
-                why_swap or why_q, True))
+    out.append(
+        ("hf+swap+quantize[w8a8]", (lambda: quantized(True)) if swap and quantize else None, why_swap or why_q, True)
+    )
     if family == "llama":
         return out  # llmkit has no Llama model of its own
     cls_name = "BERT" if family == "bert" else "GPT"
@@ -114,8 +126,9 @@ def _variants(ctx: Context, family: str, base: Any) -> list[tuple[str, Callable[
     from_hf = getattr(cls, "from_hf", None) if cls is not None else None
     if cls is not None and from_hf is None:
         why = f"llmkit.models.{cls_name} has no from_hf"
-    out.append((f"llmkit.models.{cls_name}", (lambda: from_hf(base).to(ctx.device).eval()) if from_hf else None,
-                why, False))
+    out.append(
+        (f"llmkit.models.{cls_name}", (lambda: from_hf(base).to(ctx.device).eval()) if from_hf else None, why, False)
+    )
     return out
 
 
@@ -128,8 +141,9 @@ def _model_builder(family: str, pass_kind: str):
         b = point["B"]
         s = point["S"] if pass_kind == "prefill" else point["prompt"]
         if optional_module("transformers") is None:
-            return Case(suite, pass_, point, dtype, None, None,
-                        [Impl.skipped(BASELINE, "transformers is not installed")])
+            return Case(
+                suite, pass_, point, dtype, None, None, [Impl.skipped(BASELINE, "transformers is not installed")]
+            )
         key = (point["model"], str(ctx.device), str(dtype))
         if key not in _MODEL_CACHE:
             _MODEL_CACHE.clear()  # one model alive at a time
@@ -157,16 +171,29 @@ def _model_builder(family: str, pass_kind: str):
             def run() -> Any:
                 with torch.no_grad():
                     if _is_hf(model):
-                        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                              min_new_tokens=new, do_sample=False, pad_token_id=0)
+                        return model.generate(
+                            input_ids=ids,
+                            attention_mask=mask,
+                            max_new_tokens=new,
+                            min_new_tokens=new,
+                            do_sample=False,
+                            pad_token_id=0,
+                        )
                     return model.generate(ids, max_new_tokens=new)
 
             return run
 
         generate = pass_kind == "decode"
         made: dict[str, Any] = {}
-        impls = [Impl(BASELINE, fn=timed(base, generate), output=forward(base), check="none",
-                      note="HuggingFace transformers as shipped")]
+        impls = [
+            Impl(
+                BASELINE,
+                fn=timed(base, generate),
+                output=forward(base),
+                check="none",
+                note="HuggingFace transformers as shipped",
+            )
+        ]
         if ctx.compile and not generate:
 
             def make_compiled() -> Callable[[], Any]:
@@ -192,7 +219,7 @@ def _model_builder(family: str, pass_kind: str):
             else:
                 check = {"check": "close"}
             impls.append(Impl(name, make=make, **check))
-            impls[-1].output = (lambda n=name: forward(made[n])())
+            impls[-1].output = lambda n=name: forward(made[n])()
         layers, hidden, ffn = cfg["layers"], cfg["hidden"], cfg["ffn"]
         if generate:
             tokens = b * new
@@ -203,17 +230,44 @@ def _model_builder(family: str, pass_kind: str):
             # a gated MLP (Llama) has three ffn-sized matrices where GPT-2 has two: ffn * 1.5
             ffn_eff = ffn * 3 // 2 if family == "llama" else ffn
             flops = formulas.transformer_tokens(layers, hidden, ffn_eff, tokens, s, causal=family != "bert")
-        return Case(suite, pass_, point, dtype, formulas.Work(flops, 0.0), None, impls, tokens=tokens,
-                    cuda_graph=False)
+        return Case(suite, pass_, point, dtype, formulas.Work(flops, 0.0), None, impls, tokens=tokens, cuda_graph=False)
 
     return build
 
 
-register(Suite("bert", "model", ("prefill",), _model_builder("bert", "prefill"),
-               "HuggingFace BERT encoder forward (random weights): eager vs swapped vs quantized vs compiled"))
-register(Suite("gpt2_prefill", "model", ("prefill",), _model_builder("gpt2", "prefill"),
-               "HuggingFace GPT-2 forward over a prompt (random weights)"))
-register(Suite("llama_prefill", "model", ("prefill",), _model_builder("llama", "prefill"),
-               "HuggingFace Llama forward over a prompt (random weights): RMSNorm, SwiGLU, GQA"))
-register(Suite("gpt2_decode", "model", ("decode",), _model_builder("gpt2", "decode"),
-               "greedy generate: new tokens per second, prompt prefill included"))
+register(
+    Suite(
+        "bert",
+        "model",
+        ("prefill",),
+        _model_builder("bert", "prefill"),
+        "HuggingFace BERT encoder forward (random weights): eager vs swapped vs quantized vs compiled",
+    )
+)
+register(
+    Suite(
+        "gpt2_prefill",
+        "model",
+        ("prefill",),
+        _model_builder("gpt2", "prefill"),
+        "HuggingFace GPT-2 forward over a prompt (random weights)",
+    )
+)
+register(
+    Suite(
+        "llama_prefill",
+        "model",
+        ("prefill",),
+        _model_builder("llama", "prefill"),
+        "HuggingFace Llama forward over a prompt (random weights): RMSNorm, SwiGLU, GQA",
+    )
+)
+register(
+    Suite(
+        "gpt2_decode",
+        "model",
+        ("decode",),
+        _model_builder("gpt2", "decode"),
+        "greedy generate: new tokens per second, prompt prefill included",
+    )
+)

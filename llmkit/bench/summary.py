@@ -65,7 +65,8 @@ def summarize_file(path: Path, root: Path) -> list[str]:
     lines = [
         f"### {rel}",
         "",
-        f"{e['device_name']}" + (f", driver {e['driver']}" if e.get("driver") else "")
+        f"{e['device_name']}"
+        + (f", driver {e['driver']}" if e.get("driver") else "")
         + f"; torch {e['torch']}, CUDA {e['cuda'] or 'none'}, triton {e['triton'] or 'none'}, llmkit {e['llmkit']}; "
         f"commit `{e['git_commit'] or 'unknown'}`; {e['date']}",
         "",
@@ -74,20 +75,38 @@ def summarize_file(path: Path, root: Path) -> list[str]:
     ]
     roof = doc.get("roofline")
     if roof:
-        lines += [f"roofline: copy {roof['copy_gbps']:.4g} GB/s, bf16 matmul {roof['bf16_tflops']:.4g} TFLOP/s, "
-                  f"int8 {roof['int8_tops']:.4g} TOP/s", ""]
-    lines += ["| case | eager | best llmkit | vs eager | roofline | best other | vs eager |",
-              "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"roofline: copy {roof['copy_gbps']:.4g} GB/s, bf16 matmul {roof['bf16_tflops']:.4g} TFLOP/s, "
+            f"int8 {roof['int8_tops']:.4g} TOP/s",
+            "",
+        ]
+    lines += [
+        "| case | eager | best llmkit | vs eager | roofline | best other | vs eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
     cases: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in doc["results"]:
         cases.setdefault((r["suite"], r["pass"], r["dtype"], r["shape_label"]), []).append(r)
     for (suite, pass_, dtype, label), rows in cases.items():
         eager = next((r for r in rows if r["impl"] == "eager" and r["status"] == "ok"), None)
-        mine = _best([r for r in rows if r["impl"].startswith("llmkit") or r["impl"].startswith("Int8Linear")
-                      or r["impl"].startswith("hf+")])
-        other = _best([r for r in rows if r["impl"] != "eager" and r not in ([mine] if mine else [])
-                       and not (r["impl"].startswith("llmkit") or r["impl"].startswith("Int8Linear")
-                                or r["impl"].startswith("hf+"))])
+        mine = _best(
+            [
+                r
+                for r in rows
+                if r["impl"].startswith("llmkit") or r["impl"].startswith("Int8Linear") or r["impl"].startswith("hf+")
+            ]
+        )
+        other = _best(
+            [
+                r
+                for r in rows
+                if r["impl"] != "eager"
+                and r not in ([mine] if mine else [])
+                and not (
+                    r["impl"].startswith("llmkit") or r["impl"].startswith("Int8Linear") or r["impl"].startswith("hf+")
+                )
+            ]
+        )
 
         def cell(r: dict[str, Any] | None) -> tuple[str, str]:
             if r is None:
@@ -99,12 +118,17 @@ def summarize_file(path: Path, root: Path) -> list[str]:
         o, ovs = cell(other)
         roof = None if not mine else mine.get("fraction_of_roofline")
         frac = "-" if roof is None else f"{100 * roof:.0f}%"
-        lines.append(f"| {suite} {pass_} {dtype} {label} | {_fmt_time(eager['median_s']) if eager else '-'} | "
-                     f"{m} | {mvs} | {frac} | {o} | {ovs} |")
+        lines.append(
+            f"| {suite} {pass_} {dtype} {label} | {_fmt_time(eager['median_s']) if eager else '-'} | "
+            f"{m} | {mvs} | {frac} | {o} | {ovs} |"
+        )
     errors = [r for r in doc["results"] if r["status"] == "error"]
     if errors:
-        lines += ["", f"{len(errors)} implementation(s) failed in this run: "
-                  + "; ".join(f"{r['suite']} {r['impl']}: {r['reason']}" for r in errors[:5])]
+        lines += [
+            "",
+            f"{len(errors)} implementation(s) failed in this run: "
+            + "; ".join(f"{r['suite']} {r['impl']}: {r['reason']}" for r in errors[:5]),
+        ]
     lines.append("")
     return lines
 
@@ -114,8 +138,10 @@ def build_readme(root: Path) -> str:
     lines = [HEADER]
     files = sorted(p for p in root.glob("*/*.json"))
     if not files:
-        lines.append("No results are committed yet. On a GPU: `llmkit bench --out bench/results/<device>`, "
-                     "then `python bench/results/summarize.py`.\n")
+        lines.append(
+            "No results are committed yet. On a GPU: `llmkit bench --out bench/results/<device>`, "
+            "then `python bench/results/summarize.py`.\n"
+        )
     device = None
     for p in files:
         if p.parent.name != device:
@@ -128,8 +154,12 @@ def build_readme(root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Write (or with --check, verify) README.md in the results folder."""
     ap = argparse.ArgumentParser(description="Regenerate bench/results/README.md from the committed JSON results.")
-    ap.add_argument("root", nargs="?", default=str(Path(__file__).resolve().parents[2] / "bench" / "results"),
-                    help="the results folder (default: bench/results of this checkout)")
+    ap.add_argument(
+        "root",
+        nargs="?",
+        default=str(Path(__file__).resolve().parents[2] / "bench" / "results"),
+        help="the results folder (default: bench/results of this checkout)",
+    )
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date; write nothing")
     args = ap.parse_args(argv)
     root = Path(args.root)

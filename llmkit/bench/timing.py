@@ -70,13 +70,20 @@ def quantile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def make_sample(times_s: Sequence[float], calls_per_time: int, method: str,
-                page_faults_per_call: float | None = None) -> Sample:
+def make_sample(
+    times_s: Sequence[float], calls_per_time: int, method: str, page_faults_per_call: float | None = None
+) -> Sample:
     """Summarize per-call times into a :class:`Sample`."""
     t = [float(x) for x in times_s]
     return Sample(
-        median_s=quantile(t, 0.5), q25_s=quantile(t, 0.25), q75_s=quantile(t, 0.75),
-        min_s=min(t), max_s=max(t), times_s=t, calls_per_time=calls_per_time, method=method,
+        median_s=quantile(t, 0.5),
+        q25_s=quantile(t, 0.25),
+        q75_s=quantile(t, 0.75),
+        min_s=min(t),
+        max_s=max(t),
+        times_s=t,
+        calls_per_time=calls_per_time,
+        method=method,
         page_faults_per_call=page_faults_per_call,
     )
 
@@ -155,7 +162,7 @@ def _interleaved(fns: dict[str, Callable[[], Any]], budget: CpuBudget) -> dict[s
     times: dict[str, list[float]] = {n: [] for n in names}
     faults: dict[str, int] = {n: 0 for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             f0 = _minor_faults()
             if direct[n]:

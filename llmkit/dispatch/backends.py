@@ -147,9 +147,7 @@ BACKENDS: dict[str, Backend] = {
     "cuda_ext": Backend(
         "cuda_ext", "C++/CUDA extension (csrc/; llmkit/backends/cuda_ext/)", _probe_cuda_ext, _cuda_ext_details
     ),
-    "reference": Backend(
-        "reference", "pure PyTorch reference paths (llmkit/backends/reference/)", _probe_reference
-    ),
+    "reference": Backend("reference", "pure PyTorch reference paths (llmkit/backends/reference/)", _probe_reference),
 }
 
 
@@ -158,11 +156,9 @@ def check_backend_name(name: str, source: str | None = None) -> str:
     (its message starts with ``source``, where the name came from, when given)."""
     if name not in BACKENDS:
         raise UnknownBackendError(
-            f"{source + ': ' if source else ''}unknown backend {name!r}: llmkit knows "
-            f"{', '.join(BACKEND_NAMES)}"
+            f"{source + ': ' if source else ''}unknown backend {name!r}: llmkit knows {', '.join(BACKEND_NAMES)}"
         )
     return name
-
 
 
 _logged: set[tuple[Any, ...]] = set()

@@ -125,9 +125,7 @@ class Impl:
     def reasons(self, device_type: str, first: torch.Tensor | None, args, kwargs) -> list[str]:
         out: list[str] = []
         if self.devices is not None and device_type not in self.devices:
-            out.append(
-                f"takes {'/'.join(self.devices)} tensors, got {device_type} tensors"
-            )
+            out.append(f"takes {'/'.join(self.devices)} tensors, got {device_type} tensors")
         if self.dtypes is not None and first is not None and first.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             out.append(f"takes {names}, got {str(first.dtype).replace('torch.', '')}")
@@ -276,8 +274,7 @@ class DispatchPoint:
         ]
         conditional = [name for name, pref in prefs if pref is not True]
         orders = tuple(
-            tuple(name for name, pref in prefs if pref is True or mask >> conditional.index(name) & 1)
-            + ("reference",)
+            tuple(name for name, pref in prefs if pref is True or mask >> conditional.index(name) & 1) + ("reference",)
             for mask in range(1 << len(conditional))
         )
         cache = (
@@ -371,8 +368,7 @@ class DispatchPoint:
         r = self.why_not(backend, *args, **kwargs)
         if r:
             raise BackendError(
-                f"llmkit {self.qualname}: backend {backend} cannot take this call: "
-                + "; ".join(r),
+                f"llmkit {self.qualname}: backend {backend} cannot take this call: " + "; ".join(r),
                 {backend: r},
             )
         first = _first_tensor(args, kwargs)

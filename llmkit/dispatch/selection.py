@@ -99,9 +99,7 @@ def env_selection_summary() -> str | None:
 
 
 @contextlib.contextmanager
-def use_backend(
-    backend: str | Sequence[str] | None = None, /, **per_op: str | Sequence[str]
-) -> Iterator[None]:
+def use_backend(backend: str | Sequence[str] | None = None, /, **per_op: str | Sequence[str]) -> Iterator[None]:
     """Select backends for the calls made inside the ``with`` block.
 
     Args:
@@ -122,9 +120,7 @@ def use_backend(
         # also names the op again; outer per-op overrides stay in force.
     for op, names in per_op.items():
         if op not in OPS:
-            raise UnknownBackendError(
-                f"use_backend: unknown op {op!r}; ops are {', '.join(sorted(OPS))}"
-            )
+            raise UnknownBackendError(f"use_backend: unknown op {op!r}; ops are {', '.join(sorted(OPS))}")
         current[op] = _as_request(names, f"use_backend({op}=...)")
     token = _selection.set(current)
     try:

@@ -93,10 +93,12 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
     def layer_norm_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask) -> Rule:
         out = [replicated(3, (grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask))]
         for d in lead(input, normalized_shape):
-            out.append((
-                [S(d), grad_p(weight, output_mask[1]), grad_p(bias, output_mask[2])],
-                [S(d), S(d), None, opt(weight, R), opt(bias, R), S(d), S(d), None],
-            ))
+            out.append(
+                (
+                    [S(d), grad_p(weight, output_mask[1]), grad_p(bias, output_mask[2])],
+                    [S(d), S(d), None, opt(weight, R), opt(bias, R), S(d), S(d), None],
+                )
+            )
         return out
 
     def rms_norm(input, normalized_shape, weight, eps, offset=0.0, cast_before_weight=False) -> Rule:
@@ -105,57 +107,144 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             out.append(([S(d)] * 2, [S(d), None, opt(weight, R), None, None, None]))
         return out
 
-    def rms_norm_backward(grad_out, input, normalized_shape, weight, rstd, output_mask, offset=0.0,
-                          cast_before_weight=False) -> Rule:
-        out = [replicated(2, (grad_out, input, normalized_shape, weight, rstd, output_mask, offset,
-                              cast_before_weight))]
+    def rms_norm_backward(
+        grad_out, input, normalized_shape, weight, rstd, output_mask, offset=0.0, cast_before_weight=False
+    ) -> Rule:
+        out = [
+            replicated(2, (grad_out, input, normalized_shape, weight, rstd, output_mask, offset, cast_before_weight))
+        ]
         for d in lead(input, normalized_shape):
-            out.append((
-                [S(d), grad_p(weight, output_mask[1])],
-                [S(d), S(d), None, opt(weight, R), S(d), None, None, None],
-            ))
+            out.append(
+                (
+                    [S(d), grad_p(weight, output_mask[1])],
+                    [S(d), S(d), None, opt(weight, R), S(d), None, None, None],
+                )
+            )
         return out
 
     # add + norm: the input's dropout mask is a function of each element's global index, which
     # a shard does not know, so with dropout_p > 0 only everything replicated
 
-    def add_layer_norm(input, residual, normalized_shape, weight, bias, eps, residual_in_fp32=False, dropout_p=0.0,
-                       seed=0) -> Rule:
-        out = [replicated(4, (input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
-                              seed))]
+    def add_layer_norm(
+        input, residual, normalized_shape, weight, bias, eps, residual_in_fp32=False, dropout_p=0.0, seed=0
+    ) -> Rule:
+        out = [replicated(4, (input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p, seed))]
         for d in lead(input, normalized_shape) if dropout_p == 0.0 else ():
             out.append(([S(d)] * 4, [S(d), S(d), None, opt(weight, R), opt(bias, R), None, None, None, None]))
         return out
 
-    def add_layer_norm_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias,
-                                mean, rstd, output_mask, dropout_p=0.0, seed=0) -> Rule:
-        out = [replicated(4, (grad_out, grad_residual_out, residual_out, normalized_shape, weight, bias, mean, rstd,
-                                output_mask, dropout_p, seed))]
+    def add_layer_norm_backward(
+        grad_out,
+        grad_residual_out,
+        residual_out,
+        normalized_shape,
+        weight,
+        bias,
+        mean,
+        rstd,
+        output_mask,
+        dropout_p=0.0,
+        seed=0,
+    ) -> Rule:
+        out = [
+            replicated(
+                4,
+                (
+                    grad_out,
+                    grad_residual_out,
+                    residual_out,
+                    normalized_shape,
+                    weight,
+                    bias,
+                    mean,
+                    rstd,
+                    output_mask,
+                    dropout_p,
+                    seed,
+                ),
+            )
+        ]
         for d in lead(residual_out, normalized_shape) if dropout_p == 0.0 else ():
-            out.append((
-                # d input is an empty placeholder without dropout: Replicate
-                [S(d), R, grad_p(weight, output_mask[1]), grad_p(bias, output_mask[2])],
-                [S(d), S(d), S(d), None, opt(weight, R), opt(bias, R), S(d), S(d), None, None, None],
-            ))
+            out.append(
+                (
+                    # d input is an empty placeholder without dropout: Replicate
+                    [S(d), R, grad_p(weight, output_mask[1]), grad_p(bias, output_mask[2])],
+                    [S(d), S(d), S(d), None, opt(weight, R), opt(bias, R), S(d), S(d), None, None, None],
+                )
+            )
         return out
 
-    def add_rms_norm(input, residual, normalized_shape, weight, eps, offset=0.0, cast_before_weight=False,
-                     residual_in_fp32=False, dropout_p=0.0, seed=0) -> Rule:
-        out = [replicated(3, (input, residual, normalized_shape, weight, eps, offset, cast_before_weight,
-                              residual_in_fp32, dropout_p, seed))]
+    def add_rms_norm(
+        input,
+        residual,
+        normalized_shape,
+        weight,
+        eps,
+        offset=0.0,
+        cast_before_weight=False,
+        residual_in_fp32=False,
+        dropout_p=0.0,
+        seed=0,
+    ) -> Rule:
+        out = [
+            replicated(
+                3,
+                (
+                    input,
+                    residual,
+                    normalized_shape,
+                    weight,
+                    eps,
+                    offset,
+                    cast_before_weight,
+                    residual_in_fp32,
+                    dropout_p,
+                    seed,
+                ),
+            )
+        ]
         for d in lead(input, normalized_shape) if dropout_p == 0.0 else ():
             out.append(([S(d)] * 3, [S(d), S(d), None, opt(weight, R)] + [None] * 6))
         return out
 
-    def add_rms_norm_backward(grad_out, grad_residual_out, residual_out, normalized_shape, weight, rstd,
-                              output_mask, offset=0.0, cast_before_weight=False, dropout_p=0.0, seed=0) -> Rule:
-        out = [replicated(3, (grad_out, grad_residual_out, residual_out, normalized_shape, weight, rstd,
-                              output_mask, offset, cast_before_weight, dropout_p, seed))]
+    def add_rms_norm_backward(
+        grad_out,
+        grad_residual_out,
+        residual_out,
+        normalized_shape,
+        weight,
+        rstd,
+        output_mask,
+        offset=0.0,
+        cast_before_weight=False,
+        dropout_p=0.0,
+        seed=0,
+    ) -> Rule:
+        out = [
+            replicated(
+                3,
+                (
+                    grad_out,
+                    grad_residual_out,
+                    residual_out,
+                    normalized_shape,
+                    weight,
+                    rstd,
+                    output_mask,
+                    offset,
+                    cast_before_weight,
+                    dropout_p,
+                    seed,
+                ),
+            )
+        ]
         for d in lead(residual_out, normalized_shape) if dropout_p == 0.0 else ():
-            out.append((
-                [S(d), R, grad_p(weight, output_mask[1])],
-                [S(d), S(d), S(d), None, opt(weight, R), S(d), None, None, None, None, None],
-            ))
+            out.append(
+                (
+                    [S(d), R, grad_p(weight, output_mask[1])],
+                    [S(d), S(d), S(d), None, opt(weight, R), S(d), None, None, None, None, None],
+                )
+            )
         return out
 
     # -- GELU ---------------------------------------------------------------------------
@@ -220,8 +309,7 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
 
     def by_position(c: AttentionCall | AttentionBackwardCall) -> bool:
         """The scores depend on the query's global row index (causal, window, alignment, ALiBi)."""
-        return (c.is_causal or c.window_left >= 0 or c.window_right >= 0 or c.bottom_right
-                or c.alibi_slopes is not None)
+        return c.is_causal or c.window_left >= 0 or c.window_right >= 0 or c.bottom_right or c.alibi_slopes is not None
 
     def sdpa(*args: Any) -> Rule:
         c = AttentionCall(*args)
@@ -243,15 +331,19 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             return rule
         tail = [None] * 11
         for d in (0, 1):
-            rule.append((
-                [S(d), S(d), S(d), dmask_p(c.attn_mask, d, c.mask_grad)],
-                [S(d)] * 6 + [mask_p(c.attn_mask, d)] + tail + [slopes_p(c.alibi_slopes, d)],
-            ))
+            rule.append(
+                (
+                    [S(d), S(d), S(d), dmask_p(c.attn_mask, d, c.mask_grad)],
+                    [S(d)] * 6 + [mask_p(c.attn_mask, d)] + tail + [slopes_p(c.alibi_slopes, d)],
+                )
+            )
         if not by_position(c):
-            rule.append((
-                [S(2), P, P, dmask_p(c.attn_mask, 2, c.mask_grad)],
-                [S(2), S(2), R, R, S(2), S(2), mask_p(c.attn_mask, 2)] + tail + [None],
-            ))
+            rule.append(
+                (
+                    [S(2), P, P, dmask_p(c.attn_mask, 2, c.mask_grad)],
+                    [S(2), S(2), R, R, S(2), S(2), mask_p(c.attn_mask, 2)] + tail + [None],
+                )
+            )
         return rule
 
     def decode(*args: Any, **kwargs: Any) -> Rule:
@@ -305,12 +397,10 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         rows = list(a.shape[:-1])
         per_row = a_scale is not None and list(a_scale.shape) == rows
         for d in range(a.ndim - 1):
-            out.append(([S(d)], [S(d), R, opt(a_scale, S(d) if per_row else R), opt(b_scale, R),
-                                 opt(bias, R), None]))
+            out.append(([S(d)], [S(d), R, opt(a_scale, S(d) if per_row else R), opt(b_scale, R), opt(bias, R), None]))
         per_col = b_scale is not None and list(b_scale.shape) == [b.shape[1]]
         last = a.ndim - 1
-        out.append(([S(last)], [R, S(1), opt(a_scale, R), opt(b_scale, S(0) if per_col else R),
-                                opt(bias, S(0)), None]))
+        out.append(([S(last)], [R, S(1), opt(a_scale, R), opt(b_scale, S(0) if per_col else R), opt(bias, S(0)), None]))
         if a_scale is None:  # the int32 product is exact: partial sums over K add up to it
             out.append(([P], [S(last), S(0), None, None, None, None]))
         return out
@@ -359,7 +449,7 @@ def _shards(spec: Spec, dim: int) -> int:
     """Into how many pieces the placements of ``spec`` cut tensor dim ``dim``."""
     from torch.distributed.tensor import Shard
 
-    sizes = [spec.mesh.size(i) for i, p in enumerate(spec.placements)
-             if isinstance(p, Shard) and p.dim % spec.ndim == dim]
+    sizes = [
+        spec.mesh.size(i) for i, p in enumerate(spec.placements) if isinstance(p, Shard) and p.dim % spec.ndim == dim
+    ]
     return math.prod(sizes)
-

@@ -77,7 +77,9 @@ class _Int8Parallel(ParallelStyle):
         if not isinstance(module, cls):
             raise TypeError(f"{type(self).__name__}: expected llmkit.nn.Int8Linear, got {type(module).__name__}")
         return distribute_module(
-            module, device_mesh, self._partition,
+            module,
+            device_mesh,
+            self._partition,
             # torch types input_fn as returning None, but registers it as a forward pre-hook,
             # whose return value replaces the inputs
             lambda mod, inputs, mesh: self._input(mod, inputs, mesh),  # type: ignore[arg-type]

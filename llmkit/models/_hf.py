@@ -70,19 +70,33 @@ def gpt2_to_llmkit(gpt_cls: type[M], model: Any, **overrides: Any) -> M:
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
     if c.activation_function not in acts:
         raise ValueError(f"from_hf: GPT-2 activation_function={c.activation_function!r} is not supported")
-    _unsupported(c, {
-        "scale_attn_by_inverse_layer_idx": (False, "attention scaled by the inverse layer index"),
-        "scale_attn_weights": (True, "unscaled attention"),
-        "add_cross_attention": (False, "cross-attention"),
-    })
+    _unsupported(
+        c,
+        {
+            "scale_attn_by_inverse_layer_idx": (False, "attention scaled by the inverse layer index"),
+            "scale_attn_weights": (True, "unscaled attention"),
+            "add_cross_attention": (False, "cross-attention"),
+        },
+    )
     head = getattr(src, "lm_head", None)
     tied = head is None or head.weight is base.wte.weight or bool(getattr(c, "tie_word_embeddings", True))
-    config = GPTConfig(**{
-        "vocab_size": c.vocab_size, "n_positions": c.n_positions, "n_embd": c.n_embd, "n_layer": c.n_layer,
-        "n_head": c.n_head, "n_inner": c.n_inner, "activation": acts[c.activation_function],
-        "layer_norm_epsilon": c.layer_norm_epsilon, "embd_pdrop": c.embd_pdrop, "resid_pdrop": c.resid_pdrop,
-        "attn_pdrop": c.attn_pdrop, "tie_word_embeddings": tied, **overrides,
-    })
+    config = GPTConfig(
+        **{
+            "vocab_size": c.vocab_size,
+            "n_positions": c.n_positions,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": c.n_inner,
+            "activation": acts[c.activation_function],
+            "layer_norm_epsilon": c.layer_norm_epsilon,
+            "embd_pdrop": c.embd_pdrop,
+            "resid_pdrop": c.resid_pdrop,
+            "attn_pdrop": c.attn_pdrop,
+            "tie_word_embeddings": tied,
+            **overrides,
+        }
+    )
     p = base.wte.weight
     with torch.device("meta"):
         out: Any = gpt_cls(config)  # llmkit's GPT, its blocks read by attribute below
@@ -95,8 +109,12 @@ def gpt2_to_llmkit(gpt_cls: type[M], model: Any, **overrides: Any) -> M:
         for name in ("ln_1", "ln_2"):
             _copy_(getattr(ours, name).weight, getattr(theirs, name).weight)
             _copy_(getattr(ours, name).bias, getattr(theirs, name).bias)
-        for ours_lin, theirs_conv in ((ours.attn.c_attn, theirs.attn.c_attn), (ours.attn.c_proj, theirs.attn.c_proj),
-                                      (ours.mlp.c_fc, theirs.mlp.c_fc), (ours.mlp.c_proj, theirs.mlp.c_proj)):
+        for ours_lin, theirs_conv in (
+            (ours.attn.c_attn, theirs.attn.c_attn),
+            (ours.attn.c_proj, theirs.attn.c_proj),
+            (ours.mlp.c_fc, theirs.mlp.c_fc),
+            (ours.mlp.c_proj, theirs.mlp.c_proj),
+        ):
             _copy_(ours_lin.weight, theirs_conv.weight.t())  # Conv1D (in, out) -> Linear (out, in)
             _copy_(ours_lin.bias, theirs_conv.bias)
     _copy_(out.ln_f.weight, base.ln_f.weight)
@@ -116,19 +134,31 @@ def bert_to_llmkit(bert_cls: type[M], model: Any, **overrides: Any) -> M:
     c = base.config
     if not isinstance(c.hidden_act, str) or c.hidden_act not in _ACTIVATIONS:
         raise ValueError(f"from_hf: BERT hidden_act={c.hidden_act!r} is not supported")
-    _unsupported(c, {
-        "position_embedding_type": ("absolute", "relative position embeddings"),
-        "is_decoder": (False, "a BERT decoder"),
-    })
-    config = BERTConfig(**{
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
-        "hidden_act": _ACTIVATIONS[c.hidden_act], "hidden_dropout_prob": c.hidden_dropout_prob,
-        "attention_probs_dropout_prob": c.attention_probs_dropout_prob,
-        "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size,
-        "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id if c.pad_token_id is not None else 0,
-        "add_pooling_layer": base.pooler is not None, **overrides,
-    })
+    _unsupported(
+        c,
+        {
+            "position_embedding_type": ("absolute", "relative position embeddings"),
+            "is_decoder": (False, "a BERT decoder"),
+        },
+    )
+    config = BERTConfig(
+        **{
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "hidden_act": _ACTIVATIONS[c.hidden_act],
+            "hidden_dropout_prob": c.hidden_dropout_prob,
+            "attention_probs_dropout_prob": c.attention_probs_dropout_prob,
+            "max_position_embeddings": c.max_position_embeddings,
+            "type_vocab_size": c.type_vocab_size,
+            "layer_norm_eps": c.layer_norm_eps,
+            "pad_token_id": c.pad_token_id if c.pad_token_id is not None else 0,
+            "add_pooling_layer": base.pooler is not None,
+            **overrides,
+        }
+    )
     p = base.embeddings.word_embeddings.weight
     with torch.device("meta"):
         out = bert_cls(config)
@@ -144,8 +174,11 @@ def bert_to_llmkit(bert_cls: type[M], model: Any, **overrides: Any) -> M:
         state[pre + "self_attn.in_proj_weight"] = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
         state[pre + "self_attn.in_proj_bias"] = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
         pairs = {
-            "self_attn.out_proj": layer.attention.output.dense, "norm1": layer.attention.output.LayerNorm,
-            "linear1": layer.intermediate.dense, "linear2": layer.output.dense, "norm2": layer.output.LayerNorm,
+            "self_attn.out_proj": layer.attention.output.dense,
+            "norm1": layer.attention.output.LayerNorm,
+            "linear1": layer.intermediate.dense,
+            "linear2": layer.output.dense,
+            "norm2": layer.output.LayerNorm,
         }
         for ours, theirs in pairs.items():
             state[pre + ours + ".weight"] = theirs.weight

@@ -104,9 +104,14 @@ class BERT(nn.Module):
         self.embeddings = BERTEmbeddings(config)
         activation: Any = {"gelu": "gelu", "relu": "relu", "gelu_tanh": GELU(approximate="tanh")}[config.hidden_act]
         layer = TransformerEncoderLayer(
-            config.hidden_size, config.num_attention_heads, config.intermediate_size,
-            dropout=config.hidden_dropout_prob, activation=activation, layer_norm_eps=config.layer_norm_eps,
-            batch_first=True, norm_first=False,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+            dropout=config.hidden_dropout_prob,
+            activation=activation,
+            layer_norm_eps=config.layer_norm_eps,
+            batch_first=True,
+            norm_first=False,
         )
         layer.self_attn.dropout = config.attention_probs_dropout_prob
         self.encoder = TransformerEncoder(layer, config.num_hidden_layers, enable_nested_tensor=False)

@@ -71,9 +71,7 @@ class GPTConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"GPTConfig: activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
 
@@ -97,9 +95,7 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str):
         if max_len > config.n_positions:
-            raise ValueError(
-                f"KVCache: max_len {max_len} exceeds the model's n_positions ({config.n_positions})"
-            )
+            raise ValueError(f"KVCache: max_len {max_len} exceeds the model's n_positions ({config.n_positions})")
         shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -413,8 +409,9 @@ class GPT(nn.Module):
         return ids.gather(1, shift), lengths.to(torch.int32)
 
     @staticmethod
-    def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
-              generator: torch.Generator | None) -> Tensor:
+    def _pick(
+        logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> Tensor:
         if not do_sample:
             return logits.argmax(-1)
         scores = logits.float() / temperature

@@ -29,8 +29,20 @@ from ..ops.linear import LinearCall, linear_forward
 from .activation import GELU
 from .normalization import LayerNorm, RMSNorm
 
-__all__ = ["norm", "add_norm", "add_norm_into", "dense", "linear", "linear_act", "gelu_after", "gelu_approximate",
-           "glu_flavor", "glu", "gated_mlp", "rms_args"]
+__all__ = [
+    "norm",
+    "add_norm",
+    "add_norm_into",
+    "dense",
+    "linear",
+    "linear_act",
+    "gelu_after",
+    "gelu_approximate",
+    "glu_flavor",
+    "glu",
+    "gated_mlp",
+    "rms_args",
+]
 
 _LAYER_NORMS = (nn.LayerNorm, LayerNorm)
 _RMS_NORMS = (nn.RMSNorm, RMSNorm)
@@ -64,9 +76,14 @@ def norm(x: Tensor, module: Callable[[Tensor], Tensor]) -> Tensor:
     if _fusable_layer_norm(module):
         return ops.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     if _fusable_rms_norm(module):
-        return ops.rms_norm(x, module.normalized_shape, module.weight, module.eps,
-                            offset=getattr(module, "offset", 0.0),
-                            cast_before_weight=getattr(module, "cast_before_weight", False))
+        return ops.rms_norm(
+            x,
+            module.normalized_shape,
+            module.weight,
+            module.eps,
+            offset=getattr(module, "offset", 0.0),
+            cast_before_weight=getattr(module, "cast_before_weight", False),
+        )
     return module(x)
 
 
@@ -84,8 +101,13 @@ def rms_args(module: object, dtype: torch.dtype) -> RmsArgs | None:
         half_with_f32 = dtype in (torch.float16, torch.bfloat16) and w is not None and w.dtype == torch.float32
         if w is not None and w.dtype != dtype and not half_with_f32:
             return None
-        return (list(module.normalized_shape), w, module.eps,
-                getattr(module, "offset", 0.0), getattr(module, "cast_before_weight", False))
+        return (
+            list(module.normalized_shape),
+            w,
+            module.eps,
+            getattr(module, "offset", 0.0),
+            getattr(module, "cast_before_weight", False),
+        )
     if isinstance(module, nn.Module) and _hooked(module):
         return None
     own = getattr(module, "llmkit_rms_args", None)
@@ -101,9 +123,7 @@ def add_norm(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor]) ->
     """
     same = x.dtype == residual.dtype and x.shape == residual.shape and x.dtype.is_floating_point
     if same and _fusable_layer_norm(module):
-        return ops.add_layer_norm(
-            x, residual, module.normalized_shape, module.weight, module.bias, module.eps
-        )
+        return ops.add_layer_norm(x, residual, module.normalized_shape, module.weight, module.bias, module.eps)
     rms = rms_args(module, x.dtype) if same else None
     if rms is not None:
         ns, weight, eps, offset, cast_first = rms
@@ -125,12 +145,7 @@ def _own_temporary_ok(t: Tensor, point) -> bool:
     allocation (on the CPU a fresh multi-megabyte buffer costs page faults comparable to the
     computation).
     """
-    return (
-        t.dtype in _IN_PLACE_DTYPES
-        and t.is_contiguous()
-        and FP.eager_ok(t)
-        and FP.selects_reference(point)
-    )
+    return t.dtype in _IN_PLACE_DTYPES and t.is_contiguous() and FP.eager_ok(t) and FP.selects_reference(point)
 
 
 def gelu_after(t: Tensor, approximate: str) -> Tensor:
@@ -158,8 +173,9 @@ def add_norm_into(x: Tensor, residual: Tensor, module: Callable[[Tensor], Tensor
         and (module.bias is None or module.bias.dtype == x.dtype)
     ):
         total = x.add_(residual)
-        out, _, _ = _layer_norm_point.call_backend("reference", total, list(module.normalized_shape), module.weight,
-                                                   module.bias, module.eps)
+        out, _, _ = _layer_norm_point.call_backend(
+            "reference", total, list(module.normalized_shape), module.weight, module.bias, module.eps
+        )
         return out, total
     return add_norm(x, residual, module)
 
@@ -186,8 +202,9 @@ def glu_flavor(activation: object) -> GluFlavor | None:
     """The gated op for ``act(gate) * up`` with this activation: a SiLU (``F.silu``,
     ``torch.nn.SiLU``) -> SwiGLU, a GELU llmkit fuses (:func:`gelu_approximate`) -> GeGLU;
     None for anything else."""
-    if activation is F.silu or (isinstance(activation, nn.SiLU) and type(activation) is nn.SiLU
-                                and not _hooked(activation)):
+    if activation is F.silu or (
+        isinstance(activation, nn.SiLU) and type(activation) is nn.SiLU and not _hooked(activation)
+    ):
         return "swiglu", None
     approx = gelu_approximate(activation)
     return ("geglu", approx) if approx is not None else None
@@ -199,8 +216,14 @@ def glu(gate: Tensor, up: Tensor, flavor: GluFlavor) -> Tensor:
     return ops.swiglu(gate, up) if kind == "swiglu" else ops.geglu(gate, up, approx or "none")
 
 
-def gated_mlp(x: Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
-              activation: Callable[[Tensor], Tensor] | None, flavor: GluFlavor | None = None) -> Tensor:
+def gated_mlp(
+    x: Tensor,
+    gate_proj: nn.Module,
+    up_proj: nn.Module,
+    down_proj: nn.Module,
+    activation: Callable[[Tensor], Tensor] | None,
+    flavor: GluFlavor | None = None,
+) -> Tensor:
     """``down_proj(activation(gate_proj(x)) * up_proj(x))``: the gated feed-forward of LLMs.
 
     ``x``: ``(*, hidden)``; returns ``(*, hidden_out)``. The activation and product run as one

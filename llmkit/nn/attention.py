@@ -94,9 +94,7 @@ def merge_masks(
                 )
             am = attn_mask.view(batch, heads, tgt_len, src_len)
         else:
-            raise RuntimeError(
-                f"MultiheadAttention: attn_mask must be 2D or 3D, got {attn_mask.dim()}D"
-            )
+            raise RuntimeError(f"MultiheadAttention: attn_mask must be 2D or 3D, got {attn_mask.dim()}D")
     kpm = None
     if key_padding_mask is not None:
         _check_mask_dtype("key_padding_mask", key_padding_mask)
@@ -153,9 +151,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         if reason:
             _say_once(reason)
             return super().forward(
-                query, key, value, key_padding_mask=key_padding_mask,
-                need_weights=need_weights, attn_mask=attn_mask,
-                average_attn_weights=average_attn_weights, is_causal=is_causal,
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
             )
         return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
 
@@ -181,8 +184,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> Tensor:
         if query.dim() not in (2, 3):
             raise ValueError(
-                f"MultiheadAttention: query must be 2D (L, E) or 3D (batched), got shape "
-                f"{list(query.shape)}"
+                f"MultiheadAttention: query must be 2D (L, E) or 3D (batched), got shape {list(query.shape)}"
             )
         batched = query.dim() == 3
         for name, t in (("key", key), ("value", value)):
@@ -209,8 +211,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             src_len = key.shape[1]
         if embed != self.embed_dim:
             raise ValueError(
-                f"MultiheadAttention: query has embedding size {embed}; it must be embed_dim "
-                f"({self.embed_dim})"
+                f"MultiheadAttention: query has embedding size {embed}; it must be embed_dim ({self.embed_dim})"
             )
         kb = key.shape[1] if seq_first else key.shape[0]
         ks = key.shape[0] if seq_first else key.shape[1]
@@ -242,9 +243,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             mask = None  # the hint stands for the mask: the causal kernel needs no mask
         else:
             is_causal = False
-            mask = merge_masks(
-                attn_mask, key_padding_mask, batch, heads, tgt_len, src_len, qh.dtype
-            )
+            mask = merge_masks(attn_mask, key_padding_mask, batch, heads, tgt_len, src_len, qh.dtype)
         dropout_p = self.dropout if self.training else 0.0
         out = ops.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal

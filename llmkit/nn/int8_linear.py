@@ -121,8 +121,15 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear.from_float: the weight is on the meta device (not materialized)")
         out_features, in_features = weight.shape
         bias = cast("Tensor | None", module.bias)
-        layer = cls(in_features, out_features, bias=bias is not None, mode=mode, activation=activation,
-                    device=weight.device, dtype=bias.dtype if bias is not None else None)
+        layer = cls(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            mode=mode,
+            activation=activation,
+            device=weight.device,
+            dtype=bias.dtype if bias is not None else None,
+        )
         layer.set_float_weight(weight)
         if bias is not None and layer.bias is not None:  # (the layer has a bias when the module has)
             layer.bias.data.copy_(bias.detach())
@@ -159,7 +166,8 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"mode={self.mode!r}" + (f", activation={self.activation!r}" if self.activation != "none" else "")
+            f"mode={self.mode!r}"
+            + (f", activation={self.activation!r}" if self.activation != "none" else "")
             + f", weight=int8{list(self.weight.shape)}, weight_scale=float32{list(self.weight_scale.shape)}"
         )
 
@@ -173,14 +181,11 @@ class Int8Linear(nn.Module):
             self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         weight = state_dict.get(prefix + "weight")
-        if (
-            isinstance(weight, Tensor)
-            and weight.dtype.is_floating_point
-            and prefix + "weight_scale" not in state_dict
-        ):
+        if isinstance(weight, Tensor) and weight.dtype.is_floating_point and prefix + "weight_scale" not in state_dict:
             # A float nn.Linear state dict: quantize its weight.
             state_dict = dict(state_dict)
             try:
@@ -190,5 +195,6 @@ class Int8Linear(nn.Module):
                 return
             state_dict[prefix + "weight"] = self.weight.detach().clone()
             state_dict[prefix + "weight_scale"] = self.weight_scale.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -28,12 +28,20 @@ class GatedMLP(nn.Module):
     The backward recomputes the activation from ``gate`` and ``up`` instead of storing it.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if activation not in _FLAVORS:
-            raise ValueError(f"GatedMLP: activation must be one of {', '.join(map(repr, _FLAVORS))}, "
-                             f"got {activation!r}")
+            raise ValueError(
+                f"GatedMLP: activation must be one of {', '.join(map(repr, _FLAVORS))}, got {activation!r}"
+            )
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias, device, dtype)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias, device, dtype)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias, device, dtype)

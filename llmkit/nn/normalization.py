@@ -50,8 +50,17 @@ class RMSNorm(torch.nn.RMSNorm):
     offset: float = 0.0
     cast_before_weight: bool = False
 
-    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, offset: float = 0.0, cast_before_weight: bool = False) -> None:
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        offset: float = 0.0,
+        cast_before_weight: bool = False,
+    ) -> None:
         # set before torch.nn.RMSNorm's __init__, which calls reset_parameters
         self.offset, self.cast_before_weight = float(offset), bool(cast_before_weight)
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
@@ -61,10 +70,20 @@ class RMSNorm(torch.nn.RMSNorm):
             torch.nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def extra_repr(self) -> str:
-        extra = "".join([f", offset={self.offset}" if self.offset else "",
-                         ", cast_before_weight=True" if self.cast_before_weight else ""])
+        extra = "".join(
+            [
+                f", offset={self.offset}" if self.offset else "",
+                ", cast_before_weight=True" if self.cast_before_weight else "",
+            ]
+        )
         return super().extra_repr() + extra
 
     def forward(self, input: Tensor) -> Tensor:
-        return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=self.offset,
-                            cast_before_weight=self.cast_before_weight)
+        return ops.rms_norm(
+            input,
+            self.normalized_shape,
+            self.weight,
+            self.eps,
+            offset=self.offset,
+            cast_before_weight=self.cast_before_weight,
+        )

@@ -80,8 +80,17 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
-            batch_first, norm_first, bias, device=device, dtype=dtype,
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            device=device,
+            dtype=dtype,
         )
         convert_(self)
 
@@ -130,8 +139,17 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
-            batch_first, norm_first, bias, device=device, dtype=dtype,
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            device=device,
+            dtype=dtype,
         )
         convert_(self)
 
@@ -199,9 +217,7 @@ class TransformerEncoder(nn.TransformerEncoder):
         zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
         output = src
         for layer in self.layers:
-            output = layer(
-                output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask
-            )
+            output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
         if zero_padding and src_key_padding_mask is not None:  # (nesting needs a padding mask)
             output = output.masked_fill(_padding_positions(src_key_padding_mask)[..., None], 0.0)
         if self.norm is not None:
@@ -236,10 +252,18 @@ class TransformerEncoder(nn.TransformerEncoder):
                 return False
         if torch.is_grad_enabled():
             params = (
-                first.self_attn.in_proj_weight, first.self_attn.in_proj_bias,
-                first.self_attn.out_proj.weight, first.self_attn.out_proj.bias,
-                first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
-                first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias,
+                first.self_attn.in_proj_weight,
+                first.self_attn.in_proj_bias,
+                first.self_attn.out_proj.weight,
+                first.self_attn.out_proj.bias,
+                first.norm1.weight,
+                first.norm1.bias,
+                first.norm2.weight,
+                first.norm2.bias,
+                first.linear1.weight,
+                first.linear1.bias,
+                first.linear2.weight,
+                first.linear2.bias,
             )
             if src.requires_grad or any(p is not None and p.requires_grad for p in params):
                 return False
@@ -330,9 +354,21 @@ class Transformer(nn.Transformer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
-            activation, custom_encoder, custom_decoder, layer_norm_eps, batch_first,
-            norm_first, bias, device=device, dtype=dtype,
+            d_model,
+            nhead,
+            num_encoder_layers,
+            num_decoder_layers,
+            dim_feedforward,
+            dropout,
+            activation,
+            custom_encoder,
+            custom_decoder,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            device=device,
+            dtype=dtype,
         )
         if custom_encoder is None:
             convert_(self.encoder)

@@ -36,8 +36,14 @@ def capacity(key_cache: Tensor, block_table: Tensor | None) -> int:
 
 
 def check_decode_args(
-    op: str, query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor, scale: float,
-    block_table: Tensor | None = None, cache_batch_idx: Tensor | None = None,
+    op: str,
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    block_table: Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices of a decode call (never the tensors' values).
 
@@ -57,13 +63,19 @@ def check_decode_args(
             )
     V.check_tensor(op, "cache_seqlens", cache_seqlens)
     V.check_dtype(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES)
-    V.check_same_device(op, query=query, key_cache=key_cache, value_cache=value_cache,
-                        cache_seqlens=cache_seqlens, block_table=block_table, cache_batch_idx=cache_batch_idx)
+    V.check_same_device(
+        op,
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        cache_seqlens=cache_seqlens,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
+    )
     b = query.shape[0]
     if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != b:
         raise ValueError(
-            f"{op}: cache_seqlens has shape {list(cache_seqlens.shape)}; it must be "
-            f"[{b}], one length per sequence"
+            f"{op}: cache_seqlens has shape {list(cache_seqlens.shape)}; it must be [{b}], one length per sequence"
         )
     if key_cache.shape[:3] != value_cache.shape[:3]:
         what = "blocks, block size and heads" if paged(block_table) else "batch, heads and length"
@@ -78,13 +90,10 @@ def check_decode_args(
     hq, hkv = query.shape[1], cache_heads(key_cache, block_table)
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(
-            f"{op}: the number of query heads ({hq}) must be a multiple of the number of "
-            f"key/value heads ({hkv})"
+            f"{op}: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})"
         )
     if query.shape[-1] != key_cache.shape[-1]:
-        raise ValueError(
-            f"{op}: head dims disagree: query has {query.shape[-1]}, key_cache has {key_cache.shape[-1]}"
-        )
+        raise ValueError(f"{op}: head dims disagree: query has {query.shape[-1]}, key_cache has {key_cache.shape[-1]}")
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
 
@@ -107,8 +116,9 @@ def _check_contiguous(op: str, query: Tensor, key_cache: Tensor, cache_batch_idx
         )
 
 
-def _check_paged(op: str, query: Tensor, key_cache: Tensor, block_table: Tensor | None,
-                 cache_batch_idx: Tensor | None) -> None:
+def _check_paged(
+    op: str, query: Tensor, key_cache: Tensor, block_table: Tensor | None, cache_batch_idx: Tensor | None
+) -> None:
     assert block_table is not None
     V.check_tensor(op, "block_table", block_table)
     V.check_dtype(op, "block_table", block_table, (torch.int32,))
@@ -131,8 +141,12 @@ def _check_paged(op: str, query: Tensor, key_cache: Tensor, block_table: Tensor 
 
 
 def check_decode_values(
-    op: str, key_cache: Tensor, cache_seqlens: Tensor, block_table: Tensor | None,
-    cache_batch_idx: Tensor | None, writes: int = 0,
+    op: str,
+    key_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    cache_batch_idx: Tensor | None,
+    writes: int = 0,
 ) -> None:
     """The values of CPU tensors: lengths in ``[0, capacity]``, the block table's entries that
     hold a position the call reads (or, with ``writes`` new tokens appended, writes) in
@@ -170,14 +184,18 @@ def check_decode_values(
             )
         if writes and torch.unique(cache_batch_idx).numel() != cache_batch_idx.numel():
             raise ValueError(
-                f"{op}: cache_batch_idx repeats a cache row; appending k_new / v_new would write "
-                "that row twice"
+                f"{op}: cache_batch_idx repeats a cache row; appending k_new / v_new would write that row twice"
             )
 
 
 def check_new_tokens(
-    op: str, query: Tensor, key_cache: Tensor, value_cache: Tensor, k_new: Tensor | None,
-    v_new: Tensor | None, block_table: Tensor | None,
+    op: str,
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    k_new: Tensor | None,
+    v_new: Tensor | None,
+    block_table: Tensor | None,
 ) -> int:
     """``k_new (B, Hkv, T_new, D)`` / ``v_new (B, Hkv, T_new, Dv)``: both or neither, the
     caches' dtype and device. Returns ``T_new`` (0 without them)."""

@@ -34,7 +34,6 @@ def check_norm(
     return ns
 
 
-
 def check_rms_options(op: str, weight: Tensor | None, offset: float, cast_before_weight: bool) -> None:
     if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
         raise ValueError(f"{op}: offset must be a finite number, got {offset!r}")
@@ -44,7 +43,6 @@ def check_rms_options(op: str, weight: Tensor | None, offset: float, cast_before
         raise TypeError(f"{op}: cast_before_weight must be a bool, got {cast_before_weight!r}")
 
 
-
 def check_dropout(op: str, dropout_p: float, seed: int) -> None:
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -52,10 +50,18 @@ def check_dropout(op: str, dropout_p: float, seed: int) -> None:
         raise TypeError(f"{op}: seed must be an int, got {seed!r}")
 
 
-
-def check_add_backward(op: str, grad_out: Tensor, grad_residual_out: Tensor, residual_out: Tensor,
-                        normalized_shape: Sequence[int], params: dict[str, Tensor | None], stats: dict[str, Tensor],
-                        output_mask: Sequence[bool], dropout_p: float, seed: int) -> list[int]:
+def check_add_backward(
+    op: str,
+    grad_out: Tensor,
+    grad_residual_out: Tensor,
+    residual_out: Tensor,
+    normalized_shape: Sequence[int],
+    params: dict[str, Tensor | None],
+    stats: dict[str, Tensor],
+    output_mask: Sequence[bool],
+    dropout_p: float,
+    seed: int,
+) -> list[int]:
     """An ``add_*_norm`` backward: ``grad_residual_out`` like ``residual_out``; ``grad_out`` of its
     shape in the output's dtype (``residual_out``'s, or float16 / bfloat16 for a float32 residual
     stream); weight / bias and statistics as for a forward input of ``grad_out``'s dtype."""
@@ -65,31 +71,34 @@ def check_add_backward(op: str, grad_out: Tensor, grad_residual_out: Tensor, res
     V.check_grad(op, "grad_residual_out", grad_residual_out, residual_out, "residual_out")
     V.check_tensor(op, "grad_out", grad_out)
     if grad_out.shape != residual_out.shape:
-        raise ValueError(f"{op}: grad_out has shape {list(grad_out.shape)}; it must equal residual_out's shape "
-                         f"{list(residual_out.shape)}")
+        raise ValueError(
+            f"{op}: grad_out has shape {list(grad_out.shape)}; it must equal residual_out's shape "
+            f"{list(residual_out.shape)}"
+        )
     half_out = residual_out.dtype == torch.float32 and grad_out.dtype in V.HALF_DTYPES
     if grad_out.dtype != residual_out.dtype and not half_out:
-        raise TypeError(f"{op}: grad_out has dtype {V.dtype_name(grad_out.dtype)}; it must be residual_out's dtype "
-                        f"{V.dtype_name(residual_out.dtype)} (or float16 / bfloat16 with a float32 residual_out)")
+        raise TypeError(
+            f"{op}: grad_out has dtype {V.dtype_name(grad_out.dtype)}; it must be residual_out's dtype "
+            f"{V.dtype_name(residual_out.dtype)} (or float16 / bfloat16 with a float32 residual_out)"
+        )
     for name, p in params.items():
         V.check_affine(op, name, p, ns, grad_out)
     lead = list(residual_out.shape[: residual_out.dim() - len(ns)])
     for name, t in stats.items():
         V.check_saved(op, name, t, lead, V.stats_dtype(grad_out.dtype), "one per row of residual_out")
-    V.check_same_device(op, residual_out=residual_out, grad_out=grad_out, grad_residual_out=grad_residual_out,
-                        **params, **stats)
+    V.check_same_device(
+        op, residual_out=residual_out, grad_out=grad_out, grad_residual_out=grad_residual_out, **params, **stats
+    )
     V.check_output_mask(op, output_mask, 1 + len(params))
     check_dropout(op, dropout_p, seed)
     return ns
-
 
 
 def check_residual(op: str, input: Tensor, residual: Tensor, residual_in_fp32: bool = False) -> None:
     V.check_tensor(op, "residual", residual)
     if residual.shape != input.shape:
         raise ValueError(
-            f"{op}: residual has shape {list(residual.shape)}; it must equal input's shape "
-            f"{list(input.shape)}"
+            f"{op}: residual has shape {list(residual.shape)}; it must equal input's shape {list(input.shape)}"
         )
     if not isinstance(residual_in_fp32, bool):
         raise TypeError(f"{op}: residual_in_fp32 must be a bool, got {residual_in_fp32!r}")

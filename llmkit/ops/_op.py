@@ -77,19 +77,32 @@ class Op(Generic[C]):
             result on every path (e.g. a memory layout the op promises).
     """
 
-    def __init__(self, name: str, call: type[C], returns: Any, point: DispatchPoint,
-                 validate: Callable[[C], object], fake: Callable[[C], Any],
-                 check_values: Callable[[C], object] | None = None,
-                 finish: Callable[[C, Any], Any] | None = None):
+    def __init__(
+        self,
+        name: str,
+        call: type[C],
+        returns: Any,
+        point: DispatchPoint,
+        validate: Callable[[C], object],
+        fake: Callable[[C], Any],
+        check_values: Callable[[C], object] | None = None,
+        finish: Callable[[C, Any], Any] | None = None,
+    ):
         self.name, self.call, self.point, self.validate = name, call, point, validate
         self.check_values, self.finish = check_values, finish
         self._validated = FP.ValidatedSignatures()
         hints = typing.get_type_hints(call)
         # a field with a default (an option added later) keeps calls written without it valid
         defaults = getattr(call, "_field_defaults", {})
-        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n],
-                                    default=defaults.get(n, inspect.Parameter.empty))
-                  for n in call._fields]  # type: ignore[attr-defined]
+        params = [
+            inspect.Parameter(
+                n,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=hints[n],
+                default=defaults.get(n, inspect.Parameter.empty),
+            )
+            for n in call._fields
+        ]  # type: ignore[attr-defined]
 
         def run(*args: Any, **kwargs: Any) -> Any:
             c = call(*args, **kwargs)

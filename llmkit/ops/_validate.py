@@ -144,7 +144,7 @@ def normalized_rows(
     ns = shape_list(op, "normalized_shape", normalized_shape)
     if len(ns) == 0:
         raise ValueError(f"{op}: normalized_shape must name at least one dimension, got []")
-    if len(ns) > input.dim() or list(input.shape[input.dim() - len(ns):]) != ns:
+    if len(ns) > input.dim() or list(input.shape[input.dim() - len(ns) :]) != ns:
         raise ValueError(
             f"{op}: normalized_shape {ns} must equal the trailing dimensions of {input_name}, "
             f"whose shape is {list(input.shape)}"
@@ -167,8 +167,7 @@ def check_affine(
     check_tensor(op, name, param)
     if list(param.shape) != list(normalized_shape):
         raise ValueError(
-            f"{op}: {name} has shape {list(param.shape)}; it must equal normalized_shape "
-            f"{list(normalized_shape)}"
+            f"{op}: {name} has shape {list(param.shape)}; it must equal normalized_shape {list(normalized_shape)}"
         )
     allowed = (input.dtype, torch.float32) if input.dtype in HALF_DTYPES else (input.dtype,)
     if param.dtype not in allowed:
@@ -204,16 +203,13 @@ def check_grad(op: str, name: str, grad: object, like: torch.Tensor, like_name: 
         )
     if grad.dtype != like.dtype:
         raise TypeError(
-            f"{op}: {name} has dtype {dtype_name(grad.dtype)}; it must be {like_name}'s dtype "
-            f"{dtype_name(like.dtype)}"
+            f"{op}: {name} has dtype {dtype_name(grad.dtype)}; it must be {like_name}'s dtype {dtype_name(like.dtype)}"
         )
     check_same_device(op, **{like_name: like, name: grad})
     return grad
 
 
-def check_saved(
-    op: str, name: str, t: object, shape: Sequence[int], dtype: torch.dtype, what: str
-) -> torch.Tensor:
+def check_saved(op: str, name: str, t: object, shape: Sequence[int], dtype: torch.dtype, what: str) -> torch.Tensor:
     """A tensor the forward saved (statistics, lse): exactly ``shape`` and ``dtype``; returns it."""
     t = check_tensor(op, name, t)
     if list(t.shape) != list(shape):

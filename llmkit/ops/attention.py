@@ -135,13 +135,9 @@ def check_qkv(op: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bo
     V.check_same_device(op, query=query, key=key, value=value)
     b = query.shape[0]
     if key.shape[0] != b or value.shape[0] != b:
-        raise ValueError(
-            f"{op}: batch sizes disagree: query {b}, key {key.shape[0]}, value {value.shape[0]}"
-        )
+        raise ValueError(f"{op}: batch sizes disagree: query {b}, key {key.shape[0]}, value {value.shape[0]}")
     if key.shape[1] != value.shape[1]:
-        raise ValueError(
-            f"{op}: key has {key.shape[1]} heads but value has {value.shape[1]}; they must match"
-        )
+        raise ValueError(f"{op}: key has {key.shape[1]} heads but value has {value.shape[1]}; they must match")
     hq, hkv = query.shape[1], key.shape[1]
     if enable_gqa:
         if hkv == 0 or hq % hkv != 0:
@@ -151,18 +147,14 @@ def check_qkv(op: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bo
             )
     elif hq != hkv:
         raise ValueError(
-            f"{op}: query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for "
-            "grouped-query attention"
+            f"{op}: query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention"
         )
     if key.shape[2] != value.shape[2]:
         raise ValueError(
-            f"{op}: key has sequence length {key.shape[2]} but value has {value.shape[2]}; "
-            "they must match"
+            f"{op}: key has sequence length {key.shape[2]} but value has {value.shape[2]}; they must match"
         )
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(
-            f"{op}: head dims disagree: query has {query.shape[-1]}, key has {key.shape[-1]}"
-        )
+        raise ValueError(f"{op}: head dims disagree: query has {query.shape[-1]}, key has {key.shape[-1]}")
 
 
 def check_mask(op: str, attn_mask: Tensor | None, query: Tensor, key: Tensor) -> None:
@@ -215,8 +207,9 @@ def check_sdpa_args(
         raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
 
 
-def check_llm_options(op: str, query: Tensor, window_left: int, window_right: int, softcap: float,
-                      alibi_slopes: Tensor | None) -> None:
+def check_llm_options(
+    op: str, query: Tensor, window_left: int, window_right: int, softcap: float, alibi_slopes: Tensor | None
+) -> None:
     """Sliding window sizes (ints >= -1), softcap (a finite number >= 0; 0 = none) and ALiBi
     slopes (a float tensor (Hq,) or (B, Hq) on the query's device, without gradient)."""
     for name, w in (("window_size[0] (left)", window_left), ("window_size[1] (right)", window_right)):
@@ -236,8 +229,9 @@ def check_llm_options(op: str, query: Tensor, window_left: int, window_right: in
         )
     V.check_same_device(op, query=query, alibi_slopes=alibi_slopes)
     if alibi_slopes.requires_grad:
-        raise ValueError(f"{op}: alibi_slopes requires grad, but llmkit computes no gradient for them; "
-                         "pass alibi_slopes.detach()")
+        raise ValueError(
+            f"{op}: alibi_slopes requires grad, but llmkit computes no gradient for them; pass alibi_slopes.detach()"
+        )
 
 
 def check_sdpa_backward_args(
@@ -319,8 +313,9 @@ def check_attention(c: AttentionCall) -> None:
 
 
 def check_attention_backward(c: AttentionBackwardCall) -> None:
-    check_sdpa_backward_args(_BWD, c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask, c.dropout_p,
-                             c.scale, c.enable_gqa)
+    check_sdpa_backward_args(
+        _BWD, c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask, c.dropout_p, c.scale, c.enable_gqa
+    )
     check_llm_options(_BWD, c.query, c.window_left, c.window_right, c.softcap, c.alibi_slopes)
 
 
@@ -359,11 +354,23 @@ def _in_query_layout(c: AttentionCall, result: tuple[Tensor, Tensor]) -> tuple[T
     return as_query_layout(out, c.query), lse
 
 
-ATTENTION = Op("scaled_dot_product_attention", AttentionCall, tuple[Tensor, Tensor], attention_forward,
-               check_attention, _fake, finish=_in_query_layout)
-ATTENTION_BACKWARD = Op("scaled_dot_product_attention_backward", AttentionBackwardCall,
-                        tuple[Tensor, Tensor, Tensor, Tensor], attention_backward, check_attention_backward,
-                        _fake_backward)
+ATTENTION = Op(
+    "scaled_dot_product_attention",
+    AttentionCall,
+    tuple[Tensor, Tensor],
+    attention_forward,
+    check_attention,
+    _fake,
+    finish=_in_query_layout,
+)
+ATTENTION_BACKWARD = Op(
+    "scaled_dot_product_attention_backward",
+    AttentionBackwardCall,
+    tuple[Tensor, Tensor, Tensor, Tensor],
+    attention_backward,
+    check_attention_backward,
+    _fake_backward,
+)
 
 
 def _setup(ctx, c: AttentionCall, output) -> None:
@@ -380,8 +387,22 @@ def _backward(ctx, grad_out, _grad_lse):
     need = ctx.needs_input_grad
     mask_grad = bool(need[3] and attn_mask is not None and attn_mask.dtype != torch.bool)
     dq, dk, dv, dmask = torch.ops.llmkit.scaled_dot_product_attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
-        enable_gqa, seed, offset, mask_grad, *ctx.options, alibi_slopes,
+        grad_out,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        seed,
+        offset,
+        mask_grad,
+        *ctx.options,
+        alibi_slopes,
     )
     return (
         dq if need[0] else None,
@@ -407,37 +428,63 @@ def _draw_seed() -> int:
 _ALIGNMENTS = ("top_left", "bottom_right")
 
 
-def _causal_bias(op: str, attn_mask, is_causal: bool, causal_alignment: str, query: Tensor,
-                 key: Tensor) -> tuple[bool, str]:
+def _causal_bias(
+    op: str, attn_mask, is_causal: bool, causal_alignment: str, query: Tensor, key: Tensor
+) -> tuple[bool, str]:
     """torch's ``causal_upper_left`` / ``causal_lower_right`` object as ``(is_causal, alignment)``."""
     variant, sq, sk = causal_bias_variant(attn_mask)  # type: ignore[misc]
     if is_causal:
-        raise ValueError(f"{op}: attn_mask is torch's CausalBias ({variant} causal) and is_causal=True; "
-                         "give one of them")
+        raise ValueError(
+            f"{op}: attn_mask is torch's CausalBias ({variant} causal) and is_causal=True; give one of them"
+        )
     if causal_alignment != "top_left" and causal_alignment != variant:
-        raise ValueError(f"{op}: attn_mask is torch's {variant} CausalBias but causal_alignment="
-                         f"{causal_alignment!r}; they must agree")
+        raise ValueError(
+            f"{op}: attn_mask is torch's {variant} CausalBias but causal_alignment="
+            f"{causal_alignment!r}; they must agree"
+        )
     if (sq, sk) != (query.shape[-2], key.shape[-2]):
-        raise ValueError(f"{op}: attn_mask is a CausalBias for (Sq, Sk) = ({sq}, {sk}) but query and key "
-                         f"have ({query.shape[-2]}, {key.shape[-2]})")
+        raise ValueError(
+            f"{op}: attn_mask is a CausalBias for (Sq, Sk) = ({sq}, {sk}) but query and key "
+            f"have ({query.shape[-2]}, {key.shape[-2]})"
+        )
     return True, variant
 
 
 @overload
 def scaled_dot_product_attention(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
-    causal_alignment: str = "top_left", window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Tensor | None = None, return_lse: Literal[False] = False,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    causal_alignment: str = "top_left",
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    return_lse: Literal[False] = False,
 ) -> Tensor: ...
 
 
 @overload
 def scaled_dot_product_attention(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
-    causal_alignment: str = "top_left", window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Tensor | None = None, return_lse: Literal[True],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    causal_alignment: str = "top_left",
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -511,8 +558,9 @@ def scaled_dot_product_attention(
             )
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         if alibi_slopes is not None and alibi_slopes.dim() == 2:
-            raise ValueError(f"{op}: an unbatched query takes alibi_slopes of shape (Hq,), got "
-                             f"{list(alibi_slopes.shape)}")
+            raise ValueError(
+                f"{op}: an unbatched query takes alibi_slopes of shape (Hq,), got {list(alibi_slopes.shape)}"
+            )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     elif type(scale) is not float:
@@ -523,9 +571,25 @@ def scaled_dot_product_attention(
         softcap = V.check_number(op, "softcap", softcap)
     seed = _draw_seed() if dropout_p > 0.0 else 0
     left, right = window_size
-    out, lse = ATTENTION(AttentionCall(query, key, value, attn_mask, dropout_p, bool(is_causal), scale,
-                                       bool(enable_gqa), seed, 0, left, right, causal_alignment == "bottom_right",
-                                       softcap, alibi_slopes))
+    out, lse = ATTENTION(
+        AttentionCall(
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            bool(is_causal),
+            scale,
+            bool(enable_gqa),
+            seed,
+            0,
+            left,
+            right,
+            causal_alignment == "bottom_right",
+            softcap,
+            alibi_slopes,
+        )
+    )
     if unbatched:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out

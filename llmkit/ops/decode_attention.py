@@ -78,8 +78,7 @@ def contiguous_cache(c: DecodeAttentionCall, n_positions: int | None = None) -> 
         n = cap if n_positions is None else min(n_positions, cap)
         table = c.block_table[:, : -(-n // bs)].to(torch.int64).clamp(0, max(n_blocks - 1, 0))
         b, nb = table.shape
-        k, v = (x[table].reshape(b, nb * bs, *x.shape[2:])[:, :n].transpose(1, 2)
-                for x in (c.key_cache, c.value_cache))
+        k, v = (x[table].reshape(b, nb * bs, *x.shape[2:])[:, :n].transpose(1, 2) for x in (c.key_cache, c.value_cache))
         return k, v
     k, v = c.key_cache, c.value_cache
     if c.cache_batch_idx is not None:
@@ -90,8 +89,15 @@ def contiguous_cache(c: DecodeAttentionCall, n_positions: int | None = None) -> 
     return k, v
 
 
-def append_kv(key_cache: Tensor, value_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor,
-              block_table: Tensor | None, cache_batch_idx: Tensor | None) -> None:
+def append_kv(
+    key_cache: Tensor,
+    value_cache: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    cache_batch_idx: Tensor | None,
+) -> None:
     """Write ``k_new`` / ``v_new (B, Hkv, T_new, D[v])`` into the caches at positions
     ``cache_seqlens[b] .. + T_new - 1`` of each sequence (in place; contiguous or paged).
     Indexed writes, no host sync: GPU lengths are never read back."""
@@ -120,8 +126,9 @@ _OP = "decode_attention"
 def _validate(c: DecodeAttentionCall) -> None:
     # every check but the tensors' values: the fake also runs for real tensors when one of them
     # is on the meta device (the dispatcher then picks it), and the fast path caches this part
-    check_decode_args(_OP, c.query, c.key_cache, c.value_cache, c.cache_seqlens, c.scale, c.block_table,
-                      c.cache_batch_idx)
+    check_decode_args(
+        _OP, c.query, c.key_cache, c.value_cache, c.cache_seqlens, c.scale, c.block_table, c.cache_batch_idx
+    )
 
 
 def _fake(c: DecodeAttentionCall) -> tuple[Tensor, Tensor]:
@@ -130,7 +137,12 @@ def _fake(c: DecodeAttentionCall) -> tuple[Tensor, Tensor]:
 
 
 DECODE_ATTENTION = Op(
-    "decode_attention", DecodeAttentionCall, tuple[Tensor, Tensor], decode_attention_forward, _validate, _fake,
+    "decode_attention",
+    DecodeAttentionCall,
+    tuple[Tensor, Tensor],
+    decode_attention_forward,
+    _validate,
+    _fake,
     check_values=lambda c: check_decode_values(_OP, c.key_cache, c.cache_seqlens, c.block_table, c.cache_batch_idx),
 )
 
@@ -142,17 +154,35 @@ DECODE_ATTENTION = Op(
 
 @overload
 def decode_attention(
-    query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor, scale: float | None = None,
-    is_causal: bool = True, *, k_new: Tensor | None = None, v_new: Tensor | None = None,
-    block_table: Tensor | None = None, cache_batch_idx: Tensor | None = None, return_lse: Literal[False] = False,
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float | None = None,
+    is_causal: bool = True,
+    *,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
+    block_table: Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    return_lse: Literal[False] = False,
 ) -> Tensor: ...
 
 
 @overload
 def decode_attention(
-    query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor, scale: float | None = None,
-    is_causal: bool = True, *, k_new: Tensor | None = None, v_new: Tensor | None = None,
-    block_table: Tensor | None = None, cache_batch_idx: Tensor | None = None, return_lse: Literal[True],
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    scale: float | None = None,
+    is_causal: bool = True,
+    *,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
+    block_table: Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -212,8 +242,9 @@ def decode_attention(
     elif type(scale) is not float:
         scale = V.check_number(op, "scale", scale)
     V.check_no_grad(op, query=query, key_cache=key_cache, value_cache=value_cache, k_new=k_new, v_new=v_new)
-    c = DecodeAttentionCall(query, key_cache, value_cache, cache_seqlens, scale, bool(is_causal), block_table,
-                            cache_batch_idx)
+    c = DecodeAttentionCall(
+        query, key_cache, value_cache, cache_seqlens, scale, bool(is_causal), block_table, cache_batch_idx
+    )
     if k_new is not None or v_new is not None:
         _validate(c)
         t_new = check_new_tokens(op, query, key_cache, value_cache, k_new, v_new, block_table)

@@ -113,13 +113,25 @@ def check_bias_gelu_backward(c: BiasGeluBackwardCall) -> None:
 # --------------------------------------------------------------------------------------
 
 GELU = Op("gelu", GeluCall, Tensor, gelu_forward, check_gelu, lambda c: c.input.new_empty(c.input.shape))
-GELU_BACKWARD = Op("gelu_backward", GeluBackwardCall, Tensor, gelu_backward, check_gelu_backward,
-                   lambda c: c.input.new_empty(c.input.shape))
-BIAS_GELU = Op("bias_gelu", BiasGeluCall, Tensor, bias_gelu_forward, check_bias_gelu,
-               lambda c: c.input.new_empty(c.input.shape))
-BIAS_GELU_BACKWARD = Op("bias_gelu_backward", BiasGeluBackwardCall, tuple[Tensor, Tensor], bias_gelu_backward,
-                        check_bias_gelu_backward,
-                        lambda c: (c.input.new_empty(c.input.shape), c.bias.new_empty(c.bias.shape)))
+GELU_BACKWARD = Op(
+    "gelu_backward",
+    GeluBackwardCall,
+    Tensor,
+    gelu_backward,
+    check_gelu_backward,
+    lambda c: c.input.new_empty(c.input.shape),
+)
+BIAS_GELU = Op(
+    "bias_gelu", BiasGeluCall, Tensor, bias_gelu_forward, check_bias_gelu, lambda c: c.input.new_empty(c.input.shape)
+)
+BIAS_GELU_BACKWARD = Op(
+    "bias_gelu_backward",
+    BiasGeluBackwardCall,
+    tuple[Tensor, Tensor],
+    bias_gelu_backward,
+    check_bias_gelu_backward,
+    lambda c: (c.input.new_empty(c.input.shape), c.bias.new_empty(c.bias.shape)),
+)
 
 
 def _gelu_setup(ctx, c: GeluCall, output) -> None:

@@ -111,11 +111,23 @@ def _like(t: Tensor) -> Tensor:
 
 
 GEGLU = Op("geglu", GegluCall, Tensor, geglu_forward, check_geglu, lambda c: _like(c.gate))
-GEGLU_BACKWARD = Op("geglu_backward", GegluBackwardCall, tuple[Tensor, Tensor], geglu_backward,
-                    check_geglu_backward, lambda c: (_like(c.gate), _like(c.gate)))
+GEGLU_BACKWARD = Op(
+    "geglu_backward",
+    GegluBackwardCall,
+    tuple[Tensor, Tensor],
+    geglu_backward,
+    check_geglu_backward,
+    lambda c: (_like(c.gate), _like(c.gate)),
+)
 SWIGLU = Op("swiglu", SwigluCall, Tensor, swiglu_forward, check_swiglu, lambda c: _like(c.gate))
-SWIGLU_BACKWARD = Op("swiglu_backward", SwigluBackwardCall, tuple[Tensor, Tensor], swiglu_backward,
-                     check_swiglu_backward, lambda c: (_like(c.gate), _like(c.gate)))
+SWIGLU_BACKWARD = Op(
+    "swiglu_backward",
+    SwigluBackwardCall,
+    tuple[Tensor, Tensor],
+    swiglu_backward,
+    check_swiglu_backward,
+    lambda c: (_like(c.gate), _like(c.gate)),
+)
 
 
 def _geglu_setup(ctx, c: GegluCall, output) -> None:

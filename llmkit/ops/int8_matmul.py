@@ -155,9 +155,7 @@ def check_int8_matmul_args(
         if bias is not None:
             raise ValueError(f"{op}: bias needs a_scale and b_scale (the int32 output has no epilogue)")
         if out_dtype not in (None, torch.int32):
-            raise ValueError(
-                f"{op}: without scales the output is int32, got out_dtype={V.dtype_name(out_dtype)}"
-            )
+            raise ValueError(f"{op}: without scales the output is int32, got out_dtype={V.dtype_name(out_dtype)}")
     else:
         a_scale = V.check_tensor(op, "a_scale", a_scale)
         b_scale = V.check_tensor(op, "b_scale", b_scale)
@@ -177,8 +175,7 @@ def check_int8_matmul_args(
             )
         if out_dtype is not None and out_dtype not in OUT_DTYPES:
             raise TypeError(
-                f"{op}: out_dtype {V.dtype_name(out_dtype)} is not supported; use float16, "
-                "bfloat16 or float32"
+                f"{op}: out_dtype {V.dtype_name(out_dtype)} is not supported; use float16, bfloat16 or float32"
             )
     if bias is not None:
         V.check_tensor(op, "bias", bias)
@@ -248,13 +245,30 @@ def _int8_matmul_fake(c: Int8MatmulCall) -> Tensor:
     return c.a.new_empty(list(c.a.shape[:-1]) + [c.b.shape[1]], dtype=dt)
 
 
-QUANTIZE_INT8 = Op("quantize_int8", QuantizeInt8Call, tuple[Tensor, Tensor], quantize_forward,
-                   lambda c: check_quantize_args("quantize_int8", c.x, c.dim), _quantize_fake)
-INT8_MATMUL = Op("int8_matmul", Int8MatmulCall, Tensor, int8_matmul_forward,
-                 lambda c: check_int8_matmul_args("int8_matmul", *c), _int8_matmul_fake)
-INT8_LINEAR = Op("int8_linear", Int8LinearCall, Tensor, int8_linear_forward,
-                 lambda c: check_int8_linear_args("int8_linear", *c),
-                 lambda c: c.input.new_empty(list(c.input.shape[:-1]) + [c.weight.shape[0]]))
+QUANTIZE_INT8 = Op(
+    "quantize_int8",
+    QuantizeInt8Call,
+    tuple[Tensor, Tensor],
+    quantize_forward,
+    lambda c: check_quantize_args("quantize_int8", c.x, c.dim),
+    _quantize_fake,
+)
+INT8_MATMUL = Op(
+    "int8_matmul",
+    Int8MatmulCall,
+    Tensor,
+    int8_matmul_forward,
+    lambda c: check_int8_matmul_args("int8_matmul", *c),
+    _int8_matmul_fake,
+)
+INT8_LINEAR = Op(
+    "int8_linear",
+    Int8LinearCall,
+    Tensor,
+    int8_linear_forward,
+    lambda c: check_int8_linear_args("int8_linear", *c),
+    lambda c: c.input.new_empty(list(c.input.shape[:-1]) + [c.weight.shape[0]]),
+)
 
 
 # --------------------------------------------------------------------------------------

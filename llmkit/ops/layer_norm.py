@@ -190,15 +190,27 @@ def dropout_scale(dropout_p: float) -> float:
 
 def _check_ln_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask) -> list[int]:
     return V.check_norm_backward(
-        "layer_norm_backward", "input", input, normalized_shape, {"grad_out": grad_out},
-        {"weight": weight, "bias": bias}, {"mean": mean, "rstd": rstd}, output_mask,
+        "layer_norm_backward",
+        "input",
+        input,
+        normalized_shape,
+        {"grad_out": grad_out},
+        {"weight": weight, "bias": bias},
+        {"mean": mean, "rstd": rstd},
+        output_mask,
     )
 
 
 def _check_rms_backward(c: RmsNormBackwardCall) -> list[int]:
     ns = V.check_norm_backward(
-        "rms_norm_backward", "input", c.input, c.normalized_shape, {"grad_out": c.grad_out},
-        {"weight": c.weight}, {"rstd": c.rstd}, c.output_mask,
+        "rms_norm_backward",
+        "input",
+        c.input,
+        c.normalized_shape,
+        {"grad_out": c.grad_out},
+        {"weight": c.weight},
+        {"rstd": c.rstd},
+        c.output_mask,
     )
     NC.check_rms_options("rms_norm_backward", c.weight, c.offset, c.cast_before_weight)
     return ns
@@ -227,15 +239,33 @@ def check_add_rms_norm(c: AddRmsNormCall) -> None:
 
 
 def _check_aln_backward(c: AddLayerNormBackwardCall) -> list[int]:
-    return NC.check_add_backward("add_layer_norm_backward", c.grad_out, c.grad_residual_out, c.residual_out,
-                               c.normalized_shape, {"weight": c.weight, "bias": c.bias},
-                               {"mean": c.mean, "rstd": c.rstd}, c.output_mask, c.dropout_p, c.seed)
+    return NC.check_add_backward(
+        "add_layer_norm_backward",
+        c.grad_out,
+        c.grad_residual_out,
+        c.residual_out,
+        c.normalized_shape,
+        {"weight": c.weight, "bias": c.bias},
+        {"mean": c.mean, "rstd": c.rstd},
+        c.output_mask,
+        c.dropout_p,
+        c.seed,
+    )
 
 
 def _check_arn_backward(c: AddRmsNormBackwardCall) -> list[int]:
-    ns = NC.check_add_backward("add_rms_norm_backward", c.grad_out, c.grad_residual_out, c.residual_out,
-                             c.normalized_shape, {"weight": c.weight}, {"rstd": c.rstd}, c.output_mask,
-                             c.dropout_p, c.seed)
+    ns = NC.check_add_backward(
+        "add_rms_norm_backward",
+        c.grad_out,
+        c.grad_residual_out,
+        c.residual_out,
+        c.normalized_shape,
+        {"weight": c.weight},
+        {"rstd": c.rstd},
+        c.output_mask,
+        c.dropout_p,
+        c.seed,
+    )
     NC.check_rms_options("add_rms_norm_backward", c.weight, c.offset, c.cast_before_weight)
     return ns
 
@@ -250,22 +280,43 @@ def _stats(x: Tensor, ns: Sequence[int]) -> Tensor:
 
 
 LAYER_NORM = Op(
-    "layer_norm", LayerNormCall, tuple[Tensor, Tensor, Tensor], layer_norm_forward, check_layer_norm,
-    lambda c: (c.input.new_empty(c.input.shape), _stats(c.input, c.normalized_shape),
-               _stats(c.input, c.normalized_shape)),
+    "layer_norm",
+    LayerNormCall,
+    tuple[Tensor, Tensor, Tensor],
+    layer_norm_forward,
+    check_layer_norm,
+    lambda c: (
+        c.input.new_empty(c.input.shape),
+        _stats(c.input, c.normalized_shape),
+        _stats(c.input, c.normalized_shape),
+    ),
 )
 LAYER_NORM_BACKWARD = Op(
-    "layer_norm_backward", LayerNormBackwardCall, tuple[Tensor, Tensor, Tensor], layer_norm_backward,
+    "layer_norm_backward",
+    LayerNormBackwardCall,
+    tuple[Tensor, Tensor, Tensor],
+    layer_norm_backward,
     lambda c: _check_ln_backward(*c),
-    lambda c: (c.input.new_empty(c.input.shape), empty_param_grad(c.weight, c.input),
-               empty_param_grad(c.bias, c.input)),
+    lambda c: (
+        c.input.new_empty(c.input.shape),
+        empty_param_grad(c.weight, c.input),
+        empty_param_grad(c.bias, c.input),
+    ),
 )
 RMS_NORM = Op(
-    "rms_norm", RmsNormCall, tuple[Tensor, Tensor], rms_norm_forward, check_rms_norm,
+    "rms_norm",
+    RmsNormCall,
+    tuple[Tensor, Tensor],
+    rms_norm_forward,
+    check_rms_norm,
     lambda c: (c.input.new_empty(c.input.shape), _stats(c.input, c.normalized_shape)),
 )
 RMS_NORM_BACKWARD = Op(
-    "rms_norm_backward", RmsNormBackwardCall, tuple[Tensor, Tensor], rms_norm_backward, _check_rms_backward,
+    "rms_norm_backward",
+    RmsNormBackwardCall,
+    tuple[Tensor, Tensor],
+    rms_norm_backward,
+    _check_rms_backward,
     lambda c: (c.input.new_empty(c.input.shape), empty_param_grad(c.weight, c.input)),
 )
 
@@ -276,28 +327,45 @@ def _add_fake(c: AddLayerNormCall | AddRmsNormCall, n_stats: int) -> tuple[Tenso
     return (x.new_empty(x.shape), res, *(_stats(x, ns) for _ in range(n_stats)))
 
 
-def _add_backward_fake(c: AddLayerNormBackwardCall | AddRmsNormBackwardCall,
-                       params: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+def _add_backward_fake(
+    c: AddLayerNormBackwardCall | AddRmsNormBackwardCall, params: tuple[Tensor | None, ...]
+) -> tuple[Tensor, ...]:
     r = c.residual_out
     d_input = r.new_empty(r.shape) if c.dropout_p > 0.0 else r.new_empty((0,))
     return (r.new_empty(r.shape), d_input, *(empty_param_grad(p, c.grad_out) for p in params))
 
 
 ADD_LAYER_NORM = Op(
-    "add_layer_norm", AddLayerNormCall, tuple[Tensor, Tensor, Tensor, Tensor], add_layer_norm_forward,
-    check_add_layer_norm, lambda c: _add_fake(c, 2),
+    "add_layer_norm",
+    AddLayerNormCall,
+    tuple[Tensor, Tensor, Tensor, Tensor],
+    add_layer_norm_forward,
+    check_add_layer_norm,
+    lambda c: _add_fake(c, 2),
 )
 ADD_LAYER_NORM_BACKWARD = Op(
-    "add_layer_norm_backward", AddLayerNormBackwardCall, tuple[Tensor, Tensor, Tensor, Tensor],
-    add_layer_norm_backward, _check_aln_backward, lambda c: _add_backward_fake(c, (c.weight, c.bias)),
+    "add_layer_norm_backward",
+    AddLayerNormBackwardCall,
+    tuple[Tensor, Tensor, Tensor, Tensor],
+    add_layer_norm_backward,
+    _check_aln_backward,
+    lambda c: _add_backward_fake(c, (c.weight, c.bias)),
 )
 ADD_RMS_NORM = Op(
-    "add_rms_norm", AddRmsNormCall, tuple[Tensor, Tensor, Tensor], add_rms_norm_forward, check_add_rms_norm,
+    "add_rms_norm",
+    AddRmsNormCall,
+    tuple[Tensor, Tensor, Tensor],
+    add_rms_norm_forward,
+    check_add_rms_norm,
     lambda c: _add_fake(c, 1),
 )
 ADD_RMS_NORM_BACKWARD = Op(
-    "add_rms_norm_backward", AddRmsNormBackwardCall, tuple[Tensor, Tensor, Tensor], add_rms_norm_backward,
-    _check_arn_backward, lambda c: _add_backward_fake(c, (c.weight,)),
+    "add_rms_norm_backward",
+    AddRmsNormBackwardCall,
+    tuple[Tensor, Tensor, Tensor],
+    add_rms_norm_backward,
+    _check_arn_backward,
+    lambda c: _add_backward_fake(c, (c.weight,)),
 )
 
 
@@ -312,7 +380,13 @@ def _ln_backward(ctx, grad_out, _grad_mean, _grad_rstd):
     input, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dw, db = torch.ops.llmkit.layer_norm_backward(
-        grad_out, input, ctx.normalized_shape, weight, bias, mean, rstd,
+        grad_out,
+        input,
+        ctx.normalized_shape,
+        weight,
+        bias,
+        mean,
+        rstd,
         [need[0], need[2], need[3]],
     )
     return (
@@ -347,8 +421,9 @@ def _rms_backward(ctx, grad_out, _grad_rstd):
 RMS_NORM.register_autograd(_rms_backward, _rms_setup_context)
 
 
-def _add_setup_context(ctx, c: AddLayerNormCall | AddRmsNormCall, output, stats: tuple[Tensor, ...],
-                       params: tuple[Tensor | None, ...]) -> None:
+def _add_setup_context(
+    ctx, c: AddLayerNormCall | AddRmsNormCall, output, stats: tuple[Tensor, ...], params: tuple[Tensor | None, ...]
+) -> None:
     residual_out = output[1]
     ctx.dtypes = (c.input.dtype, c.residual.dtype)
     ctx.dropout = (c.dropout_p, c.seed)
@@ -380,15 +455,26 @@ def _aln_backward(ctx, grad_out, grad_residual_out, _gm, _gr):
     grad_residual_out = _zeros_if_none(grad_residual_out, residual_out)
     grad_out = _zeros_if_none(grad_out, residual_out, ctx.dtypes[0])
     dsum, d_input, dw, db = torch.ops.llmkit.add_layer_norm_backward(
-        grad_out, grad_residual_out, residual_out, ctx.normalized_shape, weight, bias,
-        mean, rstd, [need[0] or need[1], need[3], need[4]], *ctx.dropout,
+        grad_out,
+        grad_residual_out,
+        residual_out,
+        ctx.normalized_shape,
+        weight,
+        bias,
+        mean,
+        rstd,
+        [need[0] or need[1], need[3], need[4]],
+        *ctx.dropout,
     )
     return (
         *_add_input_grads(ctx, dsum, d_input),
         None,
         dw if need[3] and weight is not None else None,
         db if need[4] and bias is not None else None,
-        None, None, None, None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -407,14 +493,27 @@ def _arn_backward(ctx, grad_out, grad_residual_out, _gr):
     grad_residual_out = _zeros_if_none(grad_residual_out, residual_out)
     grad_out = _zeros_if_none(grad_out, residual_out, ctx.dtypes[0])
     dsum, d_input, dw = torch.ops.llmkit.add_rms_norm_backward(
-        grad_out, grad_residual_out, residual_out, ns, weight, rstd, [need[0] or need[1], need[3]],
-        offset, cast_before_weight, *ctx.dropout,
+        grad_out,
+        grad_residual_out,
+        residual_out,
+        ns,
+        weight,
+        rstd,
+        [need[0] or need[1], need[3]],
+        offset,
+        cast_before_weight,
+        *ctx.dropout,
     )
     return (
         *_add_input_grads(ctx, dsum, d_input),
         None,
         dw if need[3] and weight is not None else None,
-        None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -531,9 +630,19 @@ def add_layer_norm(
     """
     ns = _shape_list("add_layer_norm", normalized_shape)
     dropout_p = _float("add_layer_norm", "dropout_p", dropout_p)
-    out, residual_out, _, _ = ADD_LAYER_NORM(AddLayerNormCall(
-        input, residual, ns, weight, bias, _float("add_layer_norm", "eps", eps), residual_in_fp32, dropout_p,
-        _seed(dropout_p)))
+    out, residual_out, _, _ = ADD_LAYER_NORM(
+        AddLayerNormCall(
+            input,
+            residual,
+            ns,
+            weight,
+            bias,
+            _float("add_layer_norm", "eps", eps),
+            residual_in_fp32,
+            dropout_p,
+            _seed(dropout_p),
+        )
+    )
     return out, residual_out
 
 
@@ -559,7 +668,18 @@ def add_rms_norm(
     eps = _rms_eps("add_rms_norm", input, eps)
     ns = _shape_list("add_rms_norm", normalized_shape)
     dropout_p = _float("add_rms_norm", "dropout_p", dropout_p)
-    out, residual_out, _ = ADD_RMS_NORM(AddRmsNormCall(
-        input, residual, ns, weight, eps, _float("add_rms_norm", "offset", offset), cast_before_weight,
-        residual_in_fp32, dropout_p, _seed(dropout_p)))
+    out, residual_out, _ = ADD_RMS_NORM(
+        AddRmsNormCall(
+            input,
+            residual,
+            ns,
+            weight,
+            eps,
+            _float("add_rms_norm", "offset", offset),
+            cast_before_weight,
+            residual_in_fp32,
+            dropout_p,
+            _seed(dropout_p),
+        )
+    )
     return out, residual_out

@@ -35,9 +35,7 @@ CPU_DEFAULT: dict[str, CpuDefault] = {
     "add_layer_norm.backward": CpuPreference({**_HALF, torch.float32: 1024 * 768}),
     "add_rms_norm.forward": True,
     "add_rms_norm.backward": True,
-    "gelu.forward": CpuPreference(
-        {torch.bfloat16: (0, 4096), torch.float16: (0, 4096), torch.float32: (0, 8192)}
-    ),
+    "gelu.forward": CpuPreference({torch.bfloat16: (0, 4096), torch.float16: (0, 4096), torch.float32: (0, 8192)}),
     "gelu.backward": CpuPreference({**_HALF, torch.float32: (0, 1 << 22)}),
     "bias_gelu.forward": True,
     "bias_gelu.backward": True,

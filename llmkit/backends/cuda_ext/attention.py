@@ -41,8 +41,10 @@ def grid_reasons(length: int, what: str) -> Iterator[str]:
 def option_reasons(c: AttentionCall | AttentionBackwardCall) -> Iterator[str]:
     used = uses_llm_options(c)
     if used:
-        yield (f"the CUDA attention kernels implement SDPA's options only, not {', '.join(used)} "
-               "(the triton and reference backends do)")
+        yield (
+            f"the CUDA attention kernels implement SDPA's options only, not {', '.join(used)} "
+            "(the triton and reference backends do)"
+        )
 
 
 def _forward_reasons(c: AttentionCall) -> Iterator[str]:
@@ -63,13 +65,26 @@ def _backward_reasons(c: AttentionBackwardCall) -> Iterator[str]:
 @attention_forward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_forward_reasons)
 def attention_forward_cuda_ext(c: AttentionCall) -> tuple[Tensor, Tensor]:
     """Tiled attention forward on tensor cores (WMMA), online softmax, float32 lse."""
-    return ext_ops().attention_fwd(c.query, c.key, c.value, c.attn_mask, c.dropout_p, c.is_causal, c.scale,
-                                   c.seed, c.offset)
+    return ext_ops().attention_fwd(
+        c.query, c.key, c.value, c.attn_mask, c.dropout_p, c.is_causal, c.scale, c.seed, c.offset
+    )
 
 
 @attention_backward.register(BACKEND, devices=("cuda",), dtypes=HALF_DTYPES, why_not=_backward_reasons)
 def attention_backward_cuda_ext(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv recomputing the probabilities from lse (dK/dV per key block, dQ per query block)."""
-    dq, dk, dv = ext_ops().attention_bwd(c.grad_out, c.query, c.key, c.value, c.out, c.lse, c.attn_mask,
-                                         c.dropout_p, c.is_causal, c.scale, c.seed, c.offset)
+    dq, dk, dv = ext_ops().attention_bwd(
+        c.grad_out,
+        c.query,
+        c.key,
+        c.value,
+        c.out,
+        c.lse,
+        c.attn_mask,
+        c.dropout_p,
+        c.is_causal,
+        c.scale,
+        c.seed,
+        c.offset,
+    )
     return dq, dk, dv, c.query.new_empty((0,))

@@ -66,8 +66,7 @@ def swiglu_forward_cuda_ext(c: SwigluCall) -> Tensor:
     return _forward(c, SILU)
 
 
-@swiglu_backward.register(BACKEND, devices=("cpu",), dtypes=FLOAT_DTYPES,
-                          cpu_default=CPU_DEFAULT["swiglu.backward"])
+@swiglu_backward.register(BACKEND, devices=("cpu",), dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["swiglu.backward"])
 def swiglu_backward_cuda_ext(c: SwigluBackwardCall) -> tuple[Tensor, Tensor]:
     """(d gate, d up) in one pass, the SiLU recomputed."""
     return _backward(c, SILU)

@@ -50,10 +50,14 @@ def int8_matmul_cuda_ext(c: Int8MatmulCall) -> Tensor:
     """Tensor-core int8 GEMM, int32 accumulation, scale/bias epilogue fused."""
     lead = list(c.a.shape[:-1])
     out = ext_ops().int8_gemm(
-        rows(c.a, c.a.shape[-1]), c.b, False,
+        rows(c.a, c.a.shape[-1]),
+        c.b,
+        False,
         None if c.a_scale is None else c.a_scale.reshape(-1),
         None if c.b_scale is None else c.b_scale.reshape(-1),
-        c.bias, 0, c.out_dtype,
+        c.bias,
+        0,
+        c.out_dtype,
     )
     return out.reshape(lead + [c.b.shape[1]])
 

@@ -42,8 +42,9 @@ def _why_not(input: Tensor, normalized_shape: Sequence[int]) -> Iterator[str]:
         yield "rows of length 0 are left to the reference path"
 
 
-def _rms_why_not(input: Tensor, normalized_shape: Sequence[int], out_dtype: torch.dtype,
-                 cast_before_weight: bool) -> Iterator[str]:
+def _rms_why_not(
+    input: Tensor, normalized_shape: Sequence[int], out_dtype: torch.dtype, cast_before_weight: bool
+) -> Iterator[str]:
     yield from _why_not(input, normalized_shape)
     if cast_before_weight and out_dtype in HALF_DTYPES:
         yield "cast_before_weight with a float16 / bfloat16 output: the kernels round once, after the weight"
@@ -96,8 +97,12 @@ def _ln_backward(grad_out, grad_residual_out, x, normalized_shape, weight, bias,
     return shaped(dx, x.shape), _param_grad(dw, weight, need_w, x), _param_grad(db, bias, need_b, x)
 
 
-@layer_norm_forward.register(BACKEND, dtypes=FLOAT_DTYPES, why_not=lambda c: _why_not(c.input, c.normalized_shape),
-                             cpu_default=CPU_DEFAULT["layer_norm.forward"])
+@layer_norm_forward.register(
+    BACKEND,
+    dtypes=FLOAT_DTYPES,
+    why_not=lambda c: _why_not(c.input, c.normalized_shape),
+    cpu_default=CPU_DEFAULT["layer_norm.forward"],
+)
 def layer_norm_forward_cuda_ext(c: LayerNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm forward: one kernel per row block, float32 statistics."""
     x2, lead = _norm_rows(c.input, c.normalized_shape)
@@ -105,17 +110,23 @@ def layer_norm_forward_cuda_ext(c: LayerNormCall) -> tuple[Tensor, Tensor, Tenso
     return shaped(out, c.input.shape), shaped(mean, lead), shaped(rstd, lead)
 
 
-@layer_norm_backward.register(BACKEND, dtypes=FLOAT_DTYPES, why_not=lambda c: _why_not(c.input, c.normalized_shape),
-                              cpu_default=CPU_DEFAULT["layer_norm.backward"])
+@layer_norm_backward.register(
+    BACKEND,
+    dtypes=FLOAT_DTYPES,
+    why_not=lambda c: _why_not(c.input, c.normalized_shape),
+    cpu_default=CPU_DEFAULT["layer_norm.backward"],
+)
 def layer_norm_backward_cuda_ext(c: LayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm backward from the saved statistics; d weight / d bias reduced in float32."""
-    return _ln_backward(c.grad_out, None, c.input, c.normalized_shape, c.weight, c.bias, c.mean, c.rstd,
-                        c.output_mask)
+    return _ln_backward(c.grad_out, None, c.input, c.normalized_shape, c.weight, c.bias, c.mean, c.rstd, c.output_mask)
 
 
-@rms_norm_forward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["rms_norm.forward"],
-                           why_not=lambda c: _rms_why_not(c.input, c.normalized_shape, c.input.dtype,
-                                                          c.cast_before_weight))
+@rms_norm_forward.register(
+    BACKEND,
+    dtypes=FLOAT_DTYPES,
+    cpu_default=CPU_DEFAULT["rms_norm.forward"],
+    why_not=lambda c: _rms_why_not(c.input, c.normalized_shape, c.input.dtype, c.cast_before_weight),
+)
 def rms_norm_forward_cuda_ext(c: RmsNormCall) -> tuple[Tensor, Tensor]:
     """RMSNorm forward, float32 rstd; the scale offset + weight in float32."""
     x2, lead = _norm_rows(c.input, c.normalized_shape)
@@ -123,8 +134,16 @@ def rms_norm_forward_cuda_ext(c: RmsNormCall) -> tuple[Tensor, Tensor]:
     return shaped(out, c.input.shape), shaped(rstd, lead)
 
 
-def _rms_backward(grad_out: Tensor, x: Tensor, normalized_shape, weight, rstd, offset, output_mask,
-                  grad_residual_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _rms_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    normalized_shape,
+    weight,
+    rstd,
+    offset,
+    output_mask,
+    grad_residual_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(dx [+ grad_residual_out], d weight) of RMSNorm in the op's conventions."""
     x2, _ = _norm_rows(x, normalized_shape)
     dy2, _ = _norm_rows(grad_out, normalized_shape)
@@ -134,9 +153,12 @@ def _rms_backward(grad_out: Tensor, x: Tensor, normalized_shape, weight, rstd, o
     return shaped(dx, x.shape), _param_grad(dw, weight, need_w, x)
 
 
-@rms_norm_backward.register(BACKEND, dtypes=FLOAT_DTYPES, cpu_default=CPU_DEFAULT["rms_norm.backward"],
-                            why_not=lambda c: _rms_why_not(c.input, c.normalized_shape, c.grad_out.dtype,
-                                                           c.cast_before_weight))
+@rms_norm_backward.register(
+    BACKEND,
+    dtypes=FLOAT_DTYPES,
+    cpu_default=CPU_DEFAULT["rms_norm.backward"],
+    why_not=lambda c: _rms_why_not(c.input, c.normalized_shape, c.grad_out.dtype, c.cast_before_weight),
+)
 def rms_norm_backward_cuda_ext(c: RmsNormBackwardCall) -> tuple[Tensor, Tensor]:
     """RMSNorm backward from the saved rstd."""
     return _rms_backward(c.grad_out, c.input, c.normalized_shape, c.weight, c.rstd, c.offset, c.output_mask)
@@ -147,8 +169,9 @@ def _aln_why_not(c: AddLayerNormCall) -> Iterator[str]:
     yield from _add_why_not(c.input, c.residual, residual_dtype(c.input.dtype, c.residual_in_fp32), c.dropout_p)
 
 
-@add_layer_norm_forward.register(BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_why_not,
-                                 cpu_default=CPU_DEFAULT["add_layer_norm.forward"])
+@add_layer_norm_forward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_aln_why_not, cpu_default=CPU_DEFAULT["add_layer_norm.forward"]
+)
 def add_layer_norm_forward_cuda_ext(c: AddLayerNormCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused residual add (float32, rounded to the dtype) + LayerNorm of the rounded sum."""
     x2, lead = _norm_rows(c.input, c.normalized_shape)
@@ -165,12 +188,22 @@ def _add_backward_why_not(c: AddLayerNormBackwardCall | AddRmsNormBackwardCall) 
         yield "input dropout"
 
 
-@add_layer_norm_backward.register(BACKEND, dtypes=FLOAT_DTYPES, why_not=_add_backward_why_not,
-                                  cpu_default=CPU_DEFAULT["add_layer_norm.backward"])
+@add_layer_norm_backward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_add_backward_why_not, cpu_default=CPU_DEFAULT["add_layer_norm.backward"]
+)
 def add_layer_norm_backward_cuda_ext(c: AddLayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One gradient for input and residual: LayerNorm's dx + grad_residual_out (float32 add)."""
-    dsum, dw, db = _ln_backward(c.grad_out, c.grad_residual_out, c.residual_out, c.normalized_shape, c.weight,
-                                c.bias, c.mean, c.rstd, c.output_mask)
+    dsum, dw, db = _ln_backward(
+        c.grad_out,
+        c.grad_residual_out,
+        c.residual_out,
+        c.normalized_shape,
+        c.weight,
+        c.bias,
+        c.mean,
+        c.rstd,
+        c.output_mask,
+    )
     return dsum, dsum.new_empty((0,)), dw, db
 
 
@@ -179,8 +212,9 @@ def _arn_why_not(c: AddRmsNormCall) -> Iterator[str]:
     yield from _add_why_not(c.input, c.residual, residual_dtype(c.input.dtype, c.residual_in_fp32), c.dropout_p)
 
 
-@add_rms_norm_forward.register(BACKEND, dtypes=FLOAT_DTYPES, why_not=_arn_why_not,
-                               cpu_default=CPU_DEFAULT["add_rms_norm.forward"])
+@add_rms_norm_forward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_arn_why_not, cpu_default=CPU_DEFAULT["add_rms_norm.forward"]
+)
 def add_rms_norm_forward_cuda_ext(c: AddRmsNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """Fused residual add (float32, rounded to the dtype) + RMSNorm of the rounded sum."""
     x2, lead = _norm_rows(c.input, c.normalized_shape)
@@ -194,10 +228,12 @@ def _arn_backward_why_not(c: AddRmsNormBackwardCall) -> Iterator[str]:
     yield from _rms_why_not(c.residual_out, c.normalized_shape, c.grad_out.dtype, c.cast_before_weight)
 
 
-@add_rms_norm_backward.register(BACKEND, dtypes=FLOAT_DTYPES, why_not=_arn_backward_why_not,
-                                cpu_default=CPU_DEFAULT["add_rms_norm.backward"])
+@add_rms_norm_backward.register(
+    BACKEND, dtypes=FLOAT_DTYPES, why_not=_arn_backward_why_not, cpu_default=CPU_DEFAULT["add_rms_norm.backward"]
+)
 def add_rms_norm_backward_cuda_ext(c: AddRmsNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """One gradient for input and residual: RMSNorm's dx + grad_residual_out (float32 add)."""
-    dsum, dw = _rms_backward(c.grad_out, c.residual_out, c.normalized_shape, c.weight, c.rstd, c.offset,
-                             c.output_mask, c.grad_residual_out)
+    dsum, dw = _rms_backward(
+        c.grad_out, c.residual_out, c.normalized_shape, c.weight, c.rstd, c.offset, c.output_mask, c.grad_residual_out
+    )
     return dsum, dsum.new_empty((0,)), dw

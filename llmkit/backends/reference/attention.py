@@ -163,8 +163,9 @@ def rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _flash_mask(attn_mask: Tensor | None, is_causal: bool, scale: float, q_len: int, k_len: int,
-                dtype: torch.dtype) -> tuple[bool, Tensor | None]:
+def _flash_mask(
+    attn_mask: Tensor | None, is_causal: bool, scale: float, q_len: int, k_len: int, dtype: torch.dtype
+) -> tuple[bool, Tensor | None]:
     """(is_causal, attn_mask) as ATen's CPU kernel takes them for inputs of ``dtype``.
 
     Bool masks become additive float masks. ATen's kernel misreads a float32 mask next to
@@ -182,8 +183,9 @@ def _flash_mask(attn_mask: Tensor | None, is_causal: bool, scale: float, q_len: 
     return is_causal, (attn_mask.to(mask_dtype) if dtype == torch.float64 else attn_mask)
 
 
-def _flash_forward(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool,
-                   scale: float, groups: int) -> tuple[Tensor, Tensor]:
+def _flash_forward(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool, scale: float, groups: int
+) -> tuple[Tensor, Tensor]:
     causal, m = _flash_mask(mask, is_causal, scale, query.shape[2], key.shape[2], query.dtype)
     k = rows_contiguous(expand_kv(key, groups))
     v = rows_contiguous(expand_kv(value, groups))
@@ -225,8 +227,15 @@ def lowered_mask(c: AttentionCall | AttentionBackwardCall) -> tuple[Tensor | Non
     return m, False
 
 
-def _math_probs(query: Tensor, key: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
-                dead_rows: Tensor | None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
+def _math_probs(
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    dead_rows: Tensor | None,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(scores, normalized probabilities, tanh of the capped scores or None) in the compute
     dtype; dead rows get p = 0."""
     s = torch.matmul(query, key.transpose(-1, -2)) * scale
@@ -248,8 +257,15 @@ def _dims4(t: Tensor) -> tuple[int, int, int, int]:
     return b, h, sq, sk
 
 
-def _keep_scale(seed: int, offset: int, shape: tuple[int, int, int, int], full_k_len: int, dropout_p: float,
-                dtype: torch.dtype, device: torch.device) -> Tensor:
+def _keep_scale(
+    seed: int,
+    offset: int,
+    shape: tuple[int, int, int, int],
+    full_k_len: int,
+    dropout_p: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
     """Dropout's keep mask times 1 / (1 - p), cut to the keys read (counters use the full Sk)."""
     b, h, sq, sk = shape
     keep = dropout_keep_mask(seed, offset, b, h, sq, full_k_len, dropout_p, device)[..., :sk]
@@ -298,8 +314,18 @@ def reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     return t
 
 
-def _flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-                    mask: Tensor | None, is_causal: bool, scale: float, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """ATen's CPU backward; half inputs widened to float32 with the output recomputed in float32."""
     if query.dtype in _HALF:
         query, key, value, grad_out = (t.float() for t in (query, key, value, grad_out))
@@ -327,11 +353,11 @@ def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tens
     sk = vis.key.shape[2]
     dmask = query.new_empty((0,))
     if use_cpu_flash(query, vis.value, dropout_p) and not mask_grad and c.softcap == 0.0:
-        dq, dk, dv = _flash_backward(grad_out, query, vis.key, vis.value, out, lse, vis.mask, is_causal, scale,
-                                     groups)
+        dq, dk, dv = _flash_backward(grad_out, query, vis.key, vis.value, out, lse, vis.mask, is_causal, scale, groups)
         if vis.dead_cols is not None and not (_finite_sum(dq) and _finite_sum(dk) and _finite_sum(dv)):
-            dq, dk, dv = _flash_backward(grad_out, query, *vis.clean_kv(groups), out, lse, vis.mask, is_causal,
-                                         scale, groups)
+            dq, dk, dv = _flash_backward(
+                grad_out, query, *vis.clean_kv(groups), out, lse, vis.mask, is_causal, scale, groups
+            )
     else:
         key_c, value_c = vis.clean_kv(groups)
         q = query.to(cdt)

@@ -105,8 +105,9 @@ def layer_norm_forward_reference(c: LayerNormCall) -> tuple[Tensor, Tensor, Tens
         rows = _broken_rows(rstd, mean)
         n = out.numel() // max(rstd.numel(), 1)
         x = c.input.reshape(-1, *c.normalized_shape)[rows].double()
-        o, m, r = torch.native_layer_norm(x, list(c.normalized_shape), _as(c.weight, torch.float64),
-                                          _as(c.bias, torch.float64), c.eps)
+        o, m, r = torch.native_layer_norm(
+            x, list(c.normalized_shape), _as(c.weight, torch.float64), _as(c.bias, torch.float64), c.eps
+        )
         out, mean, rstd = out.contiguous(), mean.contiguous(), rstd.contiguous()
         out.view(-1, n)[rows] = o.reshape(-1, n).to(out.dtype)
         mean.view(-1)[rows] = m.reshape(-1).to(mean.dtype)
@@ -153,8 +154,9 @@ def _aten_backward_ok(mean: Tensor, rstd: Tensor) -> bool:
     return float(lo) >= 1e-9 and float(hi) <= 4096.0 and _ratio(mean, rstd) <= ILL_CONDITIONED
 
 
-def _layer_norm_backward_xhat(grad_out: Tensor, input: Tensor, k: int, weight, mean: Tensor, rstd: Tensor,
-                              mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_backward_xhat(
+    grad_out: Tensor, input: Tensor, k: int, weight, mean: Tensor, rstd: Tensor, mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm backward in float32 through ``xhat``: ``dx = rstd * (g - mean(g) - xhat *
     mean(g * xhat))`` with ``g = grad_out * weight``; ``dweight = sum(grad_out * xhat)``,
     ``dbias = sum(grad_out)`` over the leading dims (float32, unrounded; empty where not asked)."""
@@ -175,8 +177,9 @@ def _layer_norm_backward_xhat(grad_out: Tensor, input: Tensor, k: int, weight, m
     return dx, dw, db
 
 
-def _layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight, bias, mean, rstd,
-                         mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_backward(
+    grad_out: Tensor, input: Tensor, normalized_shape, weight, bias, mean, rstd, mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
     """ATen's LayerNorm backward in the compute dtype: (dx unrounded, dweight, dbias); an output
     not asked for in ``mask`` is undefined (None). Statistics ATen's formulas cannot take
     (:func:`_aten_backward_ok`) go through ``xhat`` instead."""
@@ -200,8 +203,11 @@ def _layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape, weig
 def layer_norm_backward_reference(c: LayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm backward from the saved statistics, in float32 (float64 for float64)."""
     grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask = c
-    mask = [bool(output_mask[0]), bool(output_mask[1]) and weight is not None,
-            bool(output_mask[2]) and bias is not None]
+    mask = [
+        bool(output_mask[0]),
+        bool(output_mask[1]) and weight is not None,
+        bool(output_mask[2]) and bias is not None,
+    ]
     dx, dw, db = _layer_norm_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, mask)
     dx = dx.to(input.dtype).contiguous() if mask[0] else torch.zeros_like(input, memory_format=torch.contiguous_format)
     dw = dw.to(weight.dtype) if mask[1] and weight is not None else empty_param_grad(weight, input)
@@ -217,8 +223,15 @@ def _rms_scale(weight: Tensor | None, offset: float, cdt: torch.dtype) -> Tensor
     return w + offset if offset != 0.0 else w
 
 
-def _rms_forward(input: Tensor, normalized_shape, weight: Tensor | None, eps: float, offset: float,
-                 cast_before_weight: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _rms_forward(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None,
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
     """(out in ``out_dtype``, rstd) of RMSNorm; ``x_hat`` rounded to ``out_dtype`` before the
     weight multiply when ``cast_before_weight`` (and ``out_dtype`` is narrower than the math)."""
     cdt = compute_dtype(input.dtype)
@@ -248,9 +261,17 @@ def rms_norm_forward_reference(c: RmsNormCall) -> tuple[Tensor, Tensor]:
     return _rms_forward(c.input, c.normalized_shape, c.weight, c.eps, c.offset, c.cast_before_weight, c.input.dtype)
 
 
-def _rms_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight: Tensor | None, rstd: Tensor,
-                  offset: float, cast_before_weight: bool, want_dx: bool,
-                  want_dw: bool) -> tuple[Tensor | None, Tensor | None]:
+def _rms_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None,
+    rstd: Tensor,
+    offset: float,
+    cast_before_weight: bool,
+    want_dx: bool,
+    want_dw: bool,
+) -> tuple[Tensor | None, Tensor | None]:
     """(dx unrounded in the compute dtype, dweight in the weight's dtype), None where not asked.
 
     With x_hat = x * rstd and g = grad_out * (offset + weight):
@@ -278,10 +299,22 @@ def _rms_backward(grad_out: Tensor, input: Tensor, normalized_shape, weight: Ten
 @rms_norm_backward.register("reference")
 def rms_norm_backward_reference(c: RmsNormBackwardCall) -> tuple[Tensor, Tensor]:
     """RMSNorm backward from the saved rstd, in float32 (float64 for float64)."""
-    dx, dw = _rms_backward(c.grad_out, c.input, c.normalized_shape, c.weight, c.rstd, c.offset,
-                           c.cast_before_weight, bool(c.output_mask[0]), bool(c.output_mask[1]))
-    dx = dx.to(c.input.dtype).contiguous() if dx is not None else torch.zeros_like(
-        c.input, memory_format=torch.contiguous_format)
+    dx, dw = _rms_backward(
+        c.grad_out,
+        c.input,
+        c.normalized_shape,
+        c.weight,
+        c.rstd,
+        c.offset,
+        c.cast_before_weight,
+        bool(c.output_mask[0]),
+        bool(c.output_mask[1]),
+    )
+    dx = (
+        dx.to(c.input.dtype).contiguous()
+        if dx is not None
+        else torch.zeros_like(c.input, memory_format=torch.contiguous_format)
+    )
     return dx, dw if dw is not None else empty_param_grad(c.weight, c.input)
 
 
@@ -314,8 +347,9 @@ def add_layer_norm_forward_reference(c: AddLayerNormCall) -> tuple[Tensor, Tenso
     """residual_out = dropout(input) + residual (float32 add, rounded to residual_out's dtype);
     out = LayerNorm(residual_out) in the input's dtype."""
     residual_out = _residual_sum(c.input, c.residual, c.residual_in_fp32, c.dropout_p, c.seed)
-    out, mean, rstd = layer_norm_forward_reference(LayerNormCall(residual_out, c.normalized_shape, c.weight, c.bias,
-                                                                 c.eps))
+    out, mean, rstd = layer_norm_forward_reference(
+        LayerNormCall(residual_out, c.normalized_shape, c.weight, c.bias, c.eps)
+    )
     return out.to(c.input.dtype), residual_out.contiguous(), mean, rstd
 
 
@@ -337,8 +371,9 @@ def add_rms_norm_forward_reference(c: AddRmsNormCall) -> tuple[Tensor, Tensor, T
     """residual_out = dropout(input) + residual (float32 add, rounded to residual_out's dtype);
     out = RMSNorm(residual_out) in the input's dtype, with rms_norm's offset and casting."""
     residual_out = _residual_sum(c.input, c.residual, c.residual_in_fp32, c.dropout_p, c.seed)
-    out, rstd = _rms_forward(residual_out, c.normalized_shape, c.weight, c.eps, c.offset, c.cast_before_weight,
-                             c.input.dtype)
+    out, rstd = _rms_forward(
+        residual_out, c.normalized_shape, c.weight, c.eps, c.offset, c.cast_before_weight, c.input.dtype
+    )
     return out, residual_out.contiguous(), rstd.to(stats_dtype(c.input.dtype))
 
 
@@ -347,8 +382,17 @@ def add_rms_norm_backward_reference(c: AddRmsNormBackwardCall) -> tuple[Tensor, 
     """(d residual_out = RMSNorm's dx + grad_residual_out, d input of the dropout or empty,
     d weight); the sum in float32, rounded once."""
     r = c.residual_out
-    dx, dw = _rms_backward(c.grad_out, r, c.normalized_shape, c.weight, c.rstd, c.offset, c.cast_before_weight,
-                           True, bool(c.output_mask[1]))
+    dx, dw = _rms_backward(
+        c.grad_out,
+        r,
+        c.normalized_shape,
+        c.weight,
+        c.rstd,
+        c.offset,
+        c.cast_before_weight,
+        True,
+        bool(c.output_mask[1]),
+    )
     assert dx is not None
     dsum = dx + c.grad_residual_out.to(dx.dtype)
     dw = dw if dw is not None else empty_param_grad(c.weight, c.grad_out)

@@ -57,8 +57,12 @@ def _backward_reasons(c: AttentionBackwardCall) -> list[str]:
 
 def _options(c: AttentionCall | AttentionBackwardCall) -> dict:
     """The launchers' keyword options: causal alignment, sliding window, softcap, ALiBi."""
-    return dict(bottom_right=c.bottom_right, window=(c.window_left, c.window_right), softcap=c.softcap,
-                alibi_slopes=c.alibi_slopes)
+    return dict(
+        bottom_right=c.bottom_right,
+        window=(c.window_left, c.window_right),
+        softcap=c.softcap,
+        alibi_slopes=c.alibi_slopes,
+    )
 
 
 def _kernels():
@@ -70,14 +74,36 @@ def _kernels():
 @attention_forward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _reasons(c.query, c.value))
 def attention_forward_triton(c: AttentionCall) -> tuple[Tensor, Tensor]:
     """Fused tiled forward (online softmax); writes ``out`` in the query's memory layout."""
-    return _kernels().attention_forward(c.query, c.key, c.value, c.attn_mask, c.dropout_p, c.is_causal, c.scale,
-                                        c.seed, c.offset, out_order=out_layout(c.query), **_options(c))
+    return _kernels().attention_forward(
+        c.query,
+        c.key,
+        c.value,
+        c.attn_mask,
+        c.dropout_p,
+        c.is_causal,
+        c.scale,
+        c.seed,
+        c.offset,
+        out_order=out_layout(c.query),
+        **_options(c),
+    )
 
 
 @attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_backward_reasons)
 def attention_backward_triton(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row statistics, then dQ, then dK/dV, the probabilities recomputed from the scores
     (the forward's ``out`` and ``lse`` are not read); deterministic."""
-    dq, dk, dv = _kernels().attention_backward(c.grad_out, c.query, c.key, c.value, c.attn_mask,
-                                               c.dropout_p, c.is_causal, c.scale, c.seed, c.offset, **_options(c))
+    dq, dk, dv = _kernels().attention_backward(
+        c.grad_out,
+        c.query,
+        c.key,
+        c.value,
+        c.attn_mask,
+        c.dropout_p,
+        c.is_causal,
+        c.scale,
+        c.seed,
+        c.offset,
+        **_options(c),
+    )
     return dq, dk, dv, c.query.new_empty((0,))

@@ -67,8 +67,7 @@ def bias_gelu_forward_triton(c: BiasGeluCall) -> Tensor:
     return K.gelu_forward(c.input, c.bias, c.approximate == "tanh")
 
 
-@bias_gelu_backward.register("triton", dtypes=TRITON_DTYPES,
-                             why_not=lambda c: _reasons(c.input, c.bias, c.grad_out))
+@bias_gelu_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _reasons(c.input, c.bias, c.grad_out))
 def bias_gelu_backward_triton(c: BiasGeluBackwardCall) -> tuple[Tensor, Tensor]:
     """(d input, d bias): d bias from per-program partial column sums and a second pass."""
     from ...kernels import gelu as K

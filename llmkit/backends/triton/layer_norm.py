@@ -95,41 +95,73 @@ def _grad_or_empty(grad: Tensor | None, param: Tensor | None, like: Tensor) -> T
     return grad if grad is not None else empty_param_grad(param, like)
 
 
-@layer_norm_forward.register("triton", dtypes=TRITON_DTYPES,
-                             why_not=lambda c: _shape_reasons(c.input, c.normalized_shape))
+@layer_norm_forward.register(
+    "triton", dtypes=TRITON_DTYPES, why_not=lambda c: _shape_reasons(c.input, c.normalized_shape)
+)
 def layer_norm_forward_triton(c: LayerNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm forward through the Triton kernels (rows read in place where strided)."""
-    out, _, mean, rstd = _kernels().norm_forward(c.input, None, len(c.normalized_shape), c.weight, c.bias, c.eps,
-                                                 rms=False)
+    out, _, mean, rstd = _kernels().norm_forward(
+        c.input, None, len(c.normalized_shape), c.weight, c.bias, c.eps, rms=False
+    )
     return out, mean, rstd
 
 
-@layer_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _backward_reasons(
-    c.grad_out, c.input, c.normalized_shape, {"weight": c.weight, "bias": c.bias}, {"mean": c.mean, "rstd": c.rstd}))
+@layer_norm_backward.register(
+    "triton",
+    dtypes=TRITON_DTYPES,
+    why_not=lambda c: _backward_reasons(
+        c.grad_out, c.input, c.normalized_shape, {"weight": c.weight, "bias": c.bias}, {"mean": c.mean, "rstd": c.rstd}
+    ),
+)
 def layer_norm_backward_triton(c: LayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm backward: dx, and dweight/dbias reduced through per-program partial sums."""
-    dx, dw, db, _ = _backward_kernels().norm_backward(c.grad_out, c.input, len(c.normalized_shape), c.weight, c.bias,
-                                                      c.mean, c.rstd, c.output_mask)
+    dx, dw, db, _ = _backward_kernels().norm_backward(
+        c.grad_out, c.input, len(c.normalized_shape), c.weight, c.bias, c.mean, c.rstd, c.output_mask
+    )
     return dx, _grad_or_empty(dw, c.weight, c.input), _grad_or_empty(db, c.bias, c.input)
 
 
-@rms_norm_forward.register("triton", dtypes=TRITON_DTYPES,
-                           why_not=lambda c: _shape_reasons(c.input, c.normalized_shape))
+@rms_norm_forward.register(
+    "triton", dtypes=TRITON_DTYPES, why_not=lambda c: _shape_reasons(c.input, c.normalized_shape)
+)
 def rms_norm_forward_triton(c: RmsNormCall) -> tuple[Tensor, Tensor]:
     """RMSNorm forward through the Triton kernels: the scale ``offset + weight`` in float32,
     ``x_hat`` rounded before it with ``cast_before_weight``."""
-    out, _, _, rstd = _kernels().norm_forward(c.input, None, len(c.normalized_shape), c.weight, None, c.eps,
-                                              rms=True, offset=c.offset, cast_before_weight=c.cast_before_weight)
+    out, _, _, rstd = _kernels().norm_forward(
+        c.input,
+        None,
+        len(c.normalized_shape),
+        c.weight,
+        None,
+        c.eps,
+        rms=True,
+        offset=c.offset,
+        cast_before_weight=c.cast_before_weight,
+    )
     return out, rstd
 
 
-@rms_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _backward_reasons(
-    c.grad_out, c.input, c.normalized_shape, {"weight": c.weight}, {"rstd": c.rstd}))
+@rms_norm_backward.register(
+    "triton",
+    dtypes=TRITON_DTYPES,
+    why_not=lambda c: _backward_reasons(
+        c.grad_out, c.input, c.normalized_shape, {"weight": c.weight}, {"rstd": c.rstd}
+    ),
+)
 def rms_norm_backward_triton(c: RmsNormBackwardCall) -> tuple[Tensor, Tensor]:
     """RMSNorm backward: dx and dweight (partial sums, no atomics)."""
     dx, dw, _, _ = _backward_kernels().norm_backward(
-        c.grad_out, c.input, len(c.normalized_shape), c.weight, None, None, c.rstd, list(c.output_mask), rms=True,
-        offset=c.offset, cast_before_weight=c.cast_before_weight,
+        c.grad_out,
+        c.input,
+        len(c.normalized_shape),
+        c.weight,
+        None,
+        None,
+        c.rstd,
+        list(c.output_mask),
+        rms=True,
+        offset=c.offset,
+        cast_before_weight=c.cast_before_weight,
     )
     return dx, _grad_or_empty(dw, c.weight, c.input)
 
@@ -139,53 +171,109 @@ def _d_input(d_input: Tensor | None, like: Tensor) -> Tensor:
     return d_input if d_input is not None else like.new_empty((0,))
 
 
-@add_layer_norm_forward.register("triton", dtypes=TRITON_DTYPES,
-                                 why_not=lambda c: _shape_reasons(c.input, c.normalized_shape))
+@add_layer_norm_forward.register(
+    "triton", dtypes=TRITON_DTYPES, why_not=lambda c: _shape_reasons(c.input, c.normalized_shape)
+)
 def add_layer_norm_forward_triton(c: AddLayerNormCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One kernel: reads input and residual once, writes residual_out and the normed output."""
     out, residual_out, mean, rstd = _kernels().norm_forward(
-        c.input, c.residual, len(c.normalized_shape), c.weight, c.bias, c.eps, rms=False,
-        residual_dtype=residual_dtype(c.input.dtype, c.residual_in_fp32), dropout_p=c.dropout_p, seed=c.seed,
+        c.input,
+        c.residual,
+        len(c.normalized_shape),
+        c.weight,
+        c.bias,
+        c.eps,
+        rms=False,
+        residual_dtype=residual_dtype(c.input.dtype, c.residual_in_fp32),
+        dropout_p=c.dropout_p,
+        seed=c.seed,
     )
     return out, residual_out, mean, rstd
 
 
-@add_layer_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _backward_reasons(
-    c.grad_out, c.residual_out, c.normalized_shape, {"weight": c.weight, "bias": c.bias},
-    {"mean": c.mean, "rstd": c.rstd}, {"grad_residual_out": c.grad_residual_out}))
+@add_layer_norm_backward.register(
+    "triton",
+    dtypes=TRITON_DTYPES,
+    why_not=lambda c: _backward_reasons(
+        c.grad_out,
+        c.residual_out,
+        c.normalized_shape,
+        {"weight": c.weight, "bias": c.bias},
+        {"mean": c.mean, "rstd": c.rstd},
+        {"grad_residual_out": c.grad_residual_out},
+    ),
+)
 def add_layer_norm_backward_triton(c: AddLayerNormBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """d(residual) = LayerNorm's dx + grad_residual_out, summed in float32, rounded once; with
     dropout, d(input) from the same sum and the regenerated keep mask."""
     dsum, dw, db, d_in = _backward_kernels().norm_backward(
-        c.grad_out, c.residual_out, len(c.normalized_shape), c.weight, c.bias, c.mean, c.rstd,
-        [True, c.output_mask[1], c.output_mask[2]], grad_residual=c.grad_residual_out, dropout_p=c.dropout_p,
+        c.grad_out,
+        c.residual_out,
+        len(c.normalized_shape),
+        c.weight,
+        c.bias,
+        c.mean,
+        c.rstd,
+        [True, c.output_mask[1], c.output_mask[2]],
+        grad_residual=c.grad_residual_out,
+        dropout_p=c.dropout_p,
         seed=c.seed,
     )
     r = c.residual_out
     return dsum, _d_input(d_in, r), _grad_or_empty(dw, c.weight, c.grad_out), _grad_or_empty(db, c.bias, c.grad_out)
 
 
-@add_rms_norm_forward.register("triton", dtypes=TRITON_DTYPES,
-                               why_not=lambda c: _shape_reasons(c.input, c.normalized_shape))
+@add_rms_norm_forward.register(
+    "triton", dtypes=TRITON_DTYPES, why_not=lambda c: _shape_reasons(c.input, c.normalized_shape)
+)
 def add_rms_norm_forward_triton(c: AddRmsNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """One kernel: (dropout +) residual add, then RMSNorm with its offset and casting."""
     out, residual_out, _, rstd = _kernels().norm_forward(
-        c.input, c.residual, len(c.normalized_shape), c.weight, None, c.eps, rms=True, offset=c.offset,
-        cast_before_weight=c.cast_before_weight, residual_dtype=residual_dtype(c.input.dtype, c.residual_in_fp32),
-        dropout_p=c.dropout_p, seed=c.seed,
+        c.input,
+        c.residual,
+        len(c.normalized_shape),
+        c.weight,
+        None,
+        c.eps,
+        rms=True,
+        offset=c.offset,
+        cast_before_weight=c.cast_before_weight,
+        residual_dtype=residual_dtype(c.input.dtype, c.residual_in_fp32),
+        dropout_p=c.dropout_p,
+        seed=c.seed,
     )
     return out, residual_out, rstd
 
 
-@add_rms_norm_backward.register("triton", dtypes=TRITON_DTYPES, why_not=lambda c: _backward_reasons(
-    c.grad_out, c.residual_out, c.normalized_shape, {"weight": c.weight}, {"rstd": c.rstd},
-    {"grad_residual_out": c.grad_residual_out}))
+@add_rms_norm_backward.register(
+    "triton",
+    dtypes=TRITON_DTYPES,
+    why_not=lambda c: _backward_reasons(
+        c.grad_out,
+        c.residual_out,
+        c.normalized_shape,
+        {"weight": c.weight},
+        {"rstd": c.rstd},
+        {"grad_residual_out": c.grad_residual_out},
+    ),
+)
 def add_rms_norm_backward_triton(c: AddRmsNormBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """d(residual) = RMSNorm's dx + grad_residual_out (float32 sum, rounded once); with
     dropout, d(input) from the same sum and the regenerated keep mask."""
     dsum, dw, _, d_in = _backward_kernels().norm_backward(
-        c.grad_out, c.residual_out, len(c.normalized_shape), c.weight, None, None, c.rstd,
-        [True, c.output_mask[1]], grad_residual=c.grad_residual_out, rms=True, offset=c.offset,
-        cast_before_weight=c.cast_before_weight, dropout_p=c.dropout_p, seed=c.seed,
+        c.grad_out,
+        c.residual_out,
+        len(c.normalized_shape),
+        c.weight,
+        None,
+        None,
+        c.rstd,
+        [True, c.output_mask[1]],
+        grad_residual=c.grad_residual_out,
+        rms=True,
+        offset=c.offset,
+        cast_before_weight=c.cast_before_weight,
+        dropout_p=c.dropout_p,
+        seed=c.seed,
     )
     return dsum, _d_input(d_in, c.residual_out), _grad_or_empty(dw, c.weight, c.grad_out)

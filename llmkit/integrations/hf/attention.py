@@ -139,16 +139,29 @@ def attention_function(
         mask = mask.to(query.dtype)
     alignment, window = "top_left", (-1, -1)
     sliding_window = kwargs.get("sliding_window")
-    if (sliding_window is not None and mask is not None and mask.dtype == torch.bool and position_bias is None
-            and not torch.compiler.is_compiling()):  # compiled graphs keep the mask (no data-dependent branch)
+    if (
+        sliding_window is not None
+        and mask is not None
+        and mask.dtype == torch.bool
+        and position_bias is None
+        and not torch.compiler.is_compiling()
+    ):  # compiled graphs keep the mask (no data-dependent branch)
         fit = _window_fit(mask, int(sliding_window))
         if fit != "no":
             alignment, window, is_causal = "bottom_right", (int(sliding_window) - 1, 0), True
             mask = None if fit == "exact" else mask
     softcap = kwargs.get("softcap")
     out = ops.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-        scale=scaling, enable_gqa=groups > 1, causal_alignment=alignment, window_size=window,
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=scaling,
+        enable_gqa=groups > 1,
+        causal_alignment=alignment,
+        window_size=window,
         softcap=float(softcap) if softcap is not None else 0.0,
     )
     return out.transpose(1, 2).contiguous(), None

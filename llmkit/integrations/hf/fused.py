@@ -87,8 +87,9 @@ class _FusedSelfAttention(_TransformersModule):
     attention_head_size: int
     scaling: float
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, cache: Any = None,
-                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, cache: Any = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor | None]:
         cache = cache if cache is not None else pop_cache(kwargs)
         if cache is not None or attn_implementation(self.config) != NAME:
             kwargs[cache_kwarg(super().forward.__func__)] = cache
@@ -99,8 +100,14 @@ class _FusedSelfAttention(_TransformersModule):
         key = linear(hidden_states, self.key).view(heads).transpose(1, 2)
         value = linear(hidden_states, self.value).view(heads).transpose(1, 2)
         out, weights = attention_function(
-            self, query, key, value, attention_mask,
-            dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs,
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
         )
         return out.reshape(*input_shape, -1).contiguous(), weights
 
@@ -138,17 +145,33 @@ class _FusedGPT2Block(_TransformersModule):
     ln_2: nn.LayerNorm
     mlp: nn.Module
 
-    def forward(self, hidden_states: Tensor, cache: Any = None, attention_mask=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cache: Any = None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        use_cache=False,
+        **kwargs,
+    ):
         cache = cache if cache is not None else pop_cache(kwargs)
         if encoder_hidden_states is not None:  # cross-attention blocks: the original forward
             kwargs[cache_kwarg(super().forward.__func__)] = cache
-            return super().forward(hidden_states, attention_mask=attention_mask,
-                                   encoder_hidden_states=encoder_hidden_states,
-                                   encoder_attention_mask=encoder_attention_mask, use_cache=use_cache, **kwargs)
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                use_cache=use_cache,
+                **kwargs,
+            )
         kwargs[cache_kwarg(type(self.attn).forward)] = cache
         attn_output, _ = self.attn(
-            norm(hidden_states, self.ln_1), attention_mask=attention_mask, use_cache=use_cache, **kwargs,
+            norm(hidden_states, self.ln_1),
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            **kwargs,
         )
         h, hidden_states = add_norm(attn_output, hidden_states, self.ln_2)
         return hidden_states + self.mlp(h)
@@ -176,9 +199,16 @@ def _fused_class(original: type, mixin: type) -> type[nn.Module]:
     key = (original, mixin)
     if key not in _fused_classes:
         cls = type(
-            f"Llmkit{original.__name__}", (mixin, original),
-            {"__module__": __name__, "__qualname__": f"Llmkit{original.__name__}", "__doc__": mixin.__doc__,
-             "_llmkit_original": original, "_llmkit_mixin": mixin, "__reduce_ex__": _reduce_fused},
+            f"Llmkit{original.__name__}",
+            (mixin, original),
+            {
+                "__module__": __name__,
+                "__qualname__": f"Llmkit{original.__name__}",
+                "__doc__": mixin.__doc__,
+                "_llmkit_original": original,
+                "_llmkit_mixin": mixin,
+                "__reduce_ex__": _reduce_fused,
+            },
         )
         _fused_classes[key] = cast("type[nn.Module]", cls)
     return _fused_classes[key]

@@ -38,8 +38,12 @@ _HALF = (torch.float16, torch.bfloat16)
 def hf_glu_flavor(activation: object) -> GluFlavor | None:
     """:func:`llmkit.nn._fused.glu_flavor`, and transformers' own ``SiLUActivation``."""
     name = type(activation).__name__
-    if name == "SiLUActivation" and type(activation).__module__.startswith("transformers.") \
-            and isinstance(activation, nn.Module) and not _hooked(activation):
+    if (
+        name == "SiLUActivation"
+        and type(activation).__module__.startswith("transformers.")
+        and isinstance(activation, nn.Module)
+        and not _hooked(activation)
+    ):
         return "swiglu", None
     return glu_flavor(activation)
 
@@ -143,15 +147,26 @@ class _FusedDecoderLayer(_TransformersModule):
     input_layernorm: nn.Module
     post_attention_layernorm: nn.Module
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: Any = None, use_cache: bool | None = False, position_embeddings: Any = None,
-                **kwargs: Any) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool | None = False,
+        position_embeddings: Any = None,
+        **kwargs: Any,
+    ) -> Tensor:
         cache = cache if cache is not None else pop_cache(kwargs)
         kwargs[cache_kwarg(type(self.self_attn).forward)] = cache
         residual = hidden_states
         h, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
         )
         h, hidden_states = add_norm(h, residual, self.post_attention_layernorm)
         return hidden_states + self.mlp(h)

@@ -43,9 +43,7 @@ __all__ = ["Plan", "plan_module", "is_pretrained_model"]
 
 def is_pretrained_model(model: nn.Module) -> TypeGuard[PreTrainedModel]:
     """A transformers ``PreTrainedModel`` (checked without importing transformers)."""
-    return any(
-        c.__name__ == "PreTrainedModel" and c.__module__ == MODELING for c in type(model).__mro__
-    )
+    return any(c.__name__ == "PreTrainedModel" and c.__module__ == MODELING for c in type(model).__mro__)
 
 
 def _gelu_flavor(module: nn.Module) -> tuple[str | None, str]:
@@ -83,8 +81,15 @@ class Plan:
     why). ``kind`` is the swap kind it belongs to.
     """
 
-    def __init__(self, kind: str, action: str, note: str, make: Callable[[], nn.Module] | None = None,
-                 new_class: type | None = None, needs: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        kind: str,
+        action: str,
+        note: str,
+        make: Callable[[], nn.Module] | None = None,
+        new_class: type | None = None,
+        needs: tuple[str, ...] = (),
+    ):
         self.kind, self.action, self.note = kind, action, note
         self.make, self.new_class, self.needs = make, new_class, needs
 
@@ -97,41 +102,82 @@ def plan_module(module: nn.Module) -> Plan | None:
     name = cls.__name__
     approx, why = _gelu_flavor(module)
     if approx is not None:
-        return Plan("gelu", "replace", f"llmkit.nn.GELU(approximate={approx!r})",
-                    make=lambda: GELU(approximate=approx))
+        return Plan("gelu", "replace", f"llmkit.nn.GELU(approximate={approx!r})", make=lambda: GELU(approximate=approx))
     if why:
         return Plan("gelu", "left", why)
     if name in _T5_NORMS and from_transformers(cls, *_T5_FAMILIES):
-        return Plan("norm", "reclass", "llmkit rms_norm (x_hat rounded to a half weight's dtype first)",
-                    new_class=_fused_class(cls, _FusedT5LayerNorm))
+        return Plan(
+            "norm",
+            "reclass",
+            "llmkit rms_norm (x_hat rounded to a half weight's dtype first)",
+            new_class=_fused_class(cls, _FusedT5LayerNorm),
+        )
     if name in _LLAMA_NORMS and from_transformers(cls, *LLM_FAMILIES):
-        return Plan("norm", "reclass", "llmkit rms_norm (weight * x_hat.to(dtype))",
-                    new_class=_fused_class(cls, _FusedLlamaRMSNorm))
+        return Plan(
+            "norm",
+            "reclass",
+            "llmkit rms_norm (weight * x_hat.to(dtype))",
+            new_class=_fused_class(cls, _FusedLlamaRMSNorm),
+        )
     if name == "GemmaRMSNorm" and from_transformers(cls, "gemma"):
-        return Plan("norm", "reclass", "llmkit rms_norm (offset 1: x_hat * (1 + weight) in float32)",
-                    new_class=_fused_class(cls, _FusedGemmaRMSNorm))
+        return Plan(
+            "norm",
+            "reclass",
+            "llmkit rms_norm (offset 1: x_hat * (1 + weight) in float32)",
+            new_class=_fused_class(cls, _FusedGemmaRMSNorm),
+        )
     if from_transformers(cls, *LLM_FAMILIES) and name.endswith("MLP") and _gated_mlp_shape(module):
-        return Plan("fused", "reclass", "gate / up projections, activation * up fused (SwiGLU / GeGLU)",
-                    new_class=_fused_class(cls, _FusedGatedMLP))
+        return Plan(
+            "fused",
+            "reclass",
+            "gate / up projections, activation * up fused (SwiGLU / GeGLU)",
+            new_class=_fused_class(cls, _FusedGatedMLP),
+        )
     if from_transformers(cls, *LLM_FAMILIES) and name.endswith("DecoderLayer") and _decoder_layer_shape(module):
-        return Plan("fused", "reclass", "attention residual fused into post_attention_layernorm",
-                    new_class=_fused_class(cls, _FusedDecoderLayer))
+        return Plan(
+            "fused",
+            "reclass",
+            "attention residual fused into post_attention_layernorm",
+            new_class=_fused_class(cls, _FusedDecoderLayer),
+        )
     if name == "T5DenseGatedActDense" and from_transformers(cls, *_T5_FAMILIES):
-        return Plan("fused", "reclass", "wi_0 / wi_1 projections, activation * wi_1 fused (GeGLU / SwiGLU)",
-                    new_class=_fused_class(cls, _FusedT5GatedFF))
+        return Plan(
+            "fused",
+            "reclass",
+            "wi_0 / wi_1 projections, activation * wi_1 fused (GeGLU / SwiGLU)",
+            new_class=_fused_class(cls, _FusedT5GatedFF),
+        )
     bert_family = from_transformers(cls, *_BERT_FAMILIES)
     if bert_family and name.endswith(("SelfOutput", "Output")) and _dense_add_norm_shape(module):
-        return Plan("fused", "reclass", "dense, dropout, fused residual add + LayerNorm",
-                    new_class=_fused_class(cls, _FusedDenseAddNorm))
+        return Plan(
+            "fused",
+            "reclass",
+            "dense, dropout, fused residual add + LayerNorm",
+            new_class=_fused_class(cls, _FusedDenseAddNorm),
+        )
     if bert_family and name.endswith("SelfAttention") and _qkv_shape(module):
-        return Plan("fused", "reclass", "query / key / value projections on llmkit's GEMM path",
-                    new_class=_fused_class(cls, _FusedSelfAttention))
+        return Plan(
+            "fused",
+            "reclass",
+            "query / key / value projections on llmkit's GEMM path",
+            new_class=_fused_class(cls, _FusedSelfAttention),
+        )
     if bert_family and name.endswith("Intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):
-        return Plan("fused", "reclass", "dense with bias fused into GELU",
-                    new_class=_fused_class(cls, _FusedIntermediate), needs=("intermediate_act_fn",))
+        return Plan(
+            "fused",
+            "reclass",
+            "dense with bias fused into GELU",
+            new_class=_fused_class(cls, _FusedIntermediate),
+            needs=("intermediate_act_fn",),
+        )
     if name == "GPT2MLP" and from_transformers(cls, "gpt2"):
-        return Plan("fused", "reclass", "c_fc with bias fused into GELU", new_class=_fused_class(cls, _FusedGPT2MLP),
-                    needs=("act",))
+        return Plan(
+            "fused",
+            "reclass",
+            "c_fc with bias fused into GELU",
+            new_class=_fused_class(cls, _FusedGPT2MLP),
+            needs=("act",),
+        )
     if name == "GPT2Block" and from_transformers(cls, "gpt2"):
         return Plan(
             "fused", "reclass", "attention residual fused into ln_2", new_class=_fused_class(cls, _FusedGPT2Block)
@@ -142,13 +188,16 @@ def plan_module(module: nn.Module) -> Plan | None:
 
 
 def _gated_mlp_shape(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")) \
-        and hasattr(module, "act_fn")
+    return all(
+        isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")
+    ) and hasattr(module, "act_fn")
 
 
 def _decoder_layer_shape(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, p, None), nn.Module)
-               for p in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
+    return all(
+        isinstance(getattr(module, p, None), nn.Module)
+        for p in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+    )
 
 
 def _dense_add_norm_shape(module: nn.Module) -> bool:

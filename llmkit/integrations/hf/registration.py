@@ -66,7 +66,9 @@ def _on_loaded(name: str) -> None:
         except Exception as exc:  # an incompatible transformers: say so, do not fail its import
             logger.warning(
                 "llmkit could not register its attention with %s (%r); "
-                "attn_implementation='llmkit' will not be available", name, exc,
+                "attn_implementation='llmkit' will not be available",
+                name,
+                exc,
             )
 
 
@@ -84,9 +86,7 @@ def ensure_registered() -> None:
         import transformers.masking_utils  # noqa: F401
         import transformers.modeling_utils  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
-            f"this needs HuggingFace transformers (pip install transformers): {exc}"
-        ) from exc
+        raise ImportError(f"this needs HuggingFace transformers (pip install transformers): {exc}") from exc
     with _lock:
         for name, fn in _REGISTER.items():
             if name not in _registered:
