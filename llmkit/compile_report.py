@@ -142,15 +142,38 @@ def compile_spec(module: str, spec: Any, arch: int) -> KernelReport:
     return rep
 
 
+def sampled(specs: list[Any], sample: tuple[int, int] | None) -> list[Any]:
+    """``sample=(cap, phase)``: at most about ``cap`` of a module's specs, evenly spread (every
+    ``ceil(n / cap)``-th, from the ``phase``-th); None: all of them."""
+    if sample is None or sample[0] <= 0 or len(specs) <= sample[0]:
+        return specs
+    stride = -(-len(specs) // sample[0])
+    return specs[sample[1] % stride :: stride]
+
+
+def sample_from_env() -> tuple[int, int] | None:
+    """The sample the tests compile: ``LLMKIT_COMPILE_SAMPLE=<cap>[/<phase>]`` (default 32/0: the
+    attention module's ~140 specs would take most of the suite's time); ``all``: every spec."""
+    env = os.environ.get("LLMKIT_COMPILE_SAMPLE", "32/0").strip()
+    if env == "all":
+        return None
+    cap, _, phase = env.partition("/")
+    try:
+        return int(cap), int(phase or 0)
+    except ValueError:
+        raise ValueError(f"LLMKIT_COMPILE_SAMPLE must be 'all' or '<cap>[/<phase>]' (e.g. 24/1), got {env!r}") from None
+
+
 def collect(
     archs: tuple[int, ...] = (80, 90),
     modules: list[str] | None = None,
     only: str | None = None,
     shard: tuple[int, int] = (0, 1),
+    sample: tuple[int, int] | None = None,
 ) -> list[KernelReport]:
     """Compile every spec of every kernel module (or of ``modules``; only the specs whose name
     contains ``only``) for ``archs``. ``shard=(i, n)``: only every n-th compile, from the i-th
-    (what one of n worker processes compiles)."""
+    (what one of n worker processes compiles). ``sample``: see :func:`sampled`."""
     index = -1
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile report cannot run with TRITON_INTERPRET set; use run_report()")
@@ -171,7 +194,7 @@ def collect(
             if shard[0] == 0:
                 reports.append(KernelReport(name, "<compile_specs>", 0, ok=False, error=repr(exc)))
             continue
-        for spec in specs:
+        for spec in sampled(specs, sample):
             if only and only not in spec.name:
                 continue
             for arch in archs:
@@ -233,6 +256,7 @@ def run_report(
     jobs: int | None = None,
     modules: list[str] | None = None,
     only: str | None = None,
+    sample: tuple[int, int] | None = None,
 ) -> list[KernelReport]:
     """Run the report without TRITON_INTERPRET in ``jobs`` fresh interpreters (each compiles a
     shard of the specs: compiling is CPU-bound and single-threaded) and return it, in spec order."""
@@ -256,6 +280,7 @@ def run_report(
                     *[str(a) for a in archs],
                     *(["--module", *modules] if modules else []),
                     *(["--only", only] if only else []),
+                    *(["--sample", f"{sample[0]}/{sample[1]}"] if sample else []),
                 ],
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -285,10 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", nargs="+", help="only these kernel modules (e.g. attention int8_matmul)")
     p.add_argument("--only", help="only the specs whose name contains this text")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="compile only every N-th spec, from the I-th")
+    p.add_argument(
+        "--sample", metavar="CAP/PHASE", help="at most about CAP specs per module, evenly spread (default: all)"
+    )
     args = p.parse_args(argv)
     shard_i, _, shard_n = args.shard.partition("/")
     modules = [m if m.startswith("llmkit.kernels.") else f"llmkit.kernels.{m}" for m in args.module or []]
-    reports = collect(tuple(args.arch), modules or None, args.only, (int(shard_i), int(shard_n or 1)))
+    sample = None
+    if args.sample:
+        cap, _, phase = args.sample.partition("/")
+        sample = (int(cap), int(phase or 0))
+    reports = collect(tuple(args.arch), modules or None, args.only, (int(shard_i), int(shard_n or 1)), sample)
     bad = problems(reports)
     if args.json:
         with open(args.json, "w") as f:

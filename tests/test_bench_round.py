@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llmkit import check as C
+from llmkit import check_run
 from llmkit import cli
 from llmkit.bench import runner, suites_models
 from llmkit.bench.shapes import ShapesError, check_shapes, load_shapes
@@ -165,7 +166,7 @@ def test_an_interrupted_bench_run_keeps_what_it_measured(tmp_path, monkeypatch, 
 
 
 def test_an_interrupted_check_keeps_its_rows(monkeypatch, tmp_path, capsys):
-    _interrupt_call(monkeypatch, C, "run_case", 3)
+    _interrupt_call(monkeypatch, check_run, "run_case", 3)
     out = tmp_path / "c.json"
     code = cli.main(
         [

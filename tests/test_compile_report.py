@@ -7,6 +7,10 @@ H100), compiles it for both targets with the argument specializations Triton's J
 derive, and reads registers, spills and matrix instructions from the cubins with the
 cuobjdump / nvdisasm of the Triton wheel. The CI rule: every spec
 compiles for both targets, nothing spills, matrix kernels use tensor cores.
+
+The suite compiles an even sample of each module's specs (``LLMKIT_COMPILE_SAMPLE``, default
+32 per module: all of them but attention's); ``LLMKIT_COMPILE_SAMPLE=all`` compiles every spec,
+as ``python -m llmkit.compile_report`` does. CI's two stacks compile different samples.
 """
 
 from __future__ import annotations
@@ -62,14 +66,17 @@ def test_problems():
     assert "llmkit.kernels.x:no_mma sm_90: matrix kernel without tensor-core instructions in its SASS" in found
 
 
+SAMPLE = C.sample_from_env()
+
+
 def _expected_specs():
-    """(module, spec name, arch) of every spec the kernel modules declare, and the matrix ones."""
+    """(module, spec name, arch) of every spec of the sample, and the matrix ones."""
     expected, matrix = set(), set()
     for name in C.kernel_modules():
         mod = importlib.import_module(name)
         if not hasattr(mod, "compile_specs"):
             continue
-        for spec in mod.compile_specs():
+        for spec in C.sampled(list(mod.compile_specs()), SAMPLE):
             for arch in ARCHS:
                 if arch in spec.archs:
                     expected.add((name, spec.name, arch))
@@ -84,7 +91,9 @@ def test_every_spec_records_a_launch_of_its_kernel():
     from llmkit.kernels._launch import STANDARD_TARGETS
 
     for name in C.kernel_modules():
-        for spec in importlib.import_module(name).compile_specs():
+        mod = importlib.import_module(name)
+        # modules without specs hold kernels another module's specs launch (attention_backward)
+        for spec in mod.compile_specs() if hasattr(mod, "compile_specs") else ():
             for arch in spec.archs:
                 launch = spec.launch(arch)
                 assert launch.kernel is spec.kernel, (name, spec.name)
@@ -96,7 +105,7 @@ def test_every_spec_records_a_launch_of_its_kernel():
 
 @pytest.fixture(scope="module")
 def reports():
-    return C.run_report(ARCHS)
+    return C.run_report(ARCHS, sample=SAMPLE)
 
 
 def test_every_spec_was_compiled(reports):
