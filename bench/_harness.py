@@ -41,25 +41,13 @@ TARGETS: list[tuple[str, str, dict[str, Any], str, float, str]] = [
     ("add_layer_norm", "bwd", {}, "llmkit[", 1.3, "CPU target: fused add+LayerNorm >= 1.3x unfused eager"),
     ("bias_gelu", "fwd", {}, "llmkit[", 1.3, "CPU target: fused bias+GELU >= 1.3x unfused eager"),
     ("bias_gelu", "bwd", {}, "llmkit[", 1.3, "CPU target: fused bias+GELU >= 1.3x unfused eager"),
-    (
-        "int8_w8a8",
-        "fwd",
-        {"M": 512, "K": 4096},
-        "Int8Linear[w8a8]",
-        3.0,
-        "CPU target: W8A8 Int8Linear >= 3x fp32 nn.Linear",
-    ),
+    ("int8_w8a8", "fwd", {"M": 512, "K": 4096}, "Int8Linear[w8a8]", 3.0,
+     "CPU target: W8A8 Int8Linear >= 3x fp32 nn.Linear"),
     ("int8_w8a16", "fwd", {}, "Int8Linear[w8a16]", 1.0, "CPU target: W8A16 at M=1..16 >= 1.0x fp32 nn.Linear"),
     ("bert", "prefill", {}, "hf+swap", 1.0, "CPU target: swapped BERT-base >= 1.0x unswapped"),
     ("gpt2_decode", "decode", {}, "llmkit.models.GPT", 1.0, "CPU target: llmkit GPT decode >= 1.0x HF GPT-2 tokens/s"),
-    (
-        "llama_prefill",
-        "prefill",
-        {},
-        "hf+swap",
-        1.3,
-        "CPU target: swapped Llama-shaped model (hidden 2048, 4 layers, S=512) >= 1.3x HF eager, float32 prefill",
-    ),
+    ("llama_prefill", "prefill", {}, "hf+swap", 1.3,
+     "CPU target: swapped Llama-shaped model (hidden 2048, 4 layers, S=512) >= 1.3x HF eager, float32 prefill"),
 ]
 
 
@@ -168,24 +156,16 @@ def terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     ratios = _ratios()
     tr.section("llmkit: speed relative to PyTorch eager, measured in this run (above 1 = faster)")
-    tr.write_line(
-        f"shape set {SET_NAME!r} of {SHAPES.path} v{SHAPES.version}, torch threads "
-        f"{torch.get_num_threads()}; on a shared machine these figures are noisy"
-    )
+    tr.write_line(f"shape set {SET_NAME!r} of {SHAPES.path} v{SHAPES.version}, torch threads "
+                  f"{torch.get_num_threads()}; on a shared machine these figures are noisy")
     for t, r in ratios:
-        tr.write_line(
-            f"  {t.suite:15} {t.pass_:7} {point_label(t.point):38} {t.impl:26} {t.median_s * 1e3:10.3f} ms  {r:6.2f}x"
-        )
+        tr.write_line(f"  {t.suite:15} {t.pass_:7} {point_label(t.point):38} {t.impl:26} "
+                      f"{t.median_s * 1e3:10.3f} ms  {r:6.2f}x")
     tr.section("llmkit: performance targets (measured, not asserted)")
     for suite, pass_, where, prefix, target, text in TARGETS:
-        hits = [
-            (t, r)
-            for t, r in ratios
-            if t.suite == suite
-            and t.pass_ == pass_
-            and (t.impl == prefix or (prefix.endswith("[") and t.impl.startswith(prefix)))
-            and all(t.point.get(k) == v for k, v in where.items())
-        ]
+        hits = [(t, r) for t, r in ratios if t.suite == suite and t.pass_ == pass_
+                and (t.impl == prefix or (prefix.endswith("[") and t.impl.startswith(prefix)))
+                and all(t.point.get(k) == v for k, v in where.items())]
         if not hits:
             tr.write_line(f"  not measured: {text} ({suite} {pass_} {prefix}* did not run)")
             continue

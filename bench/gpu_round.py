@@ -76,14 +76,8 @@ SUMMARY_RESERVE_S = 15  # the summary files and the tarball at the end
 # machines), and the dry-run test of this script. The extension's step also takes every
 # test file that uses it (see tests_using_extension): they run once it is built, never
 # building it a second time beside the build step.
-ROW_TESTS = (
-    "test_layer_norm.py",
-    "test_llm_norms.py",
-    "test_gelu.py",
-    "test_glu.py",
-    "test_int8_matmul.py",
-    "test_int8_linear.py",
-)
+ROW_TESTS = ("test_layer_norm.py", "test_llm_norms.py", "test_gelu.py", "test_glu.py", "test_int8_matmul.py",
+             "test_int8_linear.py")
 ATTENTION_TESTS = ("test_attention.py", "test_decode_attention.py")
 EXT_TESTS = ("test_cuda_ext*.py", "test_nn_backends.py")
 NOT_ON_GPU = ("test_compile_report.py", "test_csrc_compile.py", "test_gpu_round.py")
@@ -91,38 +85,14 @@ SMOKE_TESTS = ("test_reference.py",)  # the dry run's real pytest run: small, pu
 
 CHECK_GROUPS = {
     "attention": ("attention", "decode_attention"),
-    "rows": (
-        "layer_norm",
-        "rms_norm",
-        "add_layer_norm",
-        "add_rms_norm",
-        "gelu",
-        "bias_gelu",
-        "geglu",
-        "swiglu",
-        "quantize_int8",
-        "int8_matmul",
-        "int8_linear",
-    ),
+    "rows": ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
+             "quantize_int8", "int8_matmul", "int8_linear"),
 }
 # bench groups, in the order they run, with the least time each needs (seconds)
 BENCH_GROUPS = (
     ("attention", ("attention", "attention_window", "decode_attention", "decode_paged"), 45),
-    (
-        "norms",
-        (
-            "layer_norm",
-            "rms_norm",
-            "add_layer_norm",
-            "add_rms_norm",
-            "gelu",
-            "bias_gelu",
-            "swiglu",
-            "geglu",
-            "quantize_int8",
-        ),
-        30,
-    ),
+    ("norms", ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "swiglu", "geglu",
+               "quantize_int8"), 30),
     ("int8", ("int8_w8a8", "int8_w8a16"), 25),
     ("models", ("gpt2_prefill", "gpt2_decode", "bert", "llama_prefill"), 45),
 )
@@ -161,18 +131,10 @@ class Step:
     log: Path | None = None
 
     def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "gpu": self.gpu,
-            "status": self.status,
-            "rc": self.rc,
-            "seconds": round(self.seconds, 1),
-            "timeout_s": round(self.timeout_s),
-            "note": self.note,
-            "command": shlex.join(self.cmd) if self.cmd else None,
-            "log": f"logs/{self.log.name}" if self.log else None,
-        }
+        return {"name": self.name, "kind": self.kind, "gpu": self.gpu, "status": self.status, "rc": self.rc,
+                "seconds": round(self.seconds, 1), "timeout_s": round(self.timeout_s), "note": self.note,
+                "command": shlex.join(self.cmd) if self.cmd else None,
+                "log": f"logs/{self.log.name}" if self.log else None}
 
 
 def _child_setup() -> None:
@@ -240,16 +202,8 @@ class Round:
         with open(step.log, "w") as log:
             log.write(f"$ {shlex.join(step.cmd)}\n")
             log.flush()
-            step.proc = subprocess.Popen(
-                step.cmd,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_child_setup,
-            )
+            step.proc = subprocess.Popen(step.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_child_setup)
         step.t0 = time.monotonic()
         step.status = "running"
         self.running.append(step)
@@ -331,9 +285,8 @@ def _tail(path: Path | None, n: int) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def find_cuda_home(
-    environ: dict[str, str] | None = None, roots: tuple[str, ...] = ("/usr/local/cuda",), versioned: str = "/usr/local"
-) -> str | None:
+def find_cuda_home(environ: dict[str, str] | None = None, roots: tuple[str, ...] = ("/usr/local/cuda",),
+                   versioned: str = "/usr/local") -> str | None:
     """The CUDA toolkit root: a folder with ``bin/nvcc`` and ``include/cuda_runtime.h``.
 
     ``$CUDA_HOME`` if it is one, else the first of ``roots`` that is, else two levels above
@@ -441,33 +394,15 @@ def run_round(args: argparse.Namespace) -> int:
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="llmkit-gpu-round-"))
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     env = dict(os.environ)
-    env.update(
-        {
-            "LLMKIT_TEST_SEED": str(seed),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "PIP_NO_INDEX": "1",
-            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-            "MPLBACKEND": "Agg",
-            "PYTHONUNBUFFERED": "1",
-            "TRITON_CACHE_DIR": str(work / "triton-cache"),
-        }
-    )
+    env.update({"LLMKIT_TEST_SEED": str(seed), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(work / "triton-cache")})
     rnd = Round(out, work, args.budget, dry_run=True, env=env)
     for name in RESULT_FILES:  # results of an earlier round in this folder are not this round's
         (out / name).unlink(missing_ok=True)
-    rnd.info.update(
-        {
-            "seed": seed,
-            "work": str(work),
-            "out": str(out),
-            "budget_s": args.budget,
-            "command": shlex.join([Path(py).name, *sys.argv]),
-            "python_used": py,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        }
-    )
+    rnd.info.update({"seed": seed, "work": str(work), "out": str(out), "budget_s": args.budget,
+                     "command": shlex.join([Path(py).name, *sys.argv]), "python_used": py,
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -498,10 +433,8 @@ def _run_steps(rnd: Round, args: argparse.Namespace, py: str, env: dict[str, str
         rnd.info["dry_run_reason"] = why
         rnd.say(f"DRY RUN ({why}): nothing is installed or built, the GPU steps do not run; CPU smoke steps do")
     else:
-        rnd.say(
-            f"GPU: {gpu['name']} (sm_{gpu['capability'].replace('.', '')}, {gpu['sms']} SMs, "
-            f"{gpu['memory_gib']} GiB), torch {versions.get('torch')}, triton {versions.get('triton')}"
-        )
+        rnd.say(f"GPU: {gpu['name']} (sm_{gpu['capability'].replace('.', '')}, {gpu['sms']} SMs, "
+                f"{gpu['memory_gib']} GiB), torch {versions.get('torch')}, triton {versions.get('triton')}")
         env["LLMKIT_TEST_GPU"] = "1"  # tests/conftest.py: real kernels, not the interpreter
         env.pop("TRITON_INTERPRET", None)
         env["LLMKIT_EXT_CACHE_DIR"] = str(rnd.work / "ext-cache")  # this round's build only
@@ -512,24 +445,15 @@ def _run_steps(rnd: Round, args: argparse.Namespace, py: str, env: dict[str, str
             env["PATH"] = f"{cuda_home}/bin{os.pathsep}{env.get('PATH', '')}"
         rnd.say(f"CUDA_HOME={cuda_home or '(no toolkit found: the extension build will fail)'}")
     _tool_output(rnd, "nvidia-smi.txt", ["nvidia-smi"], 20)
-    _tool_output(
-        rnd,
-        "nvcc.txt",
-        [os.path.join(env.get("CUDA_HOME", ""), "bin", "nvcc") if env.get("CUDA_HOME") else "nvcc", "--version"],
-        20,
-    )
+    _tool_output(rnd, "nvcc.txt", [os.path.join(env.get("CUDA_HOME", ""), "bin", "nvcc") if env.get("CUDA_HOME")
+                                   else "nvcc", "--version"], 20)
     _tool_output(rnd, "pip-freeze.txt", [py, "-m", "pip", "freeze"], 60)
     rnd.snapshot()
 
     llmkit = [py, "-m", "llmkit.cli"]
     # 0. install (no network), shapes, info
-    install = Step(
-        "install",
-        "install",
-        [py, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "--no-input", "-e", str(ROOT)],
-        cap_s=150,
-        min_s=20,
-    )
+    install = Step("install", "install", [py, "-m", "pip", "install", "--no-index", "--no-deps",
+                                          "--no-build-isolation", "--no-input", "-e", str(ROOT)], cap_s=150, min_s=20)
     if rnd.dry_run:
         rnd.not_run(install, "dry run: the environment is left as it is")
     else:
@@ -564,62 +488,32 @@ def _test_steps(rnd: Round, args: argparse.Namespace, py: str, llmkit: list[str]
         f"--ignore={f}" for f in sorted(set(tests_matching(ROW_TESTS + ATTENTION_TESTS + NOT_ON_GPU)) | set(ext_files))
     ]
     nice = ["nice", "-n", "5"] if shutil.which("nice") else []
-    kernels = [
-        _pytest_step(rnd, f"pytest-{group}", pytest, xdist, tests_matching(files), cap_s=300, reserve_s=reserve)
-        for group, files in (("rows", ROW_TESTS), ("attention", ATTENTION_TESTS))
-    ]
+    kernels = [_pytest_step(rnd, f"pytest-{group}", pytest, xdist, tests_matching(files), cap_s=300, reserve_s=reserve)
+               for group, files in (("rows", ROW_TESTS), ("attention", ATTENTION_TESTS))]
     checks = []
     for group, ops in CHECK_GROUPS.items():
         name = f"check-triton-{group}"
         out = rnd.logs / f"{name}.json"
         cmd = [*llmkit, "check", "--device", "cuda", "--backend", "triton", "--json", str(out)]
-        checks.append(
-            Step(
-                name,
-                "check",
-                cmd + [a for op in ops for a in ("--op", op)],
-                cap_s=300,
-                reserve_s=reserve,
-                output=str(out),
-            )
-        )
+        checks.append(Step(name, "check", cmd + [a for op in ops for a in ("--op", op)], cap_s=300,
+                           reserve_s=reserve, output=str(out)))
     two = ["-n", "2", "--dist", "load"] if has_xdist else []
     # the rest of the suite: mostly CPU work, at lower priority
-    rest = _pytest_step(
-        rnd, "pytest-rest", [*nice, *pytest], two, ["tests"], cap_s=330, reserve_s=reserve, extra=ignored
-    )
+    rest = _pytest_step(rnd, "pytest-rest", [*nice, *pytest], two, ["tests"], cap_s=330, reserve_s=reserve,
+                        extra=ignored)
     ext_out = rnd.logs / "check-cuda-ext.json"
     return {
         # the extension's own tests and check need time after the build
-        "build": Step(
-            "build-ext",
-            "build",
-            [*llmkit, "build-ext", "--cuda", "--arch", arch, "--jobs", str(args.jobs)],
-            cap_s=300,
-            reserve_s=reserve + 60,
-            min_s=30,
-        ),
+        "build": Step("build-ext", "build", [*llmkit, "build-ext", "--cuda", "--arch", arch, "--jobs", str(args.jobs)],
+                      cap_s=300, reserve_s=reserve + 60, min_s=30),
         "kernels": kernels,
         "checks": checks,
         "rest": rest,
-        "ext_tests": _pytest_step(
-            rnd,
-            "pytest-ext",
-            pytest,
-            two,
-            ext_files,
-            cap_s=300,
-            reserve_s=reserve,
-            extra=["-k", "not test_cli_build_ext_reports_what_it_built"],
-        ),
-        "ext_check": Step(
-            "check-cuda-ext",
-            "check",
-            [*llmkit, "check", "--device", "cuda", "--backend", "cuda_ext", "--json", str(ext_out)],
-            cap_s=300,
-            reserve_s=reserve,
-            output=str(ext_out),
-        ),
+        "ext_tests": _pytest_step(rnd, "pytest-ext", pytest, two, ext_files, cap_s=300,
+                                  reserve_s=reserve, extra=["-k", "not test_cli_build_ext_reports_what_it_built"]),
+        "ext_check": Step("check-cuda-ext", "check", [*llmkit, "check", "--device", "cuda", "--backend", "cuda_ext",
+                                                      "--json", str(ext_out)],
+                          cap_s=300, reserve_s=reserve, output=str(ext_out)),
     }
 
 
@@ -631,36 +525,10 @@ def _bench_steps(rnd: Round, llmkit: list[str], built: bool) -> list[Step]:
     for group, suites, least in BENCH_GROUPS:
         later -= least + GRACE_S
         name = f"bench-{group}"
-        cmd = [
-            *llmkit,
-            "bench",
-            "--device",
-            "cuda",
-            "--shapes",
-            "round",
-            "--dtype",
-            "bfloat16",
-            "--no-compile",
-            "--no-plots",
-            *backends,
-            "--out",
-            str(rnd.logs),
-            "--name",
-            name,
-            "--op",
-            ",".join(suites),
-        ]
-        steps.append(
-            Step(
-                name,
-                "bench",
-                cmd,
-                cap_s=200,
-                reserve_s=later + SUMMARY_RESERVE_S,
-                min_s=least,
-                output=str(rnd.logs / f"{name}.json"),
-            )
-        )
+        cmd = [*llmkit, "bench", "--device", "cuda", "--shapes", "round", "--dtype", "bfloat16", "--no-compile",
+               "--no-plots", *backends, "--out", str(rnd.logs), "--name", name, "--op", ",".join(suites)]
+        steps.append(Step(name, "bench", cmd, cap_s=200, reserve_s=later + SUMMARY_RESERVE_S, min_s=least,
+                          output=str(rnd.logs / f"{name}.json")))
     return steps
 
 
@@ -690,97 +558,33 @@ def _dry_run(rnd: Round, args: argparse.Namespace, py: str, llmkit: list[str]) -
     """The GPU steps listed as not run; CPU smoke versions of them run instead (seconds
     each): every test module collects, a small test file, a quick check and bench."""
     plan = _test_steps(rnd, args, py, llmkit, "9.0")
-    for step in [
-        plan["build"],
-        *plan["kernels"],
-        *plan["checks"],
-        plan["rest"],
-        plan["ext_tests"],
-        plan["ext_check"],
-        *_bench_steps(rnd, llmkit, True),
-    ]:
+    for step in [plan["build"], *plan["kernels"], *plan["checks"], plan["rest"], plan["ext_tests"],
+                 plan["ext_check"], *_bench_steps(rnd, llmkit, True)]:
         rnd.not_run(step, "dry run")
     not_here = [f"--ignore={f}" for f in tests_matching(NOT_ON_GPU)]
     collect = [py, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *not_here, "tests"]
     check_out = rnd.logs / "check-smoke.json"
     smoke = [
         Step("pytest-collect", "collect", collect, cap_s=120, min_s=5, gpu=False),
-        _pytest_step(
-            rnd, "pytest-smoke", _pytest_command(py), [], tests_matching(SMOKE_TESTS), cap_s=120, reserve_s=0, gpu=False
-        ),
-        Step(
-            "check-smoke",
-            "check",
-            [
-                *llmkit,
-                "check",
-                "--device",
-                "cpu",
-                "--backend",
-                "reference",
-                "--op",
-                "gelu",
-                "--quick",
-                "--dtype",
-                "float32",
-                "--json",
-                str(check_out),
-            ],
-            cap_s=120,
-            min_s=5,
-            gpu=False,
-            output=str(check_out),
-        ),
+        _pytest_step(rnd, "pytest-smoke", _pytest_command(py), [], tests_matching(SMOKE_TESTS), cap_s=120, reserve_s=0,
+                     gpu=False),
+        Step("check-smoke", "check", [*llmkit, "check", "--device", "cpu", "--backend", "reference", "--op", "gelu",
+                                      "--quick", "--dtype", "float32", "--json", str(check_out)],
+             cap_s=120, min_s=5, gpu=False, output=str(check_out)),
     ]
     rnd.wait(*[rnd.start(s) for s in smoke])
-    rnd.run(
-        Step(
-            "bench-smoke",
-            "bench",
-            [
-                *llmkit,
-                "bench",
-                "--device",
-                "cpu",
-                "--quick",
-                "--op",
-                "gelu",
-                "--dtype",
-                "float32",
-                "--backend",
-                "reference",
-                "--no-compile",
-                "--no-plots",
-                "--seconds",
-                "0.01",
-                "--out",
-                str(rnd.logs),
-                "--name",
-                "bench-smoke",
-            ],
-            cap_s=120,
-            min_s=5,
-            gpu=False,
-            output=str(rnd.logs / "bench-smoke.json"),
-        )
-    )
+    rnd.run(Step("bench-smoke", "bench", [*llmkit, "bench", "--device", "cpu", "--quick", "--op", "gelu", "--dtype",
+                                          "float32", "--backend", "reference", "--no-compile", "--no-plots",
+                                          "--seconds", "0.01", "--out", str(rnd.logs), "--name", "bench-smoke"],
+                 cap_s=120, min_s=5, gpu=False, output=str(rnd.logs / "bench-smoke.json")))
 
 
 def _pytest_command(py: str) -> list[str]:
     return [py, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE", "--durations=15"]
 
 
-def _pytest_step(
-    rnd: Round,
-    name: str,
-    pytest: list[str],
-    xdist: list[str],
-    files: list[str],
-    cap_s: float,
-    reserve_s: float,
-    extra: list[str] | None = None,
-    gpu: bool = True,
-) -> Step:
+def _pytest_step(rnd: Round, name: str, pytest: list[str], xdist: list[str], files: list[str], cap_s: float,
+                 reserve_s: float, extra: list[str] | None = None, gpu: bool = True) -> Step:
     """A pytest step writing JUnit XML."""
     if not files:
         return Step(name, "pytest", None, note="no test files")
@@ -798,42 +602,22 @@ def _keep_build_log(rnd: Round) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gpu_round.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="gpu_round.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/gpu-round", help="folder for the result files (default out/gpu-round)")
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=float(os.environ.get("LLMKIT_ROUND_BUDGET_S", DEFAULT_BUDGET_S)),
-        help="seconds for the whole round, every step included (default $LLMKIT_ROUND_BUDGET_S or 500)",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="install, build and run nothing on a GPU; CPU smoke steps only (the default without a GPU)",
-    )
+    p.add_argument("--budget", type=float, default=float(os.environ.get("LLMKIT_ROUND_BUDGET_S", DEFAULT_BUDGET_S)),
+                   help="seconds for the whole round, every step included (default $LLMKIT_ROUND_BUDGET_S or 500)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="install, build and run nothing on a GPU; CPU smoke steps only (the default without a GPU)")
     p.add_argument("--work", help="folder for logs, caches and the extension build (default: a new temporary one)")
     p.add_argument("--python", help="the Python that runs the steps (default: this one)")
     p.add_argument("--seed", type=int, help="LLMKIT_TEST_SEED for the tests (default: a fresh one, printed)")
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=max(1, min(8, (os.cpu_count() or 2) // 2)),
-        help="compiler jobs of the extension build (default: half the CPUs, at most 8)",
-    )
-    p.add_argument(
-        "--xdist",
-        type=int,
-        default=4,
-        help="pytest-xdist workers per kernel test step when pytest-xdist is installed (0: none)",
-    )
-    p.add_argument(
-        "--test-timeout",
-        type=float,
-        default=150,
-        help="per-test limit in seconds when pytest-timeout is installed (0: none)",
-    )
+    p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="compiler jobs of the extension build (default: half the CPUs, at most 8)")
+    p.add_argument("--xdist", type=int, default=4,
+                   help="pytest-xdist workers per kernel test step when pytest-xdist is installed (0: none)")
+    p.add_argument("--test-timeout", type=float, default=150,
+                   help="per-test limit in seconds when pytest-timeout is installed (0: none)")
     return p
 
 

@@ -23,27 +23,9 @@ with ``name``, ``kind``, ``output``, ``note``, ``record()``), ``dry_run``, ``inf
 ``console``, ``out`` and ``logs``."""
 
 # Ops in the order of the summary table: llmkit check's ops, then bench-only suites.
-OPS = (
-    "layer_norm",
-    "rms_norm",
-    "add_layer_norm",
-    "add_rms_norm",
-    "gelu",
-    "bias_gelu",
-    "geglu",
-    "swiglu",
-    "attention",
-    "decode_attention",
-    "quantize_int8",
-    "int8_matmul",
-    "int8_linear",
-    "int8_w8a8",
-    "int8_w8a16",
-    "gpt2_prefill",
-    "gpt2_decode",
-    "bert",
-    "llama_prefill",
-)
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
+       "attention", "decode_attention", "quantize_int8", "int8_matmul", "int8_linear", "int8_w8a8", "int8_w8a16",
+       "gpt2_prefill", "gpt2_decode", "bert", "llama_prefill")
 OTHER = "(other tests)"
 
 
@@ -162,11 +144,9 @@ def _speed_cell(s: dict[str, Any] | None) -> str:
     parts = []
     for pass_, impls in s["passes"].items():
         best = sorted(impls.items(), key=lambda kv: -kv[1]["geomean_vs_eager"])
-        txt = ", ".join(
-            f"{_short_impl(n)} {v['geomean_vs_eager']:.2f}x"
-            + (f" ({100 * v['best_roofline']:.0f}% roof)" if v["best_roofline"] is not None else "")
-            for n, v in best
-        )
+        txt = ", ".join(f"{_short_impl(n)} {v['geomean_vs_eager']:.2f}x"
+                        + (f" ({100 * v['best_roofline']:.0f}% roof)" if v["best_roofline"] is not None else "")
+                        for n, v in best)
         parts.append(f"{pass_}: {txt}")
     if s["errors"]:
         parts.append(f"ERROR x{len(s['errors'])}")
@@ -200,34 +180,20 @@ def op_table(rnd: Any, got: dict[str, Any]) -> list[dict[str, Any]]:
             evidence.append("bench")
         if t and not rnd.dry_run and (t["passed"] + t["failed"] + t["error"]) > 0:
             evidence.append("tests")
-        rows.append(
-            {
-                "op": op,
-                "ran_on_gpu": bool(evidence) and not rnd.dry_run,
-                "evidence": evidence,
-                "tests": t,
-                "check": None
-                if c is None
-                else {k: v for k, v in c.items() if k != "devices"} | {"devices": sorted(c["devices"])},
-                "speed": None
-                if s is None
-                else {
-                    "passes": {
-                        p: {
-                            n: {
-                                "geomean_vs_eager": round(v["geomean_vs_eager"], 3),
-                                "best_fraction_of_roofline": v["best_roofline"],
-                            }
-                            for n, v in impls.items()
-                        }
-                        for p, impls in s["passes"].items()
-                    },
-                    "errors": s["errors"],
-                    "devices": s["devices"],
-                },
-                "speed_text": _speed_cell(s),
-            }
-        )
+        rows.append({
+            "op": op,
+            "ran_on_gpu": bool(evidence) and not rnd.dry_run,
+            "evidence": evidence,
+            "tests": t,
+            "check": None if c is None else {k: v for k, v in c.items() if k != "devices"} | {
+                "devices": sorted(c["devices"])},
+            "speed": None if s is None else {"passes": {p: {n: {"geomean_vs_eager": round(v["geomean_vs_eager"], 3),
+                                                               "best_fraction_of_roofline": v["best_roofline"]}
+                                                           for n, v in impls.items()}
+                                                       for p, impls in s["passes"].items()},
+                                             "errors": s["errors"], "devices": s["devices"]},
+            "speed_text": _speed_cell(s),
+        })
     return [r for r in rows if r["op"] != OTHER or r["tests"]]
 
 
@@ -253,12 +219,8 @@ def summary_doc(rnd: Any) -> dict[str, Any]:
     tests = got["tests"]
     counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
     rnd.info["tests_failed"] = counts["failed"] + counts["error"]
-    check_fail = [
-        f"{r['op']} {r['backend']} {r['device']} {r['dtype']} {r['shape']} {r['output']}: {r.get('note', '')}"
-        for doc in got["checks"].values()
-        for r in doc.get("rows", [])
-        if r["status"] == "FAIL"
-    ]
+    check_fail = [f"{r['op']} {r['backend']} {r['device']} {r['dtype']} {r['shape']} {r['output']}: {r.get('note', '')}"
+                  for doc in got["checks"].values() for r in doc.get("rows", []) if r["status"] == "FAIL"]
     return {
         "schema": "llmkit-gpu-round/1",
         "dry_run": rnd.dry_run,
@@ -266,30 +228,14 @@ def summary_doc(rnd: Any) -> dict[str, Any]:
         "info": rnd.info,
         "steps": [s.record() for s in rnd.steps],
         "ops": ops,
-        "tests": {"counts": counts, "failures": [t for t in tests if t["outcome"] in ("failed", "error")][:200]},
-        "check": {
-            "runs": {
-                k: {
-                    "counts": v.get("counts"),
-                    "exit_code": v.get("exit_code"),
-                    "notes": v.get("notes"),
-                    "skipped": v.get("skipped"),
-                }
-                for k, v in got["checks"].items()
-            },
-            "failures": check_fail[:200],
-        },
-        "bench": {
-            "runs": {
-                k: {
-                    "exit_code": v.get("exit_code"),
-                    "elapsed_s": v.get("elapsed_s"),
-                    "skipped": v.get("skipped"),
-                    "roofline": v.get("roofline"),
-                }
-                for k, v in got["benches"].items()
-            }
-        },
+        "tests": {"counts": counts,
+                  "failures": [t for t in tests if t["outcome"] in ("failed", "error")][:200]},
+        "check": {"runs": {k: {"counts": v.get("counts"), "exit_code": v.get("exit_code"), "notes": v.get("notes"),
+                               "skipped": v.get("skipped")} for k, v in got["checks"].items()},
+                  "failures": check_fail[:200]},
+        "bench": {"runs": {k: {"exit_code": v.get("exit_code"), "elapsed_s": v.get("elapsed_s"),
+                               "skipped": v.get("skipped"), "roofline": v.get("roofline")}
+                           for k, v in got["benches"].items()}},
         "_got": got,
     }
 
@@ -299,32 +245,21 @@ def format_summary(doc: dict[str, Any]) -> str:
     gpu = v.get("gpu") or {}
     lines = ["# llmkit GPU round", ""]
     if doc["dry_run"]:
-        lines += [
-            f"**DRY RUN ({info.get('dry_run_reason', '?')}): the GPU steps did not run.** Nothing was "
-            "installed or built; CPU smoke versions of the steps ran instead (test collection, a small "
-            "test file, a quick CPU check and bench).",
-            "",
-        ]
-    lines.append(
-        f"- GPU: {gpu.get('name', 'none')}"
-        + (f", sm_{gpu['capability'].replace('.', '')}, {gpu['sms']} SMs, {gpu['memory_gib']} GiB" if gpu else "")
-    )
-    lines.append(
-        f"- python {v.get('python')}, torch {v.get('torch')} (CUDA {v.get('torch_cuda')}), triton "
-        f"{v.get('triton')}, transformers {v.get('transformers')}, numpy {v.get('numpy')}"
-    )
-    lines.append(
-        f"- date {info.get('date')}, {info.get('elapsed_s', '?')} s of a {info.get('budget_s')} s budget, "
-        f"LLMKIT_TEST_SEED={info.get('seed')}, CUDA_HOME={info.get('cuda_home', '-')}, "
-        f"extension built: {info.get('extension_built', '-')}"
-    )
+        lines += [f"**DRY RUN ({info.get('dry_run_reason', '?')}): the GPU steps did not run.** Nothing was "
+                  "installed or built; CPU smoke versions of the steps ran instead (test collection, a small "
+                  "test file, a quick CPU check and bench).", ""]
+    lines.append(f"- GPU: {gpu.get('name', 'none')}" + (f", sm_{gpu['capability'].replace('.', '')}, {gpu['sms']} SMs, "
+                                                        f"{gpu['memory_gib']} GiB" if gpu else ""))
+    lines.append(f"- python {v.get('python')}, torch {v.get('torch')} (CUDA {v.get('torch_cuda')}), triton "
+                 f"{v.get('triton')}, transformers {v.get('transformers')}, numpy {v.get('numpy')}")
+    lines.append(f"- date {info.get('date')}, {info.get('elapsed_s', '?')} s of a {info.get('budget_s')} s budget, "
+                 f"LLMKIT_TEST_SEED={info.get('seed')}, CUDA_HOME={info.get('cuda_home', '-')}, "
+                 f"extension built: {info.get('extension_built', '-')}")
     lines.append(f"- command: `{info.get('command')}`")
     c = doc["tests"]["counts"]
     lines += ["", f"Tests: {c['passed']} passed, {c['failed'] + c['error']} failed, {c['skipped']} skipped.", ""]
-    lines += [
-        "| op | ran on GPU | tests passed / failed | check | speed vs PyTorch eager (geomean over shapes) |",
-        "|---|---|---|---|---|",
-    ]
+    lines += ["| op | ran on GPU | tests passed / failed | check | speed vs PyTorch eager (geomean over shapes) |",
+              "|---|---|---|---|---|"]
     for r in doc["ops"]:
         ran = ("yes (" + ", ".join(r["evidence"]) + ")") if r["ran_on_gpu"] else "no"
         lines.append(
@@ -355,7 +290,7 @@ def _merged_junit(got: dict[str, Any]) -> bytes:
             root = ET.parse(path).getroot()
         except ET.ParseError:
             continue
-        for suite in [root] if root.tag == "testsuite" else list(root):
+        for suite in ([root] if root.tag == "testsuite" else list(root)):
             suite.set("name", step)
             top.append(suite)
     return ET.tostring(top, encoding="utf-8", xml_declaration=True)
@@ -377,3 +312,5 @@ def write_results(rnd: Any) -> None:
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(rnd.logs, arcname="logs")
     shutil.move(tmp, out / "logs.tar.gz")
+
+

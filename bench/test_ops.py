@@ -11,16 +11,8 @@ import pytest
 
 from _harness import params, run_benchmark
 
-SUITES = (
-    "add_layer_norm",
-    "bias_gelu",
-    "layer_norm",
-    "rms_norm",
-    "gelu",
-    "attention",
-    "decode_attention",
-    "quantize_int8",
-)
+SUITES = ("add_layer_norm", "bias_gelu", "layer_norm", "rms_norm", "gelu", "attention", "decode_attention",
+          "quantize_int8")
 
 
 @pytest.mark.parametrize("suite,point,pass_,impl", params(*SUITES))

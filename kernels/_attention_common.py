@@ -36,7 +36,8 @@ def padded_head_dim(d: int) -> int:
 
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
+def _load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
     """Load a [rows, cols] tile; rows >= n_rows and cols >= N_COLS read as zero."""
     if CHECK_ROWS:
         if N_COLS == BLOCK_COLS:
@@ -137,11 +138,8 @@ def _tanh(x):
     e = tl.exp(-2.0 * ax)
     big = (1.0 - e) / (1.0 + e)
     x2 = x * x
-    small = ax * (
-        1.0
-        + x2
-        * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203)))
-    )
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
     r = tl.where(ax < 0.125, small, big)
     return tl.where(x < 0, -r, r)
 
@@ -161,27 +159,9 @@ def _scores(qk, qk_scale, cap2, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(
-    s,
-    q_idx,
-    k_idx,
-    q_len,
-    k_len,
-    mask_base,
-    stride_mm,
-    stride_mn,
-    diag_off,
-    upper,
-    lower,
-    slope2,
-    CHECK_KEYS: tl.constexpr,
-    BAND: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-):
+def _mask_scores(s, q_idx, k_idx, q_len, k_len, mask_base, stride_mm, stride_mn, diag_off, upper, lower, slope2,
+                 CHECK_KEYS: tl.constexpr, BAND: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr):
     """Add ALiBi's bias and the attention mask to base-2 scores, then hide what the key bound
     and the band hide.
 
@@ -290,17 +270,8 @@ def _dropout_keep(seed, rng_base, q_idx, k_idx, k_len, dropout_p):
 
 
 @triton.jit
-def _key_range(
-    m0,
-    k_len,
-    diag_off,
-    upper,
-    lower,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-):
+def _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPPER: tl.constexpr, LOWER: tl.constexpr):
     """Keys a query block [m0, m0 + BLOCK_M) needs: [lo, full_lo) masked, [full_lo, full_hi)
     mask-free (every row sees every key), [full_hi, hi) masked. Key blocks outside the band
     are skipped. Quantities are clamped at 0 before a division (no negative floors)."""
@@ -336,17 +307,8 @@ def _part_bounds(part: tl.constexpr, lo, full_lo, full_hi, hi):
 
 
 @triton.jit
-def _query_range(
-    n0,
-    q_len,
-    diag_off,
-    upper,
-    lower,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-):
+def _query_range(n0, q_len, diag_off, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 UPPER: tl.constexpr, LOWER: tl.constexpr):
     """Query rows [lo, hi) that may see a key block [n0, n0 + BLOCK_N), ``lo`` a multiple of
     BLOCK_M: row i sees key j only if ``j - diag_off - upper <= i <= j - diag_off + lower``."""
     if UPPER:
@@ -417,7 +379,8 @@ def _padded_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return _empty((*shape[:-1], width), dtype, device)[..., : shape[-1]]
 
 
-def _empty_in_order(shape: tuple[int, ...], order: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _empty_in_order(shape: tuple[int, ...], order: list[int], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
     """A new tensor of ``shape`` whose memory holds its dims in ``order`` (outermost first)."""
     buf = _empty(tuple(shape[d] for d in order), dtype, device)
     return buf.permute([order.index(d) for d in range(len(order))])
@@ -453,12 +416,8 @@ class MaskArgs:
     causal); the kernels read the others as zero (:func:`keys_seen`)."""
 
     @staticmethod
-    def of(
-        attn_mask: torch.Tensor | None,
-        shape: tuple[int, int, int, int],
-        dummy: torch.Tensor,
-        band: ScoreArgs | None = None,
-    ) -> MaskArgs:
+    def of(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], dummy: torch.Tensor,
+           band: ScoreArgs | None = None) -> MaskArgs:
         if attn_mask is None:
             return MaskArgs(dummy, MASK_NONE, False, (0, 0, 0, 0), dummy)
         m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -468,13 +427,8 @@ class MaskArgs:
             m = m.view(torch.uint8)
             kind = MASK_BOOL
         strides = tuple(int(s) for s in m.stride())
-        return MaskArgs(
-            m,
-            kind,
-            strides[2] == 0 or shape[2] == 1,
-            strides,  # type: ignore[arg-type]
-            keys_seen(m4, band.visible(shape[2], shape[3], m4.device) if band else None),
-        )
+        return MaskArgs(m, kind, strides[2] == 0 or shape[2] == 1, strides,  # type: ignore[arg-type]
+                        keys_seen(m4, band.visible(shape[2], shape[3], m4.device) if band else None))
 
     def seen_strides(self) -> tuple[int, int]:
         """(batch, head) strides of ``seen``, 0 where it broadcasts."""
@@ -528,27 +482,15 @@ class ScoreArgs:
     slopes: torch.Tensor | None = None
 
     @staticmethod
-    def of(
-        q_len: int,
-        k_len: int,
-        is_causal: bool,
-        bottom_right: bool = False,
-        window: tuple[int, int] = (-1, -1),
-        softcap: float = 0.0,
-        alibi_slopes: torch.Tensor | None = None,
-    ) -> ScoreArgs:
+    def of(q_len: int, k_len: int, is_causal: bool, bottom_right: bool = False,
+           window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+           alibi_slopes: torch.Tensor | None = None) -> ScoreArgs:
         slopes = None
         if alibi_slopes is not None:
-            slopes = alibi_slopes.to(torch.float32).reshape(
-                -1 if alibi_slopes.dim() == 2 else 1, alibi_slopes.shape[-1]
-            )
-        return ScoreArgs(
-            k_len - q_len if bottom_right else 0,
-            0 if is_causal else int(window[1]),
-            int(window[0]),
-            float(softcap),
-            slopes,
-        )
+            slopes = alibi_slopes.to(torch.float32).reshape(-1 if alibi_slopes.dim() == 2 else 1,
+                                                            alibi_slopes.shape[-1])
+        return ScoreArgs(k_len - q_len if bottom_right else 0, 0 if is_causal else int(window[1]),
+                         int(window[0]), float(softcap), slopes)
 
     def visible(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (Sq, Sk): the keys each row sees by position; None when all."""
@@ -581,23 +523,16 @@ class ScoreArgs:
         return self.lower >= 0 or self.softcap > 0.0 or self.slopes is not None
 
     def constexprs(self) -> dict:
-        return dict(
-            UPPER=self.upper >= 0, LOWER=self.lower >= 0, SOFTCAP=self.softcap > 0.0, HAS_ALIBI=self.slopes is not None
-        )
+        return dict(UPPER=self.upper >= 0, LOWER=self.lower >= 0, SOFTCAP=self.softcap > 0.0,
+                    HAS_ALIBI=self.slopes is not None)
 
 
-def _common_constexprs(d: int, dv: int, band: ScoreArgs, mask: MaskArgs, has_dropout: bool, q: torch.Tensor) -> dict:
-    return dict(
-        STRIDE_ALIGN=16 // q.element_size(),  # the launchers give the kernels aligned rows
-        HEAD_D=d,
-        HEAD_DV=dv,
-        BLOCK_D=padded_head_dim(d),
-        BLOCK_DV=padded_head_dim(dv),
-        MASK_KIND=mask.kind,
-        MASK_ROW_BCAST=mask.row_bcast,
-        HAS_DROPOUT=has_dropout,
-        DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        **band.constexprs(),
+def _common_constexprs(d: int, dv: int, band: ScoreArgs, mask: MaskArgs, has_dropout: bool,
+                       q: torch.Tensor) -> dict:
+    return dict(STRIDE_ALIGN=16 // q.element_size(),  # the launchers give the kernels aligned rows
+        HEAD_D=d, HEAD_DV=dv, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(dv),
+        MASK_KIND=mask.kind, MASK_ROW_BCAST=mask.row_bcast, HAS_DROPOUT=has_dropout,
+        DOT_PRECISION=_dot_precision(q.dtype, q.device), **band.constexprs(),
     )
 
 

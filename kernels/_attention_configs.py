@@ -61,62 +61,38 @@ class _Entry:
 # points until measured on the GPUs (bench/).
 _TABLE_16BIT: dict[int, dict[int, _Entry]] = {
     90: {
-        64: _Entry(
-            T(128, 128, 8, 3),
-            T(128, 64, 8, 3),
-            BackwardConfig(T(128, 64, 8, 3), T(32, 128, 8, 3)),
-            BackwardConfig(T(128, 32, 8, 3), T(32, 128, 8, 3)),
-        ),
-        128: _Entry(
-            T(128, 128, 8, 2),
-            T(64, 32, 8, 3),
-            BackwardConfig(T(128, 64, 8, 2), T(32, 128, 8, 2)),
-            BackwardConfig(T(128, 32, 8, 3), T(16, 64, 8, 3)),
-        ),
-        256: _Entry(
-            T(64, 32, 8, 2),
-            T(64, 16, 8, 2),
-            BackwardConfig(T(64, 16, 8, 2), T(32, 32, 8, 2)),
-            BackwardConfig(T(32, 16, 8, 2), T(16, 32, 8, 2)),
-        ),
+        64: _Entry(T(128, 128, 8, 3), T(128, 64, 8, 3),
+                   BackwardConfig(T(128, 64, 8, 3), T(32, 128, 8, 3)),
+                   BackwardConfig(T(128, 32, 8, 3), T(32, 128, 8, 3))),
+        128: _Entry(T(128, 128, 8, 2), T(64, 32, 8, 3),
+                    BackwardConfig(T(128, 64, 8, 2), T(32, 128, 8, 2)),
+                    BackwardConfig(T(128, 32, 8, 3), T(16, 64, 8, 3))),
+        256: _Entry(T(64, 32, 8, 2), T(64, 16, 8, 2),
+                    BackwardConfig(T(64, 16, 8, 2), T(32, 32, 8, 2)),
+                    BackwardConfig(T(32, 16, 8, 2), T(16, 32, 8, 2))),
     },
     80: {
-        64: _Entry(
-            T(128, 64, 8, 3),
-            T(64, 64, 8, 3),
-            BackwardConfig(T(128, 64, 8, 2), T(16, 128, 8, 2)),
-            BackwardConfig(T(64, 32, 8, 3), T(16, 64, 4, 3)),
-        ),
-        128: _Entry(
-            T(128, 32, 8, 3),
-            T(64, 32, 8, 3),
-            BackwardConfig(T(64, 64, 8, 2), T(32, 64, 8, 2)),
-            BackwardConfig(T(64, 32, 8, 3), T(16, 64, 8, 2)),
-        ),
-        256: _Entry(
-            T(64, 32, 8, 2),
-            T(32, 16, 8, 2),
-            BackwardConfig(T(64, 32, 8, 2), T(32, 32, 8, 2)),
-            BackwardConfig(T(32, 32, 8, 2), T(16, 32, 8, 2)),
-        ),
+        64: _Entry(T(128, 64, 8, 3), T(64, 64, 8, 3),
+                   BackwardConfig(T(128, 64, 8, 2), T(16, 128, 8, 2)),
+                   BackwardConfig(T(64, 32, 8, 3), T(16, 64, 4, 3))),
+        128: _Entry(T(128, 32, 8, 3), T(64, 32, 8, 3),
+                    BackwardConfig(T(64, 64, 8, 2), T(32, 64, 8, 2)),
+                    BackwardConfig(T(64, 32, 8, 3), T(16, 64, 8, 2))),
+        256: _Entry(T(64, 32, 8, 2), T(32, 16, 8, 2),
+                    BackwardConfig(T(64, 32, 8, 2), T(32, 32, 8, 2)),
+                    BackwardConfig(T(32, 32, 8, 2), T(16, 32, 8, 2))),
     },
 }
 # float32 inputs (head dims up to 128): exact fp32 products (input_precision="ieee", FMA,
 # no tensor cores), small single-stage tiles; the software pipeline's buffers for fp32
 # operand tiles do not fit in registers.
 _TABLE_FP32: dict[int, _Entry] = {
-    64: _Entry(
-        T(16, 32, 4, 1),
-        T(16, 16, 4, 1),
-        BackwardConfig(T(32, 16, 4, 1), T(16, 32, 4, 1)),
-        BackwardConfig(T(32, 16, 4, 1), T(16, 16, 2, 1)),
-    ),
-    128: _Entry(
-        T(16, 16, 8, 1),
-        T(16, 16, 8, 1),
-        BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1)),
-        BackwardConfig(T(16, 16, 4, 1), T(16, 16, 2, 1)),
-    ),
+    64: _Entry(T(16, 32, 4, 1), T(16, 16, 4, 1),
+               BackwardConfig(T(32, 16, 4, 1), T(16, 32, 4, 1)),
+               BackwardConfig(T(32, 16, 4, 1), T(16, 16, 2, 1))),
+    128: _Entry(T(16, 16, 8, 1), T(16, 16, 8, 1),
+                BackwardConfig(T(16, 16, 8, 1), T(16, 16, 4, 1)),
+                BackwardConfig(T(16, 16, 4, 1), T(16, 16, 2, 1))),
 }
 FP32_MAX_HEAD_DIM = 128
 # The Triton interpreter (CPU tensors): small tiles so that tests cover many blocks.
@@ -154,9 +130,8 @@ def _entry(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) -> _En
     return _TABLE_16BIT[90 if arch >= 90 else 80][bd]
 
 
-def forward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None, *, masked: bool = False, dropout: bool = False
-) -> TileConfig:
+def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None, *,
+                   masked: bool = False, dropout: bool = False) -> TileConfig:
     """Forward tiles for a head dim, dtype, architecture (None: the interpreter) and whether
     the call has a mask or dropout. A table lookup."""
     if arch is None:
@@ -169,9 +144,8 @@ def forward_config(
     return cfg
 
 
-def backward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None, *, masked: bool = False, dropout: bool = False
-) -> BackwardConfig:
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None, *,
+                    masked: bool = False, dropout: bool = False) -> BackwardConfig:
     """Backward tiles (dQ kernel, dK/dV kernel); see :func:`forward_config`."""
     if arch is None:
         return INTERPRETER_BWD
@@ -180,10 +154,8 @@ def backward_config(
     if arch not in (80, 87, 90):
         row_bytes = 2 * padded_head_dim(max(head_dim, head_dim_v)) * dtype.itemsize
         limit = _smem_limit(arch)
-        cfg = BackwardConfig(
-            _fit_smem(cfg.dq, cfg.dq.block_m, cfg.dq.block_n, row_bytes, limit),
-            _fit_smem(cfg.dkdv, cfg.dkdv.block_n, cfg.dkdv.block_m, row_bytes, limit),
-        )
+        cfg = BackwardConfig(_fit_smem(cfg.dq, cfg.dq.block_m, cfg.dq.block_n, row_bytes, limit),
+                             _fit_smem(cfg.dkdv, cfg.dkdv.block_n, cfg.dkdv.block_m, row_bytes, limit))
     return cfg
 
 

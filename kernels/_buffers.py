@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def out_buffer(
-    out: torch.Tensor | None, shape: list[int], dtype: torch.dtype, device: torch.device, name: str
-) -> torch.Tensor:
+def out_buffer(out: torch.Tensor | None, shape: list[int], dtype: torch.dtype, device: torch.device,
+                name: str) -> torch.Tensor:
     """``out`` checked against the shape and dtype a kernel writes, or a new tensor."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)

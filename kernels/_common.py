@@ -82,7 +82,7 @@ class RowLayout:
 
 def _tail_packed(t: Tensor, k: int) -> bool:
     expected = 1
-    for size, stride in zip(reversed(t.shape[t.dim() - k :]), reversed(t.stride()[t.dim() - k :]), strict=True):
+    for size, stride in zip(reversed(t.shape[t.dim() - k:]), reversed(t.stride()[t.dim() - k:]), strict=True):
         if size != 1 and stride != expected:
             return False
         expected *= size
@@ -90,7 +90,10 @@ def _tail_packed(t: Tensor, k: int) -> bool:
 
 
 def _lead_breaks(t: Tensor, dims: Sequence[int]) -> set[int]:
-    return {j for j in range(len(dims) - 1) if t.stride(dims[j]) != t.stride(dims[j + 1]) * t.shape[dims[j + 1]]}
+    return {
+        j for j in range(len(dims) - 1)
+        if t.stride(dims[j]) != t.stride(dims[j + 1]) * t.shape[dims[j + 1]]
+    }
 
 
 def row_layout(tensors: Sequence[Tensor], k: int) -> RowLayout:
@@ -102,7 +105,7 @@ def row_layout(tensors: Sequence[Tensor], k: int) -> RowLayout:
     """
     shape = tensors[0].shape
     lead = list(shape[: len(shape) - k])
-    n = math.prod(shape[len(shape) - k :])
+    n = math.prod(shape[len(shape) - k:])
     m = math.prod(lead)
     ts = [t if _tail_packed(t, k) else t.contiguous() for t in tensors]
     dims = [d for d, s in enumerate(lead) if s != 1]
@@ -116,7 +119,7 @@ def row_layout(tensors: Sequence[Tensor], k: int) -> RowLayout:
     if not union:
         return RowLayout(ts, 1, [(t.stride(dims[-1]), 0) for t in ts], m, n)
     (j,) = union
-    inner_rows = math.prod(lead[d] for d in dims[j + 1 :])
+    inner_rows = math.prod(lead[d] for d in dims[j + 1:])
     return RowLayout(ts, inner_rows, [(t.stride(dims[j]), t.stride(dims[-1])) for t in ts], m, n)
 
 
@@ -183,14 +186,7 @@ def sum_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
     out = empty((n,), dtype, partials.device)
     block_g, block_n, warps = sum_partials_config(g, n, program_slots(partials.device))
     launch(
-        sum_partials_kernel,
-        (triton.cdiv(n, block_n),),
-        partials,
-        out,
-        g,
-        n,
-        BLOCK_G=block_g,
-        BLOCK_N=block_n,
-        num_warps=warps,
+        sum_partials_kernel, (triton.cdiv(n, block_n),),
+        partials, out, g, n, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps
     )
     return out

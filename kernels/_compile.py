@@ -36,8 +36,6 @@ class CompileSpec:
         mine = [rec for rec in launches if rec.kernel is self.kernel]
         if not mine:
             made = ", ".join(rec.name for rec in launches) or "nothing"
-            raise ValueError(
-                f"compile spec {self.name}: the call launched {made}, "
-                f"not {getattr(self.kernel, 'fn', self.kernel).__name__}"
-            )
+            raise ValueError(f"compile spec {self.name}: the call launched {made}, "
+                             f"not {getattr(self.kernel, 'fn', self.kernel).__name__}")
         return mine[0]

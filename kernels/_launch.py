@@ -148,7 +148,6 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
             options[key] = value
     missing = [n for n in names if n not in bound]
     if missing:
-        raise TypeError(
-            f"launch of {getattr(getattr(kernel, 'fn', kernel), '__name__', kernel)}: no value for {missing}"
-        )
+        raise TypeError(f"launch of {getattr(getattr(kernel, 'fn', kernel), '__name__', kernel)}: "
+                        f"no value for {missing}")
     record.append(Launch(kernel, dims, bound, options))

@@ -52,6 +52,7 @@ head dim and whether a mask or dropout is fused, :func:`forward_config`,
 spills for sm_80 and sm_90, ``python -m llmkit.compile_report``).
 """
 
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -109,53 +110,14 @@ from .attention_backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _att
 
 
 @triton.jit
-def _fwd_kv_loop(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    mask_base,
-    seen_base,
-    offs_m,
-    offs_d,
-    offs_dv,
-    stride_kn,
-    stride_vn,
-    stride_mm,
-    stride_mn,
-    q_len,
-    k_len,
-    kv_lo,
-    kv_hi,
-    qk_scale,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope2,
-    dropout_p,
-    seed,
-    rng_base,
-    lo,
-    hi,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
-):
+def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                 stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                 diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, lo, hi,
+                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
+                 UPPER: tl.constexpr, LOWER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """Online-softmax accumulation over key blocks [lo, hi) (BOUNDARY: masked blocks)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     start = tl.cast(lo, tl.int64)
@@ -165,39 +127,15 @@ def _fwd_kv_loop(
         offs_n = start_n + offs_n0
         k = _load_tile(k_ptrs, offs_n, k_len, offs_d, HEAD_D, BLOCK_D, BOUNDARY)
         s, _ = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
-        s = _mask_scores(
-            s,
-            offs_m[:, None],
-            offs_n[None, :],
-            q_len,
-            k_len,
-            mask_base,
-            stride_mm,
-            stride_mn,
-            diag_off,
-            upper,
-            lower,
-            slope2,
-            BOUNDARY,
-            BOUNDARY,
-            UPPER,
-            LOWER,
-            HAS_ALIBI,
-            MASK_KIND,
-            MASK_ROW_BCAST,
-        )
+        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
+                         diag_off, upper, lower, slope2, BOUNDARY, BOUNDARY, UPPER, LOWER, HAS_ALIBI,
+                         MASK_KIND, MASK_ROW_BCAST)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_keys(
-            v_ptrs,
-            _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER),
-            offs_dv,
-            HEAD_DV,
-            BLOCK_DV,
-            BOUNDARY or MASK_KIND != 0,
-        )
+        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER), offs_dv, HEAD_DV,
+                       BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         acc = acc * alpha[:, None]
         acc = _mma(_cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
@@ -207,62 +145,21 @@ def _fwd_kv_loop(
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_fwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    out_ptr,
-    lse_ptr,
-    mask_ptr,
-    seen_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_mb,
-    stride_mh,
-    stride_mm,
-    stride_mn,
-    stride_sb,
-    stride_sh,
-    num_heads,
-    q_len,
-    k_len,
-    group_size,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope_ptr,
-    stride_slb,
-    stride_slh,
-    qk_scale,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_offset,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, seen_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sb, stride_sh,
+    num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
+    qk_scale, dropout_p, inv_keep, seed, rng_offset,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """out[b, h, rows] and lse[b, h, rows] for one block of BLOCK_M query rows."""
     m_blocks = tl.cdiv(q_len, BLOCK_M)
@@ -300,52 +197,11 @@ def _attn_fwd_kernel(
         start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
         if part != 0 or LOWER:
             acc, l_i, m_i = _fwd_kv_loop(
-                acc,
-                l_i,
-                m_i,
-                q,
-                k_base,
-                v_base,
-                mask_base,
-                seen_base,
-                offs_m,
-                offs_d,
-                offs_dv,
-                stride_kn,
-                stride_vn,
-                stride_mm,
-                stride_mn,
-                q_len,
-                k_len,
-                kv_lo,
-                kv_hi,
-                qk_scale,
-                diag_off,
-                upper,
-                lower,
-                cap2,
-                slope2,
-                dropout_p,
-                seed,
-                rng_base,
-                start,
-                stop,
-                HEAD_D,
-                HEAD_DV,
-                BLOCK_D,
-                BLOCK_DV,
-                BLOCK_N,
-                part != 1,
-                UPPER,
-                LOWER,
-                SOFTCAP,
-                HAS_ALIBI,
-                MASK_KIND,
-                MASK_ROW_BCAST,
-                HAS_DROPOUT,
-                DOT_PRECISION,
-                STRIDE_ALIGN,
-            )
+                acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, start, stop,
+                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -420,40 +276,18 @@ def attention_forward(
     band = ScoreArgs.of(sq, sk, is_causal, bottom_right, window, softcap, alibi_slopes)
     mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, band)
     p, inv_keep = _dropout_args(dropout_p)
-    cfg = config or forward_config(
-        d, dv, query.dtype, device_arch(query.device), masked=mask.kind != MASK_NONE or band.heavy(), dropout=p > 0.0
-    )
+    cfg = config or forward_config(d, dv, query.dtype, device_arch(query.device),
+                                   masked=mask.kind != MASK_NONE or band.heavy(),
+                                   dropout=p > 0.0)
     launch(
-        _attn_fwd_kernel,
-        (triton.cdiv(sq, cfg.block_m) * hq * b,),
-        q,
-        k,
-        v,
-        o,
-        lse,
-        mask.tensor,
-        mask.seen,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *o.stride()[:3],
-        *mask.strides,
-        *mask.seen_strides(),
-        hq,
-        sq,
-        sk,
-        hq // hkv,
-        *band.kernel_args(q),
-        band.qk_scale(scale),
-        p,
-        inv_keep,
-        int(seed),
-        int(offset),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
+        _attn_fwd_kernel, (triton.cdiv(sq, cfg.block_m) * hq * b,),
+        q, k, v, o, lse, mask.tensor, mask.seen,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask.strides, *mask.seen_strides(),
+        hq, sq, sk, hq // hkv, *band.kernel_args(q),
+        band.qk_scale(scale), p, inv_keep, int(seed), int(offset),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         **_common_constexprs(d, dv, band, mask, p > 0.0, q),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (o if rows_aligned(o) else o.contiguous()), lse
 
@@ -472,24 +306,11 @@ def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _attention_call(
-    backward: bool,
-    dtype: torch.dtype,
-    d: int,
-    causal: bool,
-    mask_kind: int,
-    row_bcast: bool,
-    dropout: bool,
-    b: int = 2,
-    hq: int = 16,
-    hkv: int = 16,
-    sq: int = 1024,
-    sk: int = 1024,
-    options: dict | None = None,
-) -> Callable[[], object]:
+def _attention_call(backward: bool, dtype: torch.dtype, d: int, causal: bool, mask_kind: int, row_bcast: bool,
+                    dropout: bool, b: int = 2, hq: int = 16, hkv: int = 16, sq: int = 1024,
+                    sk: int = 1024, options: dict | None = None) -> Callable[[], object]:
     """The launcher call of one compile spec: contiguous (B, H, S, D) meta tensors; ``options``:
     the launchers' keyword options (``alibi=True`` for (Hq,) float32 slopes)."""
-
     def call():
         q, k, v = meta(b, hq, sq, d, dtype=dtype), meta(b, hkv, sk, d, dtype=dtype), meta(b, hkv, sk, d, dtype=dtype)
         opts = dict(options or {})
@@ -502,10 +323,9 @@ def _attention_call(
             mask = meta(b, 1, 1 if row_bcast else sq, sk, dtype=torch.float32)
         p, seed = (0.1, SPEC_SEED) if dropout else (0.0, 0)
         if not backward:
-            return attention_forward(q, k, v, mask, p, causal, d**-0.5, seed, 0, **opts)
+            return attention_forward(q, k, v, mask, p, causal, d ** -0.5, seed, 0, **opts)
         do = meta(b, hq, sq, d, dtype=dtype)
-        return attention_backward(do, q, k, v, mask, p, causal, d**-0.5, seed, 0, **opts)
-
+        return attention_backward(do, q, k, v, mask, p, causal, d ** -0.5, seed, 0, **opts)
     return call
 
 
@@ -517,12 +337,8 @@ _LLM_CASES: dict[str, tuple[torch.dtype, int, dict, dict]] = {
     "softcap_window": (torch.bfloat16, 256, dict(softcap=50.0, window=(255, -1)), {}),  # Gemma 2 sliding layers
     "softcap": (torch.bfloat16, 256, dict(softcap=50.0), {}),  # Gemma 2 global layers
     "alibi": (torch.bfloat16, 128, dict(alibi=True), {}),
-    "everything": (
-        torch.float32,
-        64,
-        dict(bottom_right=True, window=(100, -1), softcap=30.0, alibi=True),
-        dict(sq=600, sk=1000),
-    ),
+    "everything": (torch.float32, 64, dict(bottom_right=True, window=(100, -1), softcap=30.0, alibi=True),
+                   dict(sq=600, sk=1000)),
 }
 
 
@@ -543,9 +359,8 @@ def compile_specs() -> list[CompileSpec]:
     """
     specs: list[CompileSpec] = []
     ragged = dict(hq=32, hkv=8, sq=1000, sk=1000)
-    plain = [
-        (torch.bfloat16, d, c, MASK_NONE, False, False) for d in (64, 128, 80, 96, 160, 256) for c in (False, True)
-    ]
+    plain = [(torch.bfloat16, d, c, MASK_NONE, False, False)
+             for d in (64, 128, 80, 96, 160, 256) for c in (False, True)]
     plain.append((torch.float16, 128, False, MASK_NONE, False, False))
     both = [  # also compiled as "ragged_gqa"
         (torch.bfloat16, 64, True, MASK_NONE, False, False),
@@ -565,22 +380,13 @@ def compile_specs() -> list[CompileSpec]:
     bwd_dims = (64, 128, 80, 256)
     for dtype, d, causal, mask_kind, row_bcast, dropout, shape in cases:
         ty = _TRITON_DTYPE[dtype]
-        tag = (
-            f"{ty}_d{d}{'_causal' if causal else ''}"
-            + ("", "_boolmask", "_floatmask")[mask_kind]
-            + ("_keyvec" if row_bcast else "")
-            + ("_dropout" if dropout else "")
-            + ("_ragged_gqa" if shape else "")
-        )
+        tag = f"{ty}_d{d}{'_causal' if causal else ''}" + ("", "_boolmask", "_floatmask")[mask_kind] \
+            + ("_keyvec" if row_bcast else "") + ("_dropout" if dropout else "") + ("_ragged_gqa" if shape else "")
         variant = (dtype, d, causal, mask_kind, row_bcast, dropout)
-        specs.append(
-            CompileSpec(
-                f"fwd_{tag}", _attn_fwd_kernel, _attention_call(False, *variant, **shape), matrix=dtype != torch.float32
-            )
-        )
-        if dtype == torch.float16 or (
-            dtype == torch.bfloat16 and mask_kind == MASK_NONE and not dropout and d not in bwd_dims
-        ):
+        specs.append(CompileSpec(f"fwd_{tag}", _attn_fwd_kernel, _attention_call(False, *variant, **shape),
+                                 matrix=dtype != torch.float32))
+        if dtype == torch.float16 or (dtype == torch.bfloat16 and mask_kind == MASK_NONE and not dropout
+                                      and d not in bwd_dims):
             continue  # backward: one float16 case is enough; not every padded class
         bwd = _attention_call(True, *variant, **shape)
         specs.append(CompileSpec(f"bwd_stats_{tag}", _attn_bwd_stats_kernel, bwd, matrix=dtype != torch.float32))
@@ -590,11 +396,7 @@ def compile_specs() -> list[CompileSpec]:
         tag = f"llm_{name}_{_TRITON_DTYPE[dtype]}_d{d}"
         fwd = _attention_call(False, dtype, d, True, MASK_NONE, False, False, options=options, **shape)
         bwd = _attention_call(True, dtype, d, True, MASK_NONE, False, False, options=options, **shape)
-        for kind, kernel, call in (
-            ("fwd", _attn_fwd_kernel, fwd),
-            ("bwd_stats", _attn_bwd_stats_kernel, bwd),
-            ("bwd_dq", _attn_bwd_dq_kernel, bwd),
-            ("bwd_dkdv", _attn_bwd_dkdv_kernel, bwd),
-        ):
+        for kind, kernel, call in (("fwd", _attn_fwd_kernel, fwd), ("bwd_stats", _attn_bwd_stats_kernel, bwd),
+                                   ("bwd_dq", _attn_bwd_dq_kernel, bwd), ("bwd_dkdv", _attn_bwd_dkdv_kernel, bwd)):
             specs.append(CompileSpec(f"{kind}_{tag}", kernel, call, matrix=dtype != torch.float32))
     return specs

@@ -48,55 +48,14 @@ from ._launch import launch
 
 
 @triton.jit
-def _stats_kv_loop(
-    m_i,
-    l_i,
-    d_acc,
-    q,
-    do,
-    k_base,
-    v_base,
-    mask_base,
-    seen_base,
-    offs_m,
-    offs_d,
-    offs_dv,
-    stride_kn,
-    stride_vn,
-    stride_mm,
-    stride_mn,
-    q_len,
-    k_len,
-    kv_lo,
-    kv_hi,
-    qk_scale,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope2,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_base,
-    lo,
-    hi,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
-):
+def _stats_kv_loop(m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                   stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                   diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, lo, hi,
+                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
+                   UPPER: tl.constexpr, LOWER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """Online row max ``m``, row sum ``l`` and ``sum_j exp2(s - m) dP`` over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     start = tl.cast(lo, tl.int64)
@@ -105,36 +64,12 @@ def _stats_kv_loop(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_tile(k_ptrs, offs_n, k_len, offs_d, HEAD_D, BLOCK_D, BOUNDARY)
-        v = _load_keys(
-            v_ptrs,
-            _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER),
-            offs_dv,
-            HEAD_DV,
-            BLOCK_DV,
-            BOUNDARY or MASK_KIND != 0,
-        )
+        v = _load_keys(v_ptrs, _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER), offs_dv, HEAD_DV,
+                       BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         s, t = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
-        s = _mask_scores(
-            s,
-            offs_m[:, None],
-            offs_n[None, :],
-            q_len,
-            k_len,
-            mask_base,
-            stride_mm,
-            stride_mn,
-            diag_off,
-            upper,
-            lower,
-            slope2,
-            BOUNDARY,
-            BOUNDARY,
-            UPPER,
-            LOWER,
-            HAS_ALIBI,
-            MASK_KIND,
-            MASK_ROW_BCAST,
-        )
+        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
+                         diag_off, upper, lower, slope2, BOUNDARY, BOUNDARY, UPPER, LOWER, HAS_ALIBI,
+                         MASK_KIND, MASK_ROW_BCAST)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         dp = _mma(do, tl.trans(v), None, DOT_PRECISION)
         if HAS_DROPOUT:
@@ -148,62 +83,21 @@ def _stats_kv_loop(
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_bwd_stats_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    stats_ptr,
-    mask_ptr,
-    seen_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_mb,
-    stride_mh,
-    stride_mm,
-    stride_mn,
-    stride_sb,
-    stride_sh,
-    num_heads,
-    q_len,
-    k_len,
-    group_size,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope_ptr,
-    stride_slb,
-    stride_slh,
-    qk_scale,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_offset,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, mask_ptr, seen_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sb, stride_sh,
+    num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
+    qk_scale, dropout_p, inv_keep, seed, rng_offset,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """The row statistics of BLOCK_M query rows for the dQ and dK/dV kernels, in planes 0, 1,
     2 of ``stats``: ``delta`` and the base-2 shift in two parts, the row maximum ``m`` and
@@ -237,11 +131,11 @@ def _attn_bwd_stats_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q_rows = _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh + m064 * stride_qm, STRIDE_ALIGN)
-    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, HEAD_D, BLOCK_D, True)
+    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d,
+                   HEAD_D, BLOCK_D, True)
     do_rows = _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh + m064 * stride_dom, STRIDE_ALIGN)
-    do = _load_tile(
-        do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, HEAD_DV, BLOCK_DV, True
-    )
+    do = _load_tile(do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv,
+                    HEAD_DV, BLOCK_DV, True)
     k_base = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh, STRIDE_ALIGN)
     v_base = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh, STRIDE_ALIGN)
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
@@ -258,54 +152,11 @@ def _attn_bwd_stats_kernel(
         start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
         if part != 0 or LOWER:
             m_i, l_i, d_acc = _stats_kv_loop(
-                m_i,
-                l_i,
-                d_acc,
-                q,
-                do,
-                k_base,
-                v_base,
-                mask_base,
-                seen_base,
-                offs_m,
-                offs_d,
-                offs_dv,
-                stride_kn,
-                stride_vn,
-                stride_mm,
-                stride_mn,
-                q_len,
-                k_len,
-                kv_lo,
-                kv_hi,
-                qk_scale,
-                diag_off,
-                upper,
-                lower,
-                cap2,
-                slope2,
-                dropout_p,
-                inv_keep,
-                seed,
-                rng_base,
-                start,
-                stop,
-                HEAD_D,
-                HEAD_DV,
-                BLOCK_D,
-                BLOCK_DV,
-                BLOCK_N,
-                part != 1,
-                UPPER,
-                LOWER,
-                SOFTCAP,
-                HAS_ALIBI,
-                MASK_KIND,
-                MASK_ROW_BCAST,
-                HAS_DROPOUT,
-                DOT_PRECISION,
-                STRIDE_ALIGN,
-            )
+                m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, start, stop,
+                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
+                MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
     # rows with no visible key (l = 0): c = +inf, so P' = 0 and their dQ and dK/dV share are 0
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -329,56 +180,14 @@ def _probs(s, c_hi, c_lo, TWO_PART: tl.constexpr):
 
 
 @triton.jit
-def _dq_kv_loop(
-    dq,
-    q,
-    do,
-    c_hi,
-    c_lo,
-    delta,
-    k_base,
-    v_base,
-    mask_base,
-    seen_base,
-    offs_m,
-    offs_d,
-    offs_dv,
-    stride_kn,
-    stride_vn,
-    stride_mm,
-    stride_mn,
-    q_len,
-    k_len,
-    kv_lo,
-    kv_hi,
-    qk_scale,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope2,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_base,
-    lo,
-    hi,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
-):
+def _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, lo, hi,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
+                UPPER: tl.constexpr, LOWER: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """dq += dS K over key blocks [lo, hi), P from the row statistics (:func:`_probs`)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     start = tl.cast(lo, tl.int64)
@@ -390,27 +199,9 @@ def _dq_kv_loop(
         k = _load_keys(k_ptrs, seen, offs_d, HEAD_D, BLOCK_D, BOUNDARY or MASK_KIND != 0)
         v = _load_keys(v_ptrs, seen, offs_dv, HEAD_DV, BLOCK_DV, BOUNDARY or MASK_KIND != 0)
         s, t = _scores(_mma(q, tl.trans(k), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
-        s = _mask_scores(
-            s,
-            offs_m[:, None],
-            offs_n[None, :],
-            q_len,
-            k_len,
-            mask_base,
-            stride_mm,
-            stride_mn,
-            diag_off,
-            upper,
-            lower,
-            slope2,
-            BOUNDARY,
-            BOUNDARY,
-            UPPER,
-            LOWER,
-            HAS_ALIBI,
-            MASK_KIND,
-            MASK_ROW_BCAST,
-        )
+        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, mask_base, stride_mm, stride_mn,
+                         diag_off, upper, lower, slope2, BOUNDARY, BOUNDARY, UPPER, LOWER, HAS_ALIBI,
+                         MASK_KIND, MASK_ROW_BCAST)
         p = _probs(s, c_hi, c_lo, DOT_PRECISION == "ieee")
         dp = _mma(do, tl.trans(v), None, DOT_PRECISION)
         if HAS_DROPOUT:
@@ -427,67 +218,22 @@ def _dq_kv_loop(
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_bwd_dq_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    stats_ptr,
-    dq_ptr,
-    mask_ptr,
-    seen_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    stride_mb,
-    stride_mh,
-    stride_mm,
-    stride_mn,
-    stride_sb,
-    stride_sh,
-    num_heads,
-    q_len,
-    k_len,
-    group_size,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope_ptr,
-    stride_slb,
-    stride_slh,
-    scale,
-    qk_scale,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_offset,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dq_ptr, mask_ptr, seen_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sb, stride_sh,
+    num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
+    scale, qk_scale, dropout_p, inv_keep, seed, rng_offset,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M query rows, from the row statistics of the stats kernel."""
     m_blocks = tl.cdiv(q_len, BLOCK_M)
@@ -510,11 +256,11 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q_rows = _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh + m064 * stride_qm, STRIDE_ALIGN)
-    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, HEAD_D, BLOCK_D, True)
+    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d,
+                   HEAD_D, BLOCK_D, True)
     do_rows = _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh + m064 * stride_dom, STRIDE_ALIGN)
-    do = _load_tile(
-        do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, HEAD_DV, BLOCK_DV, True
-    )
+    do = _load_tile(do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv,
+                    HEAD_DV, BLOCK_DV, True)
     row_ptrs = stats_ptr + (b64 * num_heads + h64) * q_len + offs_m
     plane = (tl.num_programs(0) // m_blocks).to(tl.int64) * q_len  # B * Hq rows of Sq
     row_ok = offs_m < q_len
@@ -536,61 +282,15 @@ def _attn_bwd_dq_kernel(
     for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
         start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
         if part != 0 or LOWER:
-            dq = _dq_kv_loop(
-                dq,
-                q,
-                do,
-                c_hi,
-                c_lo,
-                delta,
-                k_base,
-                v_base,
-                mask_base,
-                seen_base,
-                offs_m,
-                offs_d,
-                offs_dv,
-                stride_kn,
-                stride_vn,
-                stride_mm,
-                stride_mn,
-                q_len,
-                k_len,
-                kv_lo,
-                kv_hi,
-                qk_scale,
-                diag_off,
-                upper,
-                lower,
-                cap2,
-                slope2,
-                dropout_p,
-                inv_keep,
-                seed,
-                rng_base,
-                start,
-                stop,
-                HEAD_D,
-                HEAD_DV,
-                BLOCK_D,
-                BLOCK_DV,
-                BLOCK_N,
-                part != 1,
-                UPPER,
-                LOWER,
-                SOFTCAP,
-                HAS_ALIBI,
-                MASK_KIND,
-                MASK_ROW_BCAST,
-                HAS_DROPOUT,
-                DOT_PRECISION,
-                STRIDE_ALIGN,
-            )
+            dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d,
+                             offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi,
+                             qk_scale, diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base,
+                             start, stop, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER,
+                             SOFTCAP, HAS_ALIBI, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
     dq_rows = _aligned_ptr(dq_ptr, b64 * stride_dqb + h64 * stride_dqh + m064 * stride_dqm, STRIDE_ALIGN)
     dq_ptrs = dq_rows + rows[:, None] * stride_dqm + offs_d[None, :]
-    _store_tile(
-        dq_ptrs, _cast(dq * scale, dq_ptr.dtype.element_ty, DOT_PRECISION), offs_m, q_len, offs_d, HEAD_D, BLOCK_D
-    )
+    _store_tile(dq_ptrs, _cast(dq * scale, dq_ptr.dtype.element_ty, DOT_PRECISION), offs_m, q_len, offs_d, HEAD_D,
+                BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------
@@ -599,53 +299,15 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_q_loop(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    stats_base,
-    stats_plane,
-    mask_base,
-    offs_n,
-    offs_d,
-    offs_dv,
-    stride_qm,
-    stride_dom,
-    stride_mm,
-    stride_mn,
-    q_len,
-    k_len,
-    qk_scale,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope2,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_base,
-    lo,
-    hi,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    CHECK_ROWS: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
-):
+def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stats_base, stats_plane, mask_base,
+                 offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
+                 q_len, k_len, qk_scale, diag_off, upper, lower, cap2, slope2,
+                 dropout_p, inv_keep, seed, rng_base, lo, hi,
+                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 CHECK_ROWS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q over query blocks [lo, hi), in the [key, query] layout.
 
     P from the row statistics of the stats kernel (:func:`_probs`). Keys past Sk are not
@@ -655,7 +317,8 @@ def _dkdv_q_loop(
     offs_m0 = tl.arange(0, BLOCK_M)
     start = tl.cast(lo, tl.int64)
     q_ptrs = _aligned_ptr(q_base, start * stride_qm, STRIDE_ALIGN) + offs_m0[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = _aligned_ptr(do_base, start * stride_dom, STRIDE_ALIGN) + offs_m0[:, None] * stride_dom + offs_dv[None, :]
+    do_ptrs = _aligned_ptr(do_base, start * stride_dom, STRIDE_ALIGN) + offs_m0[:, None] * stride_dom \
+        + offs_dv[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_tile(q_ptrs, offs_m, q_len, offs_d, HEAD_D, BLOCK_D, CHECK_ROWS)
@@ -672,27 +335,9 @@ def _dkdv_q_loop(
         if DOT_PRECISION != "ieee":
             c_hi = c_hi + c_lo
         s_t, t_t = _scores(_mma(k, tl.trans(q), None, DOT_PRECISION), qk_scale, cap2, SOFTCAP)
-        s_t = _mask_scores(
-            s_t,
-            offs_m[None, :],
-            offs_n[:, None],
-            q_len,
-            k_len,
-            mask_base,
-            stride_mm,
-            stride_mn,
-            diag_off,
-            upper,
-            lower,
-            slope2,
-            False,
-            UPPER or LOWER,
-            UPPER,
-            LOWER,
-            HAS_ALIBI,
-            MASK_KIND,
-            MASK_ROW_BCAST,
-        )
+        s_t = _mask_scores(s_t, offs_m[None, :], offs_n[:, None], q_len, k_len, mask_base, stride_mm, stride_mn,
+                           diag_off, upper, lower, slope2, False, UPPER or LOWER, UPPER, LOWER, HAS_ALIBI,
+                           MASK_KIND, MASK_ROW_BCAST)
         if DOT_PRECISION == "ieee":
             p_t = tl.math.exp2((s_t - c_hi[None, :]) - c_lo[None, :])
         else:
@@ -716,71 +361,23 @@ def _dkdv_q_loop(
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_bwd_dkdv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    stats_ptr,
-    dk_ptr,
-    dv_ptr,
-    mask_ptr,
-    seen_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    stride_mb,
-    stride_mh,
-    stride_mm,
-    stride_mn,
-    stride_sb,
-    stride_sh,
-    num_heads,
-    q_len,
-    k_len,
-    group_size,
-    diag_off,
-    upper,
-    lower,
-    cap2,
-    slope_ptr,
-    stride_slb,
-    stride_slh,
-    scale,
-    qk_scale,
-    dropout_p,
-    inv_keep,
-    seed,
-    rng_offset,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPPER: tl.constexpr,
-    LOWER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dk_ptr, dv_ptr, mask_ptr, seen_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sb, stride_sh,
+    num_heads, q_len, k_len, group_size,
+    diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
+    scale, qk_scale, dropout_p, inv_keep, seed, rng_offset,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head, summed over the heads of its query group."""
     pid_n, kvh, b = _program_ids(tl.cdiv(k_len, BLOCK_N), num_heads // group_size)
@@ -821,61 +418,23 @@ def _attn_bwd_dkdv_kernel(
         row_stats = (b64 * num_heads + h64) * q_len
         slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
         dk, dv = _dkdv_q_loop(
-            dk,
-            dv,
-            k,
-            v,
-            _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh, STRIDE_ALIGN),
+            dk, dv, k, v, _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh, STRIDE_ALIGN),
             _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh, STRIDE_ALIGN),
-            stats_ptr + row_stats,
-            stats_plane,
-            mask_ptr + b64 * stride_mb + h64 * stride_mh,
-            offs_n,
-            offs_d,
-            offs_dv,
-            stride_qm,
-            stride_dom,
-            stride_mm,
-            stride_mn,
-            q_len,
-            k_len,
-            qk_scale,
-            diag_off,
-            upper,
-            lower,
-            cap2,
-            slope2,
-            dropout_p,
-            inv_keep,
-            seed,
-            rng_offset + row_stats * k_len,
-            m_lo,
-            m_hi,
-            HEAD_D,
-            HEAD_DV,
-            BLOCK_D,
-            BLOCK_DV,
-            BLOCK_M,
-            UPPER,
-            LOWER,
-            SOFTCAP,
-            HAS_ALIBI,
-            True,
-            MASK_KIND,
-            MASK_ROW_BCAST,
-            HAS_DROPOUT,
-            DOT_PRECISION,
-            STRIDE_ALIGN,
-        )
+            stats_ptr + row_stats, stats_plane, mask_ptr + b64 * stride_mb + h64 * stride_mh,
+            offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
+            q_len, k_len, qk_scale, diag_off, upper, lower, cap2, slope2,
+            dropout_p, inv_keep, seed, rng_offset + row_stats * k_len, m_lo, m_hi,
+            HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, UPPER, LOWER, SOFTCAP, HAS_ALIBI, True, MASK_KIND,
+            MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
 
     dk_rows = _aligned_ptr(dk_ptr, b64 * stride_dkb + kvh64 * stride_dkh + n064 * stride_dkn, STRIDE_ALIGN)
     dk_ptrs = dk_rows + cols[:, None] * stride_dkn + offs_d[None, :]
-    _store_tile(
-        dk_ptrs, _cast(dk * scale, dk_ptr.dtype.element_ty, DOT_PRECISION), offs_n, k_len, offs_d, HEAD_D, BLOCK_D
-    )
+    _store_tile(dk_ptrs, _cast(dk * scale, dk_ptr.dtype.element_ty, DOT_PRECISION), offs_n, k_len, offs_d, HEAD_D,
+                BLOCK_D)
     dv_rows = _aligned_ptr(dv_ptr, b64 * stride_dvb + kvh64 * stride_dvh + n064 * stride_dvn, STRIDE_ALIGN)
     dv_ptrs = dv_rows + cols[:, None] * stride_dvn + offs_dv[None, :]
-    _store_tile(dv_ptrs, _cast(dv, dv_ptr.dtype.element_ty, DOT_PRECISION), offs_n, k_len, offs_dv, HEAD_DV, BLOCK_DV)
+    _store_tile(dv_ptrs, _cast(dv, dv_ptr.dtype.element_ty, DOT_PRECISION), offs_n, k_len, offs_dv, HEAD_DV,
+                BLOCK_DV)
 
 
 # --------------------------------------------------------------------------------------
@@ -922,89 +481,37 @@ def attention_backward(
     band = ScoreArgs.of(sq, sk, is_causal, bottom_right, window, softcap, alibi_slopes)
     mask = MaskArgs.of(attn_mask, (b, hq, sq, sk), q, band)
     p, inv_keep = _dropout_args(dropout_p)
-    cfg = config or backward_config(
-        d, dv, query.dtype, device_arch(query.device), masked=mask.kind != MASK_NONE or band.heavy(), dropout=p > 0.0
-    )
+    cfg = config or backward_config(d, dv, query.dtype, device_arch(query.device),
+                                    masked=mask.kind != MASK_NONE or band.heavy(),
+                                    dropout=p > 0.0)
     consts = _common_constexprs(d, dv, band, mask, p > 0.0, q)
     shape = (hq, sq, sk, hq // hkv, *band.kernel_args(q))
     scalars = (*shape, scale, band.qk_scale(scale), p, inv_keep, int(seed), int(offset))
     n_qblocks = triton.cdiv(sq, cfg.dq.block_m)
     st = stats_config(cfg.dq, d, dv, query.dtype, device_arch(query.device))
     launch(
-        _attn_bwd_stats_kernel,
-        (n_qblocks * hq * b,),
-        q,
-        k,
-        v,
-        do,
-        stats,
-        mask.tensor,
-        mask.seen,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *mask.strides,
-        *mask.seen_strides(),
-        *shape,
-        *scalars[len(shape) + 1 :],
-        BLOCK_M=st.block_m,
-        BLOCK_N=st.block_n,
-        **consts,
-        num_warps=st.num_warps,
-        num_stages=st.num_stages,
+        _attn_bwd_stats_kernel, (n_qblocks * hq * b,),
+        q, k, v, do, stats, mask.tensor, mask.seen,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *mask.strides, *mask.seen_strides(), *shape, *scalars[len(shape) + 1:],
+        BLOCK_M=st.block_m, BLOCK_N=st.block_n, **consts,
+        num_warps=st.num_warps, num_stages=st.num_stages,
     )
     launch(
-        _attn_bwd_dq_kernel,
-        (n_qblocks * hq * b,),
-        q,
-        k,
-        v,
-        do,
-        stats,
-        dq,
-        mask.tensor,
-        mask.seen,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dq.stride()[:3],
-        *mask.strides,
-        *mask.seen_strides(),
-        *scalars,
-        BLOCK_M=cfg.dq.block_m,
-        BLOCK_N=cfg.dq.block_n,
-        **consts,
-        num_warps=cfg.dq.num_warps,
-        num_stages=cfg.dq.num_stages,
+        _attn_bwd_dq_kernel, (n_qblocks * hq * b,),
+        q, k, v, do, stats, dq, mask.tensor, mask.seen,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dq.stride()[:3], *mask.strides, *mask.seen_strides(), *scalars,
+        BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, **consts,
+        num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
     )
     kv_mask = mask.seen_per_kv_head(hq // hkv)
     launch(
-        _attn_bwd_dkdv_kernel,
-        (triton.cdiv(sk, cfg.dkdv.block_n) * hkv * b,),
-        q,
-        k,
-        v,
-        do,
-        stats,
-        dk,
-        dvv,
-        kv_mask.tensor,
-        kv_mask.seen,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dk.stride()[:3],
-        *dvv.stride()[:3],
-        *kv_mask.strides,
-        *kv_mask.seen_strides(),
-        *scalars,
-        BLOCK_M=cfg.dkdv.block_m,
-        BLOCK_N=cfg.dkdv.block_n,
-        **consts,
-        num_warps=cfg.dkdv.num_warps,
-        num_stages=cfg.dkdv.num_stages,
+        _attn_bwd_dkdv_kernel, (triton.cdiv(sk, cfg.dkdv.block_n) * hkv * b,),
+        q, k, v, do, stats, dk, dvv, kv_mask.tensor, kv_mask.seen,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dvv.stride()[:3], *kv_mask.strides, *kv_mask.seen_strides(), *scalars,
+        BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **consts,
+        num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages,
     )
     return dq.contiguous(), dk.contiguous(), dvv.contiguous()

@@ -58,49 +58,17 @@ COMBINE_ROWS = 16
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    seqlens_ptr,
-    table_ptr,
-    batch_idx_ptr,
-    out_ptr,
-    lse_ptr,
-    part_out_ptr,
-    part_lse_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    stride_table,
-    block_size,
-    num_heads,
-    q_len,
-    group_size,
-    row_blocks,
-    split_size,
-    num_splits,
-    qk_scale,
-    HEAD_D: tl.constexpr,
-    HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STRIDE_ALIGN: tl.constexpr,
-    PAGED: tl.constexpr,
-    HAS_BATCH_IDX: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, seqlens_ptr, table_ptr, batch_idx_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_ot,
+    stride_table, block_size,
+    num_heads, q_len, group_size, row_blocks, split_size, num_splits, qk_scale,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
 ):
     """One split of the cache of one K/V head against BLOCK_M (query head, token) rows.
 
@@ -125,12 +93,8 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = (
-        _aligned_ptr(q_ptr, b64 * stride_qb, STRIDE_ALIGN)
-        + head[:, None].to(tl.int64) * stride_qh
-        + tok[:, None] * stride_qt
-        + offs_d[None, :]
-    )
+    q_ptrs = _aligned_ptr(q_ptr, b64 * stride_qb, STRIDE_ALIGN) + head[:, None].to(tl.int64) * stride_qh \
+        + tok[:, None] * stride_qt + offs_d[None, :]
     q = _load_tile(q_ptrs, rows, n_rows, offs_d, HEAD_D, BLOCK_D, True)
 
     length = tl.load(seqlens_ptr + b).to(tl.int32)
@@ -155,28 +119,20 @@ def _decode_split_kernel(
         else:
             cache_b = b64
         start = tl.cast(lo, tl.int64)
-        k_ptrs = (
-            _aligned_ptr(k_ptr, cache_b * stride_kb + kvh64 * stride_kh + start * stride_kn, STRIDE_ALIGN)
-            + offs_n0[:, None] * stride_kn
-            + offs_d[None, :]
-        )
-        v_ptrs = (
-            _aligned_ptr(v_ptr, cache_b * stride_vb + kvh64 * stride_vh + start * stride_vn, STRIDE_ALIGN)
-            + offs_n0[:, None] * stride_vn
-            + offs_dv[None, :]
-        )
+        k_ptrs = _aligned_ptr(k_ptr, cache_b * stride_kb + kvh64 * stride_kh + start * stride_kn, STRIDE_ALIGN) \
+            + offs_n0[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = _aligned_ptr(v_ptr, cache_b * stride_vb + kvh64 * stride_vh + start * stride_vn, STRIDE_ALIGN) \
+            + offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         if PAGED:
             # the block of each key (keys past hi read block 0, masked below), then its slot
             blk = tl.load(table_row + offs_n // block_size, mask=offs_n < hi, other=0).to(tl.int64)
             slot = (offs_n % block_size).to(tl.int64)
-            k = _load_tile(
-                k_head + (blk * stride_kb + slot * stride_kn)[:, None], offs_n, hi, offs_d, HEAD_D, BLOCK_D, True
-            )
-            v = _load_tile(
-                v_head + (blk * stride_vb + slot * stride_vn)[:, None], offs_n, hi, offs_dv, HEAD_DV, BLOCK_DV, True
-            )
+            k = _load_tile(k_head + (blk * stride_kb + slot * stride_kn)[:, None], offs_n, hi, offs_d, HEAD_D,
+                           BLOCK_D, True)
+            v = _load_tile(v_head + (blk * stride_vb + slot * stride_vn)[:, None], offs_n, hi, offs_dv, HEAD_DV,
+                           BLOCK_DV, True)
         else:
             k = _load_tile(k_ptrs, offs_n, hi, offs_d, HEAD_D, BLOCK_D, True)
             v = _load_tile(v_ptrs, offs_n, hi, offs_dv, HEAD_DV, BLOCK_DV, True)
@@ -195,15 +151,10 @@ def _decode_split_kernel(
     # not see, read for the other rows of the tile, holds NaN / inf (p = 0 times it)
     out = tl.where((row_limit > 0)[:, None], acc * (1.0 / l_safe)[:, None], 0.0)
     if SINGLE_SPLIT:
-        o_ptrs = (
-            _aligned_ptr(out_ptr, b64 * stride_ob, STRIDE_ALIGN)
-            + head[:, None].to(tl.int64) * stride_oh
-            + tok[:, None] * stride_ot
-            + offs_dv[None, :]
-        )
-        _store_tile(
-            o_ptrs, _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), rows, n_rows, offs_dv, HEAD_DV, BLOCK_DV
-        )
+        o_ptrs = _aligned_ptr(out_ptr, b64 * stride_ob, STRIDE_ALIGN) + head[:, None].to(tl.int64) * stride_oh \
+            + tok[:, None] * stride_ot + offs_dv[None, :]
+        _store_tile(o_ptrs, _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), rows, n_rows, offs_dv, HEAD_DV,
+                    BLOCK_DV)
         # natural-log lse, (B, Hq, T) float32; +inf on rows that see no key
         lse = tl.where(dead, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         tl.store(lse_ptr + (b64 * num_heads + head) * q_len + tok, lse, mask=rows < n_rows)
@@ -221,21 +172,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    out_ptr,
-    lse_ptr,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    n_rows,
-    num_heads,
-    q_len,
-    num_splits,
-    HEAD_DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    stride_ob, stride_oh, stride_ot,
+    n_rows, num_heads, q_len, num_splits,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """out[row] = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - max m), for BLOCK_R rows.
 
@@ -256,9 +196,8 @@ def _decode_combine_kernel(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
         w = l_s * tl.math.exp2(m_s - m_use)  # an empty split (m = -inf, l = 0) weighs 0
-        o = _load_tile(
-            part_out_ptr + part[:, None] * HEAD_DV + offs_dv[None, :], rows, n_rows, offs_dv, HEAD_DV, BLOCK_DV, True
-        )
+        o = _load_tile(part_out_ptr + part[:, None] * HEAD_DV + offs_dv[None, :], rows, n_rows,
+                       offs_dv, HEAD_DV, BLOCK_DV, True)
         acc = acc * alpha[:, None] + o * w[:, None]
         total = total * alpha + w
         m = m_new
@@ -269,15 +208,8 @@ def _decode_combine_kernel(
     tok = rows64 % q_len
     bh = rows64 // q_len
     dst = out_ptr + (bh // num_heads) * stride_ob + (bh % num_heads) * stride_oh + tok * stride_ot
-    _store_tile(
-        dst[:, None] + offs_dv[None, :],
-        _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION),
-        rows,
-        n_rows,
-        offs_dv,
-        HEAD_DV,
-        BLOCK_DV,
-    )
+    _store_tile(dst[:, None] + offs_dv[None, :], _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), rows, n_rows,
+                offs_dv, HEAD_DV, BLOCK_DV)
 
 
 # --------------------------------------------------------------------------------------
@@ -304,19 +236,9 @@ def _rows_block(n_rows: int, padded_dim: int) -> int:
 
 
 def decode_config(
-    batch: int,
-    kv_heads: int,
-    n_rows: int,
-    s_max: int,
-    head_dim: int,
-    head_dim_v: int,
-    dtype: torch.dtype,
-    arch: int | None,
-    num_sms: int,
-    aligned: bool = True,
-    block_n: int | None = None,
-    num_splits: int | None = None,
-    paged: bool = False,
+    batch: int, kv_heads: int, n_rows: int, s_max: int, head_dim: int, head_dim_v: int,
+    dtype: torch.dtype, arch: int | None, num_sms: int, aligned: bool = True,
+    block_n: int | None = None, num_splits: int | None = None, paged: bool = False,
 ) -> DecodeConfig:
     """Tiles and split count for a decode call.
 
@@ -416,9 +338,8 @@ def decode_attention(
     target = device_target(query.device)
     arch, sms = (target.arch, target.sms) if target is not None else (None, INTERPRETER_NUM_SMS)
     align = stride_align(q, k, v, out)
-    cfg = decode_config(
-        b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits, paged=is_paged
-    )
+    cfg = decode_config(b, hkv, n_rows, s_max, d, dv, query.dtype, arch, sms, align > 1, block_n, num_splits,
+                        paged=is_paged)
     row_blocks = triton.cdiv(n_rows, cfg.block_m)
     single = cfg.num_splits == 1
     if single:
@@ -438,66 +359,24 @@ def decode_attention(
         table, table_stride, block_size = seqlens, 0, 1  # unused
     batch_idx = seqlens if cache_batch_idx is None else cache_batch_idx.contiguous()
     launch(
-        _decode_split_kernel,
-        (cfg.num_splits * hkv * row_blocks * b,),
-        q,
-        k,
-        v,
-        seqlens,
-        table,
-        batch_idx,
-        out,
-        lse,
-        part_out,
-        part_lse,
-        *q.stride()[:3],
-        *k_strides,
-        *v_strides,
-        *out.stride()[:3],
-        table_stride,
-        block_size,
-        hq,
-        t,
-        group,
-        row_blocks,
-        cfg.split_size,
-        cfg.num_splits,
-        scale * 1.4426950408889634,
-        HEAD_D=d,
-        HEAD_DV=dv,
-        BLOCK_D=padded_head_dim(d),
-        BLOCK_DV=padded_head_dim(dv),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        IS_CAUSAL=bool(is_causal),
-        SINGLE_SPLIT=single,
-        DOT_PRECISION=_dot_precision(query.dtype, query.device),
-        STRIDE_ALIGN=align,
-        PAGED=is_paged,
-        HAS_BATCH_IDX=cache_batch_idx is not None,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        _decode_split_kernel, (cfg.num_splits * hkv * row_blocks * b,),
+        q, k, v, seqlens, table, batch_idx, out, lse, part_out, part_lse,
+        *q.stride()[:3], *k_strides, *v_strides, *out.stride()[:3], table_stride, block_size,
+        hq, t, group, row_blocks, cfg.split_size, cfg.num_splits, scale * 1.4426950408889634,
+        HEAD_D=d, HEAD_DV=dv, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(dv),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(is_causal), SINGLE_SPLIT=single,
+        DOT_PRECISION=_dot_precision(query.dtype, query.device), STRIDE_ALIGN=align,
+        PAGED=is_paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not single:
         n_out_rows = b * hq * t
         launch(
-            _decode_combine_kernel,
-            (triton.cdiv(n_out_rows, COMBINE_ROWS),),
-            part_out,
-            part_lse,
-            out,
-            lse,
-            *out.stride()[:3],
-            n_out_rows,
-            hq,
-            t,
-            cfg.num_splits,
-            HEAD_DV=dv,
-            BLOCK_DV=padded_head_dim(dv),
-            BLOCK_R=COMBINE_ROWS,
+            _decode_combine_kernel, (triton.cdiv(n_out_rows, COMBINE_ROWS),),
+            part_out, part_lse, out, lse, *out.stride()[:3], n_out_rows, hq, t, cfg.num_splits,
+            HEAD_DV=dv, BLOCK_DV=padded_head_dim(dv), BLOCK_R=COMBINE_ROWS,
             DOT_PRECISION=_dot_precision(query.dtype, query.device),
-            num_warps=4,
-            num_stages=2,
+            num_warps=4, num_stages=2,
         )
     return out, lse
 
@@ -507,17 +386,8 @@ def decode_attention(
 # --------------------------------------------------------------------------------------
 
 
-def _decode_call(
-    dtype: torch.dtype,
-    d: int,
-    n_rows: int,
-    aligned: bool,
-    b: int = 4,
-    hkv: int = 8,
-    s_max: int = 4096,
-    block_size: int | None = None,
-    batch_idx: bool = False,
-) -> Callable[[], object]:
+def _decode_call(dtype: torch.dtype, d: int, n_rows: int, aligned: bool, b: int = 4, hkv: int = 8,
+                 s_max: int = 4096, block_size: int | None = None, batch_idx: bool = False) -> Callable[[], object]:
     """The launcher call of one compile spec: ``n_rows`` = G x T (query heads per K/V head x new
     tokens) on a (B, Hkv, S_max, D) cache; an unaligned cache is a view at an odd element offset.
     ``block_size``: a paged (num_blocks, block_size, Hkv, D) pool of ``B * S_max`` positions with
@@ -532,15 +402,14 @@ def _decode_call(
             per_seq = triton.cdiv(s_max, block_size)
             k, v = (meta(b * per_seq, block_size, hkv, d, dtype=dtype) for _ in range(2))
             table = meta(b, per_seq, dtype=torch.int32)
-            return decode_attention(q, k, v, seqlens, d**-0.5, True, block_table=table)
+            return decode_attention(q, k, v, seqlens, d ** -0.5, True, block_table=table)
         rows = 2 * b if batch_idx else b
         if aligned:
             k, v = meta(rows, hkv, s_max, d, dtype=dtype), meta(rows, hkv, s_max, d, dtype=dtype)
         else:
             k, v = (meta(rows * hkv * s_max * d + 1, dtype=dtype)[1:].view(rows, hkv, s_max, d) for _ in range(2))
         idx = meta(b, dtype=torch.int32) if batch_idx else None
-        return decode_attention(q, k, v, seqlens, d**-0.5, True, cache_batch_idx=idx)
-
+        return decode_attention(q, k, v, seqlens, d ** -0.5, True, cache_batch_idx=idx)
     return call
 
 
@@ -563,35 +432,20 @@ def compile_specs() -> list[CompileSpec]:
         rows = _rows_block(n_rows, padded_head_dim(d))
         call = _decode_call(dtype, d, n_rows, aligned, b=batch)
         tag = ("" if aligned else "_unaligned") + ("" if batch == 4 else f"_gqa{n_rows}_b{batch}")
-        specs.append(
-            CompileSpec(f"split_{ty}_d{d}_rows{rows}{tag}", _decode_split_kernel, call, matrix=dtype != torch.float32)
-        )
+        specs.append(CompileSpec(f"split_{ty}_d{d}_rows{rows}{tag}", _decode_split_kernel, call,
+                                 matrix=dtype != torch.float32))
         if dtype == torch.bfloat16 and n_rows == 1 and aligned and batch == 4:
             specs.append(CompileSpec(f"combine_bf16_dv{d}", _decode_combine_kernel, call))
     paged = [(torch.bfloat16, d, rows, 16, 4) for d in (64, 128, 256) for rows in (1, 64)]
-    paged += [
-        (torch.bfloat16, 128, 1, 12, 4),
-        (torch.bfloat16, 128, 64, 12, 4),
-        (torch.float32, 128, 4, 16, 4),
-        (torch.bfloat16, 128, 4, 16, 128),
-    ]
+    paged += [(torch.bfloat16, 128, 1, 12, 4), (torch.bfloat16, 128, 64, 12, 4), (torch.float32, 128, 4, 16, 4),
+              (torch.bfloat16, 128, 4, 16, 128)]
     for dtype, d, n_rows, bs, batch in paged:
         ty = _TRITON_DTYPE[dtype]
         rows = _rows_block(n_rows, padded_head_dim(d))
         tag = "" if batch == 4 else f"_gqa{n_rows}_b{batch}"
-        specs.append(
-            CompileSpec(
-                f"split_paged{bs}_{ty}_d{d}_rows{rows}{tag}",
-                _decode_split_kernel,
-                _decode_call(dtype, d, n_rows, True, b=batch, block_size=bs),
-                matrix=dtype != torch.float32,
-            )
-        )
-    specs.append(
-        CompileSpec(
-            "split_batch_idx_bf16_d128_rows16",
-            _decode_split_kernel,
-            _decode_call(torch.bfloat16, 128, 1, True, batch_idx=True),
-        )
-    )
+        specs.append(CompileSpec(f"split_paged{bs}_{ty}_d{d}_rows{rows}{tag}", _decode_split_kernel,
+                                 _decode_call(dtype, d, n_rows, True, b=batch, block_size=bs),
+                                 matrix=dtype != torch.float32))
+    specs.append(CompileSpec("split_batch_idx_bf16_d128_rows16", _decode_split_kernel,
+                             _decode_call(torch.bfloat16, 128, 1, True, batch_idx=True)))
     return specs

@@ -65,19 +65,9 @@ def gelu_config(m: int, n: int, slots: int, bias_grad: bool = False) -> GeluConf
 
 @triton.jit
 def _gelu_fwd_kernel(
-    x_ptr,
-    b_ptr,
-    out_ptr,
-    M,
-    N,
-    inner_rows,
-    x_stride_outer,
-    x_stride_inner,
-    col_blocks,
-    APPROX_TANH: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, b_ptr, out_ptr,
+    M, N, inner_rows, x_stride_outer, x_stride_inner, col_blocks,
+    APPROX_TANH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out = gelu(x [+ bias]) on one ``BLOCK_M x BLOCK_N`` tile."""
     pid = tl.program_id(0)
@@ -104,24 +94,10 @@ def _gelu_fwd_kernel(
 
 @triton.jit
 def _gelu_bwd_kernel(
-    dy_ptr,
-    x_ptr,
-    b_ptr,
-    dx_ptr,
-    db_part_ptr,
-    M,
-    N,
-    inner_rows,
-    dy_stride_outer,
-    dy_stride_inner,
-    x_stride_outer,
-    x_stride_inner,
-    rows_per_group,
-    col_blocks,
-    APPROX_TANH: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dy_ptr, x_ptr, b_ptr, dx_ptr, db_part_ptr,
+    M, N, inner_rows, dy_stride_outer, dy_stride_inner, x_stride_outer, x_stride_inner,
+    rows_per_group, col_blocks,
+    APPROX_TANH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx = dy * gelu'(x [+ bias]) for one group of rows in one column tile; with a bias,
     the group's column sums of dx (float32, before rounding) go to row ``group`` of the partials."""
@@ -188,22 +164,10 @@ def gelu_forward(x: Tensor, bias: Tensor | None, approximate_tanh: bool) -> Tens
     b = bias.contiguous() if bias is not None else None
     with device_guard(x):
         launch(
-            _gelu_fwd_kernel,
-            (triton.cdiv(m, cfg.block_m) * col_blocks,),
-            xs,
-            b,
-            out,
-            m,
-            n,
-            inner_rows,
-            so,
-            si,
-            col_blocks,
-            APPROX_TANH=approximate_tanh,
-            HAS_BIAS=b is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
+            _gelu_fwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
+            xs, b, out, m, n, inner_rows, so, si, col_blocks,
+            APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     return out
 
@@ -228,27 +192,11 @@ def gelu_backward(
     parts = _empty((cfg.groups, n), torch.float32, x.device) if b is not None else None
     with device_guard(x):
         launch(
-            _gelu_bwd_kernel,
-            (cfg.groups * col_blocks,),
-            dys,
-            xs,
-            b,
-            dx,
-            parts,
-            m,
-            n,
-            inner_rows,
-            dy_so,
-            dy_si,
-            x_so,
-            x_si,
-            cfg.rows_per_group,
-            col_blocks,
-            APPROX_TANH=approximate_tanh,
-            HAS_BIAS=b is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
+            _gelu_bwd_kernel, (cfg.groups * col_blocks,),
+            dys, xs, b, dx, parts, m, n, inner_rows, dy_so, dy_si, x_so, x_si,
+            cfg.rows_per_group, col_blocks,
+            APPROX_TANH=approximate_tanh, HAS_BIAS=b is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
         dbias = sum_partials(parts, bias.dtype) if bias is not None and parts is not None else None
     return dx, dbias
@@ -266,7 +214,6 @@ def _gelu_call(backward: bool, m: int, n: int, dtype: torch.dtype, has_bias: boo
         if backward:
             return gelu_backward(torch.empty_like(x), x, bias, tanh)
         return gelu_forward(x, bias, tanh)
-
     return call
 
 
@@ -278,14 +225,9 @@ def compile_specs() -> list[CompileSpec]:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for name, m, n, has_bias in shapes:
         for tanh in (False, True):
-            for dt in ("bf16", "fp32") if name == "bias_n4096" else ("bf16",):
+            for dt in (("bf16", "fp32") if name == "bias_n4096" else ("bf16",)):
                 tag = f"{name}_{'tanh' if tanh else 'erf'}_{dt}"
                 for backward, kernel in ((False, _gelu_fwd_kernel), (True, _gelu_bwd_kernel)):
-                    specs.append(
-                        CompileSpec(
-                            f"gelu_{'bwd' if backward else 'fwd'}_{tag}",
-                            kernel,
-                            _gelu_call(backward, m, n, dtypes[dt], has_bias, tanh),
-                        )
-                    )
+                    specs.append(CompileSpec(f"gelu_{'bwd' if backward else 'fwd'}_{tag}", kernel,
+                                             _gelu_call(backward, m, n, dtypes[dt], has_bias, tanh)))
     return specs

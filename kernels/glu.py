@@ -45,20 +45,9 @@ def act_code(activation: str, approximate: str = "none") -> int:
 
 @triton.jit
 def _glu_fwd_kernel(
-    g_ptr,
-    u_ptr,
-    out_ptr,
-    M,
-    N,
-    inner_rows,
-    g_stride_outer,
-    g_stride_inner,
-    u_stride_outer,
-    u_stride_inner,
-    col_blocks,
-    ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    g_ptr, u_ptr, out_ptr,
+    M, N, inner_rows, g_stride_outer, g_stride_inner, u_stride_outer, u_stride_inner, col_blocks,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out = act(gate) * up on one ``BLOCK_M x BLOCK_N`` tile."""
     pid = tl.program_id(0)
@@ -85,24 +74,10 @@ def _glu_fwd_kernel(
 
 @triton.jit
 def _glu_bwd_kernel(
-    dy_ptr,
-    g_ptr,
-    u_ptr,
-    dg_ptr,
-    du_ptr,
-    M,
-    N,
-    inner_rows,
-    dy_stride_outer,
-    dy_stride_inner,
-    g_stride_outer,
-    g_stride_inner,
-    u_stride_outer,
-    u_stride_inner,
-    col_blocks,
-    ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
+    M, N, inner_rows, dy_stride_outer, dy_stride_inner, g_stride_outer, g_stride_inner,
+    u_stride_outer, u_stride_inner, col_blocks,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d gate = dy * up * act'(gate), d up = dy * act(gate) on one tile."""
     pid = tl.program_id(0)
@@ -157,23 +132,9 @@ def glu_forward(gate: Tensor, up: Tensor, act: int) -> Tensor:
     col_blocks = triton.cdiv(n, cfg.block_n)
     with device_guard(gate):
         launch(
-            _glu_fwd_kernel,
-            (triton.cdiv(m, cfg.block_m) * col_blocks,),
-            gs,
-            us,
-            out,
-            m,
-            n,
-            inner_rows,
-            g_so,
-            g_si,
-            u_so,
-            u_si,
-            col_blocks,
-            ACT=act,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
+            _glu_fwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
+            gs, us, out, m, n, inner_rows, g_so, g_si, u_so, u_si, col_blocks,
+            ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     return out
 
@@ -193,27 +154,9 @@ def glu_backward(grad_out: Tensor, gate: Tensor, up: Tensor, act: int) -> tuple[
     col_blocks = triton.cdiv(n, cfg.block_n)
     with device_guard(gate):
         launch(
-            _glu_bwd_kernel,
-            (triton.cdiv(m, cfg.block_m) * col_blocks,),
-            dys,
-            gs,
-            us,
-            dgate,
-            dup,
-            m,
-            n,
-            inner_rows,
-            dy_so,
-            dy_si,
-            g_so,
-            g_si,
-            u_so,
-            u_si,
-            col_blocks,
-            ACT=act,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
+            _glu_bwd_kernel, (triton.cdiv(m, cfg.block_m) * col_blocks,),
+            dys, gs, us, dgate, dup, m, n, inner_rows, dy_so, dy_si, g_so, g_si, u_so, u_si, col_blocks,
+            ACT=act, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     return dgate, dup
 
@@ -233,7 +176,6 @@ def _glu_call(backward: bool, m: int, n: int, dtype: torch.dtype, halves: bool, 
         if backward:
             return glu_backward(torch.empty(m, n, dtype=dtype, device="meta"), gate, up, act)
         return glu_forward(gate, up, act)
-
     return call
 
 
@@ -245,14 +187,9 @@ def compile_specs() -> list[CompileSpec]:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for name, m, n, halves in shapes:
         for act, act_name in ((SILU, "silu"), (GELU_ERF, "gelu"), (GELU_TANH, "gelu_tanh")):
-            for dt in ("bf16", "fp32") if name == "flat" else ("bf16",):
+            for dt in (("bf16", "fp32") if name == "flat" else ("bf16",)):
                 tag = f"{name}_{act_name}_{dt}"
                 for backward, kernel in ((False, _glu_fwd_kernel), (True, _glu_bwd_kernel)):
-                    specs.append(
-                        CompileSpec(
-                            f"glu_{'bwd' if backward else 'fwd'}_{tag}",
-                            kernel,
-                            _glu_call(backward, m, n, dtypes[dt], halves, act),
-                        )
-                    )
+                    specs.append(CompileSpec(f"glu_{'bwd' if backward else 'fwd'}_{tag}", kernel,
+                                             _glu_call(backward, m, n, dtypes[dt], halves, act)))
     return specs

@@ -144,9 +144,8 @@ def _cast_out(c, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _column_epilogue(
-    acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, N_AXIS: tl.constexpr
-):
+def _column_epilogue(acc, offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr,
+                     ACTIVATION: tl.constexpr, N_AXIS: tl.constexpr):
     """acc * w_scale[n] + bias[n], then the activation; ``N_AXIS`` is the tile axis of n."""
     n_mask = offs_n < N
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
@@ -164,23 +163,9 @@ def _column_epilogue(
 
 
 @triton.jit
-def _int8_epilogue_store(
-    acc,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    out_ptr,
-    out_row_stride,
-    a_scale_ptr,
-    a_scale_stride,
-    b_scale_ptr,
-    b_scale_stride,
-    bias_ptr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-):
+def _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_scale_ptr, a_scale_stride,
+                         b_scale_ptr, b_scale_stride, bias_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                         INTERPRETER: tl.constexpr):
     """Store ``acc * a_scale[m] * b_scale[n] + bias[n]``, activated, in out's dtype."""
     a_scale = tl.load(a_scale_ptr + offs_m.to(tl.int64) * a_scale_stride, mask=offs_m < M, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n.to(tl.int64) * b_scale_stride, mask=offs_n < N, other=0.0)
@@ -190,11 +175,8 @@ def _int8_epilogue_store(
         c = c + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     c = _activation(c, ACTIVATION)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
-    tl.store(
-        out_ptrs,
-        _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER),
-        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-    )
+    tl.store(out_ptrs, _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 # --------------------------------------------------------------------------------------
@@ -204,32 +186,13 @@ def _int8_epilogue_store(
 
 @triton.jit
 def _int8_gemm_kernel(
-    a_ptr,
-    b_ptr,
-    out_ptr,
-    a_scale_ptr,
-    b_scale_ptr,
-    bias_ptr,
-    M,
-    N,
-    K,
-    a_row_stride,
-    a_k_stride,
-    b_k_stride,
-    b_n_stride,
-    out_row_stride,
-    a_scale_stride,
-    b_scale_stride,
-    HAS_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K,
+    a_row_stride, a_k_stride, b_k_stride, b_n_stride, out_row_stride,
+    a_scale_stride, b_scale_stride,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of int8 A @ int8 B, int32 accumulation, fused epilogue.
 
@@ -267,23 +230,8 @@ def _int8_gemm_kernel(
         b_ptrs += BLOCK_K * b_k_stride
 
     if HAS_SCALE:
-        _int8_epilogue_store(
-            acc,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            out_ptr,
-            out_row_stride,
-            a_scale_ptr,
-            a_scale_stride,
-            b_scale_ptr,
-            b_scale_stride,
-            bias_ptr,
-            HAS_BIAS,
-            ACTIVATION,
-            INTERPRETER,
-        )
+        _int8_epilogue_store(acc, offs_m, offs_n, M, N, out_ptr, out_row_stride, a_scale_ptr, a_scale_stride,
+                             b_scale_ptr, b_scale_stride, bias_ptr, HAS_BIAS, ACTIVATION, INTERPRETER)
     else:
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
         tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -291,28 +239,12 @@ def _int8_gemm_kernel(
 
 @triton.jit
 def _w8a16_gemm_kernel(
-    x_ptr,
-    w_ptr,
-    out_ptr,
-    w_scale_ptr,
-    bias_ptr,
-    M,
-    N,
-    K,
-    x_row_stride,
-    x_k_stride,
-    w_n_stride,
-    w_k_stride,
-    out_row_stride,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
+    M, N, K,
+    x_row_stride, x_k_stride, w_n_stride, w_k_stride, out_row_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     INTERPRETER: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of X @ dequant(W)^T; W's int8 tile is converted in registers.
 
@@ -351,30 +283,12 @@ def _w8a16_gemm_kernel(
 
 @triton.jit
 def _w8a16_gemv_kernel(
-    x_ptr,
-    w_ptr,
-    out_ptr,
-    partial_ptr,
-    w_scale_ptr,
-    bias_ptr,
-    M,
-    N,
-    K,
-    k_per_split,
-    x_row_stride,
-    x_k_stride,
-    w_n_stride,
-    w_k_stride,
-    out_row_stride,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, partial_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, k_per_split,
+    x_row_stride, x_k_stride, w_n_stride, w_k_stride, out_row_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out^T tile (BLOCK_N, BLOCK_M) = W tile @ X^T over one K range (M <= BLOCK_M).
 
@@ -423,17 +337,9 @@ def _w8a16_gemv_kernel(
 
 @triton.jit
 def _splitk_epilogue_kernel(
-    partial_ptr,
-    out_ptr,
-    w_scale_ptr,
-    bias_ptr,
-    M,
-    N,
-    out_row_stride,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    partial_ptr, out_ptr, w_scale_ptr, bias_ptr,
+    M, N, out_row_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Sum the SPLIT_K partials of one row block in a fixed order, then the W8A16 epilogue."""
@@ -444,11 +350,8 @@ def _splitk_epilogue_kernel(
     for s in range(SPLIT_K):
         acc += tl.load(partial_ptr + (m.to(tl.int64) + s * M) * N + offs_n, mask=n_mask, other=0.0)
     c = _column_epilogue(acc[None, :], offs_n, N, w_scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION, 1)
-    tl.store(
-        out_ptr + m.to(tl.int64) * out_row_stride + offs_n[None, :],
-        _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER),
-        mask=n_mask[None, :],
-    )
+    tl.store(out_ptr + m.to(tl.int64) * out_row_stride + offs_n[None, :],
+             _cast_out(c, out_ptr.dtype.element_ty, INTERPRETER), mask=n_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -532,36 +435,15 @@ def int8_gemm(
     if bias is not None:
         bias = bias.contiguous()
     launch(
-        _int8_gemm_kernel,
-        (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
-        a,
-        b,
-        out,
-        a_scale,
-        b_scale,
-        bias if bias is not None else out,
-        m,
-        n,
-        k,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        out.stride(0),
-        a_scale_stride,
-        b_scale_stride,
-        HAS_SCALE=has_scale,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        EVEN_K=k % cfg.BLOCK_K == 0,
-        ALIGNED=aligned,
-        INTERPRETER=a.device.type == "cpu",
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        _int8_gemm_kernel, (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),),
+        a, b, out, a_scale, b_scale, bias if bias is not None else out,
+        m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        a_scale_stride, b_scale_stride,
+        HAS_SCALE=has_scale, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        EVEN_K=k % cfg.BLOCK_K == 0, ALIGNED=aligned, INTERPRETER=a.device.type == "cpu",
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -615,83 +497,32 @@ def w8a16_linear(
         split = max(1, triton.cdiv(k, k_per_split))
         partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         launch(
-            _w8a16_gemv_kernel,
-            (triton.cdiv(n, cfg.BLOCK_N), split),
-            x,
-            weight,
-            out,
-            partial,
-            weight_scale,
-            bias_arg,
-            m,
-            n,
-            k,
-            k_per_split,
-            x.stride(0),
-            x.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            ACTIVATION=act,
-            SPLIT_K=split,
-            EVEN_K=k % cfg.BLOCK_K == 0,
-            ALIGNED=aligned,
-            INTERPRETER=interpreter,
-            BLOCK_M=SKINNY_M,
-            BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            _w8a16_gemv_kernel, (triton.cdiv(n, cfg.BLOCK_N), split),
+            x, weight, out, partial, weight_scale, bias_arg,
+            m, n, k, k_per_split,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+            HAS_BIAS=bias is not None, ACTIVATION=act, SPLIT_K=split, EVEN_K=k % cfg.BLOCK_K == 0,
+            ALIGNED=aligned, INTERPRETER=interpreter, BLOCK_M=SKINNY_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))
             launch(
-                _splitk_epilogue_kernel,
-                (m, triton.cdiv(n, block)),
-                partial,
-                out,
-                weight_scale,
-                bias_arg,
-                m,
-                n,
-                out.stride(0),
-                HAS_BIAS=bias is not None,
-                ACTIVATION=act,
-                SPLIT_K=split,
-                INTERPRETER=interpreter,
-                BLOCK_N=block,
+                _splitk_epilogue_kernel, (m, triton.cdiv(n, block)),
+                partial, out, weight_scale, bias_arg, m, n, out.stride(0),
+                HAS_BIAS=bias is not None, ACTIVATION=act, SPLIT_K=split, INTERPRETER=interpreter, BLOCK_N=block,
                 num_warps=4,
             )
         return out
     gemm = config if isinstance(config, GemmConfig) else w8a16_gemm_config(m, x.dtype, _arch(x.device), aligned)
     launch(
-        _w8a16_gemm_kernel,
-        (triton.cdiv(m, gemm.BLOCK_M) * triton.cdiv(n, gemm.BLOCK_N),),
-        x,
-        weight,
-        out,
-        weight_scale,
-        bias_arg,
-        m,
-        n,
-        k,
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        out.stride(0),
-        HAS_BIAS=bias is not None,
-        ACTIVATION=act,
-        EVEN_K=k % gemm.BLOCK_K == 0,
-        ALIGNED=aligned,
-        INTERPRETER=interpreter,
-        BLOCK_M=gemm.BLOCK_M,
-        BLOCK_N=gemm.BLOCK_N,
-        BLOCK_K=gemm.BLOCK_K,
-        GROUP_M=gemm.GROUP_M,
-        num_warps=gemm.num_warps,
-        num_stages=gemm.num_stages,
+        _w8a16_gemm_kernel, (triton.cdiv(m, gemm.BLOCK_M) * triton.cdiv(n, gemm.BLOCK_N),),
+        x, weight, out, weight_scale, bias_arg,
+        m, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, ACTIVATION=act, EVEN_K=k % gemm.BLOCK_K == 0, ALIGNED=aligned,
+        INTERPRETER=interpreter, BLOCK_M=gemm.BLOCK_M, BLOCK_N=gemm.BLOCK_N, BLOCK_K=gemm.BLOCK_K, GROUP_M=gemm.GROUP_M,
+        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
     )
     return out
 
@@ -707,41 +538,27 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _int8_gemm_spec(
-    name: str,
-    m: int,
-    out_ty: str,
-    has_scale: bool,
-    bias_ty: str | None,
-    activation: str,
-    b_layout: str = "weight",
-    k: int = 4096,
-    n: int = 4096,
-) -> CompileSpec:
+def _int8_gemm_spec(name: str, m: int, out_ty: str, has_scale: bool, bias_ty: str | None, activation: str,
+                    b_layout: str = "weight", k: int = 4096, n: int = 4096) -> CompileSpec:
     """``b_layout``: "weight" (``b`` the transpose of an (N, K) weight: K contiguous) or "rows"
     (``b`` an (K, N) row-major matrix)."""
-
     def call():
         a = _meta(m, k, dtype=torch.int8)
         b = _meta(n, k, dtype=torch.int8).t() if b_layout == "weight" else _meta(k, n, dtype=torch.int8)
         if not has_scale:
             return int8_gemm(a, b, None, None, None, None)
         bias = _meta(n, dtype=_DTYPE_OF[bias_ty]) if bias_ty else None
-        return int8_gemm(
-            a, b, _meta(m, dtype=torch.float32), _meta(n, dtype=torch.float32), bias, _DTYPE_OF[out_ty], activation
-        )
-
+        return int8_gemm(a, b, _meta(m, dtype=torch.float32), _meta(n, dtype=torch.float32), bias,
+                         _DTYPE_OF[out_ty], activation)
     return CompileSpec(name, _int8_gemm_kernel, call, matrix=True)
 
 
-def _w8a16_call(
-    m: int, x_ty: str, has_bias: bool, activation: str, k: int = 4096, n: int = 4096
-) -> Callable[[], torch.Tensor]:
+def _w8a16_call(m: int, x_ty: str, has_bias: bool, activation: str, k: int = 4096,
+                n: int = 4096) -> Callable[[], torch.Tensor]:
     def call():
         x = _meta(m, k, dtype=_DTYPE_OF[x_ty])
         bias = _meta(n, dtype=_DTYPE_OF[x_ty]) if has_bias else None
         return w8a16_linear(x, _meta(n, k, dtype=torch.int8), _meta(n, dtype=torch.float32), bias, activation)
-
     return call
 
 
@@ -763,54 +580,25 @@ def compile_specs() -> list[CompileSpec]:
         _int8_gemm_spec("int8_gemm[int32,B rows contiguous]", 4096, "i32", False, None, "none", b_layout="rows"),
         _int8_gemm_spec("int8_gemm[fp16,bias,gelu,unaligned]", 4096, "fp16", True, "fp32", "gelu", k=4095),
         _int8_gemm_spec("int8_gemm[bf16,bias,gelu,M=1000,N=1000]", 1000, "bf16", True, "bf16", "gelu", n=1000),
-        CompileSpec(
-            "w8a16_gemm[bf16,bias,M>64]", _w8a16_gemm_kernel, _w8a16_call(4096, "bf16", True, "none"), matrix=True
-        ),
-        CompileSpec(
-            "w8a16_gemm[fp16,gelu,M<=64]", _w8a16_gemm_kernel, _w8a16_call(64, "fp16", False, "gelu"), matrix=True
-        ),
-        CompileSpec("w8a16_gemm[fp32,bias]", _w8a16_gemm_kernel, _w8a16_call(4096, "fp32", True, "none"), matrix=True),
-        CompileSpec(
-            "w8a16_gemm[bf16,bias,M=1000,N=1000]",
-            _w8a16_gemm_kernel,
-            _w8a16_call(1000, "bf16", True, "none", n=1000),
-            matrix=True,
-        ),
-        CompileSpec(
-            "w8a16_gemm[bf16,bias,unaligned]",
-            _w8a16_gemm_kernel,
-            _w8a16_call(4096, "bf16", True, "none", k=4095),
-            matrix=True,
-        ),
-        CompileSpec(
-            "w8a16_gemv[bf16,bias,gelu_tanh,M=1,N=50257]",
-            _w8a16_gemv_kernel,
-            _w8a16_call(1, "bf16", True, "gelu_tanh", k=768, n=50257),
-            matrix=True,
-        ),
-        *[
-            CompileSpec(
-                f"w8a16_gemv[{ty},{'bias,' if bias else ''}split-k,M={m}]",
-                _w8a16_gemv_kernel,
-                _w8a16_call(m, ty, bias, "none"),
-                matrix=True,
-            )
-            for ty, bias in (("bf16", True), ("fp16", False), ("fp32", True))
-            for m in (1, 4, 16)
-        ],
-        CompileSpec(
-            "w8a16_gemv[bf16,bias,unaligned,M=1]",
-            _w8a16_gemv_kernel,
-            _w8a16_call(1, "bf16", True, "none", k=4095),
-            matrix=True,
-        ),
-        CompileSpec(
-            "w8a16_gemv[bf16,bias,unaligned,M=16]",
-            _w8a16_gemv_kernel,
-            _w8a16_call(16, "bf16", True, "none", k=4095),
-            matrix=True,
-        ),
-        CompileSpec(
-            "splitk_epilogue[bf16,bias,gelu,M=16]", _splitk_epilogue_kernel, _w8a16_call(16, "bf16", True, "gelu")
-        ),
+        CompileSpec("w8a16_gemm[bf16,bias,M>64]", _w8a16_gemm_kernel, _w8a16_call(4096, "bf16", True, "none"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[fp16,gelu,M<=64]", _w8a16_gemm_kernel, _w8a16_call(64, "fp16", False, "gelu"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[fp32,bias]", _w8a16_gemm_kernel, _w8a16_call(4096, "fp32", True, "none"),
+                    matrix=True),
+        CompileSpec("w8a16_gemm[bf16,bias,M=1000,N=1000]", _w8a16_gemm_kernel,
+                    _w8a16_call(1000, "bf16", True, "none", n=1000), matrix=True),
+        CompileSpec("w8a16_gemm[bf16,bias,unaligned]", _w8a16_gemm_kernel,
+                    _w8a16_call(4096, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("w8a16_gemv[bf16,bias,gelu_tanh,M=1,N=50257]", _w8a16_gemv_kernel,
+                    _w8a16_call(1, "bf16", True, "gelu_tanh", k=768, n=50257), matrix=True),
+        *[CompileSpec(f"w8a16_gemv[{ty},{'bias,' if bias else ''}split-k,M={m}]", _w8a16_gemv_kernel,
+                      _w8a16_call(m, ty, bias, "none"), matrix=True)
+          for ty, bias in (("bf16", True), ("fp16", False), ("fp32", True)) for m in (1, 4, 16)],
+        CompileSpec("w8a16_gemv[bf16,bias,unaligned,M=1]", _w8a16_gemv_kernel,
+                    _w8a16_call(1, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("w8a16_gemv[bf16,bias,unaligned,M=16]", _w8a16_gemv_kernel,
+                    _w8a16_call(16, "bf16", True, "none", k=4095), matrix=True),
+        CompileSpec("splitk_epilogue[bf16,bias,gelu,M=16]", _splitk_epilogue_kernel,
+                    _w8a16_call(16, "bf16", True, "gelu")),
     ]

@@ -94,11 +94,7 @@ class NormConfig:
 
 
 def forward_config(
-    m: int,
-    n: int,
-    elem_bytes: int,
-    slots: int = CPU_PROGRAM_SLOTS,
-    max_fused_n: int | None = None,
+    m: int, n: int, elem_bytes: int, slots: int = CPU_PROGRAM_SLOTS, max_fused_n: int | None = None,
     loop_block_n: int = LOOP_BLOCK_N,
 ) -> NormConfig:
     """Forward launch configuration for ``m`` rows of ``n`` elements of ``elem_bytes`` each."""
@@ -110,11 +106,7 @@ def forward_config(
 
 
 def backward_config(
-    m: int,
-    n: int,
-    elem_bytes: int,
-    slots: int = CPU_PROGRAM_SLOTS,
-    max_fused_n: int | None = None,
+    m: int, n: int, elem_bytes: int, slots: int = CPU_PROGRAM_SLOTS, max_fused_n: int | None = None,
     tile_block_n: int = TILE_BLOCK_N,
 ) -> NormConfig:
     """Backward launch configuration: row groups sized so about 2-4 programs run per SM."""
@@ -171,34 +163,13 @@ def _scaled_rstd(var_s, s, eps):
 
 @triton.jit(do_not_specialize=["seed"])
 def _norm_fwd_kernel(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    b_ptr,
-    out_ptr,
-    res_out_ptr,
-    mean_ptr,
-    rstd_ptr,
-    M,
-    N,
-    inner_rows,
-    x_stride_outer,
-    x_stride_inner,
-    res_stride_outer,
-    res_stride_inner,
-    eps,
-    offset,
-    dropout_p,
-    dropout_scale,
-    seed,
-    IS_RMS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, mean_ptr, rstd_ptr,
+    M, N, inner_rows,
+    x_stride_outer, x_stride_inner, res_stride_outer, res_stride_inner,
+    eps, offset, dropout_p, dropout_scale, seed,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Normalize ``BLOCK_M`` whole rows (``N <= BLOCK_N``) held in registers."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -258,26 +229,10 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _looped_stats(
-    x_ptr,
-    res_ptr,
-    res_out_ptr,
-    x_row,
-    r_row,
-    out_row,
-    cols,
-    N,
-    pivot,
-    scale,
-    dropout_p,
-    dropout_scale,
-    seed,
-    IS_RMS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    WRITE_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _looped_stats(x_ptr, res_ptr, res_out_ptr, x_row, r_row, out_row, cols, N, pivot, scale,
+                  dropout_p, dropout_scale, seed,
+                  IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, WRITE_RES: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """Pass 1 of the looped forward over the row's values times ``scale``: per lane, the
     Welford mean and M2 of ``value - pivot`` (RMSNorm: the sum of squares), and the
     largest magnitude. With ``HAS_RES`` the values are ``residual_out`` (written when
@@ -315,32 +270,12 @@ def _looped_stats(
 
 @triton.jit(do_not_specialize=["seed"])
 def _norm_fwd_looped_kernel(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    b_ptr,
-    out_ptr,
-    res_out_ptr,
-    mean_ptr,
-    rstd_ptr,
-    M,
-    N,
-    inner_rows,
-    x_stride_outer,
-    x_stride_inner,
-    res_stride_outer,
-    res_stride_inner,
-    eps,
-    offset,
-    dropout_p,
-    dropout_scale,
-    seed,
-    IS_RMS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, mean_ptr, rstd_ptr,
+    M, N, inner_rows,
+    x_stride_outer, x_stride_inner, res_stride_outer, res_stride_inner,
+    eps, offset, dropout_p, dropout_scale, seed,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Normalize one row of any length in chunks of ``BLOCK_N``.
@@ -368,52 +303,17 @@ def _norm_fwd_looped_kernel(
             pivot = tl.where(tl.rand(seed, out_row) > dropout_p, pivot * dropout_scale, 0.0)
         if HAS_RES:
             pivot = round_to(pivot + tl.load(res_ptr + r_row).to(tl.float32), res_ty).to(tl.float32)
-    acc_mean, acc_m2, amax = _looped_stats(
-        x_ptr,
-        res_ptr,
-        res_out_ptr,
-        x_row,
-        r_row,
-        out_row,
-        cols,
-        N,
-        pivot,
-        1.0,
-        dropout_p,
-        dropout_scale,
-        seed,
-        IS_RMS,
-        HAS_RES,
-        DROPOUT,
-        True,
-        BLOCK_N,
-    )
+    acc_mean, acc_m2, amax = _looped_stats(x_ptr, res_ptr, res_out_ptr, x_row, r_row, out_row, cols, N, pivot, 1.0,
+                                           dropout_p, dropout_scale, seed, IS_RMS, HAS_RES, DROPOUT, True, BLOCK_N)
     s, inv_s = _pow2_scale(amax, eps)
     redo = (s < 9.094947017729282e-13) | (s > 1099511627776.0)  # outside [2^-40, 2^40]
     s = tl.where(redo, s, 1.0)
     inv_s = tl.where(redo, inv_s, 1.0)
     pivot = pivot * s
     if redo:  # rare: pass 1 again, on the scaled values
-        acc_mean, acc_m2, amax = _looped_stats(
-            x_ptr,
-            res_ptr,
-            res_out_ptr,
-            x_row,
-            r_row,
-            out_row,
-            cols,
-            N,
-            pivot,
-            s,
-            dropout_p,
-            dropout_scale,
-            seed,
-            IS_RMS,
-            HAS_RES,
-            DROPOUT,
-            False,
-            BLOCK_N,
-        )
+        acc_mean, acc_m2, amax = _looped_stats(x_ptr, res_ptr, res_out_ptr, x_row, r_row, out_row, cols, N, pivot, s,
+                                               dropout_p, dropout_scale, seed, IS_RMS, HAS_RES, DROPOUT, False,
+                                               BLOCK_N)
     if IS_RMS:
         rstd_s, rstd = _scaled_rstd(tl.sum(acc_m2, axis=0) / N, s, eps)
         shift = 0.0
@@ -508,49 +408,20 @@ def norm_forward(
     w = weight.reshape(-1) if weight is not None else None
     b = bias.reshape(-1) if bias is not None and not rms else None
     dropout = residual is not None and dropout_p > 0.0
-    args = (
-        xs,
-        rs,
-        w,
-        b,
-        out,
-        res_out if res_out is not None else out,
-        mean if mean is not None else rstd,
-        rstd,
-        m,
-        n,
-        layout.inner_rows,
-        x_so,
-        x_si,
-        r_so,
-        r_si,
-        float(eps),
-        float(offset) if rms else 0.0,
-        float(dropout_p) if dropout else 0.0,
-        1.0 / (1.0 - dropout_p) if dropout else 1.0,
-        int(seed),
-    )
-    flags = dict(
-        IS_RMS=rms,
-        HAS_RES=residual is not None,
-        HAS_WEIGHT=w is not None,
-        HAS_BIAS=b is not None,
-        CAST_BEFORE_WEIGHT=bool(cast_before_weight) and w is not None and x.dtype != torch.float32,
-        DROPOUT=dropout,
-    )
+    args = (xs, rs, w, b, out, res_out if res_out is not None else out,
+            mean if mean is not None else rstd, rstd,
+            m, n, layout.inner_rows, x_so, x_si, r_so, r_si, float(eps), float(offset) if rms else 0.0,
+            float(dropout_p) if dropout else 0.0, 1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed))
+    flags = dict(IS_RMS=rms, HAS_RES=residual is not None, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
+                 CAST_BEFORE_WEIGHT=bool(cast_before_weight) and w is not None and x.dtype != torch.float32,
+                 DROPOUT=dropout)
     with device_guard(x):
         if cfg.looped:
-            launch(_norm_fwd_looped_kernel, (m,), *args, **flags, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+            launch(_norm_fwd_looped_kernel, (m,), *args, **flags, BLOCK_N=cfg.block_n,
+                   num_warps=cfg.num_warps)
         else:
-            launch(
-                _norm_fwd_kernel,
-                (triton.cdiv(m, cfg.block_m),),
-                *args,
-                **flags,
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps,
-            )
+            launch(_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, **flags, BLOCK_M=cfg.block_m,
+                   BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     return out, res_out, mean, rstd
 
 
@@ -587,23 +458,16 @@ class SpecOptions:
     dropout: bool = False
 
     def tag(self) -> str:
-        return "".join(
-            [
-                ("_offset" if self.offset else ""),
-                ("_cast" if self.cast else ""),
-                ("_fp32res" if self.fp32_residual else ""),
-                ("_dropout" if self.dropout else ""),
-            ]
-        )
+        return "".join([("_offset" if self.offset else ""), ("_cast" if self.cast else ""),
+                        ("_fp32res" if self.fp32_residual else ""), ("_dropout" if self.dropout else "")])
 
 
 PLAIN = SpecOptions()
 """No LLM option: LayerNorm / RMSNorm as torch has them."""
 
 
-def _fwd_spec(
-    name: str, m: int, n: int, dt: str, rms: bool, res: bool, two_strides: bool = False, opts: SpecOptions = PLAIN
-) -> CompileSpec:
+def _fwd_spec(name: str, m: int, n: int, dt: str, rms: bool, res: bool, two_strides: bool = False,
+              opts: SpecOptions = PLAIN) -> CompileSpec:
     dtype = DTYPES[dt]
 
     def call():
@@ -611,20 +475,9 @@ def _fwd_spec(
         rdt = torch.float32 if opts.fp32_residual else dtype
         residual = meta(*x.shape, dtype=rdt) if res else None
         bias = None if rms else meta(n, dtype=dtype)
-        return norm_forward(
-            x,
-            residual,
-            1,
-            meta(n, dtype=dtype),
-            bias,
-            1e-5,
-            rms,
-            offset=opts.offset,
-            cast_before_weight=opts.cast,
-            residual_dtype=rdt,
-            dropout_p=0.1 if opts.dropout else 0.0,
-            seed=SPEC_SEED if opts.dropout else 0,
-        )
+        return norm_forward(x, residual, 1, meta(n, dtype=dtype), bias, 1e-5, rms, offset=opts.offset,
+                            cast_before_weight=opts.cast, residual_dtype=rdt,
+                            dropout_p=0.1 if opts.dropout else 0.0, seed=SPEC_SEED if opts.dropout else 0)
 
     looped = n > MAX_FUSED_FWD_BYTES // dtype.itemsize
     kernel = _norm_fwd_looped_kernel if looped else _norm_fwd_kernel
@@ -640,31 +493,21 @@ def compile_specs() -> list[CompileSpec]:
     vectorize), and the LLM options: RMSNorm's offset with Llama's casting, the residual
     stream in float32, input dropout."""
     table = [  # (name, n, dtype, rms, residual); 4096 rows, 256 of 262144
-        ("ln", 128, "bf16", False, False),
-        ("ln", 1024, "bf16", False, False),
-        ("ln", 4096, "bf16", False, False),
-        ("ln", 16384, "bf16", False, False),
-        ("ln", 8192, "fp32", False, False),
-        ("rms", 4096, "bf16", True, False),
-        ("rms", 8192, "fp32", True, False),
-        ("add_ln", 4096, "fp16", False, True),
-        ("add_ln", 8192, "fp32", False, True),
-        ("ln", 262144, "bf16", False, False),
-        ("rms", 262144, "bf16", True, False),
-        ("add_ln", 16384, "fp32", False, True),
+        ("ln", 128, "bf16", False, False), ("ln", 1024, "bf16", False, False),
+        ("ln", 4096, "bf16", False, False), ("ln", 16384, "bf16", False, False),
+        ("ln", 8192, "fp32", False, False), ("rms", 4096, "bf16", True, False),
+        ("rms", 8192, "fp32", True, False), ("add_ln", 4096, "fp16", False, True),
+        ("add_ln", 8192, "fp32", False, True), ("ln", 262144, "bf16", False, False),
+        ("rms", 262144, "bf16", True, False), ("add_ln", 16384, "fp32", False, True),
     ]
     specs = [_fwd_spec(name, 256 if n > 65536 else 4096, n, dt, rms, res) for name, n, dt, rms, res in table]
-    specs += [
-        _fwd_spec("ln", 4096, 4096, "bf16", False, False, two_strides=True),
-        _fwd_spec("ln", 4000, 1000, "bf16", False, False),
-    ]
+    specs += [_fwd_spec("ln", 4096, 4096, "bf16", False, False, two_strides=True),
+              _fwd_spec("ln", 4000, 1000, "bf16", False, False)]
     llm = SpecOptions(offset=1.0, cast=True)
     stream = SpecOptions(offset=1.0, cast=True, fp32_residual=True, dropout=True)
-    specs += [
-        _fwd_spec("rms", 4096, 4096, "bf16", True, False, opts=llm),
-        _fwd_spec("add_rms", 4096, 4096, "bf16", True, True, opts=llm),
-        _fwd_spec("add_rms", 4096, 4096, "bf16", True, True, opts=stream),
-        _fwd_spec("add_rms", 256, 65536, "bf16", True, True, opts=stream),
-        _fwd_spec("add_ln", 4096, 4096, "bf16", False, True, opts=SpecOptions(fp32_residual=True, dropout=True)),
-    ]
+    specs += [_fwd_spec("rms", 4096, 4096, "bf16", True, False, opts=llm),
+              _fwd_spec("add_rms", 4096, 4096, "bf16", True, True, opts=llm),
+              _fwd_spec("add_rms", 4096, 4096, "bf16", True, True, opts=stream),
+              _fwd_spec("add_rms", 256, 65536, "bf16", True, True, opts=stream),
+              _fwd_spec("add_ln", 4096, 4096, "bf16", False, True, opts=SpecOptions(fp32_residual=True, dropout=True))]
     return specs

@@ -46,22 +46,10 @@ from .layer_norm import (
 
 @triton.jit
 def _norm_bwd_row_sums_kernel(
-    dy_ptr,
-    x_ptr,
-    w_ptr,
-    mean_ptr,
-    rstd_ptr,
-    row_sums_ptr,
-    N,
-    inner_rows,
-    dy_stride_outer,
-    dy_stride_inner,
-    x_stride_outer,
-    x_stride_inner,
-    offset,
-    IS_RMS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, row_sums_ptr,
+    N, inner_rows,
+    dy_stride_outer, dy_stride_inner, x_stride_outer, x_stride_inner, offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per long row: ``mean(g * xhat)`` and ``mean(g)`` with ``g = dy * weight``."""
     row = tl.program_id(0)
@@ -95,43 +83,13 @@ def _norm_bwd_row_sums_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _norm_bwd_kernel(
-    dy_ptr,
-    x_ptr,
-    w_ptr,
-    mean_ptr,
-    rstd_ptr,
-    row_sums_ptr,
-    dres_ptr,
-    dx_ptr,
-    din_ptr,
-    dw_part_ptr,
-    db_part_ptr,
-    M,
-    N,
-    inner_rows,
-    dy_stride_outer,
-    dy_stride_inner,
-    x_stride_outer,
-    x_stride_inner,
-    dres_stride_outer,
-    dres_stride_inner,
-    rows_per_group,
-    col_blocks,
-    offset,
-    dropout_p,
-    dropout_scale,
-    seed,
-    IS_RMS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_DRES: tl.constexpr,
-    STORE_DX: tl.constexpr,
-    DW: tl.constexpr,
-    DB: tl.constexpr,
-    ROW_SUMS_GIVEN: tl.constexpr,
-    CAST_XHAT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, row_sums_ptr, dres_ptr, dx_ptr, din_ptr, dw_part_ptr, db_part_ptr,
+    M, N, inner_rows,
+    dy_stride_outer, dy_stride_inner, x_stride_outer, x_stride_inner, dres_stride_outer, dres_stride_inner,
+    rows_per_group, col_blocks, offset, dropout_p, dropout_scale, seed,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DRES: tl.constexpr, STORE_DX: tl.constexpr,
+    DW: tl.constexpr, DB: tl.constexpr, ROW_SUMS_GIVEN: tl.constexpr, CAST_XHAT: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx of one group of rows in one column tile, and the group's partial dweight/dbias.
 
@@ -193,11 +151,8 @@ def _norm_bwd_kernel(
             tl.store(dx_ptr + out_offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
             if DROPOUT:
                 keep = tl.rand(seed, out_offs) > dropout_p
-                tl.store(
-                    din_ptr + out_offs,
-                    round_to(tl.where(keep, dx * dropout_scale, 0.0), din_ptr.dtype.element_ty),
-                    mask=mask,
-                )
+                tl.store(din_ptr + out_offs, round_to(tl.where(keep, dx * dropout_scale, 0.0),
+                                                      din_ptr.dtype.element_ty), mask=mask)
         if DW:
             if CAST_XHAT:
                 acc_dw += dy * round_to(xhat, dy_ptr.dtype.element_ty).to(tl.float32)
@@ -274,8 +229,8 @@ def norm_backward(
     part_len = cfg.groups * n
     scratch = _empty((n_parts * part_len + (2 * m if cfg.looped else 0),), torch.float32, dev)
     dw_part = scratch[:part_len].view(cfg.groups, n) if want_dw else scratch
-    db_part = scratch[(n_parts - 1) * part_len : n_parts * part_len].view(cfg.groups, n) if want_db else scratch
-    row_sums = scratch[n_parts * part_len :] if cfg.looped else scratch
+    db_part = scratch[(n_parts - 1) * part_len: n_parts * part_len].view(cfg.groups, n) if want_db else scratch
+    row_sums = scratch[n_parts * part_len:] if cfg.looped else scratch
     dys, xs = layout.tensors[0], layout.tensors[1]
     dres = layout.tensors[2] if grad_residual is not None else dys
     (dy_so, dy_si), (x_so, x_si) = layout.strides[0], layout.strides[1]
@@ -287,68 +242,21 @@ def norm_backward(
     with device_guard(x):
         if cfg.looped and want_dx:
             launch(
-                _norm_bwd_row_sums_kernel,
-                (m,),
-                dys,
-                xs,
-                w,
-                mean_arg,
-                rstd_arg,
-                row_sums,
-                n,
-                layout.inner_rows,
-                dy_so,
-                dy_si,
-                x_so,
-                x_si,
-                off,
-                IS_RMS=rms,
-                HAS_WEIGHT=w is not None,
-                BLOCK_N=LOOP_BLOCK_N,
-                num_warps=num_warps_for(LOOP_BLOCK_N),
+                _norm_bwd_row_sums_kernel, (m,), dys, xs, w, mean_arg, rstd_arg, row_sums, n, layout.inner_rows,
+                dy_so, dy_si, x_so, x_si, off, IS_RMS=rms, HAS_WEIGHT=w is not None,
+                BLOCK_N=LOOP_BLOCK_N, num_warps=num_warps_for(LOOP_BLOCK_N),
             )
         col_blocks = triton.cdiv(n, cfg.block_n)
         launch(
-            _norm_bwd_kernel,
-            (cfg.groups * col_blocks,),
-            dys,
-            xs,
-            w,
-            mean_arg,
-            rstd_arg,
-            row_sums,
-            dres,
-            dx,
-            d_in if d_in is not None else dx,
-            dw_part,
-            db_part,
-            m,
-            n,
-            layout.inner_rows,
-            dy_so,
-            dy_si,
-            x_so,
-            x_si,
-            dr_so,
-            dr_si,
-            cfg.rows_per_group,
-            col_blocks,
-            off,
-            float(dropout_p) if dropout else 0.0,
-            1.0 / (1.0 - dropout_p) if dropout else 1.0,
-            int(seed),
-            IS_RMS=rms,
-            HAS_WEIGHT=w is not None,
-            HAS_DRES=grad_residual is not None,
-            STORE_DX=want_dx,
-            DW=want_dw,
-            DB=want_db,
-            ROW_SUMS_GIVEN=cfg.looped,
-            CAST_XHAT=rms and bool(cast_before_weight) and grad_out.dtype != torch.float32,
-            DROPOUT=dropout,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
+            _norm_bwd_kernel, (cfg.groups * col_blocks,),
+            dys, xs, w, mean_arg, rstd_arg, row_sums, dres, dx, d_in if d_in is not None else dx, dw_part, db_part,
+            m, n, layout.inner_rows, dy_so, dy_si, x_so, x_si, dr_so, dr_si,
+            cfg.rows_per_group, col_blocks, off, float(dropout_p) if dropout else 0.0,
+            1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed),
+            IS_RMS=rms, HAS_WEIGHT=w is not None, HAS_DRES=grad_residual is not None, STORE_DX=want_dx,
+            DW=want_dw, DB=want_db, ROW_SUMS_GIVEN=cfg.looped,
+            CAST_XHAT=rms and bool(cast_before_weight) and grad_out.dtype != torch.float32, DROPOUT=dropout,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
         dw = sum_partials(dw_part, weight.dtype).view(weight.shape) if weight is not None and want_dw else None
         db = sum_partials(db_part, bias.dtype).view(bias.shape) if bias is not None and want_db else None
@@ -360,9 +268,8 @@ def norm_backward(
 # --------------------------------------------------------------------------------------
 
 
-def _bwd_call(
-    m: int, n: int, dt: str, rms: bool, dres: bool, two_strides: bool = False, opts: SpecOptions = PLAIN
-) -> Callable[[], object]:
+def _bwd_call(m: int, n: int, dt: str, rms: bool, dres: bool, two_strides: bool = False,
+              opts: SpecOptions = PLAIN) -> Callable[[], object]:
     dtype = DTYPES[dt]
 
     def call():
@@ -371,38 +278,20 @@ def _bwd_call(
         dy = meta(*x.shape, dtype=dtype)
         stats = meta(*x.shape[:-1], dtype=torch.float32)
         bias = None if rms else meta(n, dtype=dtype)
-        return norm_backward(
-            dy,
-            x,
-            1,
-            meta(n, dtype=dtype),
-            bias,
-            None if rms else stats,
-            stats,
-            [True, True, not rms],
-            meta(*x.shape, dtype=xdt) if dres else None,
-            rms,
-            offset=opts.offset,
-            cast_before_weight=opts.cast,
-            dropout_p=0.1 if opts.dropout else 0.0,
-            seed=SPEC_SEED if opts.dropout else 0,
-        )
-
+        return norm_backward(dy, x, 1, meta(n, dtype=dtype), bias, None if rms else stats, stats,
+                             [True, True, not rms], meta(*x.shape, dtype=xdt) if dres else None, rms,
+                             offset=opts.offset, cast_before_weight=opts.cast, dropout_p=0.1 if opts.dropout else 0.0,
+                             seed=SPEC_SEED if opts.dropout else 0)
     return call
 
 
-def _bwd_spec(
-    name: str, m: int, n: int, dt: str, rms: bool, dres: bool, two_strides: bool = False, opts: SpecOptions = PLAIN
-) -> CompileSpec:
+def _bwd_spec(name: str, m: int, n: int, dt: str, rms: bool, dres: bool, two_strides: bool = False,
+              opts: SpecOptions = PLAIN) -> CompileSpec:
     xdt = torch.float32 if opts.fp32_residual else DTYPES[dt]
     kind = "tiled" if n > MAX_FUSED_BWD_BYTES // xdt.itemsize else "fused"
     return CompileSpec(
-        f"{name}_bwd_{kind}_{dt}_n{n}"
-        + ("_dres" if dres else "")
-        + ("_two_strides" if two_strides else "")
-        + opts.tag(),
-        _norm_bwd_kernel,
-        _bwd_call(m, n, dt, rms, dres, two_strides, opts),
+        f"{name}_bwd_{kind}_{dt}_n{n}" + ("_dres" if dres else "") + ("_two_strides" if two_strides else "")
+        + opts.tag(), _norm_bwd_kernel, _bwd_call(m, n, dt, rms, dres, two_strides, opts),
     )
 
 
@@ -413,42 +302,25 @@ def compile_specs() -> list[CompileSpec]:
     Llama's casting, the residual stream in float32 with input dropout), the row sums of long
     rows and the sums of partial rows."""
     table = [  # (name, n, dtype, rms, grad_residual)
-        ("ln", 128, "bf16", False, False),
-        ("ln", 1024, "bf16", False, False),
-        ("ln", 8192, "bf16", False, False),
-        ("ln", 4096, "fp32", False, True),
-        ("rms", 8192, "bf16", True, False),
-        ("ln", 16384, "bf16", False, True),
+        ("ln", 128, "bf16", False, False), ("ln", 1024, "bf16", False, False),
+        ("ln", 8192, "bf16", False, False), ("ln", 4096, "fp32", False, True),
+        ("rms", 8192, "bf16", True, False), ("ln", 16384, "bf16", False, True),
         ("rms", 8192, "fp32", True, False),
     ]
     specs = [_bwd_spec(name, 4096, n, dt, rms, dres) for name, n, dt, rms, dres in table]
-    specs += [
-        _bwd_spec("ln", 4096, 4096, "bf16", False, False, two_strides=True),
-        _bwd_spec("ln", 4000, 1000, "bf16", False, False),
-    ]
+    specs += [_bwd_spec("ln", 4096, 4096, "bf16", False, False, two_strides=True),
+              _bwd_spec("ln", 4000, 1000, "bf16", False, False)]
     llm = SpecOptions(offset=1.0, cast=True)
     stream = SpecOptions(offset=1.0, cast=True, fp32_residual=True, dropout=True)
-    specs += [
-        _bwd_spec("rms", 4096, 4096, "bf16", True, False, opts=llm),
-        _bwd_spec("add_rms", 4096, 4096, "bf16", True, True, opts=stream),
-        _bwd_spec("add_rms", 4096, 16384, "bf16", True, True, opts=stream),
-        _bwd_spec("add_ln", 4096, 4096, "bf16", False, True, opts=SpecOptions(fp32_residual=True, dropout=True)),
-    ]
+    specs += [_bwd_spec("rms", 4096, 4096, "bf16", True, False, opts=llm),
+              _bwd_spec("add_rms", 4096, 4096, "bf16", True, True, opts=stream),
+              _bwd_spec("add_rms", 4096, 16384, "bf16", True, True, opts=stream),
+              _bwd_spec("add_ln", 4096, 4096, "bf16", False, True, opts=SpecOptions(fp32_residual=True, dropout=True))]
     for rms in (False, True):
-        specs.append(
-            CompileSpec(
-                f"{'rms' if rms else 'ln'}_bwd_row_sums_bf16_n16384",
-                _norm_bwd_row_sums_kernel,
-                _bwd_call(4096, 16384, "bf16", rms, False),
-            )
-        )
-    specs.append(
-        CompileSpec(
-            "rms_bwd_row_sums_bf16_n16384_offset",
-            _norm_bwd_row_sums_kernel,
-            _bwd_call(4096, 16384, "bf16", True, True, opts=llm),
-        )
-    )
+        specs.append(CompileSpec(f"{'rms' if rms else 'ln'}_bwd_row_sums_bf16_n16384", _norm_bwd_row_sums_kernel,
+                                 _bwd_call(4096, 16384, "bf16", rms, False)))
+    specs.append(CompileSpec("rms_bwd_row_sums_bf16_n16384_offset", _norm_bwd_row_sums_kernel,
+                             _bwd_call(4096, 16384, "bf16", True, True, opts=llm)))
     for g, n, dt in ((264, 1024, "fp32"), (264, 8192, "bf16"), (8, 262144, "bf16")):
         specs.append(CompileSpec(f"sum_partials_{dt}_g{g}_n{n}", sum_partials_kernel, _sum_call(g, n, DTYPES[dt])))
     return specs

@@ -64,18 +64,10 @@ def _row_scales(absmax, nan_count):
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr,
-    q_ptr,
-    scale_ptr,
-    n_rows,
-    n_cols,
-    x_row_stride,
-    x_col_stride,
-    q_row_stride,
-    q_col_stride,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,
+    x_ptr, q_ptr, scale_ptr,
+    n_rows, n_cols,
+    x_row_stride, x_col_stride, q_row_stride, q_col_stride,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     """Quantize BLOCK_ROWS rows per program; writes q (int8) and one scale per row."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -162,22 +154,12 @@ def quantize_rows(
     cfg = quantize_config(n_cols)
     rows = x2.shape[0]
     launch(
-        _quantize_rows_kernel,
-        (triton.cdiv(rows, cfg.BLOCK_ROWS),),
-        x2,
-        q2,
-        scale,
-        rows,
-        n_cols,
-        x2.stride(0),
-        x2.stride(1),
-        q2.stride(0),
-        q2.stride(1),
-        BLOCK_ROWS=cfg.BLOCK_ROWS,
-        BLOCK_COLS=cfg.BLOCK_COLS,
-        SINGLE_PASS=cfg.SINGLE_PASS,
-        num_warps=cfg.num_warps,
-        enable_fp_fusion=False,
+        _quantize_rows_kernel, (triton.cdiv(rows, cfg.BLOCK_ROWS),),
+        x2, q2, scale,
+        rows, n_cols,
+        x2.stride(0), x2.stride(1), q2.stride(0), q2.stride(1),
+        BLOCK_ROWS=cfg.BLOCK_ROWS, BLOCK_COLS=cfg.BLOCK_COLS, SINGLE_PASS=cfg.SINGLE_PASS,
+        num_warps=cfg.num_warps, enable_fp_fusion=False,
     )
     if q_tmp is not None:
         q.copy_(q_tmp.view(list(x.movedim(dim, -1).shape)).movedim(-1, dim))
@@ -188,11 +170,8 @@ _DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 
 
 def _quantize_spec(name: str, x_ty: str, n_cols: int, rows: int = 4096) -> CompileSpec:
-    return CompileSpec(
-        name,
-        _quantize_rows_kernel,
-        lambda: quantize_rows(torch.empty(rows, n_cols, dtype=_DTYPE_OF[x_ty], device="meta"), 1),
-    )
+    return CompileSpec(name, _quantize_rows_kernel,
+                       lambda: quantize_rows(torch.empty(rows, n_cols, dtype=_DTYPE_OF[x_ty], device="meta"), 1))
 
 
 @functools.cache

@@ -243,9 +243,7 @@ def dtensor_strategy_api() -> str | None:
 
 
 def register_dtensor_strategy(
-    op: Any,
-    placements: Callable[..., PlacementLists],
-    is_valid: Callable[[list[Any], Any], bool] | None = None,
+    op: Any, placements: Callable[..., PlacementLists], is_valid: Callable[[list[Any], Any], bool] | None = None
 ) -> None:
     """Give the custom op ``op`` (an OpOverload) a DTensor sharding strategy.
 
@@ -291,11 +289,7 @@ def register_dtensor_strategy(
                 )
             single.append(list(out) + list(inp))
         return expand_to_full_mesh_op_strategy(
-            op_schema.get_mesh_from_args(),
-            op_schema,
-            single,
-            input_index=n_out,
-            is_valid_strategy_cb=is_valid,
+            op_schema.get_mesh_from_args(), op_schema, single, input_index=n_out, is_valid_strategy_cb=is_valid
         )
 
     DTensor._op_dispatcher.sharding_propagator.register_op_strategy(

@@ -240,11 +240,7 @@ def _head_reasons(model: nn.Module, linears: dict[str, nn.Module]) -> dict[str, 
 
 
 def quantize(
-    model: nn.Module,
-    mode: str = "w8a8",
-    skip: str | Iterable[str] | None = None,
-    *,
-    keep_head: bool = True,
+    model: nn.Module, mode: str = "w8a8", skip: str | Iterable[str] | None = None, *, keep_head: bool = True
 ) -> QuantizeReport:
     """Replace the model's linears by :class:`~llmkit.nn.Int8Linear` in place.
 

@@ -188,12 +188,7 @@ def _torch_base(cls: type) -> type | None:
     return None
 
 
-def swap(
-    model: nn.Module,
-    kinds: Iterable[str] | str | None = None,
-    *,
-    exclude: Iterable[str] = (),
-) -> SwapReport:
+def swap(model: nn.Module, kinds: Iterable[str] | str | None = None, *, exclude: Iterable[str] = ()) -> SwapReport:
     """Replace the supported submodules of ``model`` with llmkit's, in place.
 
     Args:

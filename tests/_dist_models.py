@@ -77,12 +77,7 @@ def tp_sp_plan() -> dict:
     activations kept as DTensors so llmkit's ops see them (heads sharded in attention,
     the hidden dim in GELU, rows in the norms)."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-    )
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
     def gather_input() -> PrepareModuleInput:
         return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
@@ -284,12 +279,7 @@ def _hf_llama():
 def llama_tp_sp_plan(layers: int) -> dict:
     """transformers' Llama tensor-parallel plan as torch styles, with sequence-parallel norms."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-    )
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
     plan = {
         "model.embed_tokens": RowwiseParallel(

@@ -532,8 +532,7 @@ def test_opcheck_sdpa(backend):
     mask = _mask("key_padding_bool", 1, 2, 9, 12)
     with llmkit.use_backend(backend):
         torch.library.opcheck(
-            torch.ops.llmkit.scaled_dot_product_attention.default,
-            (q, k, v, mask, 0.0, True, 0.25, True, 0, 0),
+            torch.ops.llmkit.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, True, 0.25, True, 0, 0)
         )
         out, lse = torch.ops.llmkit.scaled_dot_product_attention(q, k, v, mask, 0.0, True, 0.25, True, 0, 0)
         torch.library.opcheck(

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from llmkit import check as C
-from llmkit import check_run
-from llmkit import cli
+from llmkit import check_run, cli
 from llmkit.bench import runner, suites_models
 from llmkit.bench.shapes import ShapesError, check_shapes, load_shapes
 

@@ -13,13 +13,7 @@ import pytest
 import torch
 
 from llmkit import cli
-from llmkit.check import (
-    NORM_SHAPES,
-    all_cases,
-    laid_out,
-    plan_check,
-    run_check,
-)
+from llmkit.check import NORM_SHAPES, all_cases, laid_out, plan_check, run_check
 from llmkit.dispatch import BACKENDS, OPS, triton_interpreting
 
 

@@ -22,19 +22,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import llmkit
-from _fuzz import (
-    F64,
-    HALF_AND_FLOAT,
-    KINDS,
-    LAYOUTS,
-    LEAD_DIMS,
-    ROW_LENGTHS,
-    WARNINGS,
-    check,
-    layout,
-    run_fuzz,
-    values,
-)
+from _fuzz import F64, HALF_AND_FLOAT, KINDS, LAYOUTS, LEAD_DIMS, ROW_LENGTHS, WARNINGS, check, layout, run_fuzz, values
 from llmkit import reference64 as R
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in WARNINGS]

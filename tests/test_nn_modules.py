@@ -279,10 +279,7 @@ def test_mha_need_weights_takes_reference_path_and_says_so_once(average, caplog)
 def test_mha_unfused_options_work_through_reference(option):
     ref, ours = _mha_pair(**{option: True})
     _assert_same(
-        ref,
-        ours,
-        lambda: [torch.randn(6, 2, E, requires_grad=True)],
-        lambda m, x: m(x, x, x, need_weights=False)[0],
+        ref, ours, lambda: [torch.randn(6, 2, E, requires_grad=True)], lambda m, x: m(x, x, x, need_weights=False)[0]
     )
 
 

@@ -146,12 +146,7 @@ def _footer_lines(report: Report) -> list[str]:
 def format_markdown(report: Report) -> str:
     """The markdown file of a run: the same tables as the terminal, with a header."""
     e = report.env
-    lines = [
-        f"# llmkit bench: {e['device_name']}",
-        "",
-        "| | |",
-        "|---|---|",
-    ]
+    lines = [f"# llmkit bench: {e['device_name']}", "", "| | |", "|---|---|"]
     for k in ("device_name", "driver", "cuda", "torch", "triton", "llmkit", "git_commit", "date", "command", "threads"):
         v = e.get(k)
         lines.append(f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |")

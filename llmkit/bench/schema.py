@@ -175,13 +175,7 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
-_TYPES = {
-    "object": dict,
-    "array": list,
-    "string": str,
-    "boolean": bool,
-    "null": type(None),
-}
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 
 
 def _is_type(value: Any, name: str) -> bool:

@@ -91,13 +91,7 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
                 return F.rms_norm(s, (n,), w, RMS_EPS), s
 
             call = OpCall([x, r, w], pass_, wrt=(0, 1, 2), grads=[d["dy"], d["ds"]])
-            impls = standard_impls(
-                ctx,
-                kind,
-                call,
-                eager_rms,
-                lambda x, r, w: L.add_rms_norm(x, r, [n], w, RMS_EPS),
-            )
+            impls = standard_impls(ctx, kind, call, eager_rms, lambda x, r, w: L.add_rms_norm(x, r, [n], w, RMS_EPS))
             work = formulas.add_rms_norm(m, n, elem_size(dtype), bwd)
         else:  # add_layer_norm: the unfused eager sequence is add, then layer_norm
 
@@ -106,13 +100,7 @@ def _norm_builder(kind: str) -> Callable[[Context, dict[str, Any], str, torch.dt
                 return F.layer_norm(s, (n,), w, b, LN_EPS), s
 
             call = OpCall([x, r, w, b], pass_, wrt=(0, 1, 2, 3), grads=[d["dy"], d["ds"]])
-            impls = standard_impls(
-                ctx,
-                kind,
-                call,
-                eager,
-                lambda x, r, w, b: L.add_layer_norm(x, r, [n], w, b, LN_EPS),
-            )
+            impls = standard_impls(ctx, kind, call, eager, lambda x, r, w, b: L.add_layer_norm(x, r, [n], w, b, LN_EPS))
             work = formulas.add_layer_norm(m, n, elem_size(dtype), bwd)
         return Case(kind, pass_, point, dtype, work, "memory", impls)
 

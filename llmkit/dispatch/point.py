@@ -343,10 +343,7 @@ class DispatchPoint:
                 continue
             if reasons and req is None:
                 detail = "; ".join(f"{b}: {', '.join(rs)}" for b, rs in reasons.items())
-                _log_once(
-                    (self.qualname, name, detail),
-                    f"llmkit {self.qualname}: using the {name} backend ({detail})",
-                )
+                _log_once((self.qualname, name, detail), f"llmkit {self.qualname}: using the {name} backend ({detail})")
             return impl
         detail = "\n".join(f"  {b}: {'; '.join(rs)}" for b, rs in reasons.items())
         if req is not None:
@@ -368,8 +365,7 @@ class DispatchPoint:
         r = self.why_not(backend, *args, **kwargs)
         if r:
             raise BackendError(
-                f"llmkit {self.qualname}: backend {backend} cannot take this call: " + "; ".join(r),
-                {backend: r},
+                f"llmkit {self.qualname}: backend {backend} cannot take this call: " + "; ".join(r), {backend: r}
             )
         first = _first_tensor(args, kwargs)
         device_type = first.device.type if first is not None else "cpu"

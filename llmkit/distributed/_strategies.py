@@ -115,10 +115,7 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         ]
         for d in lead(input, normalized_shape):
             out.append(
-                (
-                    [S(d), grad_p(weight, output_mask[1])],
-                    [S(d), S(d), None, opt(weight, R), S(d), None, None, None],
-                )
+                ([S(d), grad_p(weight, output_mask[1])], [S(d), S(d), None, opt(weight, R), S(d), None, None, None])
             )
         return out
 

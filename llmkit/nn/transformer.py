@@ -286,10 +286,7 @@ class TransformerDecoder(nn.TransformerDecoder):
     """
 
     def __init__(
-        self,
-        decoder_layer: nn.TransformerDecoderLayer,
-        num_layers: int,
-        norm: nn.Module | None = None,
+        self, decoder_layer: nn.TransformerDecoderLayer, num_layers: int, norm: nn.Module | None = None
     ) -> None:
         super().__init__(decoder_layer, num_layers, norm)
         convert_(self.layers)

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import _validate as V
 
+if TYPE_CHECKING:
+    from .layer_norm import (
+        AddLayerNormBackwardCall,
+        AddLayerNormCall,
+        AddRmsNormBackwardCall,
+        AddRmsNormCall,
+        LayerNormCall,
+        RmsNormBackwardCall,
+        RmsNormCall,
+    )
+
 
 def check_norm(
-    op: str,
-    input: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
+    op: str, input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> list[int]:
     V.check_tensor(op, "input", input)
     V.check_floating(op, "input", input)
@@ -110,3 +117,88 @@ def check_residual(op: str, input: Tensor, residual: Tensor, residual_in_fp32: b
             f"{' and residual_in_fp32' if residual_in_fp32 else ''} it must be {need}"
         )
     V.check_same_device(op, input=input, residual=residual)
+
+
+# the checks of each dispatch point's call (the forward ones also run on the fast path)
+
+
+def _check_ln_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask) -> list[int]:
+    return V.check_norm_backward(
+        "layer_norm_backward",
+        "input",
+        input,
+        normalized_shape,
+        {"grad_out": grad_out},
+        {"weight": weight, "bias": bias},
+        {"mean": mean, "rstd": rstd},
+        output_mask,
+    )
+
+
+def _check_rms_backward(c: RmsNormBackwardCall) -> list[int]:
+    ns = V.check_norm_backward(
+        "rms_norm_backward",
+        "input",
+        c.input,
+        c.normalized_shape,
+        {"grad_out": c.grad_out},
+        {"weight": c.weight},
+        {"rstd": c.rstd},
+        c.output_mask,
+    )
+    check_rms_options("rms_norm_backward", c.weight, c.offset, c.cast_before_weight)
+    return ns
+
+
+def check_layer_norm(c: LayerNormCall) -> None:
+    check_norm("layer_norm", c.input, c.normalized_shape, c.weight, c.bias, c.eps)
+
+
+def check_rms_norm(c: RmsNormCall) -> None:
+    check_norm("rms_norm", c.input, c.normalized_shape, c.weight, None, c.eps)
+    check_rms_options("rms_norm", c.weight, c.offset, c.cast_before_weight)
+
+
+def check_add_layer_norm(c: AddLayerNormCall) -> None:
+    check_norm("add_layer_norm", c.input, c.normalized_shape, c.weight, c.bias, c.eps)
+    check_residual("add_layer_norm", c.input, c.residual, c.residual_in_fp32)
+    check_dropout("add_layer_norm", c.dropout_p, c.seed)
+
+
+def check_add_rms_norm(c: AddRmsNormCall) -> None:
+    check_norm("add_rms_norm", c.input, c.normalized_shape, c.weight, None, c.eps)
+    check_rms_options("add_rms_norm", c.weight, c.offset, c.cast_before_weight)
+    check_residual("add_rms_norm", c.input, c.residual, c.residual_in_fp32)
+    check_dropout("add_rms_norm", c.dropout_p, c.seed)
+
+
+def _check_aln_backward(c: AddLayerNormBackwardCall) -> list[int]:
+    return check_add_backward(
+        "add_layer_norm_backward",
+        c.grad_out,
+        c.grad_residual_out,
+        c.residual_out,
+        c.normalized_shape,
+        {"weight": c.weight, "bias": c.bias},
+        {"mean": c.mean, "rstd": c.rstd},
+        c.output_mask,
+        c.dropout_p,
+        c.seed,
+    )
+
+
+def _check_arn_backward(c: AddRmsNormBackwardCall) -> list[int]:
+    ns = check_add_backward(
+        "add_rms_norm_backward",
+        c.grad_out,
+        c.grad_residual_out,
+        c.residual_out,
+        c.normalized_shape,
+        {"weight": c.weight},
+        {"rstd": c.rstd},
+        c.output_mask,
+        c.dropout_p,
+        c.seed,
+    )
+    check_rms_options("add_rms_norm_backward", c.weight, c.offset, c.cast_before_weight)
+    return ns

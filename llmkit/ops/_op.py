@@ -101,8 +101,8 @@ class Op(Generic[C]):
                 annotation=hints[n],
                 default=defaults.get(n, inspect.Parameter.empty),
             )
-            for n in call._fields
-        ]  # type: ignore[attr-defined]
+            for n in call._fields  # type: ignore[attr-defined]
+        ]
 
         def run(*args: Any, **kwargs: Any) -> Any:
             c = call(*args, **kwargs)

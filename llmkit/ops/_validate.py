@@ -15,12 +15,7 @@ from typing import SupportsIndex, cast
 
 import torch
 
-FLOAT_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-)
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 
 
@@ -155,11 +150,7 @@ def normalized_rows(
 
 
 def check_affine(
-    op: str,
-    name: str,
-    param: torch.Tensor | None,
-    normalized_shape: Sequence[int],
-    input: torch.Tensor,
+    op: str, name: str, param: torch.Tensor | None, normalized_shape: Sequence[int], input: torch.Tensor
 ) -> None:
     """A norm's weight or bias: None, or a float tensor of shape ``normalized_shape``."""
     if param is None:

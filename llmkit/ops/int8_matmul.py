@@ -186,13 +186,7 @@ def check_int8_matmul_args(
 
 
 def check_int8_linear_args(
-    op: str,
-    input: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    bias: Tensor | None,
-    mode: str,
-    activation: str,
+    op: str, input: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, mode: str, activation: str
 ) -> None:
     """input (*, K) float16/bfloat16/float32; weight (N, K) int8; weight_scale (N,) float32."""
     V.check_tensor(op, "input", input)

@@ -49,8 +49,17 @@ import torch
 from torch import Tensor
 
 from ..dispatch import DispatchPoint
-from . import _norm_checks as NC
 from . import _validate as V
+from ._norm_checks import (
+    _check_aln_backward,
+    _check_arn_backward,
+    _check_ln_backward,
+    _check_rms_backward,
+    check_add_layer_norm,
+    check_add_rms_norm,
+    check_layer_norm,
+    check_rms_norm,
+)
 from ._op import Op
 from ._philox import draw_seed
 
@@ -184,93 +193,6 @@ def dropout_scale(dropout_p: float) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# validation (shared by every backend: it runs before dispatch)
-# --------------------------------------------------------------------------------------
-
-
-def _check_ln_backward(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask) -> list[int]:
-    return V.check_norm_backward(
-        "layer_norm_backward",
-        "input",
-        input,
-        normalized_shape,
-        {"grad_out": grad_out},
-        {"weight": weight, "bias": bias},
-        {"mean": mean, "rstd": rstd},
-        output_mask,
-    )
-
-
-def _check_rms_backward(c: RmsNormBackwardCall) -> list[int]:
-    ns = V.check_norm_backward(
-        "rms_norm_backward",
-        "input",
-        c.input,
-        c.normalized_shape,
-        {"grad_out": c.grad_out},
-        {"weight": c.weight},
-        {"rstd": c.rstd},
-        c.output_mask,
-    )
-    NC.check_rms_options("rms_norm_backward", c.weight, c.offset, c.cast_before_weight)
-    return ns
-
-
-def check_layer_norm(c: LayerNormCall) -> None:
-    NC.check_norm("layer_norm", c.input, c.normalized_shape, c.weight, c.bias, c.eps)
-
-
-def check_rms_norm(c: RmsNormCall) -> None:
-    NC.check_norm("rms_norm", c.input, c.normalized_shape, c.weight, None, c.eps)
-    NC.check_rms_options("rms_norm", c.weight, c.offset, c.cast_before_weight)
-
-
-def check_add_layer_norm(c: AddLayerNormCall) -> None:
-    NC.check_norm("add_layer_norm", c.input, c.normalized_shape, c.weight, c.bias, c.eps)
-    NC.check_residual("add_layer_norm", c.input, c.residual, c.residual_in_fp32)
-    NC.check_dropout("add_layer_norm", c.dropout_p, c.seed)
-
-
-def check_add_rms_norm(c: AddRmsNormCall) -> None:
-    NC.check_norm("add_rms_norm", c.input, c.normalized_shape, c.weight, None, c.eps)
-    NC.check_rms_options("add_rms_norm", c.weight, c.offset, c.cast_before_weight)
-    NC.check_residual("add_rms_norm", c.input, c.residual, c.residual_in_fp32)
-    NC.check_dropout("add_rms_norm", c.dropout_p, c.seed)
-
-
-def _check_aln_backward(c: AddLayerNormBackwardCall) -> list[int]:
-    return NC.check_add_backward(
-        "add_layer_norm_backward",
-        c.grad_out,
-        c.grad_residual_out,
-        c.residual_out,
-        c.normalized_shape,
-        {"weight": c.weight, "bias": c.bias},
-        {"mean": c.mean, "rstd": c.rstd},
-        c.output_mask,
-        c.dropout_p,
-        c.seed,
-    )
-
-
-def _check_arn_backward(c: AddRmsNormBackwardCall) -> list[int]:
-    ns = NC.check_add_backward(
-        "add_rms_norm_backward",
-        c.grad_out,
-        c.grad_residual_out,
-        c.residual_out,
-        c.normalized_shape,
-        {"weight": c.weight},
-        {"rstd": c.rstd},
-        c.output_mask,
-        c.dropout_p,
-        c.seed,
-    )
-    NC.check_rms_options("add_rms_norm_backward", c.weight, c.offset, c.cast_before_weight)
-    return ns
-
-
-# --------------------------------------------------------------------------------------
 # custom ops and autograd
 # --------------------------------------------------------------------------------------
 
@@ -380,14 +302,7 @@ def _ln_backward(ctx, grad_out, _grad_mean, _grad_rstd):
     input, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dw, db = torch.ops.llmkit.layer_norm_backward(
-        grad_out,
-        input,
-        ctx.normalized_shape,
-        weight,
-        bias,
-        mean,
-        rstd,
-        [need[0], need[2], need[3]],
+        grad_out, input, ctx.normalized_shape, weight, bias, mean, rstd, [need[0], need[2], need[3]]
     )
     return (
         dx if need[0] else None,

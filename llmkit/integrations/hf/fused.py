@@ -168,10 +168,7 @@ class _FusedGPT2Block(_TransformersModule):
             )
         kwargs[cache_kwarg(type(self.attn).forward)] = cache
         attn_output, _ = self.attn(
-            norm(hidden_states, self.ln_1),
-            attention_mask=attention_mask,
-            use_cache=use_cache,
-            **kwargs,
+            norm(hidden_states, self.ln_1), attention_mask=attention_mask, use_cache=use_cache, **kwargs
         )
         h, hidden_states = add_norm(attn_output, hidden_states, self.ln_2)
         return hidden_states + self.mlp(h)
