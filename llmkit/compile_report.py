@@ -151,17 +151,22 @@ def sampled(specs: list[Any], sample: tuple[int, int] | None) -> list[Any]:
     return specs[sample[1] % stride :: stride]
 
 
-def sample_from_env() -> tuple[int, int] | None:
-    """The sample the tests compile: ``LLMKIT_COMPILE_SAMPLE=<cap>[/<phase>]`` (default 32/0: the
-    attention module's ~140 specs would take most of the suite's time); ``all``: every spec."""
-    env = os.environ.get("LLMKIT_COMPILE_SAMPLE", "32/0").strip()
-    if env == "all":
+def parse_sample(text: str, name: str = "--sample") -> tuple[int, int] | None:
+    """``'<cap>[/<phase>]'`` as :func:`sampled` takes it; ``'all'``: None (every spec)."""
+    text = text.strip()
+    if text == "all":
         return None
-    cap, _, phase = env.partition("/")
+    cap, _, phase = text.partition("/")
     try:
         return int(cap), int(phase or 0)
     except ValueError:
-        raise ValueError(f"LLMKIT_COMPILE_SAMPLE must be 'all' or '<cap>[/<phase>]' (e.g. 24/1), got {env!r}") from None
+        raise ValueError(f"{name} must be 'all' or '<cap>[/<phase>]' (e.g. 24/1), got {text!r}") from None
+
+
+def sample_from_env() -> tuple[int, int] | None:
+    """The sample the tests compile: ``LLMKIT_COMPILE_SAMPLE=<cap>[/<phase>]`` (default 32/0: the
+    attention module's ~140 specs would take most of the suite's time); ``all``: every spec."""
+    return parse_sample(os.environ.get("LLMKIT_COMPILE_SAMPLE", "32/0"), "LLMKIT_COMPILE_SAMPLE")
 
 
 def collect(
@@ -316,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shard_i, _, shard_n = args.shard.partition("/")
     modules = [m if m.startswith("llmkit.kernels.") else f"llmkit.kernels.{m}" for m in args.module or []]
-    sample = None
-    if args.sample:
-        cap, _, phase = args.sample.partition("/")
-        sample = (int(cap), int(phase or 0))
+    sample = parse_sample(args.sample) if args.sample else None
     reports = collect(tuple(args.arch), modules or None, args.only, (int(shard_i), int(shard_n or 1)), sample)
     bad = problems(reports)
     if args.json:
