@@ -90,7 +90,7 @@ CHECK_GROUPS = {
 }
 # bench groups, in the order they run, with the least time each needs (seconds)
 BENCH_GROUPS = (
-    ("attention", ("attention", "attention_window", "decode_attention", "decode_paged"), 45),
+    ("attention", ("attention", "attention_window", "attention_llm", "decode_attention", "decode_paged"), 45),
     ("norms", ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "swiglu", "geglu",
                "quantize_int8"), 30),
     ("int8", ("int8_w8a8", "int8_w8a16"), 25),

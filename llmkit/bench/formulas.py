@@ -183,6 +183,30 @@ def window_keys(sq: int, sk: int, left: int, right: int) -> float:
     return total
 
 
+def attention_pairs(
+    b: int,
+    hq: int,
+    sq: int,
+    sk: int,
+    d: int,
+    elem: int,
+    pairs: float,
+    backward: bool = False,
+    hkv: int | None = None,
+) -> Work:
+    """Attention whose rows see ``pairs`` (query, key) pairs in all (FlashAttention convention,
+    counting only those): forward flops ``4 * B * Hq * D * pairs``, backward 2.5x; bytes as
+    :func:`attention` (q, k, v, out and the row statistics, each once)."""
+    hkv = hq if hkv is None else hkv
+    fwd = 4.0 * b * hq * d * pairs
+    q = o = b * hq * sq * d
+    k = v = b * hkv * sk * d
+    rows = b * hq * sq
+    if backward:
+        return Work(2.5 * fwd, elem * (2 * (q + k + v) + 2 * o) + 3 * STATS_BYTES * rows)
+    return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
+
+
 def attention_window(
     b: int,
     hq: int,
@@ -194,17 +218,9 @@ def attention_window(
     backward: bool = False,
     hkv: int | None = None,
 ) -> Work:
-    """Sliding-window attention over ``s`` tokens (FlashAttention convention, counting only the
-    (query, key) pairs inside the window): forward flops ``4 * B * Hq * D * pairs``, backward
-    2.5x; bytes as :func:`attention` (q, k, v, out and the row statistics, each once)."""
-    hkv = hq if hkv is None else hkv
-    fwd = 4.0 * b * hq * d * window_keys(s, s, left, right)
-    q = o = b * hq * s * d
-    k = v = b * hkv * s * d
-    rows = b * hq * s
-    if backward:
-        return Work(2.5 * fwd, elem * (2 * (q + k + v) + 2 * o) + 3 * STATS_BYTES * rows)
-    return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
+    """Sliding-window attention over ``s`` tokens: :func:`attention_pairs` of the pairs inside
+    the window."""
+    return attention_pairs(b, hq, s, s, d, elem, window_keys(s, s, left, right), backward, hkv)
 
 
 def decode_paged(b: int, hq: int, hkv: int, t: int, cache_len: int, d: int, elem: int, block_size: int) -> Work:
