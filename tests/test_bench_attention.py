@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmkit import cli
 from llmkit.bench import formulas
@@ -57,6 +59,17 @@ def test_window_pairs_count_the_visible_pairs(sq, sk, left, right):
     assert formulas.window_keys(sq, sk, left, right) == int(ok.sum())
     w = formulas.attention_pairs(2, 3, sq, sk, 16, 2, int(ok.sum()), backward=False)
     assert w.flops == 4.0 * 2 * 3 * 16 * int(ok.sum())
+
+
+@given(sq=st.integers(0, 40), sk=st.integers(0, 40), left=st.integers(-1, 45), right=st.integers(-1, 45))
+@settings(max_examples=200, deadline=None, derandomize=True)
+def test_window_keys_closed_form_equals_the_row_by_row_count(sq, sk, left, right):
+    total = 0
+    for i in range(sq):
+        lo = 0 if left < 0 else max(0, i + sk - sq - left)
+        hi = sk - 1 if right < 0 else min(sk - 1, i + sk - sq + right)
+        total += max(0, hi - lo + 1)
+    assert formulas.window_keys(sq, sk, left, right) == total
 
 
 def test_alibi_bias_of_the_suite_is_the_slopes_times_the_distance():
