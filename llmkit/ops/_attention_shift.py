@@ -29,8 +29,10 @@ def column_shift(t: Tensor) -> Tensor:
         return t.new_zeros(t.shape[:-2] + (1, t.shape[-1]))
     wide = torch.float64 if t.dtype == torch.float64 else torch.float32
     c = t.mean(dim=-2, keepdim=True, dtype=wide).to(t.dtype)
-    spread = (t.to(wide) - c.to(wide)).abs().amax(dim=-2, keepdim=True)
-    ok = torch.isfinite(c) & (spread <= 0.25 * c.to(wide).abs())  # NaN spread: False
+    lo, hi = torch.aminmax(t, dim=-2, keepdim=True)  # max |t - c| from two small tensors
+    cw = c.to(wide)
+    spread = torch.maximum(hi.to(wide) - cw, cw - lo.to(wide))
+    ok = torch.isfinite(c) & (spread <= 0.25 * cw.abs())  # NaN spread: False
     return torch.where(ok, c, torch.zeros_like(c))
 
 
