@@ -93,15 +93,22 @@ def _flash_attn_impls(ctx: Context, call: OpCall, causal: bool) -> list[Impl]:
     return [call.impl("flash-attn", f)]
 
 
+def bshd_inputs(
+    b: int, h: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v stored ``(B, S, H, D)`` (the layout projections produce) viewed ``(B, H, S, D)``,
+    and a contiguous output gradient."""
+    q = torch.randn(b, sq, h, d, device=dev).to(dtype).transpose(1, 2)
+    k = torch.randn(b, sk, hkv, d, device=dev).to(dtype).transpose(1, 2)
+    v = torch.randn(b, sk, hkv, d, device=dev).to(dtype).transpose(1, 2)
+    return q, k, v, torch.randn(b, h, sq, d, device=dev).to(dtype)
+
+
 def _build_attention(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) -> Case:
     b, h, s, d = point["B"], point["H"], point["S"], point["D"]
     hkv = point.get("Hkv", h)
     causal = bool(point.get("causal", False))
-    dev = ctx.device
-    q = torch.randn(b, s, h, d, device=dev).to(dtype).transpose(1, 2)
-    k = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
-    v = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
-    dout = torch.randn(b, h, s, d, device=dev).to(dtype)
+    q, k, v, dout = bshd_inputs(b, h, hkv, s, s, d, dtype, ctx.device)
     gqa = hkv != h
     call = OpCall([q, k, v], pass_, wrt=(0, 1, 2), grads=[dout])
     impls = standard_impls(
@@ -149,10 +156,7 @@ def _build_window(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.
     b, h, s, d, w = point["B"], point["H"], point["S"], point["D"], point["W"]
     hkv = point.get("Hkv", h)
     dev = ctx.device
-    q = torch.randn(b, s, h, d, device=dev).to(dtype).transpose(1, 2)
-    k = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
-    v = torch.randn(b, s, hkv, d, device=dev).to(dtype).transpose(1, 2)
-    dout = torch.randn(b, h, s, d, device=dev).to(dtype)
+    q, k, v, dout = bshd_inputs(b, h, hkv, s, s, d, dtype, dev)
     gqa = hkv != h
     i = torch.arange(s, device=dev)
     band = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - w)  # query rows, key columns

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import ops as L
 from . import formulas
 from .suite import Case, Context, OpCall, Suite, elem_size, optional_module, register, standard_impls
+from .suites_attention import bshd_inputs
 
 
 def alibi_slopes(h: int) -> torch.Tensor:
@@ -67,10 +68,7 @@ def _build(ctx: Context, point: dict[str, Any], pass_: str, dtype: torch.dtype) 
     softcap = float(point.get("softcap", 0.0))
     slopes = alibi_slopes(h).to(ctx.device) if point.get("alibi") else None
     dev = ctx.device
-    q = torch.randn(b, sq, h, d, device=dev).to(dtype).transpose(1, 2)
-    k = torch.randn(b, sk, hkv, d, device=dev).to(dtype).transpose(1, 2)
-    v = torch.randn(b, sk, hkv, d, device=dev).to(dtype).transpose(1, 2)
-    dout = torch.randn(b, h, sq, d, device=dev).to(dtype)
+    q, k, v, dout = bshd_inputs(b, h, hkv, sq, sk, d, dtype, dev)
     gqa = hkv != h
     bias = _bias(sq, sk, left, slopes, dev)
     call = OpCall([q, k, v], pass_, wrt=(0, 1, 2), grads=[dout])
