@@ -17,8 +17,8 @@ from .gelu import bias_gelu, gelu
 from .glu import geglu, swiglu
 from .int8_matmul import dequantize_int8, int8_linear, int8_matmul, quantize_int8
 from .layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from .varlen_attention import varlen_attention
 from .linear import linear_forward  # noqa: F401  (internal: the linears of llmkit.nn and swapped blocks)
+from .varlen_attention import varlen_attention
 
 __all__ = [
     "layer_norm",

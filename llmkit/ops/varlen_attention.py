@@ -226,9 +226,7 @@ def check_cu_seqlens_values(op: str, c: VarlenAttentionCall | VarlenAttentionBac
             )
         if int(vals[-1]) != total:
             what = "query" if side == "q" else "key/value"
-            raise ValueError(
-                f"{op}: {name}[-1] = {int(vals[-1])} must equal the number of {what} tokens, {total}"
-            )
+            raise ValueError(f"{op}: {name}[-1] = {int(vals[-1])} must equal the number of {what} tokens, {total}")
         if lens.numel() and int(lens.max()) > longest:
             i = int(lens.argmax())
             raise ValueError(

@@ -50,8 +50,17 @@ def varlen_attention_forward_reference(c: VarlenAttentionCall) -> tuple[Tensor, 
             continue
         offset, options = _seq_options(c, b)
         dense = AttentionCall(
-            _dense(c.query, qs, qe), _dense(c.key, ks, ke), _dense(c.value, ks, ke), None, c.dropout_p,
-            c.is_causal, c.scale, c.enable_gqa, c.seed, offset, *options,
+            _dense(c.query, qs, qe),
+            _dense(c.key, ks, ke),
+            _dense(c.value, ks, ke),
+            None,
+            c.dropout_p,
+            c.is_causal,
+            c.scale,
+            c.enable_gqa,
+            c.seed,
+            offset,
+            *options,
         )
         o, l_ = attention_forward_reference(dense)
         out[qs:qe] = o[0].transpose(0, 1)
@@ -68,9 +77,21 @@ def varlen_attention_backward_reference(c: VarlenAttentionBackwardCall) -> tuple
             continue
         offset, options = _seq_options(c, b)
         dense = AttentionBackwardCall(
-            _dense(c.grad_out, qs, qe), _dense(c.query, qs, qe), _dense(c.key, ks, ke), _dense(c.value, ks, ke),
-            _dense(c.out, qs, qe), c.lse[:, qs:qe].unsqueeze(0), None, c.dropout_p, c.is_causal, c.scale,
-            c.enable_gqa, c.seed, offset, False, *options,
+            _dense(c.grad_out, qs, qe),
+            _dense(c.query, qs, qe),
+            _dense(c.key, ks, ke),
+            _dense(c.value, ks, ke),
+            _dense(c.out, qs, qe),
+            c.lse[:, qs:qe].unsqueeze(0),
+            None,
+            c.dropout_p,
+            c.is_causal,
+            c.scale,
+            c.enable_gqa,
+            c.seed,
+            offset,
+            False,
+            *options,
         )
         gq, gk, gv, _ = attention_backward_reference(dense)
         dq[qs:qe] = gq[0].transpose(0, 1)

@@ -30,8 +30,19 @@ def _why_not(c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> list[str]:
 def varlen_attention_forward_triton(c: VarlenAttentionCall) -> tuple[Tensor, Tensor]:
     """The fused forward over every sequence at once; ``lse`` ``(Hq, total_q)``."""
     return _kernels().varlen_attention_forward(
-        c.query, c.key, c.value, c.cu_seqlens_q, c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k,
-        c.dropout_p, c.is_causal, c.scale, c.seed, c.offset, **launcher_options(c),
+        c.query,
+        c.key,
+        c.value,
+        c.cu_seqlens_q,
+        c.cu_seqlens_k,
+        c.max_seqlen_q,
+        c.max_seqlen_k,
+        c.dropout_p,
+        c.is_causal,
+        c.scale,
+        c.seed,
+        c.offset,
+        **launcher_options(c),
     )
 
 
@@ -39,6 +50,18 @@ def varlen_attention_forward_triton(c: VarlenAttentionCall) -> tuple[Tensor, Ten
 def varlen_attention_backward_triton(c: VarlenAttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """Row statistics, dQ, dK/dV over every sequence at once (``out`` and ``lse`` not read)."""
     return _kernels().varlen_attention_backward(
-        c.grad_out, c.query, c.key, c.value, c.cu_seqlens_q, c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k,
-        c.dropout_p, c.is_causal, c.scale, c.seed, c.offset, **launcher_options(c),
+        c.grad_out,
+        c.query,
+        c.key,
+        c.value,
+        c.cu_seqlens_q,
+        c.cu_seqlens_k,
+        c.max_seqlen_q,
+        c.max_seqlen_k,
+        c.dropout_p,
+        c.is_causal,
+        c.scale,
+        c.seed,
+        c.offset,
+        **launcher_options(c),
     )
