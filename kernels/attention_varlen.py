@@ -141,6 +141,8 @@ def varlen_attention_backward(
     scalars = (*shape, scale, band.qk_scale(scale), p, inv_keep, int(seed), int(offset))
     n_qblocks = triton.cdiv(max_seqlen_q, cfg.dq.block_m)
     st = stats_config(cfg.dq, d, dv, query.dtype, arch)
+    if arch is not None and arch < 90 and max(d, dv) > 128:  # the sequence's bounds in registers too:
+        st = dataclasses.replace(st, block_n=16)  # sm_80's 128-register cap at 8 warps spilled
     common = (mask.tensor, mask.seen, cu_seqlens_q, cu_seqlens_k)
     if n_qblocks > 0:
         launch(
@@ -170,3 +172,55 @@ def varlen_attention_backward(
         num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages,
     )
     return dq.contiguous(), dk.contiguous(), dvv.contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# compile report
+# --------------------------------------------------------------------------------------
+
+_VARLEN_CASES: dict[str, tuple[torch.dtype, int, bool, dict, dict]] = {
+    # name: dtype, head dim, causal, launcher options, shape (16 sequences, up to 2048 tokens each)
+    "causal_gqa": (torch.bfloat16, 128, True, {}, dict(hq=32, hkv=8)),  # Llama-style packed prefill
+    "plain": (torch.float16, 64, False, {}, {}),
+    "br_window_alibi": (torch.bfloat16, 128, True, dict(bottom_right=True, window=(255, -1), alibi=True), {}),
+    "softcap_window": (torch.bfloat16, 256, True, dict(softcap=50.0, window=(255, -1)), {}),  # Gemma 2
+    "dropout": (torch.bfloat16, 128, True, dict(dropout=True), {}),
+    "fp32": (torch.float32, 64, True, {}, {}),
+}
+
+
+def _varlen_call(backward: bool, dtype: torch.dtype, d: int, causal: bool, options: dict, n_seq: int = 16,
+                 hq: int = 16, hkv: int = 16, max_len: int = 2048, total: int = 16384):
+    """The launcher call of one spec on meta tensors: ``total`` packed tokens in ``n_seq`` sequences."""
+    from .attention import SPEC_SEED, meta
+
+    def call():
+        q, k, v = meta(total, hq, d, dtype=dtype), meta(total, hkv, d, dtype=dtype), meta(total, hkv, d, dtype=dtype)
+        cu = meta(n_seq + 1, dtype=torch.int32)
+        opts = dict(options)
+        p, seed = (0.1, SPEC_SEED) if opts.pop("dropout", False) else (0.0, 0)
+        if opts.pop("alibi", False):
+            opts["alibi_slopes"] = meta(hq, dtype=torch.float32)
+        if not backward:
+            return varlen_attention_forward(q, k, v, cu, cu, max_len, max_len, p, causal, d**-0.5, seed, 0, **opts)
+        do = meta(total, hq, d, dtype=dtype)
+        return varlen_attention_backward(do, q, k, v, cu, cu, max_len, max_len, p, causal, d**-0.5, seed, 0, **opts)
+
+    return call
+
+
+def compile_specs() -> list:
+    """The four attention kernels compiled with ``VARLEN`` (packed (16384, H, D) tensors of 16
+    sequences): Llama-style causal GQA, plain float16, bottom-right window + ALiBi, Gemma 2's
+    softcap + window at D = 256, dropout and float32."""
+    from ._compile import CompileSpec
+
+    specs = []
+    for name, (dtype, d, causal, options, shape) in _VARLEN_CASES.items():
+        tag = f"varlen_{name}_{str(dtype).replace('torch.', '')}_d{d}"
+        fwd = _varlen_call(False, dtype, d, causal, options, **shape)
+        bwd = _varlen_call(True, dtype, d, causal, options, **shape)
+        for kind, kernel, call in (("fwd", _attn_fwd_kernel, fwd), ("bwd_stats", _attn_bwd_stats_kernel, bwd),
+                                   ("bwd_dq", _attn_bwd_dq_kernel, bwd), ("bwd_dkdv", _attn_bwd_dkdv_kernel, bwd)):
+            specs.append(CompileSpec(f"{kind}_{tag}", kernel, call, matrix=dtype != torch.float32))
+    return specs
