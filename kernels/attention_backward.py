@@ -436,9 +436,6 @@ def _attn_bwd_dkdv_kernel(
     # loops cost more registers than the masks cost time)
     m_lo, m_hi = _query_range(n0, seq_q, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
 
-    if VARLEN:  # the sequence's first query row, once for every head of the group
-        q_ptr = q_ptr + q_start.to(tl.int64) * stride_qm
-        do_ptr = do_ptr + q_start.to(tl.int64) * stride_dom
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     stats_plane = (tl.num_programs(0) // tl.cdiv(k_len, BLOCK_N) * group_size).to(tl.int64) * q_len  # B * Hq rows
@@ -450,9 +447,13 @@ def _attn_bwd_dkdv_kernel(
             rng_base = _rng_base(rng_offset, b64, h64, num_heads, q_len, k_len, seq_q, seq_k, VARLEN)
         else:
             rng_base = rng_offset + row_stats * k_len
+        if VARLEN:  # read again for each head rather than held in a register through the loops
+            q_start = tl.load(cu_q_ptr + b, volatile=True)
         dk, dv = _dkdv_q_loop(
-            dk, dv, k, v, _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh, STRIDE_ALIGN),
-            _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh, STRIDE_ALIGN),
+            dk, dv, k, v,
+            _aligned_ptr(q_ptr, _seq_rows(b64 * stride_qb + h64 * stride_qh, q_start, stride_qm, VARLEN), STRIDE_ALIGN),
+            _aligned_ptr(do_ptr, _seq_rows(b64 * stride_dob + h64 * stride_doh, q_start, stride_dom, VARLEN),
+                         STRIDE_ALIGN),
             stats_ptr + row_stats, stats_plane, mask_ptr + b64 * stride_mb + h64 * stride_mh,
             offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
             seq_q, seq_k, qk_scale, diag_off, upper, lower, cap2, slope2,
