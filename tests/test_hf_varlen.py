@@ -10,28 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import llmkit
 from llmkit import ops
 from llmkit.integrations.hf import attention as A
-from test_models import _widen_
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 97
+from test_hf_attention import VOCAB, model_pair_of  # noqa: E402  (after the skip)
+
 WINDOW = 4
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=56,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    attention_dropout=0.0,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    num_hidden_layers=2,
-)
 MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2_window": (
@@ -42,20 +28,13 @@ MODELS = {
     "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
 }
 LENGTHS = [5, 1, 9, 3]
+LAYERS = 2
 
 
 def _models(name):
     """(eager, llmkit): the same random weights under the two attention implementations."""
     cfg_name, cls_name, extra = MODELS[name]
-    llmkit.integrations.hf.ensure_registered()
-    models = []
-    for impl in ("eager", "llmkit"):
-        torch.manual_seed(0)
-        cfg = getattr(transformers, cfg_name)(**COMMON, **extra)
-        cfg._attn_implementation = impl
-        models.append(_widen_(getattr(transformers, cls_name)(cfg), std=0.2).eval())
-    models[1].load_state_dict(models[0].state_dict())
-    return models[0], models[1]
+    return model_pair_of(cfg_name, cls_name, dict(num_hidden_layers=LAYERS, **extra))
 
 
 @pytest.fixture
@@ -103,7 +82,7 @@ def test_packed_sequences_equal_each_sequence_alone(name, how, calls):
     with torch.no_grad():
         got = fused(input_ids=ids, **kwargs).logits[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert calls["varlen"] == COMMON["num_hidden_layers"] and calls["sdpa"] == 0
+    assert calls["varlen"] == LAYERS and calls["sdpa"] == 0
 
 
 def test_packed_training_gradients_equal_the_sequences_alone(calls):
@@ -118,7 +97,7 @@ def test_packed_training_gradients_equal_the_sequences_alone(calls):
         eager(input_ids=s[None], use_cache=False).logits.pow(2).sum().backward()
     for (n, p), (_, q) in zip(fused.named_parameters(), eager.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=n)
-    assert calls["varlen"] == COMMON["num_hidden_layers"]
+    assert calls["varlen"] == LAYERS
 
 
 def test_one_sequence_and_padded_batches_keep_the_dense_path(calls):
@@ -130,4 +109,4 @@ def test_one_sequence_and_padded_batches_keep_the_dense_path(calls):
         mask = torch.ones(1, 7, dtype=torch.long)
         mask[0, :2] = 0
         fused(input_ids=ids, attention_mask=mask, use_cache=False)
-    assert calls["varlen"] == 0 and calls["sdpa"] == 2 * COMMON["num_hidden_layers"]
+    assert calls["varlen"] == 0 and calls["sdpa"] == 2 * LAYERS

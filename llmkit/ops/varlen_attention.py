@@ -41,7 +41,7 @@ from torch import Tensor
 from ..dispatch import DispatchPoint
 from . import _validate as V
 from ._op import Op
-from .attention import _ALIGNMENTS, _draw_seed, check_llm_options, compute_dtype
+from .attention import check_alignment_window, check_heads, check_llm_options, compute_dtype, scalar_options
 
 __all__ = ["varlen_attention"]
 
@@ -122,17 +122,7 @@ def _check_packed(op: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa
         raise ValueError(f"{op}: key has {key.shape[1]} heads but value has {value.shape[1]}; they must match")
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"{op}: head dims disagree: query has {query.shape[2]}, key has {key.shape[2]}")
-    hq, hkv = query.shape[1], key.shape[1]
-    if enable_gqa:
-        if hkv == 0 or hq % hkv != 0:
-            raise ValueError(
-                f"{op}: with enable_gqa the number of query heads ({hq}) must be a multiple of the number "
-                f"of key/value heads ({hkv})"
-            )
-    elif hq != hkv:
-        raise ValueError(
-            f"{op}: query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention"
-        )
+    check_heads(op, query.shape[1], key.shape[1], enable_gqa)
 
 
 def _check_cu_seqlens(op: str, c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> None:
@@ -158,22 +148,8 @@ def _check_options(op: str, c: VarlenAttentionCall | VarlenAttentionBackwardCall
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {c.dropout_p!r}")
     if not math.isfinite(c.scale):
         raise ValueError(f"{op}: scale must be a finite number, got {c.scale!r}")
-    check_llm_options(op, c.query, c.window_left, c.window_right, c.softcap, None)
-    s = c.alibi_slopes
-    if s is None:
-        return
-    V.check_tensor(op, "alibi_slopes", s)
-    V.check_floating(op, "alibi_slopes", s)
     b, hq = c.cu_seqlens_q.shape[0] - 1, c.query.shape[1]
-    if tuple(s.shape) not in ((hq,), (b, hq)):
-        raise ValueError(
-            f"{op}: alibi_slopes has shape {list(s.shape)}; it must be (Hq,) = [{hq}] or (B, Hq) = [{b}, {hq}]"
-        )
-    V.check_same_device(op, query=c.query, alibi_slopes=s)
-    if s.requires_grad:
-        raise ValueError(
-            f"{op}: alibi_slopes requires grad, but llmkit computes no gradient for them; pass alibi_slopes.detach()"
-        )
+    check_llm_options(op, c.query, c.window_left, c.window_right, c.softcap, c.alibi_slopes, (b, hq))
 
 
 def check_varlen(c: VarlenAttentionCall) -> None:
@@ -241,16 +217,6 @@ def _values(c: VarlenAttentionCall) -> None:
 
 def _values_backward(c: VarlenAttentionBackwardCall) -> None:
     check_cu_seqlens_values(_BWD, c)
-
-
-def launcher_options(c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> dict:
-    """The launchers' keyword options: causal alignment, sliding window, softcap, ALiBi."""
-    return dict(
-        bottom_right=c.bottom_right,
-        window=(c.window_left, c.window_right),
-        softcap=c.softcap,
-        alibi_slopes=c.alibi_slopes,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -426,10 +392,7 @@ def varlen_attention(
     op = _OP
     for name, t in (("query", query), ("key", key), ("value", value)):
         V.check_tensor(op, name, t)
-    if causal_alignment not in _ALIGNMENTS:
-        raise ValueError(f"{op}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"{op}: window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    check_alignment_window(op, causal_alignment, window_size)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, Tensor) and m.numel() == 1 and not m.is_floating_point():
             m = int(m)  # flash-attention's callers sometimes pass a 0-d tensor
@@ -439,15 +402,7 @@ def varlen_attention(
             max_seqlen_q = m
         else:
             max_seqlen_k = m
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
-    elif type(scale) is not float:
-        scale = V.check_number(op, "scale", scale)
-    if type(dropout_p) is not float:
-        dropout_p = V.check_number(op, "dropout_p", dropout_p)
-    if type(softcap) is not float:
-        softcap = V.check_number(op, "softcap", softcap)
-    seed = _draw_seed() if dropout_p > 0.0 else 0
+    scale, dropout_p, softcap, seed = scalar_options(op, query.shape[-1], scale, dropout_p, softcap)
     left, right = window_size
     out, lse = VARLEN_ATTENTION(
         VarlenAttentionCall(

@@ -5,6 +5,8 @@ max_seqlen_k``, see ``llmkit/ops/varlen_attention.py``). Independent of the Trit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -18,25 +20,31 @@ from ...ops.varlen_attention import (
 from .attention import attention_backward_reference, attention_forward_reference
 
 
-def _spans(c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> list[tuple[int, int, int, int]]:
-    """(q_start, q_end, k_start, k_end) of every sequence."""
-    cq = c.cu_seqlens_q.tolist()
-    ck = c.cu_seqlens_k.tolist()
-    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+def _sequences(c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> Iterator[tuple[int, int, int, int, int, tuple]]:
+    """``(q_start, q_end, k_start, k_end, dropout offset, options)`` of every sequence with a query
+    and a key (the others are zeros, ``lse = +inf``); options: the dense call's window,
+    alignment, softcap and slopes."""
+    cq, ck = c.cu_seqlens_q.tolist(), c.cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b] or ck[b + 1] == ck[b]:
+            continue
+        slopes = c.alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b : b + 1]
+        offset = c.offset + b * c.query.shape[1] * c.max_seqlen_q * c.max_seqlen_k
+        yield (
+            cq[b],
+            cq[b + 1],
+            ck[b],
+            ck[b + 1],
+            offset,
+            (c.window_left, c.window_right, c.bottom_right, c.softcap, slopes),
+        )
 
 
 def _dense(t: Tensor, start: int, end: int) -> Tensor:
     """Rows [start, end) of a packed (total, H, D) tensor as a (1, H, S, D) view."""
     return t[start:end].transpose(0, 1).unsqueeze(0)
-
-
-def _seq_options(c: VarlenAttentionCall | VarlenAttentionBackwardCall, b: int) -> tuple:
-    """Sequence b's dropout offset and the dense call's options (window, alignment, softcap, slopes)."""
-    slopes = c.alibi_slopes
-    if slopes is not None and slopes.dim() == 2:
-        slopes = slopes[b : b + 1]
-    offset = c.offset + b * c.query.shape[1] * c.max_seqlen_q * c.max_seqlen_k
-    return offset, (c.window_left, c.window_right, c.bottom_right, c.softcap, slopes)
 
 
 @varlen_attention_forward.register("reference")
@@ -45,10 +53,7 @@ def varlen_attention_forward_reference(c: VarlenAttentionCall) -> tuple[Tensor, 
     tq, hq, _ = c.query.shape
     out = c.query.new_zeros((tq, hq, c.value.shape[2]))
     lse = c.query.new_full((hq, tq), float("inf"), dtype=compute_dtype(c.query.dtype))
-    for b, (qs, qe, ks, ke) in enumerate(_spans(c)):
-        if qe == qs or ke == ks:  # no query, or no key: zeros and lse = +inf
-            continue
-        offset, options = _seq_options(c, b)
+    for qs, qe, ks, ke, offset, options in _sequences(c):
         dense = AttentionCall(
             _dense(c.query, qs, qe),
             _dense(c.key, ks, ke),
@@ -72,10 +77,7 @@ def varlen_attention_forward_reference(c: VarlenAttentionCall) -> tuple[Tensor, 
 def varlen_attention_backward_reference(c: VarlenAttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """Each sequence by the dense reference backward; keys and rows of no sequence pair stay 0."""
     dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (c.query, c.key, c.value))
-    for b, (qs, qe, ks, ke) in enumerate(_spans(c)):
-        if qe == qs or ke == ks:
-            continue
-        offset, options = _seq_options(c, b)
+    for qs, qe, ks, ke, offset, options in _sequences(c):
         dense = AttentionBackwardCall(
             _dense(c.grad_out, qs, qe),
             _dense(c.query, qs, qe),

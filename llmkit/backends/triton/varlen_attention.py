@@ -8,12 +8,11 @@ from torch import Tensor
 from ...ops.varlen_attention import (
     VarlenAttentionBackwardCall,
     VarlenAttentionCall,
-    launcher_options,
     varlen_attention_backward,
     varlen_attention_forward,
 )
 from ._common import TRITON_DTYPES
-from .attention import _reasons
+from .attention import _options, _reasons
 
 
 def _kernels():
@@ -26,13 +25,10 @@ def _why_not(c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> list[str]:
     return _reasons(c.query, c.value)
 
 
-@varlen_attention_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_why_not)
-def varlen_attention_forward_triton(c: VarlenAttentionCall) -> tuple[Tensor, Tensor]:
-    """The fused forward over every sequence at once; ``lse`` ``(Hq, total_q)``."""
-    return _kernels().varlen_attention_forward(
-        c.query,
-        c.key,
-        c.value,
+def _sequences_and_options(c: VarlenAttentionCall | VarlenAttentionBackwardCall) -> tuple:
+    """The launchers' arguments after the tensors: cu_seqlens, longest lengths, dropout, causal,
+    scale, seed and offset (the keyword options: :func:`_options`)."""
+    return (
         c.cu_seqlens_q,
         c.cu_seqlens_k,
         c.max_seqlen_q,
@@ -42,26 +38,18 @@ def varlen_attention_forward_triton(c: VarlenAttentionCall) -> tuple[Tensor, Ten
         c.scale,
         c.seed,
         c.offset,
-        **launcher_options(c),
     )
+
+
+@varlen_attention_forward.register("triton", dtypes=TRITON_DTYPES, why_not=_why_not)
+def varlen_attention_forward_triton(c: VarlenAttentionCall) -> tuple[Tensor, Tensor]:
+    """The fused forward over every sequence at once; ``lse`` ``(Hq, total_q)``."""
+    return _kernels().varlen_attention_forward(c.query, c.key, c.value, *_sequences_and_options(c), **_options(c))
 
 
 @varlen_attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_why_not)
 def varlen_attention_backward_triton(c: VarlenAttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
     """Row statistics, dQ, dK/dV over every sequence at once (``out`` and ``lse`` not read)."""
     return _kernels().varlen_attention_backward(
-        c.grad_out,
-        c.query,
-        c.key,
-        c.value,
-        c.cu_seqlens_q,
-        c.cu_seqlens_k,
-        c.max_seqlen_q,
-        c.max_seqlen_k,
-        c.dropout_p,
-        c.is_causal,
-        c.scale,
-        c.seed,
-        c.offset,
-        **launcher_options(c),
+        c.grad_out, c.query, c.key, c.value, *_sequences_and_options(c), **_options(c)
     )
