@@ -35,7 +35,8 @@ What is swapped, by kind (``swap(model, kinds=[...])`` picks some):
     class is reassigned to a subclass whose ``forward`` calls the fused ops; the bias + GELU
     and GeGLU fusions need the ``gelu`` kind too. On
     float32 CPU inference their linears run as oneDNN GEMMs with the bias and GELU in the
-    epilogue (:func:`llmkit.nn._fused.dense`). Swapped models pickle and deep-copy.
+    epilogue (:func:`llmkit.nn._fused.dense`; on an Intel CPU with MKL, those without a GELU
+    stay on MKL's GEMM). Swapped models pickle and deep-copy.
 
 torch.nn modules are converted by reassigning their class to the llmkit subclass
 (only exact torch.nn types: a subclass with its own ``forward`` is left, and reported).

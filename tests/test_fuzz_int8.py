@@ -119,7 +119,10 @@ def _linear(backend, data, gen):
     mode = data.draw(st.sampled_from(["w8a8", "w8a16"]), "mode")
     activation = data.draw(st.sampled_from(["none", "gelu", "gelu_tanh"]), "activation")
     strict = []
-    x = layout(values((*lead, k), dtype, kind, gen, strict_rows=strict), data.draw(LAYOUTS, "layout"))
+    # huge rows are not strict here: PyTorch's float32 GEMM does not break on them, and a dot
+    # product's rounding (a few ulps of its result where terms cancel) is its yardstick
+    x = values((*lead, k), dtype, kind, gen, strict_rows=strict, strict_kinds=("tiny",))
+    x = layout(x, data.draw(LAYOUTS, "layout"))
     w_float = torch.randn(n, k, generator=gen, dtype=F64)
     if data.draw(st.booleans(), "weight_1_column"):  # in_features == 1: strides (1, 1)
         k = 1

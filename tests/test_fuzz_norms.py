@@ -38,6 +38,7 @@ from _fuzz import (
     check,
     layout,
     leaf,
+    need_ext,
     run_fuzz,
     values,
 )
@@ -213,3 +214,22 @@ def _looped_paths():
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda_ext"])
 def test_norms_fuzz(backend, request):
     run_fuzz(request, backend, EXAMPLES[backend], f"norms-{backend}", _case)
+
+
+# --------------------------------------------------------------------------------------
+# what fuzzing found, pinned
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda_ext"])
+def test_rows_of_close_huge_values(backend):
+    """Rows of two float32 values ~1e30 that differ by ~0.4% (their squares overflow, so the
+    C++ kernel rescales them): the outputs are +-1 to float32 rounding. The rescaled path
+    once rounded the row's mean before subtracting it: errors of 1.6e-5 to 6.7e-5."""
+    if backend == "cuda_ext":
+        need_ext()
+    x = torch.tensor([[-3.0628528e29, -3.0510675e29], [1.2920336e30, 1.2951310e30], [3.1950546e29, 3.2006848e29]])
+    with llmkit.use_backend(backend):
+        y = llmkit.ops.layer_norm(x, (2,), None, None, 1e-5)
+    ref = F.layer_norm(x.to(F64), (2,), None, None, 1e-5)
+    check(f"layer_norm {backend} close huge rows", y, ref, (), strict=torch.ones(3, 1, dtype=torch.bool))

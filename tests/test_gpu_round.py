@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # gpu_round imports gpu_round_report by name
+    sys.modules[name] = mod  # gpu_round imports gpu_round_env and gpu_round_report by name
     spec.loader.exec_module(mod)
     return mod
 
 
 REPORT = _load("gpu_round_report")
+_load("gpu_round_env")
 G = _load("gpu_round")
 
 GPU_STEPS = (

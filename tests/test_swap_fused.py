@@ -34,11 +34,16 @@ def _gelu64(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
 
-@pytest.fixture(params=[True, False], ids=["onednn", "f_linear"])
+@pytest.fixture(params=["onednn", "onednn_gelu_only", "f_linear"])
 def onednn(request, monkeypatch):
-    if not request.param:
+    """Every CPU path of ``dense``: oneDNN for every float32 call (the rule off MKL's own
+    CPUs), oneDNN only with a GELU (on them: :data:`linear.MKL_NATIVE`), no oneDNN."""
+    from llmkit.backends.reference import linear
+
+    monkeypatch.setattr(linear, "MKL_NATIVE", request.param == "onednn_gelu_only")
+    if request.param == "f_linear":
         select_linear_path(monkeypatch, "bias_in_gemm")
-    return request.param
+    return request.param != "f_linear"
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (3, 5, 13), (2, 1, 1, 33), (0, 9)])
@@ -81,23 +86,43 @@ def test_dense_bfloat16_and_mixed_dtypes_take_f_linear():
 
 
 def test_dense_takes_onednn_from_two_rows(onednn):
+    from llmkit.backends.reference.linear import MKL_NATIVE
+
     w, b = torch.randn(7, 16), torch.randn(7)
     available = ONEDNN_LINEAR is not None
-    assert not onednn_applies(LinearCall(torch.randn(1, 1, 16), w, b, None))  # one row: a decode step
-    assert not onednn_applies(LinearCall(torch.randn(2, 0), torch.randn(7, 0), b, None))  # nothing to reduce
-    assert onednn_applies(LinearCall(torch.randn(2, 16), w, b, None)) == available
-    assert onednn_applies(LinearCall(torch.randn(2, 1, 16), w, None, None)) == available
+    plain = available and not MKL_NATIVE  # a GEMM without a GELU stays on MKL on its own CPUs
+    assert not onednn_applies(LinearCall(torch.randn(1, 1, 16), w, b, "none"))  # one row: a decode step
+    assert not onednn_applies(LinearCall(torch.randn(2, 0), torch.randn(7, 0), b, "none"))  # nothing to reduce
+    assert onednn_applies(LinearCall(torch.randn(2, 16), w, b, None)) == plain
+    assert onednn_applies(LinearCall(torch.randn(2, 1, 16), w, None, None)) == plain
+    assert onednn_applies(LinearCall(torch.randn(2, 16), w, b, "tanh")) == available
     x = torch.randn(2, 16)
     took = linear_forward.select(x, w, b, None)
+    assert took.name == ("reference:onednn" if plain and onednn else "reference:bias_in_gemm")
+    took = linear_forward.select(x, w, b, "none")
     assert took.name == ("reference:onednn" if available and onednn else "reference:bias_in_gemm")
+
+
+def test_plain_gemm_stays_on_mkl_only_on_an_intel_cpu_with_mkl(monkeypatch):
+    from llmkit.backends.reference import linear
+
+    for vendor, mkl, native in (
+        ("GenuineIntel", True, True),
+        ("AuthenticAMD", True, False),
+        ("GenuineIntel", False, False),
+        ("", True, False),
+    ):
+        monkeypatch.setattr(linear, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda m=mkl: m)
+        assert linear._mkl_native() == native, (vendor, mkl)
 
 
 def test_dense_under_autocast_runs_in_the_autocast_dtype():
     """Under CPU autocast F.linear computes in bfloat16; dense must not keep it float32."""
     x, w, b = torch.randn(5, 16), torch.randn(7, 16), torch.randn(7)
-    assert onednn_applies(LinearCall(x, w, b, None)) == (ONEDNN_LINEAR is not None)
+    assert onednn_applies(LinearCall(x, w, b, "tanh")) == (ONEDNN_LINEAR is not None)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not onednn_applies(LinearCall(x, w, b, None))
+        assert not onednn_applies(LinearCall(x, w, b, "tanh"))
         got = _fused.dense(x, w, b, "tanh")
         want = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
     assert got.dtype == want.dtype == torch.bfloat16

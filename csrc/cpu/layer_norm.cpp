@@ -103,20 +103,22 @@ bool rescaled_row(const float* buf, int64_t cols, float eps, bool rms, const flo
   const int p = norm_scale_exponent(amax);
   const float down = norm_pow2(-p), up = norm_pow2(p);
   const float n = static_cast<float>(cols);
+  // deviations from the first element, then from their mean: the mean itself is never
+  // rounded on the way (a row of close huge values would lose its spread to that rounding)
   const float shift = rms ? 0.f : buf[0] * down;
   float s = 0.f;
   for (int64_t c = 0; c < cols; ++c) s += buf[c] * down - shift;
-  const float mu = rms ? 0.f : shift + s / n;
+  const float delta = rms ? 0.f : s / n;
   float ssd = 0.f;
   for (int64_t c = 0; c < cols; ++c) {
-    const float d = buf[c] * down - mu;
+    const float d = (buf[c] * down - shift) - delta;
     ssd += d * d;
   }
   const float rs = 1.f / std::sqrt(ssd / n + eps * down * down);
-  if (mean != nullptr) *mean = mu * up;
+  if (mean != nullptr) *mean = (shift + delta) * up;
   *rstd = rs * down;
   for (int64_t c = 0; c < cols; ++c) {
-    float v = (buf[c] * down - mu) * rs;
+    float v = ((buf[c] * down - shift) - delta) * rs;
     if (weight != nullptr) v *= weight[c];
     if (bias != nullptr) v += bias[c];
     outr[c] = static_cast<T>(v);

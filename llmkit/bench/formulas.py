@@ -173,14 +173,60 @@ def attention(
 def window_keys(sq: int, sk: int, left: int, right: int) -> float:
     """Keys the query rows of a bottom-right aligned sliding window see, summed over the rows:
     row ``i`` sees keys ``[i + sk - sq - left, i + sk - sq + right]`` within ``[0, sk)``
-    (``-1``: unbounded on that side)."""
-    total = 0.0
+    (``-1``: unbounded on that side). Closed form: between the rows where a clamp starts or
+    stops binding, a row's count is linear in ``i`` (slope -1, 0 or 1), summed as a series."""
     shift = sk - sq
-    for i in range(sq):
-        lo = 0 if left < 0 else max(0, i + shift - left)
-        hi = sk - 1 if right < 0 else min(sk - 1, i + shift + right)
-        total += max(0, hi - lo + 1)
-    return total
+    lo_off = None if left < 0 else shift - left  # row i's first key: max(0, i + lo_off)
+    hi_off = None if right < 0 else shift + right  # row i's last key: min(sk - 1, i + hi_off)
+    cuts = {0, sq}
+    if lo_off is not None:
+        cuts.add(min(max(-lo_off, 0), sq))
+    if hi_off is not None:
+        cuts.add(min(max(sk - hi_off, 0), sq))
+    edges = sorted(cuts)
+    total = 0
+    for a, b in zip(edges, edges[1:], strict=False):
+        # count(i) = alpha + beta * i on [a, b), before the max(0, .)
+        alpha, beta = 1, 0
+        if lo_off is not None and a + lo_off >= 0:
+            alpha, beta = alpha - lo_off, beta - 1
+        if hi_off is not None and a + hi_off <= sk - 1:
+            alpha, beta = alpha + hi_off, beta + 1
+        else:
+            alpha += sk - 1
+        if beta == 0:
+            x, y = (a, b) if alpha > 0 else (a, a)
+        elif beta > 0:  # positive from i = 1 - alpha on
+            x, y = max(a, 1 - alpha), b
+        else:  # positive up to i = alpha - 1
+            x, y = a, min(b, alpha)
+        if y > x:
+            total += (y - x) * alpha + beta * (x + y - 1) * (y - x) // 2
+    return float(total)
+
+
+def attention_pairs(
+    b: int,
+    hq: int,
+    sq: int,
+    sk: int,
+    d: int,
+    elem: int,
+    pairs: float,
+    backward: bool = False,
+    hkv: int | None = None,
+) -> Work:
+    """Attention whose rows see ``pairs`` (query, key) pairs in all (FlashAttention convention,
+    counting only those): forward flops ``4 * B * Hq * D * pairs``, backward 2.5x; bytes as
+    :func:`attention` (q, k, v, out and the row statistics, each once)."""
+    hkv = hq if hkv is None else hkv
+    fwd = 4.0 * b * hq * d * pairs
+    q = o = b * hq * sq * d
+    k = v = b * hkv * sk * d
+    rows = b * hq * sq
+    if backward:
+        return Work(2.5 * fwd, elem * (2 * (q + k + v) + 2 * o) + 3 * STATS_BYTES * rows)
+    return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
 
 
 def attention_window(
@@ -194,17 +240,9 @@ def attention_window(
     backward: bool = False,
     hkv: int | None = None,
 ) -> Work:
-    """Sliding-window attention over ``s`` tokens (FlashAttention convention, counting only the
-    (query, key) pairs inside the window): forward flops ``4 * B * Hq * D * pairs``, backward
-    2.5x; bytes as :func:`attention` (q, k, v, out and the row statistics, each once)."""
-    hkv = hq if hkv is None else hkv
-    fwd = 4.0 * b * hq * d * window_keys(s, s, left, right)
-    q = o = b * hq * s * d
-    k = v = b * hkv * s * d
-    rows = b * hq * s
-    if backward:
-        return Work(2.5 * fwd, elem * (2 * (q + k + v) + 2 * o) + 3 * STATS_BYTES * rows)
-    return Work(fwd, elem * (q + k + v + o) + STATS_BYTES * rows)
+    """Sliding-window attention over ``s`` tokens: :func:`attention_pairs` of the pairs inside
+    the window."""
+    return attention_pairs(b, hq, s, s, d, elem, window_keys(s, s, left, right), backward, hkv)
 
 
 def varlen_attention(

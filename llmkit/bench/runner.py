@@ -30,6 +30,7 @@ from ..errors import BackendError
 from ..testing import sqnr_db
 from . import (  # noqa: F401  (importing registers them)
     suites_attention,
+    suites_attention_llm,
     suites_gelu,
     suites_glu,
     suites_int8_matmul,

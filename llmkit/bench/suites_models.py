@@ -13,6 +13,10 @@ all with the same weights:
 * ``llmkit.models.BERT`` / ``llmkit.models.GPT``: llmkit's own model loaded with
   ``from_hf`` from the HuggingFace one (no Llama model of llmkit's own).
 
+``gpt2_prefill`` / ``llama_prefill`` time one plain forward, as a user's ``model(input_ids,
+attention_mask=...)`` runs it: the LM head computes the logits of every position on both
+sides (``generate``'s own prefill passes ``logits_to_keep=1`` and computes only the last).
+
 ``gpt2_decode`` times ``generate`` (greedy, ``new`` tokens after a ``prompt``-token
 prompt, prompt prefill included) and reports new tokens per second. Every
 implementation's output is checked on one forward pass: logits (last hidden state for

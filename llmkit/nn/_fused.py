@@ -228,7 +228,7 @@ def gated_mlp(
 
     ``x``: ``(*, hidden)``; returns ``(*, hidden_out)``. The activation and product run as one
     op (``flavor``, or what :func:`glu_flavor` finds for ``activation``); the linears go through
-    :func:`linear` (oneDNN on float32 CPU inference). Anything else runs as written.
+    :func:`linear` (the ``linear`` dispatch point's CPU GEMM choice). Anything else runs as written.
     """
     flavor = flavor if flavor is not None else glu_flavor(activation)
     gate, up = linear(x, gate_proj), linear(x, up_proj)
@@ -244,8 +244,8 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str | None = Non
     ``x``: ``(*, in)``, ``weight``: ``(out, in)`` (any strides), ``bias``: ``(out,)`` or
     None; returns a fresh ``(*, out)`` tensor. Runs the ``linear`` dispatch point
     (:mod:`llmkit.ops.linear`): one oneDNN GEMM with the bias and GELU in its epilogue on
-    float32 CPU inference, the GEMM adding the bias on other CPU calls, ``bias_gelu`` on a
-    GPU.
+    float32 CPU inference (without a GELU, MKL's GEMM on an Intel CPU), the GEMM adding the
+    bias on other CPU calls, ``bias_gelu`` on a GPU.
     """
     return linear_forward(LinearCall(x, weight, bias, gelu))
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._compat import HAS_CPU_FLASH_ATTENTION, cpu_flash_attention, cpu_flash_attention_backward
+from ...ops._attention_shift import shift_for_backward
 from ...ops._philox import dropout_keep_mask
 from ...ops.attention import AttentionBackwardCall, AttentionCall, attention_backward, attention_forward, compute_dtype
 
@@ -325,10 +326,14 @@ def _flash_backward(
     is_causal: bool,
     scale: float,
     groups: int,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ATen's CPU backward; half inputs widened to float32 with the output recomputed in float32."""
+    """ATen's CPU backward; half inputs widened to float32 with the output recomputed in float32
+    (``recompute``: the output recomputed whatever the dtype, for shifted keys / values)."""
     if query.dtype in _HALF:
         query, key, value, grad_out = (t.float() for t in (query, key, value, grad_out))
+        out, lse = _flash_forward(query, key, value, mask, is_causal, scale, groups)
+    elif recompute:
         out, lse = _flash_forward(query, key, value, mask, is_causal, scale, groups)
     causal, m = _flash_mask(mask, is_causal, scale, query.shape[2], key.shape[2], query.dtype)
     k = rows_contiguous(expand_kv(key, groups))
@@ -345,6 +350,9 @@ def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tens
     grad_out, query, key, value, out, lse, attn_mask, dropout_p, _, scale = c[:10]
     seed, offset, mask_grad = c.seed, c.offset, c.mask_grad
     mask, is_causal = lowered_mask(c)
+    # exact shifts of keys / values with a large common part: same gradients, no cancellation
+    key, value = shift_for_backward(key, value, c.softcap, dropout_p, sync=True)
+    shifted = key is not c.key or value is not c.value
     b, hq, sq, _ = query.shape
     hkv, dim, dim_v = key.shape[1], key.shape[-1], value.shape[-1]
     groups = hq // hkv if hkv else 1
@@ -352,11 +360,17 @@ def attention_backward_reference(c: AttentionBackwardCall) -> tuple[Tensor, Tens
     vis = Visible.of(query, key, value, mask, is_causal)
     sk = vis.key.shape[2]
     dmask = query.new_empty((0,))
-    if use_cpu_flash(query, vis.value, dropout_p) and not mask_grad and c.softcap == 0.0:
-        dq, dk, dv = _flash_backward(grad_out, query, vis.key, vis.value, out, lse, vis.mask, is_causal, scale, groups)
+    # ATen's backward takes delta from the output, which does not cancel against dP exactly
+    # (a row seeing one key gets dS ~ ulp * |dO| |v| instead of 0, times |k| in dq): the
+    # options beyond SDPA's, whose only baseline is the eager formula, take the math path
+    lowered = mask is not attn_mask or is_causal != c.is_causal
+    if use_cpu_flash(query, vis.value, dropout_p) and not mask_grad and c.softcap == 0.0 and not lowered:
+        dq, dk, dv = _flash_backward(
+            grad_out, query, vis.key, vis.value, out, lse, vis.mask, is_causal, scale, groups, shifted
+        )
         if vis.dead_cols is not None and not (_finite_sum(dq) and _finite_sum(dk) and _finite_sum(dv)):
             dq, dk, dv = _flash_backward(
-                grad_out, query, *vis.clean_kv(groups), out, lse, vis.mask, is_causal, scale, groups
+                grad_out, query, *vis.clean_kv(groups), out, lse, vis.mask, is_causal, scale, groups, shifted
             )
     else:
         key_c, value_c = vis.clean_kv(groups)

@@ -4,7 +4,9 @@
   autocast; two rows or more): one oneDNN GEMM (``mkldnn._linear_pointwise``, the op
   ``torch.compile``'s CPU backend uses) adds the bias and applies the GELU in its epilogue.
   ``F.linear`` calls MKL's sgemm, which ran its AVX2 code on the AMD CPUs this was measured on
-  (docs/benchmarks.md); results agree with ``F.linear`` to float32 rounding.
+  (docs/benchmarks.md); results agree with ``F.linear`` to float32 rounding. On an Intel CPU
+  with an MKL build (:data:`MKL_NATIVE`) MKL runs its own AVX-512 kernels and was as fast or
+  faster than oneDNN for a plain GEMM, so there the variant takes only calls with a GELU.
 * variant ``bias_in_gemm``: other CPU calls: the GEMM adds the bias as it writes its output (no
   extra pass), then the GELU, in place into that fresh output where the op would run its
   reference anyway.
@@ -13,6 +15,8 @@
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +34,35 @@ def _gelu_after(out: Tensor, approximate: str) -> Tensor:
     return gelu_after(out, approximate)
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or "" when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    proc = platform.processor()  # Windows: "Intel64 Family 6 Model ..., GenuineIntel"
+    return "GenuineIntel" if "GenuineIntel" in proc else ""
+
+
+def _mkl_native() -> bool:
+    return torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
+
+
+MKL_NATIVE: bool = _mkl_native()
+"""Whether ``F.linear``'s float32 GEMM is MKL on an Intel CPU, where it runs its own best
+kernels: then a GEMM without a GELU stays on ``F.linear`` (measurements in docs/benchmarks.md)."""
+
+
 def onednn_applies(c: LinearCall) -> bool:
     """Whether the oneDNN variant takes the call (see the module docstring)."""
     x, weight, bias = c.input, c.weight, c.bias
     return (
         ONEDNN_LINEAR is not None
+        # on MKL's own CPUs oneDNN pays only for the GELU it fuses into its epilogue
+        and (c.activation is not None or not MKL_NATIVE)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)

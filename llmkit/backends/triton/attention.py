@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...ops._attention_shift import shift_for_backward
 from ...ops.attention import AttentionBackwardCall, AttentionCall, attention_backward, attention_forward, out_layout
 from ...ops.varlen_attention import VarlenAttentionBackwardCall, VarlenAttentionCall
 from ._common import TRITON_DTYPES
@@ -94,12 +95,14 @@ def attention_forward_triton(c: AttentionCall) -> tuple[Tensor, Tensor]:
 @attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_backward_reasons)
 def attention_backward_triton(c: AttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row statistics, then dQ, then dK/dV, the probabilities recomputed from the scores
-    (the forward's ``out`` and ``lse`` are not read); deterministic."""
+    (the forward's ``out`` and ``lse`` are not read); deterministic. Keys / values with a
+    large common part are shifted first (exactly; see ``llmkit/ops/_attention_shift.py``)."""
+    key, value = shift_for_backward(c.key, c.value, c.softcap, c.dropout_p)
     dq, dk, dv = _kernels().attention_backward(
         c.grad_out,
         c.query,
-        c.key,
-        c.value,
+        key,
+        value,
         c.attn_mask,
         c.dropout_p,
         c.is_causal,
