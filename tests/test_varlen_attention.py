@@ -321,3 +321,79 @@ def test_property_triton_equals_the_dense_op_per_sequence(lengths, extra_k, caus
             None,
         )
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_with_keys_and_values_far_from_zero_per_sequence(backend, dtype):
+    """Each sequence's keys / values share its own large common part (means 3e3 and -2e3, one
+    sequence without): gradients within the tolerance of float64, as the dense backward's
+    exact column shifts give them."""
+    lq, lk = [7, 0, 5, 9], [9, 2, 5, 12]
+    cq, ck = _cu(lq), _cu(lk)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.tensor([3e3, 0.0, -2e3, 1e3]).repeat_interleave(torch.tensor(lk))[:, None, None]
+    q = torch.randn(sum(lq), 4, 16, generator=gen).to(dtype)
+    k = (torch.randn(sum(lk), 2, 16, generator=gen) + base).to(dtype)
+    v = (torch.randn(sum(lk), 2, 16, generator=gen) - base).to(dtype)
+    slopes = torch.rand(4, generator=gen) * 0.1
+    opts = dict(
+        is_causal=True, causal_alignment="bottom_right", window_size=(3, -1), alibi_slopes=slopes, enable_gqa=True
+    )
+    qq, kk, vv = (_leaf(t) for t in (q, k, v))
+    with llmkit.use_backend(backend):
+        out = ops.varlen_attention(qq, kk, vv, cq, ck, max(lq), max(lk), **opts)
+        g = torch.randn_like(out)
+        out.backward(g)
+    q6, k6, v6 = (_leaf(t, F64) for t in (q, k, v))
+    ref, _ = _per_sequence(
+        lambda a, b_, c, sl: R.attention_llm(
+            a, b_, c, None, True, 0.25, bottom_right=True, window=(3, -1), alibi_slopes=sl.to(F64)
+        ),
+        q6,
+        k6,
+        v6,
+        cq,
+        ck,
+        slopes,
+    )
+    ref.backward(g.to(F64))
+    leaves = [_leaf(t) for t in (q, k, v)]
+    bo, _ = _per_sequence(
+        lambda a, b_, c, sl: eager_attention(a, b_, c, 0.25, causal=True, bottom_right=True, window=(3, -1), slopes=sl),
+        *leaves,
+        cq,
+        ck,
+        slopes,
+    )
+    bo.backward(g)
+    for name, got, want, bl in zip(("dq", "dk", "dv"), (qq, kk, vv), (q6, k6, v6), leaves, strict=True):
+        assert torch.isfinite(got.grad).all(), name
+        assert_close_to_reference(got.grad, want.grad, bl.grad, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_packed_column_shift_is_the_dense_shift_of_each_sequence(dtype):
+    """The triton varlen backward's per-sequence shift equals column_shift on each sequence alone
+    (exact differences; an outlier column or an empty sequence is left alone)."""
+    from llmkit.backends.triton.varlen_attention import packed_column_shift
+    from llmkit.ops._attention_shift import column_shift
+
+    lk = [6, 0, 9, 1]
+    cu = _cu(lk)
+    gen = torch.Generator().manual_seed(4)
+    t = (
+        torch.randn(sum(lk), 3, 8, generator=gen)
+        + torch.tensor([1e3, 0.0, -5e2, 7.0]).repeat_interleave(torch.tensor(lk))[:, None, None]
+    )
+    t[8, 1, 2] = 3e4  # sequence 2, head 1, column 2: an outlier
+    t = t.to(dtype)
+    got = packed_column_shift(t, cu)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        dense = t[s:e].transpose(0, 1)  # (H, S, D)
+        want = (dense - column_shift(dense)).transpose(0, 1)
+        # the same shifts (a float32 mean may differ in its last bit: summed in another order)
+        torch.testing.assert_close(t[s:e] - got[s:e], t[s:e] - want, rtol=1e-6, atol=0.0)
+    shift = t - got
+    assert torch.equal(got.to(torch.float64), t.to(torch.float64) - shift.to(torch.float64))  # exact
+    assert got[:6, :, :].abs().max() < 20 and got[8, 1, 2] == t[8, 1, 2]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ...ops.varlen_attention import (
@@ -47,9 +48,36 @@ def varlen_attention_forward_triton(c: VarlenAttentionCall) -> tuple[Tensor, Ten
     return _kernels().varlen_attention_forward(c.query, c.key, c.value, *_sequences_and_options(c), **_options(c))
 
 
+def packed_column_shift(t: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """:func:`~llmkit.ops._attention_shift.column_shift` per sequence of a packed ``(total, H, D)``
+    tensor, broadcast back to its tokens: sequence ``b``'s ``(h, d)`` column shifts by its mean
+    (rounded to ``t``'s dtype) where every entry lies within a quarter of it (the differences
+    are then exact), else 0. Segment sums / extremes by ``scatter_reduce``: no host sync."""
+    total = t.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    x = t.reshape(total, -1).to(wide)
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=t.device), lengths, output_size=total)
+    idx = seq[:, None].expand_as(x)
+    shape = (lengths.numel(), x.shape[1])
+    mean = x.new_zeros(shape).scatter_reduce(0, idx, x, "sum") / lengths.clamp(min=1)[:, None]
+    hi = x.new_full(shape, float("-inf")).scatter_reduce(0, idx, x, "amax")
+    lo = x.new_full(shape, float("inf")).scatter_reduce(0, idx, x, "amin")
+    c = mean.to(t.dtype)
+    cw = c.to(wide)
+    ok = torch.isfinite(c) & (torch.maximum(hi - cw, cw - lo) <= 0.25 * cw.abs())  # NaN or empty: False
+    c = torch.where(ok, c, torch.zeros_like(c))
+    return t - c.index_select(0, seq).view_as(t)
+
+
 @varlen_attention_backward.register("triton", dtypes=TRITON_DTYPES, why_not=_why_not)
 def varlen_attention_backward_triton(c: VarlenAttentionBackwardCall) -> tuple[Tensor, Tensor, Tensor]:
-    """Row statistics, dQ, dK/dV over every sequence at once (``out`` and ``lse`` not read)."""
+    """Row statistics, dQ, dK/dV over every sequence at once (``out`` and ``lse`` not read).
+    Keys / values whose columns share a large common part within a sequence are shifted by it
+    first, exactly and only where the gradients are invariant (keys without softcap, values
+    without dropout), as the dense backward does (``llmkit/ops/_attention_shift.py``)."""
+    key = packed_column_shift(c.key, c.cu_seqlens_k) if c.softcap == 0.0 else c.key
+    value = packed_column_shift(c.value, c.cu_seqlens_k) if c.dropout_p == 0.0 else c.value
     return _kernels().varlen_attention_backward(
-        c.grad_out, c.query, c.key, c.value, *_sequences_and_options(c), **_options(c)
+        c.grad_out, c.query, key, value, *_sequences_and_options(c), **_options(c)
     )
