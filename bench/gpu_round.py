@@ -79,19 +79,20 @@ SUMMARY_RESERVE_S = 15  # the summary files and the tarball at the end
 # building it a second time beside the build step.
 ROW_TESTS = ("test_layer_norm.py", "test_llm_norms.py", "test_gelu.py", "test_glu.py", "test_int8_matmul.py",
              "test_int8_linear.py")
-ATTENTION_TESTS = ("test_attention.py", "test_decode_attention.py")
+ATTENTION_TESTS = ("test_attention.py", "test_decode_attention.py", "test_varlen_attention.py")
 EXT_TESTS = ("test_cuda_ext*.py", "test_nn_backends.py")
 NOT_ON_GPU = ("test_compile_report.py", "test_csrc_compile.py", "test_gpu_round.py")
 SMOKE_TESTS = ("test_reference.py",)  # the dry run's real pytest run: small, pure CPU
 
 CHECK_GROUPS = {
-    "attention": ("attention", "decode_attention"),
+    "attention": ("attention", "decode_attention", "varlen_attention"),
     "rows": ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
              "quantize_int8", "int8_matmul", "int8_linear"),
 }
 # bench groups, in the order they run, with the least time each needs (seconds)
 BENCH_GROUPS = (
-    ("attention", ("attention", "attention_window", "attention_llm", "decode_attention", "decode_paged"), 45),
+    ("attention", ("attention", "attention_window", "attention_llm", "varlen_attention", "decode_attention",
+                   "decode_paged"), 45),
     ("norms", ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "swiglu", "geglu",
                "quantize_int8"), 30),
     ("int8", ("int8_w8a8", "int8_w8a16"), 25),

@@ -24,8 +24,8 @@ with ``name``, ``kind``, ``output``, ``note``, ``record()``), ``dry_run``, ``inf
 
 # Ops in the order of the summary table: llmkit check's ops, then bench-only suites.
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu", "swiglu",
-       "attention", "decode_attention", "quantize_int8", "int8_matmul", "int8_linear", "int8_w8a8", "int8_w8a16",
-       "gpt2_prefill", "gpt2_decode", "bert", "llama_prefill")
+       "attention", "decode_attention", "varlen_attention", "quantize_int8", "int8_matmul", "int8_linear",
+       "int8_w8a8", "int8_w8a16", "gpt2_prefill", "gpt2_decode", "bert", "llama_prefill")
 OTHER = "(other tests)"
 
 

@@ -332,6 +332,50 @@ def _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI: tl.cons
     return slope2
 
 
+@triton.jit
+def _varlen_seq(cu_q_ptr, cu_k_ptr, b, q_len, k_len, diag_off, VARLEN: tl.constexpr):
+    """``(q_start, k_start, seq_q, seq_k, diag_off)`` of batch entry ``b``.
+
+    With ``VARLEN`` the tensors are packed ``(total, H, D)`` and ``b`` is a sequence: its rows
+    start at ``cu_seqlens[b]`` and its length is ``cu_seqlens[b + 1] - cu_seqlens[b]``; the
+    launcher passes ``diag_off`` 1 for bottom-right alignment (0 top-left), which becomes the
+    sequence's own ``seq_k - seq_q``. Without it: no offsets, the launch's lengths and diag_off.
+    """
+    if VARLEN:
+        q_start = tl.load(cu_q_ptr + b)
+        seq_q = tl.load(cu_q_ptr + b + 1) - q_start
+        k_start = tl.load(cu_k_ptr + b)
+        seq_k = tl.load(cu_k_ptr + b + 1) - k_start
+        diag_off = diag_off * (seq_k - seq_q)
+    else:
+        q_start = 0
+        k_start = 0
+        seq_q = q_len
+        seq_k = k_len
+    return q_start, k_start, seq_q, seq_k, diag_off
+
+
+@triton.jit
+def _seq_rows(offset, start, stride, VARLEN: tl.constexpr):
+    """``offset`` plus ``start`` rows of ``stride`` (a packed sequence's first row) with
+    ``VARLEN``; ``offset`` itself without (no work added)."""
+    if VARLEN:
+        offset = offset + start.to(tl.int64) * stride
+    return offset
+
+
+@triton.jit
+def _rng_base(rng_offset, b64, h64, num_heads, q_len, k_len, seq_q, seq_k, VARLEN: tl.constexpr):
+    """The Philox counter of element (0, 0) of (b, h): ``offset + ((b*H + h)*Sq)*Sk``; with
+    ``VARLEN`` ``offset + b*H*max_q*max_k + h*seq_q*seq_k``, so that sequence ``b`` draws what
+    an attention call on it alone draws with offset ``offset + b*H*max_q*max_k``."""
+    if VARLEN:
+        base = rng_offset + b64 * num_heads * q_len * k_len + h64 * seq_q * seq_k
+    else:
+        base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
+    return base
+
+
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
@@ -528,8 +572,9 @@ class ScoreArgs:
 
 
 def _common_constexprs(d: int, dv: int, band: ScoreArgs, mask: MaskArgs, has_dropout: bool,
-                       q: torch.Tensor) -> dict:
+                       q: torch.Tensor, varlen: bool = False) -> dict:
     return dict(STRIDE_ALIGN=16 // q.element_size(),  # the launchers give the kernels aligned rows
+        VARLEN=varlen,
         HEAD_D=d, HEAD_DV=dv, BLOCK_D=padded_head_dim(d), BLOCK_DV=padded_head_dim(dv),
         MASK_KIND=mask.kind, MASK_ROW_BCAST=mask.row_bcast, HAS_DROPOUT=has_dropout,
         DOT_PRECISION=_dot_precision(q.dtype, q.device), **band.constexprs(),

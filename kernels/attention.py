@@ -87,9 +87,12 @@ from ._attention_common import (  # noqa: F401  (also imported from here by deco
     _online_softmax,
     _part_bounds,
     _program_ids,
+    _rng_base,
     _scores,
     _seen_keys,
+    _seq_rows,
     _store_tile,
+    _varlen_seq,
     padded_head_dim,
     rows_aligned,
     stride_align,
@@ -145,7 +148,7 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m,
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, seen_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, seen_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -154,18 +157,26 @@ def _attn_fwd_kernel(
     stride_sb, stride_sh,
     num_heads, q_len, k_len, group_size,
     diag_off, upper, lower, cap2, slope_ptr, stride_slb, stride_slh,
-    qk_scale, dropout_p, inv_keep, seed, rng_offset,
+    qk_scale, dropout_p, inv_keep, seed, rng_offset, total_q,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """out[b, h, rows] and lse[b, h, rows] for one block of BLOCK_M query rows."""
+    """out[b, h, rows] and lse[b, h, rows] for one block of BLOCK_M query rows.
+
+    With ``VARLEN`` (packed sequences): ``b`` is a sequence of ``cu_q`` / ``cu_k``, ``q_len`` /
+    ``k_len`` the longest lengths (the grid's), the batch strides 0, ``lse`` ``(Hq, total_q)``;
+    programs past their sequence's end return at once."""
     m_blocks = tl.cdiv(q_len, BLOCK_M)
     pid_m, h, b = _program_ids(m_blocks, num_heads)
     if UPPER:  # the longest rows first: better balance of the last wave
         pid_m = m_blocks - 1 - pid_m
+    q_start, k_start, seq_q, seq_k, diag_off = _varlen_seq(cu_q_ptr, cu_k_ptr, b, q_len, k_len, diag_off, VARLEN)
+    if VARLEN:
+        if pid_m * BLOCK_M >= seq_q:
+            return
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -178,27 +189,30 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_rows = _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm, STRIDE_ALIGN)
+    q_rows = _aligned_ptr(q_ptr, _seq_rows(b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
+                                           q_start, stride_qm, VARLEN), STRIDE_ALIGN)
     q_ptrs = q_rows + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]
-    q = _load_tile(q_ptrs, offs_m, q_len, offs_d, HEAD_D, BLOCK_D, True)
-    k_base = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh, STRIDE_ALIGN)
-    v_base = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh, STRIDE_ALIGN)
+    q = _load_tile(q_ptrs, offs_m, seq_q, offs_d, HEAD_D, BLOCK_D, True)
+    k_base = _aligned_ptr(k_ptr, _seq_rows(b64 * stride_kb + kvh64 * stride_kh, k_start, stride_kn, VARLEN),
+                          STRIDE_ALIGN)
+    v_base = _aligned_ptr(v_ptr, _seq_rows(b64 * stride_vb + kvh64 * stride_vh, k_start, stride_vn, VARLEN),
+                          STRIDE_ALIGN)
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
     seen_base = seen_ptr + b64 * stride_sb + h64 * stride_sh
-    rng_base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
-    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    rng_base = _rng_base(rng_offset, b64, h64, num_heads, q_len, k_len, seq_q, seq_k, VARLEN)
+    kv_lo, kv_hi = _keys_bound(seq_k, seq_q, diag_off, upper, lower, UPPER, LOWER)
     slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
+    lo, full_lo, full_hi, hi = _key_range(m0, seq_k, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
     for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
         start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
         if part != 0 or LOWER:
             acc, l_i, m_i = _fwd_kv_loop(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                stride_kn, stride_vn, stride_mm, stride_mn, seq_q, seq_k, kv_lo, kv_hi, qk_scale,
                 diag_off, upper, lower, cap2, slope2, dropout_p, seed, rng_base, start, stop,
                 HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
                 MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
@@ -210,10 +224,16 @@ def _attn_fwd_kernel(
         scale_rows = scale_rows * inv_keep
     out = acc * scale_rows[:, None]
     lse = tl.where(dead, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(lse_ptr + (b64 * num_heads + h64) * q_len + offs_m, lse, mask=offs_m < q_len)
-    o_rows = _aligned_ptr(out_ptr, b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om, STRIDE_ALIGN)
+    if VARLEN:  # (Hq, total_q)
+        lse_ptrs = lse_ptr + h64 * total_q + q_start + offs_m
+    else:
+        lse_ptrs = lse_ptr + (b64 * num_heads + h64) * q_len + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seq_q)
+    o_rows = _aligned_ptr(out_ptr, _seq_rows(b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om,
+                                             q_start, stride_om, VARLEN), STRIDE_ALIGN)
     o_ptrs = o_rows + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_dv[None, :]
-    _store_tile(o_ptrs, _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), offs_m, q_len, offs_dv, HEAD_DV, BLOCK_DV)
+    _store_tile(o_ptrs, _cast(out, out_ptr.dtype.element_ty, DOT_PRECISION), offs_m, seq_q, offs_dv, HEAD_DV,
+                BLOCK_DV)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,10 +301,10 @@ def attention_forward(
                                    dropout=p > 0.0)
     launch(
         _attn_fwd_kernel, (triton.cdiv(sq, cfg.block_m) * hq * b,),
-        q, k, v, o, lse, mask.tensor, mask.seen,
+        q, k, v, o, lse, mask.tensor, mask.seen, q, q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask.strides, *mask.seen_strides(),
         hq, sq, sk, hq // hkv, *band.kernel_args(q),
-        band.qk_scale(scale), p, inv_keep, int(seed), int(offset),
+        band.qk_scale(scale), p, inv_keep, int(seed), int(offset), 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         **_common_constexprs(d, dv, band, mask, p > 0.0, q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

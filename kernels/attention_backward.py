@@ -30,9 +30,12 @@ from ._attention_common import (
     _part_bounds,
     _program_ids,
     _query_range,
+    _rng_base,
     _scores,
     _seen_keys,
+    _seq_rows,
     _store_tile,
+    _varlen_seq,
 )
 from ._attention_configs import (
     BackwardConfig,
@@ -83,7 +86,7 @@ def _stats_kv_loop(m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base,
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_bwd_stats_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, mask_ptr, seen_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, mask_ptr, seen_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -97,7 +100,7 @@ def _attn_bwd_stats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """The row statistics of BLOCK_M query rows for the dQ and dK/dV kernels, in planes 0, 1,
     2 of ``stats``: ``delta`` and the base-2 shift in two parts, the row maximum ``m`` and
@@ -116,6 +119,10 @@ def _attn_bwd_stats_kernel(
     pid_m, h, b = _program_ids(m_blocks, num_heads)
     if UPPER:
         pid_m = m_blocks - 1 - pid_m
+    q_start, k_start, seq_q, seq_k, diag_off = _varlen_seq(cu_q_ptr, cu_k_ptr, b, q_len, k_len, diag_off, VARLEN)
+    if VARLEN:  # packed sequences: q_len / k_len are the longest lengths
+        if pid_m * BLOCK_M >= seq_q:
+            return
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -130,20 +137,24 @@ def _attn_bwd_stats_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_rows = _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh + m064 * stride_qm, STRIDE_ALIGN)
-    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d,
+    q_rows = _aligned_ptr(q_ptr, _seq_rows(b64 * stride_qb + h64 * stride_qh + m064 * stride_qm, q_start,
+                                           stride_qm, VARLEN), STRIDE_ALIGN)
+    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, seq_q, offs_d,
                    HEAD_D, BLOCK_D, True)
-    do_rows = _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh + m064 * stride_dom, STRIDE_ALIGN)
-    do = _load_tile(do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv,
+    do_rows = _aligned_ptr(do_ptr, _seq_rows(b64 * stride_dob + h64 * stride_doh + m064 * stride_dom, q_start,
+                                             stride_dom, VARLEN), STRIDE_ALIGN)
+    do = _load_tile(do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, seq_q, offs_dv,
                     HEAD_DV, BLOCK_DV, True)
-    k_base = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh, STRIDE_ALIGN)
-    v_base = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh, STRIDE_ALIGN)
+    k_base = _aligned_ptr(k_ptr, _seq_rows(b64 * stride_kb + kvh64 * stride_kh, k_start, stride_kn, VARLEN),
+                          STRIDE_ALIGN)
+    v_base = _aligned_ptr(v_ptr, _seq_rows(b64 * stride_vb + kvh64 * stride_vh, k_start, stride_vn, VARLEN),
+                          STRIDE_ALIGN)
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
     seen_base = seen_ptr + b64 * stride_sb + h64 * stride_sh
-    rng_base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
-    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    rng_base = _rng_base(rng_offset, b64, h64, num_heads, q_len, k_len, seq_q, seq_k, VARLEN)
+    kv_lo, kv_hi = _keys_bound(seq_k, seq_q, diag_off, upper, lower, UPPER, LOWER)
     slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
-    lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
+    lo, full_lo, full_hi, hi = _key_range(m0, seq_k, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -153,7 +164,7 @@ def _attn_bwd_stats_kernel(
         if part != 0 or LOWER:
             m_i, l_i, d_acc = _stats_kv_loop(
                 m_i, l_i, d_acc, q, do, k_base, v_base, mask_base, seen_base, offs_m, offs_d, offs_dv,
-                stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi, qk_scale,
+                stride_kn, stride_vn, stride_mm, stride_mn, seq_q, seq_k, kv_lo, kv_hi, qk_scale,
                 diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base, start, stop,
                 HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER, SOFTCAP, HAS_ALIBI, MASK_KIND,
                 MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
@@ -162,7 +173,7 @@ def _attn_bwd_stats_kernel(
     l_safe = tl.where(dead, 1.0, l_i)
     plane = (tl.num_programs(0) // m_blocks).to(tl.int64) * q_len  # B * Hq rows of Sq
     row_ptrs = stats_ptr + (b64 * num_heads + h64) * q_len + offs_m
-    row_ok = offs_m < q_len
+    row_ok = offs_m < seq_q
     tl.store(row_ptrs, d_acc / l_safe, mask=row_ok)
     tl.store(row_ptrs + plane, tl.where(dead, float("inf"), m_i), mask=row_ok)
     tl.store(row_ptrs + 2 * plane, tl.math.log2(l_safe), mask=row_ok)
@@ -218,7 +229,7 @@ def _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_ba
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dq_ptr, mask_ptr, seen_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dq_ptr, mask_ptr, seen_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -233,13 +244,17 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M query rows, from the row statistics of the stats kernel."""
     m_blocks = tl.cdiv(q_len, BLOCK_M)
     pid_m, h, b = _program_ids(m_blocks, num_heads)
     if UPPER:
         pid_m = m_blocks - 1 - pid_m
+    q_start, k_start, seq_q, seq_k, diag_off = _varlen_seq(cu_q_ptr, cu_k_ptr, b, q_len, k_len, diag_off, VARLEN)
+    if VARLEN:  # packed sequences: q_len / k_len are the longest lengths
+        if pid_m * BLOCK_M >= seq_q:
+            return
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -255,41 +270,46 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_rows = _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh + m064 * stride_qm, STRIDE_ALIGN)
-    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d,
+    q_rows = _aligned_ptr(q_ptr, _seq_rows(b64 * stride_qb + h64 * stride_qh + m064 * stride_qm, q_start,
+                                           stride_qm, VARLEN), STRIDE_ALIGN)
+    q = _load_tile(q_rows + rows[:, None] * stride_qm + offs_d[None, :], offs_m, seq_q, offs_d,
                    HEAD_D, BLOCK_D, True)
-    do_rows = _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh + m064 * stride_dom, STRIDE_ALIGN)
-    do = _load_tile(do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv,
+    do_rows = _aligned_ptr(do_ptr, _seq_rows(b64 * stride_dob + h64 * stride_doh + m064 * stride_dom, q_start,
+                                             stride_dom, VARLEN), STRIDE_ALIGN)
+    do = _load_tile(do_rows + rows[:, None] * stride_dom + offs_dv[None, :], offs_m, seq_q, offs_dv,
                     HEAD_DV, BLOCK_DV, True)
     row_ptrs = stats_ptr + (b64 * num_heads + h64) * q_len + offs_m
     plane = (tl.num_programs(0) // m_blocks).to(tl.int64) * q_len  # B * Hq rows of Sq
-    row_ok = offs_m < q_len
+    row_ok = offs_m < seq_q
     delta = tl.load(row_ptrs, mask=row_ok, other=0.0)
     c_hi = tl.load(row_ptrs + plane, mask=row_ok, other=float("inf"))
     c_lo = tl.load(row_ptrs + 2 * plane, mask=row_ok, other=0.0)
     if DOT_PRECISION != "ieee":  # 16-bit inputs: one rounded shift (see the stats kernel)
         c_hi = c_hi + c_lo
 
-    k_base = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh, STRIDE_ALIGN)
-    v_base = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh, STRIDE_ALIGN)
+    k_base = _aligned_ptr(k_ptr, _seq_rows(b64 * stride_kb + kvh64 * stride_kh, k_start, stride_kn, VARLEN),
+                          STRIDE_ALIGN)
+    v_base = _aligned_ptr(v_ptr, _seq_rows(b64 * stride_vb + kvh64 * stride_vh, k_start, stride_vn, VARLEN),
+                          STRIDE_ALIGN)
     mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
     seen_base = seen_ptr + b64 * stride_sb + h64 * stride_sh
-    rng_base = rng_offset + (b64 * num_heads + h64) * q_len * k_len
-    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    rng_base = _rng_base(rng_offset, b64, h64, num_heads, q_len, k_len, seq_q, seq_k, VARLEN)
+    kv_lo, kv_hi = _keys_bound(seq_k, seq_q, diag_off, upper, lower, UPPER, LOWER)
     slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(m0, k_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
+    lo, full_lo, full_hi, hi = _key_range(m0, seq_k, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
     for part in tl.static_range(3):  # masked left edge (a window's), mask-free middle, masked right edge
         start, stop = _part_bounds(part, lo, full_lo, full_hi, hi)
         if part != 0 or LOWER:
             dq = _dq_kv_loop(dq, q, do, c_hi, c_lo, delta, k_base, v_base, mask_base, seen_base, offs_m, offs_d,
-                             offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, kv_lo, kv_hi,
+                             offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, seq_q, seq_k, kv_lo, kv_hi,
                              qk_scale, diag_off, upper, lower, cap2, slope2, dropout_p, inv_keep, seed, rng_base,
                              start, stop, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, part != 1, UPPER, LOWER,
                              SOFTCAP, HAS_ALIBI, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
-    dq_rows = _aligned_ptr(dq_ptr, b64 * stride_dqb + h64 * stride_dqh + m064 * stride_dqm, STRIDE_ALIGN)
+    dq_rows = _aligned_ptr(dq_ptr, _seq_rows(b64 * stride_dqb + h64 * stride_dqh + m064 * stride_dqm, q_start,
+                                             stride_dqm, VARLEN), STRIDE_ALIGN)
     dq_ptrs = dq_rows + rows[:, None] * stride_dqm + offs_d[None, :]
-    _store_tile(dq_ptrs, _cast(dq * scale, dq_ptr.dtype.element_ty, DOT_PRECISION), offs_m, q_len, offs_d, HEAD_D,
+    _store_tile(dq_ptrs, _cast(dq * scale, dq_ptr.dtype.element_ty, DOT_PRECISION), offs_m, seq_q, offs_d, HEAD_D,
                 BLOCK_D)
 
 
@@ -361,7 +381,7 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stats_base, stats_plane, mask_ba
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dk_ptr, dv_ptr, mask_ptr, seen_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dk_ptr, dv_ptr, mask_ptr, seen_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -377,10 +397,14 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head, summed over the heads of its query group."""
     pid_n, kvh, b = _program_ids(tl.cdiv(k_len, BLOCK_N), num_heads // group_size)
+    q_start, k_start, seq_q, seq_k, diag_off = _varlen_seq(cu_q_ptr, cu_k_ptr, b, q_len, k_len, diag_off, VARLEN)
+    if VARLEN:  # packed sequences: q_len / k_len are the longest lengths
+        if pid_n * BLOCK_N >= seq_k:
+            return
     stride_qb, stride_qh, stride_qm = _align_strides(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
     stride_kb, stride_kh, stride_kn = _align_strides(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
     stride_vb, stride_vh, stride_vn = _align_strides(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
@@ -397,18 +421,20 @@ def _attn_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     # keys no query row of the group sees read as zero: their dK / dV are 0 whatever they hold
-    kv_lo, kv_hi = _keys_bound(k_len, q_len, diag_off, upper, lower, UPPER, LOWER)
+    kv_lo, kv_hi = _keys_bound(seq_k, seq_q, diag_off, upper, lower, UPPER, LOWER)
     seen_base = seen_ptr + b64 * stride_sb + kvh64 * stride_sh
-    k_rows = _aligned_ptr(k_ptr, b64 * stride_kb + kvh64 * stride_kh + n064 * stride_kn, STRIDE_ALIGN)
+    k_rows = _aligned_ptr(k_ptr, _seq_rows(b64 * stride_kb + kvh64 * stride_kh + n064 * stride_kn, k_start,
+                                           stride_kn, VARLEN), STRIDE_ALIGN)
     seen = _seen_keys(seen_base, offs_n, kv_lo, kv_hi, MASK_KIND != 0, LOWER)
     k = _load_keys(k_rows + cols[:, None] * stride_kn + offs_d[None, :], seen, offs_d, HEAD_D, BLOCK_D, True)
-    v_rows = _aligned_ptr(v_ptr, b64 * stride_vb + kvh64 * stride_vh + n064 * stride_vn, STRIDE_ALIGN)
+    v_rows = _aligned_ptr(v_ptr, _seq_rows(b64 * stride_vb + kvh64 * stride_vh + n064 * stride_vn, k_start,
+                                           stride_vn, VARLEN), STRIDE_ALIGN)
     v = _load_keys(v_rows + cols[:, None] * stride_vn + offs_dv[None, :], seen, offs_dv, HEAD_DV, BLOCK_DV, True)
 
     # only the query rows whose band reaches these keys (causal: none before n0 - diag_off);
     # one loop with the band and row masks applied throughout (three separately pipelined
     # loops cost more registers than the masks cost time)
-    m_lo, m_hi = _query_range(n0, q_len, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
+    m_lo, m_hi = _query_range(n0, seq_q, diag_off, upper, lower, BLOCK_M, BLOCK_N, UPPER, LOWER)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -417,23 +443,35 @@ def _attn_bwd_dkdv_kernel(
         h64 = kvh64 * group_size + g
         row_stats = (b64 * num_heads + h64) * q_len
         slope2 = _alibi_slope(slope_ptr, b64, h64, stride_slb, stride_slh, HAS_ALIBI)
+        if VARLEN:
+            rng_base = _rng_base(rng_offset, b64, h64, num_heads, q_len, k_len, seq_q, seq_k, VARLEN)
+        else:
+            rng_base = rng_offset + row_stats * k_len
+        if VARLEN:  # read again for each head rather than held in a register through the loops
+            q_start = tl.load(cu_q_ptr + b, volatile=True)
         dk, dv = _dkdv_q_loop(
-            dk, dv, k, v, _aligned_ptr(q_ptr, b64 * stride_qb + h64 * stride_qh, STRIDE_ALIGN),
-            _aligned_ptr(do_ptr, b64 * stride_dob + h64 * stride_doh, STRIDE_ALIGN),
+            dk, dv, k, v,
+            _aligned_ptr(q_ptr, _seq_rows(b64 * stride_qb + h64 * stride_qh, q_start, stride_qm, VARLEN), STRIDE_ALIGN),
+            _aligned_ptr(do_ptr, _seq_rows(b64 * stride_dob + h64 * stride_doh, q_start, stride_dom, VARLEN),
+                         STRIDE_ALIGN),
             stats_ptr + row_stats, stats_plane, mask_ptr + b64 * stride_mb + h64 * stride_mh,
             offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
-            q_len, k_len, qk_scale, diag_off, upper, lower, cap2, slope2,
-            dropout_p, inv_keep, seed, rng_offset + row_stats * k_len, m_lo, m_hi,
+            seq_q, seq_k, qk_scale, diag_off, upper, lower, cap2, slope2,
+            dropout_p, inv_keep, seed, rng_base, m_lo, m_hi,
             HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, UPPER, LOWER, SOFTCAP, HAS_ALIBI, True, MASK_KIND,
             MASK_ROW_BCAST, HAS_DROPOUT, DOT_PRECISION, STRIDE_ALIGN)
 
-    dk_rows = _aligned_ptr(dk_ptr, b64 * stride_dkb + kvh64 * stride_dkh + n064 * stride_dkn, STRIDE_ALIGN)
+    if VARLEN:  # read again rather than held in a register through the loop
+        k_start = tl.load(cu_k_ptr + b, volatile=True)
+    dk_rows = _aligned_ptr(dk_ptr, _seq_rows(b64 * stride_dkb + kvh64 * stride_dkh + n064 * stride_dkn, k_start,
+                                             stride_dkn, VARLEN), STRIDE_ALIGN)
     dk_ptrs = dk_rows + cols[:, None] * stride_dkn + offs_d[None, :]
-    _store_tile(dk_ptrs, _cast(dk * scale, dk_ptr.dtype.element_ty, DOT_PRECISION), offs_n, k_len, offs_d, HEAD_D,
+    _store_tile(dk_ptrs, _cast(dk * scale, dk_ptr.dtype.element_ty, DOT_PRECISION), offs_n, seq_k, offs_d, HEAD_D,
                 BLOCK_D)
-    dv_rows = _aligned_ptr(dv_ptr, b64 * stride_dvb + kvh64 * stride_dvh + n064 * stride_dvn, STRIDE_ALIGN)
+    dv_rows = _aligned_ptr(dv_ptr, _seq_rows(b64 * stride_dvb + kvh64 * stride_dvh + n064 * stride_dvn, k_start,
+                                             stride_dvn, VARLEN), STRIDE_ALIGN)
     dv_ptrs = dv_rows + cols[:, None] * stride_dvn + offs_dv[None, :]
-    _store_tile(dv_ptrs, _cast(dv, dv_ptr.dtype.element_ty, DOT_PRECISION), offs_n, k_len, offs_dv, HEAD_DV,
+    _store_tile(dv_ptrs, _cast(dv, dv_ptr.dtype.element_ty, DOT_PRECISION), offs_n, seq_k, offs_dv, HEAD_DV,
                 BLOCK_DV)
 
 
@@ -491,7 +529,7 @@ def attention_backward(
     st = stats_config(cfg.dq, d, dv, query.dtype, device_arch(query.device))
     launch(
         _attn_bwd_stats_kernel, (n_qblocks * hq * b,),
-        q, k, v, do, stats, mask.tensor, mask.seen,
+        q, k, v, do, stats, mask.tensor, mask.seen, q, q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *mask.strides, *mask.seen_strides(), *shape, *scalars[len(shape) + 1:],
         BLOCK_M=st.block_m, BLOCK_N=st.block_n, **consts,
@@ -499,7 +537,7 @@ def attention_backward(
     )
     launch(
         _attn_bwd_dq_kernel, (n_qblocks * hq * b,),
-        q, k, v, do, stats, dq, mask.tensor, mask.seen,
+        q, k, v, do, stats, dq, mask.tensor, mask.seen, q, q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *mask.strides, *mask.seen_strides(), *scalars,
         BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, **consts,
@@ -508,7 +546,7 @@ def attention_backward(
     kv_mask = mask.seen_per_kv_head(hq // hkv)
     launch(
         _attn_bwd_dkdv_kernel, (triton.cdiv(sk, cfg.dkdv.block_n) * hkv * b,),
-        q, k, v, do, stats, dk, dvv, kv_mask.tensor, kv_mask.seen,
+        q, k, v, do, stats, dk, dvv, kv_mask.tensor, kv_mask.seen, q, q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dvv.stride()[:3], *kv_mask.strides, *kv_mask.seen_strides(), *scalars,
         BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **consts,

@@ -540,6 +540,7 @@ def all_cases() -> list[Case]:
     """Every check case of every op."""
     from . import check_decode, check_llm  # the cases of the LLM norms, gated activations, decode caches
     from .check_attention import attention_llm_cases  # attention's LLM options (imports this module)
+    from .check_varlen import varlen_cases  # packed variable-length attention
 
     return [
         *_norm_cases(),
@@ -548,6 +549,7 @@ def all_cases() -> list[Case]:
         *check_llm.glu_cases(),
         *_attention_cases(),
         *attention_llm_cases(),
+        *varlen_cases(),
         *check_decode.decode_cache_cases(),
         *_int8_cases(),
     ]

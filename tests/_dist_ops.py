@@ -550,6 +550,57 @@ def check_decode_attention(mesh) -> None:
 # -- int8 -------------------------------------------------------------------------------
 
 
+def check_varlen_attention(mesh) -> None:
+    """Packed sequences: heads sharded (lse (Hq, total) on dim 0), cu_seqlens replicated, ALiBi
+    slopes with their heads; against the whole-tensor op and float64 (backward without slopes,
+    which take no gradient)."""
+    S, Rep, _ = _placements()
+    lengths = [3, 0, 6, 1]
+    cu = torch.tensor([0, 3, 3, 9, 10], dtype=torch.int32)
+    q, k, v = torch.randn(10, 8, 8), torch.randn(10, 4, 8), torch.randn(10, 4, 8)
+    m = max(lengths)
+
+    def fn(q, k, v, cu, slopes=None):
+        return ops.varlen_attention(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            m,
+            m,
+            is_causal=True,
+            window_size=(2, -1),
+            alibi_slopes=slopes,
+            enable_gqa=True,
+            return_lse=True,
+        )
+
+    def ref(q, k, v, cu, slopes=None):
+        outs, lses = [], []
+        for b in range(len(lengths)):
+            s, e = int(cu[b]), int(cu[b + 1])
+            if s == e:
+                continue
+            dense = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+            o, lse = R64.attention_llm(*dense, None, True, window=(2, -1), alibi_slopes=slopes)
+            outs.append(o[0].transpose(0, 1))
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, 1)
+
+    run_case(mesh, fn, ref, (q, k, v, cu), (S(1), S(1), S(1), Rep), S(1), label="varlen heads")
+    run_case(
+        mesh,
+        fn,
+        ref,
+        (q, k, v, cu, torch.rand(8)),
+        (S(1), S(1), S(1), Rep, S(0)),
+        S(1),
+        grad=False,
+        label="varlen heads, alibi",
+    )
+
+
 def check_int8(mesh) -> None:
     S, Rep, P = _placements()
     x = torch.randn(5, 6, 8)
@@ -718,6 +769,7 @@ CHECKS = {
     "ops_attention_llm_options": check_attention_llm_options,
     "ops_attention_dropout_replicates": check_attention_dropout_replicates,
     "ops_decode_attention": check_decode_attention,
+    "ops_varlen_attention": check_varlen_attention,
     "ops_int8": check_int8,
     "ops_2d_mesh": check_2d_mesh,
 }

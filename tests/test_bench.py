@@ -96,6 +96,30 @@ def test_decode_and_model_formulas_by_hand():
     assert Fm.transformer_tokens(2, 4, 8, 3, 5, causal=True) == 2 * 3 * (256 + 40)
 
 
+def test_varlen_formula_counts_each_sequence_alone():
+    lengths = [3, 17, 1]
+    w = Fm.varlen_attention(lengths, 4, 64, 2, causal=True, backward=False, hkv=2)
+    parts = [Fm.attention(1, 4, n, n, 64, 2, True, False, hkv=2) for n in lengths]
+    assert w.flops == sum(p.flops for p in parts) and w.bytes == sum(p.bytes for p in parts)
+    assert w.flops == 4 * 4 * 64 * sum(n * n for n in lengths) / 2
+
+
+def test_varlen_suite_runs_on_the_cpu(tmp_path, capsys):
+    """The packed call, the padded SDPA baseline and llmkit's padded call agree at a small shape."""
+    from llmkit.bench.suites_varlen_attention import length_mix
+
+    assert length_mix(100, 4, 24) == length_mix(100, 4, 24) and sum(length_mix(100, 4, 24)) == 100
+    out = tmp_path / "res"
+    code = cli.main(
+        ["bench", "--quick", "--op", "varlen_attention", "--seconds", "0.003", "--no-plots", "--out", str(out)]
+    )
+    rows = json.loads((out / "quick.json").read_text())["results"]
+    assert code == 0, capsys.readouterr().out
+    ok = {r["impl"] for r in rows if r["status"] == "ok"}
+    assert {"eager", "llmkit[reference]", "llmkit[reference]+padded"} <= ok
+    assert {r["pass"] for r in rows} == {"fwd", "bwd"}
+
+
 def test_work_rates_and_roofline_fraction():
     w = Fm.Work(2e12, 1e9)
     assert w.tflops(2.0) == pytest.approx(1.0)

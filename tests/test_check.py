@@ -44,6 +44,7 @@ def test_sweep_follows_the_design_rules():
         "swiglu",
         "attention",
         "decode_attention",
+        "varlen_attention",
         "quantize_int8",
         "int8_matmul",
         "int8_linear",
@@ -94,6 +95,7 @@ def test_reference_backend_passes_the_quick_sweep():
         "geglu",
         "swiglu",
         "attention",
+        "varlen_attention",
     ):
         grads = [r for r in rows if r.op == op and r.output.startswith("grad_")]
         assert grads, op

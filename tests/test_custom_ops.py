@@ -54,6 +54,29 @@ OPCHECK_CASES = {
             True,
         ),
     ),
+    "varlen_attention bottom-right window gqa": lambda: (
+        L.varlen_attention,
+        (
+            rq(9, 4, 8),
+            rq(11, 2, 8),
+            rq(11, 2, 8),
+            torch.tensor([0, 3, 3, 9], dtype=torch.int32),
+            torch.tensor([0, 5, 6, 11], dtype=torch.int32),
+            6,
+            5,
+            0.0,
+            True,
+            0.3,
+            True,
+            0,
+            0,
+            2,
+            -1,
+            True,
+            0.0,
+            None,
+        ),
+    ),
     "quantize_int8": lambda: (L.quantize_int8, (torch.randn(3, 7), 0)),
     "int8_matmul int32": lambda: (L.int8_matmul, (i8(5, 7), i8(7, 3), None, None, None, None)),
     "int8_matmul scaled": lambda: (
@@ -86,6 +109,12 @@ GRADCHECK_CASES = {
     "sdpa causal gqa": (
         lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         [(1, 4, 5, 4), (1, 2, 7, 4), (1, 2, 7, 3)],
+    ),
+    "varlen_attention causal gqa": (
+        lambda q, k, v: ops.varlen_attention(
+            q, k, v, *(torch.tensor([0, 2, 2, 5], dtype=torch.int32),) * 2, 3, 3, is_causal=True, enable_gqa=True
+        ),
+        [(5, 4, 4), (5, 2, 4), (5, 2, 3)],
     ),
     "sdpa float mask": (
         lambda q, k, v, m: ops.scaled_dot_product_attention(q, k, v, m),

@@ -372,6 +372,7 @@ def test_every_op_has_a_reference_implementation_for_every_stage():
         "bias_gelu",
         "attention",
         "decode_attention",
+        "varlen_attention",
         "quantize_int8",
         "int8_matmul",
         "int8_linear",

@@ -32,6 +32,7 @@ OPS = [
     "bias_gelu",
     "scaled_dot_product_attention",
     "decode_attention",
+    "varlen_attention",
 ]
 
 
@@ -72,6 +73,14 @@ def _args(op: str, dtype=torch.float32, strided: bool = False):
         return (
             lambda: llmkit.ops.decode_attention(q, kc, vc, lengths),
             lambda: lib.decode_attention(q, kc, vc, lengths, 0.25, True)[0],
+        )
+    if op == "varlen_attention":
+        q = torch.randn(4, 13, 16, dtype=dtype).transpose(0, 1)  # (total, H, D) view of (H, total, D)
+        k, v = torch.randn(13, 2, 16, dtype=dtype), torch.randn(13, 2, 16, dtype=dtype)
+        cu = torch.tensor([0, 5, 5, 13], dtype=torch.int32)
+        return (
+            lambda: llmkit.ops.varlen_attention(q, k, v, cu, cu, 8, 8, is_causal=True, enable_gqa=True),
+            lambda: lib.varlen_attention(q, k, v, cu, cu, 8, 8, 0.0, True, 0.25, True, 0, 0)[0],
         )
     raise AssertionError(op)
 

@@ -55,7 +55,11 @@ MODELS = {
 
 def model_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(eager, llmkit): the same random weights under the two attention implementations."""
-    cfg_name, cls_name, extra = MODELS[name]
+    return model_pair_of(*MODELS[name])
+
+
+def model_pair_of(cfg_name: str, cls_name: str, extra: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """:func:`model_pair` of a transformers config and model class (``COMMON`` plus ``extra``)."""
     llmkit.integrations.hf.ensure_registered()
     models = []
     for impl in ("eager", "llmkit"):

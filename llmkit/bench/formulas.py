@@ -245,6 +245,15 @@ def attention_window(
     return attention_pairs(b, hq, s, s, d, elem, window_keys(s, s, left, right), backward, hkv)
 
 
+def varlen_attention(
+    lengths: list[int], hq: int, d: int, elem: int, causal: bool = True, backward: bool = False, hkv: int | None = None
+) -> Work:
+    """Packed variable-length attention: :func:`attention` of each sequence alone, summed (only
+    the real (query, key) pairs count; no padding)."""
+    works = [attention(1, hq, n, n, d, elem, causal, backward, hkv=hkv) for n in lengths]
+    return Work(sum(w.flops for w in works), sum(w.bytes for w in works))
+
+
 def decode_paged(b: int, hq: int, hkv: int, t: int, cache_len: int, d: int, elem: int, block_size: int) -> Work:
     """Paged decode attention: :func:`decode_attention`'s work plus the int32 block-table
     entries the sequences use."""

@@ -36,6 +36,7 @@ from . import (  # noqa: F401  (importing registers them)
     suites_int8_matmul,
     suites_layer_norm,
     suites_models,
+    suites_varlen_attention,
 )
 from .env import environment
 from .roofline import Roofline, fraction, measure_roofline, roof_for

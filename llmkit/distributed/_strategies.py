@@ -31,6 +31,11 @@ The rules, per op family:
 * ``decode_attention``: batch (query, caches, ``cache_seqlens``) or heads (GQA as above);
   with ``cache_batch_idx`` or a paged cache (``block_table``) the caches stay whole under a
   batch split (any sequence may read any row / block), heads split a paged cache's dim 2.
+* ``varlen_attention`` (packed ``(total, H, D)``): heads (dim 1 of query, key, value, ``out``,
+  ``dq`` / ``dk`` / ``dv``; dim 0 of ``lse (Hq, total_q)``), whole GQA groups as above,
+  ``cu_seqlens`` replicated, ALiBi slopes sharded with their heads. The token dim holds several
+  sequences, so it is never sharded. With ``dropout_p > 0`` only replicated (the keep mask
+  is a function of the global head index).
 * ``quantize_int8``: any dim but the quantized one.
 * ``int8_matmul``: rows of ``a`` (a per-row ``a_scale`` alike), columns of ``b`` (a
   per-column ``b_scale`` and the bias alike), or, for the exact int32 product without
@@ -52,6 +57,7 @@ from typing import Any
 
 from ..ops.attention import AttentionBackwardCall, AttentionCall
 from ..ops.decode_attention import DecodeAttentionCall
+from ..ops.varlen_attention import VarlenAttentionBackwardCall, VarlenAttentionCall
 
 __all__ = ["rules"]
 
@@ -343,6 +349,25 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
             )
         return rule
 
+    def varlen_slopes(slopes: Spec | None) -> Any:
+        """ALiBi's slopes ((Hq,) or (B, Hq)) when the heads are sharded."""
+        return None if slopes is None else S(slopes.ndim - 1)
+
+    def varlen(*args: Any) -> Rule:
+        c = VarlenAttentionCall(*args)
+        rule = [replicated(2, c)]
+        if c.dropout_p == 0.0:
+            rule.append(([S(1), S(0)], [S(1), S(1), S(1), R, R] + [None] * 12 + [varlen_slopes(c.alibi_slopes)]))
+        return rule
+
+    def varlen_backward(*args: Any) -> Rule:
+        c = VarlenAttentionBackwardCall(*args)
+        rule = [replicated(3, c)]
+        if c.dropout_p == 0.0:
+            inputs = [S(1)] * 5 + [S(0), R, R] + [None] * 12 + [varlen_slopes(c.alibi_slopes)]
+            rule.append(([S(1)] * 3, inputs))
+        return rule
+
     def decode(*args: Any, **kwargs: Any) -> Rule:
         c = DecodeAttentionCall(*args, **kwargs)
         table, idx = c.block_table, c.cache_batch_idx
@@ -432,6 +457,8 @@ def rules() -> dict[str, tuple[Callable[..., Rule], Callable[[list[Spec], Any], 
         "scaled_dot_product_attention": (sdpa, whole_groups(1)),
         "scaled_dot_product_attention_backward": (sdpa_backward, whole_groups(2)),
         "decode_attention": (decode, decode_groups),
+        "varlen_attention": (varlen, whole_groups(1)),
+        "varlen_attention_backward": (varlen_backward, whole_groups(2)),
         "quantize_int8": (quantize_int8, None),
         "int8_matmul": (int8_matmul, None),
         "int8_linear": (int8_linear, None),

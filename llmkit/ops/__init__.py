@@ -7,7 +7,7 @@ that picks a backend per call (see :mod:`llmkit.dispatch`). One file per op fami
 what defines the ops (call classes, validation, custom ops, autograd, the functions):
 ``layer_norm.py`` (layer_norm, rms_norm, add_layer_norm, add_rms_norm), ``gelu.py`` (gelu,
 bias_gelu), ``glu.py`` (geglu, swiglu), ``attention.py`` (scaled_dot_product_attention),
-``decode_attention.py``, ``int8_matmul.py`` (quantize_int8, dequantize_int8, int8_matmul,
+``decode_attention.py``, ``varlen_attention.py``, ``int8_matmul.py`` (quantize_int8, dequantize_int8, int8_matmul,
 int8_linear), and the internal ``linear.py``. The implementations are in :mod:`llmkit.backends`.
 """
 
@@ -18,6 +18,7 @@ from .glu import geglu, swiglu
 from .int8_matmul import dequantize_int8, int8_linear, int8_matmul, quantize_int8
 from .layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .linear import linear_forward  # noqa: F401  (internal: the linears of llmkit.nn and swapped blocks)
+from .varlen_attention import varlen_attention
 
 __all__ = [
     "layer_norm",
@@ -30,6 +31,7 @@ __all__ = [
     "swiglu",
     "scaled_dot_product_attention",
     "decode_attention",
+    "varlen_attention",
     "quantize_int8",
     "dequantize_int8",
     "int8_matmul",

@@ -138,7 +138,17 @@ def check_qkv(op: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bo
         raise ValueError(f"{op}: batch sizes disagree: query {b}, key {key.shape[0]}, value {value.shape[0]}")
     if key.shape[1] != value.shape[1]:
         raise ValueError(f"{op}: key has {key.shape[1]} heads but value has {value.shape[1]}; they must match")
-    hq, hkv = query.shape[1], key.shape[1]
+    check_heads(op, query.shape[1], key.shape[1], enable_gqa)
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(
+            f"{op}: key has sequence length {key.shape[2]} but value has {value.shape[2]}; they must match"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"{op}: head dims disagree: query has {query.shape[-1]}, key has {key.shape[-1]}")
+
+
+def check_heads(op: str, hq: int, hkv: int, enable_gqa: bool) -> None:
+    """Hq == Hkv, or with ``enable_gqa`` a multiple of it."""
     if enable_gqa:
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(
@@ -149,12 +159,6 @@ def check_qkv(op: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bo
         raise ValueError(
             f"{op}: query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention"
         )
-    if key.shape[2] != value.shape[2]:
-        raise ValueError(
-            f"{op}: key has sequence length {key.shape[2]} but value has {value.shape[2]}; they must match"
-        )
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"{op}: head dims disagree: query has {query.shape[-1]}, key has {key.shape[-1]}")
 
 
 def check_mask(op: str, attn_mask: Tensor | None, query: Tensor, key: Tensor) -> None:
@@ -208,10 +212,17 @@ def check_sdpa_args(
 
 
 def check_llm_options(
-    op: str, query: Tensor, window_left: int, window_right: int, softcap: float, alibi_slopes: Tensor | None
+    op: str,
+    query: Tensor,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    batch_heads: tuple[int, int] | None = None,
 ) -> None:
     """Sliding window sizes (ints >= -1), softcap (a finite number >= 0; 0 = none) and ALiBi
-    slopes (a float tensor (Hq,) or (B, Hq) on the query's device, without gradient)."""
+    slopes (a float tensor (Hq,) or (B, Hq) on the query's device, without gradient);
+    ``batch_heads``: (B, Hq), by default the query's first two dims."""
     for name, w in (("window_size[0] (left)", window_left), ("window_size[1] (right)", window_right)):
         if type(w) is not int or w < -1:
             raise ValueError(f"{op}: {name} must be an int >= -1 (-1: unbounded), got {w!r}")
@@ -221,7 +232,7 @@ def check_llm_options(
         return
     V.check_tensor(op, "alibi_slopes", alibi_slopes)
     V.check_floating(op, "alibi_slopes", alibi_slopes)
-    b, hq = query.shape[0], query.shape[1]
+    b, hq = batch_heads or (query.shape[0], query.shape[1])
     if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
         raise ValueError(
             f"{op}: alibi_slopes has shape {list(alibi_slopes.shape)}; it must be (Hq,) = [{hq}] or "
@@ -428,6 +439,30 @@ def _draw_seed() -> int:
 _ALIGNMENTS = ("top_left", "bottom_right")
 
 
+def check_alignment_window(op: str, causal_alignment: str, window_size: object) -> None:
+    """The functions' ``causal_alignment`` and the shape of ``window_size`` (its values: check_llm_options)."""
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"{op}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"{op}: window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+
+
+def scalar_options(
+    op: str, head_dim: int, scale: float | None, dropout_p: float, softcap: float
+) -> tuple[float, float, float, int]:
+    """``(scale, dropout_p, softcap, seed)`` as the call classes take them: the default scale
+    ``1 / sqrt(D)``, numbers as floats, a seed drawn from torch's generator when dropping out."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    elif type(scale) is not float:
+        scale = V.check_number(op, "scale", scale)
+    if type(dropout_p) is not float:
+        dropout_p = V.check_number(op, "dropout_p", dropout_p)
+    if type(softcap) is not float:
+        softcap = V.check_number(op, "softcap", softcap)
+    return scale, dropout_p, softcap, _draw_seed() if dropout_p > 0.0 else 0
+
+
 def _causal_bias(
     op: str, attn_mask, is_causal: bool, causal_alignment: str, query: Tensor, key: Tensor
 ) -> tuple[bool, str]:
@@ -542,10 +577,7 @@ def scaled_dot_product_attention(
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         V.check_tensor(op, name, t)
-    if causal_alignment not in _ALIGNMENTS:
-        raise ValueError(f"{op}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"{op}: window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    check_alignment_window(op, causal_alignment, window_size)
     if causal_bias_variant(attn_mask) is not None:
         is_causal, causal_alignment = _causal_bias(op, attn_mask, bool(is_causal), causal_alignment, query, key)
         attn_mask = None
@@ -561,15 +593,7 @@ def scaled_dot_product_attention(
             raise ValueError(
                 f"{op}: an unbatched query takes alibi_slopes of shape (Hq,), got {list(alibi_slopes.shape)}"
             )
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
-    elif type(scale) is not float:
-        scale = V.check_number(op, "scale", scale)
-    if type(dropout_p) is not float:
-        dropout_p = V.check_number(op, "dropout_p", dropout_p)
-    if type(softcap) is not float:
-        softcap = V.check_number(op, "softcap", softcap)
-    seed = _draw_seed() if dropout_p > 0.0 else 0
+    scale, dropout_p, softcap, seed = scalar_options(op, query.shape[-1], scale, dropout_p, softcap)
     left, right = window_size
     out, lse = ATTENTION(
         AttentionCall(

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from . import attention, decode_attention, gelu, glu, int8_matmul, layer_norm, linear  # noqa: F401
+from . import attention, decode_attention, gelu, glu, int8_matmul, layer_norm, linear, varlen_attention  # noqa: F401

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ...ops._attention_shift import shift_for_backward
 from ...ops.attention import AttentionBackwardCall, AttentionCall, attention_backward, attention_forward, out_layout
+from ...ops.varlen_attention import VarlenAttentionBackwardCall, VarlenAttentionCall
 from ._common import TRITON_DTYPES
 
 MAX_HEAD_DIM = 256
@@ -56,8 +57,9 @@ def _backward_reasons(c: AttentionBackwardCall) -> list[str]:
     return reasons
 
 
-def _options(c: AttentionCall | AttentionBackwardCall) -> dict:
-    """The launchers' keyword options: causal alignment, sliding window, softcap, ALiBi."""
+def _options(c: AttentionCall | AttentionBackwardCall | VarlenAttentionCall | VarlenAttentionBackwardCall) -> dict:
+    """The launchers' keyword options: causal alignment, sliding window, softcap, ALiBi (of the
+    dense and the packed variable-length calls alike)."""
     return dict(
         bottom_right=c.bottom_right,
         window=(c.window_left, c.window_right),

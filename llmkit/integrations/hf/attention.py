@@ -6,6 +6,14 @@
 T5's relative-position bias, sliding windows, Gemma 2's logit softcapping); :mod:`.registration`
 registers it under :data:`NAME`.
 
+Packed sequences (padding-free batches, transformers' flash-attention path): a batch of one row
+whose ``position_ids`` restart per sequence (with no mask, the per-sequence causal mask
+transformers builds for it, or the plain causal mask it builds when a cache hides the
+packing), or that comes with ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``max_length_q`` /
+``max_length_k``) as ``DataCollatorWithFlattening`` gives them, runs through
+:func:`llmkit.ops.varlen_attention`: each sequence attends to itself only, as flash-attention
+does, with no ``(S, S)`` mask read by the kernel.
+
 Sliding windows: transformers hands the window to the attention function (``sliding_window``,
 Mistral / Qwen2 / Gemma 2 and 3) together with its boolean mask, which holds the window too.
 When that mask lies inside the bottom-right causal band of the window (it does unless a
@@ -81,6 +89,123 @@ def _window_fit(mask: Tensor, sliding_window: int) -> str:
     return fit
 
 
+_PACK_CACHE: list[tuple[weakref.ref, int, tuple[Tensor, Tensor, int] | None]] = []
+"""(position_ids, its version, its packing) of the last position ids read (a forward's layers share one)."""
+
+
+def _packing(position_ids: Tensor) -> tuple[Tensor, Tensor, int] | None:
+    """``(cu_seqlens int32 (B + 1,), sequence index per token, longest length)`` of a ``(1, S)``
+    ``position_ids`` holding several sequences (a new one wherever the position does not grow by
+    1, as transformers' ``find_packed_sequence_indices`` reads it); None for one sequence.
+    Cached per tensor: the value is read back once per forward, not per layer."""
+    for ref, version, packing in _PACK_CACHE:
+        if ref() is position_ids and version == position_ids._version:
+            return packing
+    pos = position_ids.reshape(-1)
+    starts = torch.diff(pos, prepend=pos[:1]) != 1  # True at 0 and where a sequence starts
+    packing = None
+    if bool(starts[1:].any()):
+        first = starts.nonzero().view(-1)
+        total = torch.tensor([pos.numel()], device=pos.device)
+        cu = torch.cat((first, total)).to(torch.int32)
+        packing = (cu, starts.cumsum(0) - 1, int(cu.diff().max()))
+    _PACK_CACHE.insert(0, (weakref.ref(position_ids), position_ids._version, packing))
+    del _PACK_CACHE[4:]
+    return packing
+
+
+_PACKED_MASK_CACHE: list[tuple[weakref.ref, int, int, bool]] = []
+
+
+def _mask_is_packed_causal(mask: Tensor, seq: Tensor, sliding_window: int | None) -> bool:
+    """Whether a boolean ``(1, 1, S, S)`` mask is the causal mask of the packed sequences
+    ``seq`` (each token's sequence index), or the plain causal mask (transformers builds that one
+    when a cache hides the packing from it), with the layer's sliding window: nothing but what
+    the per-sequence causal band hides (no padding). Cached per mask."""
+    key = -1 if sliding_window is None else int(sliding_window)
+    for ref, version, window, ok in _PACKED_MASK_CACHE:
+        if ref() is mask and version == mask._version and window == key:
+            return ok
+    n = seq.numel()
+    ok = mask.dim() == 4 and tuple(mask.shape) in ((1, 1, n, n),)
+    if ok:
+        i = torch.arange(n, device=mask.device)[:, None]
+        j = torch.arange(n, device=mask.device)[None, :]
+        band = j <= i
+        if sliding_window is not None:
+            band = band & (j > i - int(sliding_window))
+        m = mask[0, 0]
+        ok = bool((m == (band & (seq[:, None] == seq[None, :]))).all()) or bool((m == band).all())
+    _PACKED_MASK_CACHE.insert(0, (weakref.ref(mask), mask._version, key, ok))
+    del _PACKED_MASK_CACHE[4:]
+    return ok
+
+
+def _varlen_call(
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, is_causal: bool, kwargs: dict
+) -> tuple[Tensor, Tensor, int, int] | None:
+    """``(cu_seqlens_q, cu_seqlens_k, max_q, max_k)`` when the call is a padding-free packed batch
+    (transformers' flash-attention path): ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
+    ``max_length_q`` / ``max_length_k`` given, or ``position_ids`` of one row restarting per
+    sequence with no mask beyond the per-sequence causal band. None otherwise."""
+    if query.shape[0] != 1 or torch.compiler.is_compiling():
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and attention_mask is None:
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        max_q = int(max_q) if max_q is not None else int(cu_q.diff().max())
+        max_k = int(max_k) if max_k is not None else int(cu_k.diff().max())
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k
+    position_ids = kwargs.get("position_ids")
+    n = query.shape[2]
+    if position_ids is None or position_ids.numel() != n or key.shape[2] != n or n < 2 or not is_causal:
+        return None
+    packing = _packing(position_ids)
+    if packing is None:
+        return None
+    cu, seq, longest = packing
+    if attention_mask is not None and (
+        attention_mask.dtype != torch.bool
+        or not _mask_is_packed_causal(attention_mask, seq, kwargs.get("sliding_window"))
+    ):
+        return None
+    return cu, cu, longest, longest
+
+
+def _varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    packed: tuple[Tensor, Tensor, int, int],
+    is_causal: bool,
+    dropout: float,
+    scaling: float | None,
+    groups: int,
+    kwargs: dict,
+) -> Tensor:
+    """A packed (1, H, total, D) call through ``ops.varlen_attention``: ``(1, total, Hq, Dv)``."""
+    cu_q, cu_k, max_q, max_k = packed
+    sliding_window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    out = ops.varlen_attention(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+        causal_alignment="bottom_right",
+        window_size=(int(sliding_window) - 1, 0) if sliding_window is not None else (-1, -1),
+        softcap=float(softcap) if softcap is not None else 0.0,
+        enable_gqa=groups > 1,
+    )
+    return out.unsqueeze(0)
+
+
 def attention_function(
     module: nn.Module,
     query: Tensor,
@@ -125,6 +250,9 @@ def attention_function(
     groups = getattr(module, "num_key_value_groups", 1)
     q_len = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = _varlen_call(query, key, attention_mask, bool(is_causal), kwargs) if position_bias is None else None
+    if packed is not None:  # padding-free packed sequences (transformers' flash-attention path)
+        return _varlen_attention(query, key, value, packed, bool(is_causal), dropout, scaling, groups, kwargs), None
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and key.shape[2] > q_len:
         # prefill into an empty static cache: the extra key slots are unused (as in sdpa)
