@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ..dispatch import DispatchPoint
 from . import _validate as V
+from ._attention_checks import check_alignment_window, check_heads, check_llm_options
 from ._op import Op
-from .attention import check_alignment_window, check_heads, check_llm_options, compute_dtype, scalar_options
+from .attention import compute_dtype, scalar_options
 
 __all__ = ["varlen_attention"]
 
