@@ -140,6 +140,17 @@ def causal_bias_variant(mask: Any) -> tuple[str, int, int] | None:
     return variant, int(mask.seq_len_q), int(mask.seq_len_kv)
 
 
+def tensor_version(t: Tensor) -> int | None:
+    """``t``'s in-place version counter (``Tensor._version``, private: it moves on every in-place
+    write), or None where there is none: inference tensors (``torch.inference_mode``) have no
+    counter, and a torch without the attribute gives None too. Callers that cache a value
+    computed from a tensor's contents cache nothing then."""
+    if t.is_inference():
+        return None
+    version = getattr(t, "_version", None)
+    return version if isinstance(version, int) else None
+
+
 _FUSED_RMS_NORM = _aten_op("_fused_rms_norm")
 HAS_FUSED_RMS_NORM = _FUSED_RMS_NORM is not None
 

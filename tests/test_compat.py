@@ -386,3 +386,16 @@ def test_pop_cache_takes_either_name():
         kwargs = {name: "c", "other": 1}
         assert C.pop_cache(kwargs) == "c" and kwargs == {"other": 1}
     assert C.pop_cache({"other": 1}) is None
+
+
+def test_tensor_version_counts_in_place_writes_and_is_none_for_inference_tensors():
+    from llmkit._compat import tensor_version
+
+    t = torch.zeros(3)
+    v = tensor_version(t)
+    assert isinstance(v, int)
+    t.add_(1)
+    assert tensor_version(t) == v + 1
+    with torch.inference_mode():
+        u = torch.zeros(3)
+    assert tensor_version(u) is None

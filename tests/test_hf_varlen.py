@@ -110,3 +110,23 @@ def test_one_sequence_and_padded_batches_keep_the_dense_path(calls):
         mask[0, :2] = 0
         fused(input_ids=ids, attention_mask=mask, use_cache=False)
     assert calls["varlen"] == 0 and calls["sdpa"] == 2 * LAYERS
+
+
+def test_inference_mode_reads_masks_and_position_ids_every_call(calls):
+    """Under torch.inference_mode the masks and position ids are inference tensors, which have
+    no version counter: they are read on every call (not cached), and the results stay right:
+    packed sequences (Mistral, sliding window) and a dense batch past the window."""
+    eager, fused = _models("mistral_window")
+    seqs, ids, pos, _ = _packed_inputs()
+    want = _alone(eager, seqs)
+    dense = torch.randint(3, VOCAB, (2, 3 * WINDOW + 1))
+    with torch.inference_mode():
+        got = fused(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        got_dense = fused(input_ids=dense, use_cache=False).logits
+        again = fused(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        want_dense = eager(input_ids=dense, use_cache=False).logits
+    torch.testing.assert_close(got_dense, want_dense, rtol=1e-4, atol=1e-4)
+    assert calls["varlen"] == 2 * LAYERS

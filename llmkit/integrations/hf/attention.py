@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
+from ..._compat import tensor_version
 
 __all__ = ["NAME", "attention_function"]
 
@@ -64,8 +65,33 @@ def _position_bias_mask(
     return position_bias + attention_mask
 
 
-_BAND_CACHE: list[tuple[weakref.ref, int, int, str]] = []
-"""(mask, its version, window, fit) of the last masks checked (a forward's layers share one)."""
+class _ReadCache:
+    """What was read back from the last few tensors (a forward's layers share one mask or
+    position ids: read once per forward, not per layer), keyed by the tensor's identity, its
+    in-place version and an extra key. Tensors without a version counter (inference tensors)
+    are never cached: their contents are read on every call."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.entries: list[tuple[weakref.ref, int, Any, Any]] = []
+
+    def get(self, t: Tensor, key: Any) -> tuple[bool, Any]:
+        version = tensor_version(t)
+        if version is not None:
+            for ref, v, k, value in self.entries:
+                if ref() is t and v == version and k == key:
+                    return True, value
+        return False, None
+
+    def put(self, t: Tensor, key: Any, value: Any) -> None:
+        version = tensor_version(t)
+        if version is not None:
+            self.entries.insert(0, (weakref.ref(t), version, key, value))
+            del self.entries[self.size :]
+
+
+_BAND_CACHE = _ReadCache()
+"""The window fit of the last masks checked."""
 
 
 def _window_fit(mask: Tensor, sliding_window: int) -> str:
@@ -73,9 +99,9 @@ def _window_fit(mask: Tensor, sliding_window: int) -> str:
     sliding window (query ``i`` sees keys ``d - sliding_window < j <= d``, ``d = i + Sk - Sq``,
     transformers' ``sliding_window_causal_mask_function``): ``"exact"`` (it is the band),
     ``"inside"`` (the band and padding) or ``"no"``. Cached per mask (the layers share one)."""
-    for ref, version, window, fit in _BAND_CACHE:
-        if ref() is mask and version == mask._version and window == sliding_window:
-            return fit
+    found, fit = _BAND_CACHE.get(mask, sliding_window)
+    if found:
+        return fit
     sq, sk = mask.shape[-2], mask.shape[-1]
     diag = torch.arange(sq, device=mask.device)[:, None] + (sk - sq)
     j = torch.arange(sk, device=mask.device)[None, :]
@@ -84,13 +110,12 @@ def _window_fit(mask: Tensor, sliding_window: int) -> str:
         fit = "no"
     else:
         fit = "exact" if bool((mask == band).all()) else "inside"
-    _BAND_CACHE.insert(0, (weakref.ref(mask), mask._version, sliding_window, fit))
-    del _BAND_CACHE[4:]
+    _BAND_CACHE.put(mask, sliding_window, fit)
     return fit
 
 
-_PACK_CACHE: list[tuple[weakref.ref, int, tuple[Tensor, Tensor, int] | None]] = []
-"""(position_ids, its version, its packing) of the last position ids read (a forward's layers share one)."""
+_PACK_CACHE = _ReadCache()
+"""The packing of the last position ids read."""
 
 
 def _packing(position_ids: Tensor) -> tuple[Tensor, Tensor, int] | None:
@@ -98,9 +123,9 @@ def _packing(position_ids: Tensor) -> tuple[Tensor, Tensor, int] | None:
     ``position_ids`` holding several sequences (a new one wherever the position does not grow by
     1, as transformers' ``find_packed_sequence_indices`` reads it); None for one sequence.
     Cached per tensor: the value is read back once per forward, not per layer."""
-    for ref, version, packing in _PACK_CACHE:
-        if ref() is position_ids and version == position_ids._version:
-            return packing
+    found, packing = _PACK_CACHE.get(position_ids, None)
+    if found:
+        return packing
     pos = position_ids.reshape(-1)
     starts = torch.diff(pos, prepend=pos[:1]) != 1  # True at 0 and where a sequence starts
     packing = None
@@ -109,12 +134,11 @@ def _packing(position_ids: Tensor) -> tuple[Tensor, Tensor, int] | None:
         total = torch.tensor([pos.numel()], device=pos.device)
         cu = torch.cat((first, total)).to(torch.int32)
         packing = (cu, starts.cumsum(0) - 1, int(cu.diff().max()))
-    _PACK_CACHE.insert(0, (weakref.ref(position_ids), position_ids._version, packing))
-    del _PACK_CACHE[4:]
+    _PACK_CACHE.put(position_ids, None, packing)
     return packing
 
 
-_PACKED_MASK_CACHE: list[tuple[weakref.ref, int, int, bool]] = []
+_PACKED_MASK_CACHE = _ReadCache()
 
 
 def _mask_is_packed_causal(mask: Tensor, seq: Tensor, sliding_window: int | None) -> bool:
@@ -123,9 +147,9 @@ def _mask_is_packed_causal(mask: Tensor, seq: Tensor, sliding_window: int | None
     when a cache hides the packing from it), with the layer's sliding window: nothing but what
     the per-sequence causal band hides (no padding). Cached per mask."""
     key = -1 if sliding_window is None else int(sliding_window)
-    for ref, version, window, ok in _PACKED_MASK_CACHE:
-        if ref() is mask and version == mask._version and window == key:
-            return ok
+    found, ok = _PACKED_MASK_CACHE.get(mask, key)
+    if found:
+        return ok
     n = seq.numel()
     ok = mask.dim() == 4 and tuple(mask.shape) in ((1, 1, n, n),)
     if ok:
@@ -136,8 +160,7 @@ def _mask_is_packed_causal(mask: Tensor, seq: Tensor, sliding_window: int | None
             band = band & (j > i - int(sliding_window))
         m = mask[0, 0]
         ok = bool((m == (band & (seq[:, None] == seq[None, :]))).all()) or bool((m == band).all())
-    _PACKED_MASK_CACHE.insert(0, (weakref.ref(mask), mask._version, key, ok))
-    del _PACKED_MASK_CACHE[4:]
+    _PACKED_MASK_CACHE.put(mask, key, ok)
     return ok
 
 
