@@ -15,7 +15,7 @@ import torch
 
 import llmkit
 from llmkit import reference64 as R
-from llmkit.testing import assert_close_to_reference
+from llmkit.testing import ATOL_FLOOR, assert_close_to_reference
 from test_layer_norm import (  # noqa: F401  (_poison_kernel_outputs: the autouse fixture)
     F64,
     RUNNERS,
@@ -83,7 +83,14 @@ def test_huge_rows(backend, op, dtype, magnitude, path):
     names, ours, refs, _ = RUNNERS[op](backend, x, [n], w, b, dy, **extra)
     for name, o in zip(names, ours, strict=True):
         assert o is None or torch.isfinite(o).all(), f"{name} not finite"
-    _check_all(names, ours, refs, _rounded(refs, ours))
+    # the gradients come from n-term float32 reductions: a few ulps of their largest value, where
+    # the baseline (float64 rounded to the dtype: PyTorch overflows here) is half an ulp
+    floors = {
+        name: ATOL_FLOOR[dtype] + 2 * torch.finfo(dtype).eps * float(r.detach().abs().max())
+        for name, r in zip(names, refs, strict=True)
+        if name.startswith("d") and r is not None and r.numel()
+    }
+    _check_all(names, ours, refs, _rounded(refs, ours), floors)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
